@@ -1,0 +1,1 @@
+//! Built-in software virtio-net device (work in progress).
