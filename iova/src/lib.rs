@@ -17,7 +17,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::ops::Bound::{Excluded, Included, Unbounded};
 
 /// Granule of IOVA allocation.
 pub const PAGE_SIZE: u64 = 4096;
@@ -113,9 +112,12 @@ pub struct IovaTree {
     /// Usable window, page aligned inward.
     first: u64,
     last: u64,
-    /// Per address space: start address → mapping.
-    guest: BTreeMap<u64, Mapping>,
-    host: BTreeMap<u64, Mapping>,
+    /// Per address space, sorted by start address. A sorted vector rather than
+    /// a tree: mappings change rarely (memory hot-plug, mode switches) while
+    /// every relayed descriptor is a lookup, and binary search over contiguous
+    /// memory is the faster `O(log n)`.
+    guest: Vec<Mapping>,
+    host: Vec<Mapping>,
     /// Occupied IOVA ranges: first IOVA of the allocation → (last IOVA of the
     /// allocation, inclusive; the mapping's space and start address).
     iova: BTreeMap<u64, (u64, AddrSpace, u64)>,
@@ -146,8 +148,8 @@ impl IovaTree {
         Ok(IovaTree {
             first: a_first,
             last: a_last,
-            guest: BTreeMap::new(),
-            host: BTreeMap::new(),
+            guest: Vec::new(),
+            host: Vec::new(),
             iova: BTreeMap::new(),
         })
     }
@@ -157,26 +159,30 @@ impl IovaTree {
         (self.first, self.last)
     }
 
-    fn space_map(&self, space: AddrSpace) -> &BTreeMap<u64, Mapping> {
+    fn space_map(&self, space: AddrSpace) -> &Vec<Mapping> {
         match space {
             AddrSpace::Guest => &self.guest,
             AddrSpace::Host => &self.host,
         }
     }
 
-    fn space_map_mut(&mut self, space: AddrSpace) -> &mut BTreeMap<u64, Mapping> {
+    fn space_map_mut(&mut self, space: AddrSpace) -> &mut Vec<Mapping> {
         match space {
             AddrSpace::Guest => &mut self.guest,
             AddrSpace::Host => &mut self.host,
         }
     }
 
+    /// Index of the last mapping that starts at or below `addr`.
+    fn floor(maps: &[Mapping], addr: u64) -> Option<usize> {
+        maps.partition_point(|m| m.addr <= addr).checked_sub(1)
+    }
+
     /// The mapping containing `addr`, if any.
     pub fn find(&self, space: AddrSpace, addr: u64) -> Option<&Mapping> {
-        self.space_map(space)
-            .range(..=addr)
-            .next_back()
-            .map(|(_, m)| m)
+        let maps = self.space_map(space);
+        Self::floor(maps, addr)
+            .map(|i| &maps[i])
             .filter(|m| addr <= m.last_addr())
     }
 
@@ -215,11 +221,8 @@ impl IovaTree {
             .checked_add(size - 1)
             .ok_or(IovaError::Wraps { space, addr, size })?;
         // Reject overlap with an existing mapping in the same space.
-        let overlaps = self
-            .space_map(space)
-            .range(..=last_addr)
-            .next_back()
-            .is_some_and(|(_, m)| m.last_addr() >= addr);
+        let maps = self.space_map(space);
+        let overlaps = Self::floor(maps, last_addr).is_some_and(|i| maps[i].last_addr() >= addr);
         if overlaps {
             return Err(IovaError::Overlap { space, addr, size });
         }
@@ -247,16 +250,19 @@ impl IovaTree {
         };
         self.iova
             .insert(base, (base + (alloc_len - 1), space, addr));
-        self.space_map_mut(space).insert(addr, mapping);
+        let maps = self.space_map_mut(space);
+        let at = maps.partition_point(|m| m.addr < addr);
+        maps.insert(at, mapping);
         Ok(mapping)
     }
 
     /// Remove the mapping that starts at `addr`.
     pub fn unmap(&mut self, space: AddrSpace, addr: u64) -> Result<Mapping> {
-        let mapping = self
-            .space_map_mut(space)
-            .remove(&addr)
-            .ok_or(IovaError::NoSuchMapping { space, addr })?;
+        let maps = self.space_map_mut(space);
+        let at = maps
+            .binary_search_by_key(&addr, |m| m.addr)
+            .map_err(|_| IovaError::NoSuchMapping { space, addr })?;
+        let mapping = maps.remove(at);
         self.iova.remove(&align_down(mapping.iova));
         Ok(mapping)
     }
@@ -271,48 +277,54 @@ impl IovaTree {
         len: u64,
         out: &mut Vec<Segment>,
     ) -> Result<()> {
-        let start_len = out.len();
-        let map = self.space_map(space);
-        let mut cur = addr;
-        let mut left = len;
+        let maps = self.space_map(space);
         let not_mapped = |missing| IovaError::NotMapped {
             space,
             addr,
             len,
             missing,
         };
-        if addr.checked_add(len).is_none() && len != 0 {
+        if len == 0 {
+            return Ok(());
+        }
+        if addr.checked_add(len - 1).is_none() {
             return Err(not_mapped(u64::MAX));
         }
-        // Walk the mappings in address order from the one containing `addr`.
-        let mut iter = map
-            .range((Unbounded, Included(cur)))
-            .next_back()
-            .into_iter()
-            .chain(map.range((Excluded(cur), Unbounded)));
-        while left > 0 {
-            let m = match iter.next() {
-                Some((_, m)) if m.addr <= cur && cur <= m.last_addr() => m,
-                Some((_, m)) if m.addr > cur => {
-                    out.truncate(start_len);
-                    return Err(not_mapped(cur));
-                }
-                Some(_) => continue,
-                None => {
-                    out.truncate(start_len);
-                    return Err(not_mapped(cur));
-                }
-            };
-            let in_map = m.last_addr() - cur + 1;
-            let take = in_map.min(left);
+        let mut i = match Self::floor(maps, addr) {
+            Some(i) if addr <= maps[i].last_addr() => i,
+            _ => return Err(not_mapped(addr)),
+        };
+        // Fast path: the whole range inside one mapping (nearly every buffer).
+        let m = &maps[i];
+        if m.last_addr() - addr >= len - 1 {
+            out.push(Segment {
+                iova: m.iova + (addr - m.addr),
+                len,
+            });
+            return Ok(());
+        }
+        let start_len = out.len();
+        let mut cur = addr;
+        let mut left = len;
+        loop {
+            let m = &maps[i];
+            let take = (m.last_addr() - cur + 1).min(left);
             out.push(Segment {
                 iova: m.iova + (cur - m.addr),
                 len: take,
             });
             left -= take;
-            cur = cur.wrapping_add(take);
+            if left == 0 {
+                return Ok(());
+            }
+            cur += take;
+            i += 1;
+            // Mappings never overlap, so the next one must start exactly here.
+            if maps.get(i).is_none_or(|next| next.addr != cur) {
+                out.truncate(start_len);
+                return Err(not_mapped(cur));
+            }
         }
-        Ok(())
     }
 
     /// Translate a range that must lie inside one mapping (a ring, a table).
@@ -335,13 +347,13 @@ impl IovaTree {
         if iova > end {
             return None;
         }
-        let m = self.space_map(space).get(&addr)?;
+        let m = self.find(space, addr)?;
         (iova >= m.iova && iova <= m.last_iova()).then(|| (space, m.addr + (iova - m.iova)))
     }
 
     /// All mappings of one address space, in address order.
     pub fn mappings(&self, space: AddrSpace) -> impl Iterator<Item = &Mapping> {
-        self.space_map(space).values()
+        self.space_map(space).iter()
     }
 
     /// Number of mappings in both spaces.
