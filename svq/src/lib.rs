@@ -1,1 +1,133 @@
+//! The shadow virtqueue (SVQ): relays one guest split virtqueue to a device
+//! through a driver-side ring in memory the daemon owns.
+//!
+//! The guest ring is read (and its used ring written) through vm-memory, every
+//! descriptor validated; buffers are handed to the device as IOVAs from an
+//! [`iova::IovaTree`]; used entries coming back are validated, logged as dirty
+//! and copied to the guest used ring. This crate does no I/O on eventfds or
+//! sockets: the two handlers return whether the device must be kicked and
+//! whether the guest must be signalled.
+//!
+//! Not offered toward the guest: `VIRTIO_F_IN_ORDER` (the relay completes
+//! buffers in whatever order the device does) and packed rings.
 
+mod dirty;
+mod error;
+mod guest;
+mod inflight;
+mod memory;
+mod shadow_ring;
+mod svq;
+
+#[cfg(test)]
+mod tests;
+
+pub use dirty::{DirtyLog, NoDirtyLog};
+pub use error::SvqError;
+pub use memory::ShadowLayout;
+pub use svq::ShadowVirtqueue;
+
+use virtio_bindings::bindings::virtio_config::{VIRTIO_F_ANY_LAYOUT, VIRTIO_F_VERSION_1};
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+
+/// Transport/ring features the SVQ implements toward the guest. The daemon
+/// offers the guest at most `device features & SUPPORTED_FEATURES` for these
+/// bits (device-class bits are negotiated separately).
+pub const SUPPORTED_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
+    | (1 << VIRTIO_F_ANY_LAYOUT)
+    | (1 << VIRTIO_RING_F_EVENT_IDX)
+    | (1 << VIRTIO_RING_F_INDIRECT_DESC);
+
+/// Feature bit masks used internally.
+pub(crate) const F_EVENT_IDX: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
+pub(crate) const F_INDIRECT_DESC: u64 = 1 << VIRTIO_RING_F_INDIRECT_DESC;
+
+/// Guest-physical addresses of the guest's split ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct GuestRing {
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    /// GPA to mark dirty for used-ring writes (vhost-user `log_guest_addr`;
+    /// normally equal to `used`).
+    pub used_log: u64,
+}
+
+/// Ring positions of the guest queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RingIndexes {
+    /// Next guest avail index to pop.
+    pub avail: u16,
+    /// Guest used idx.
+    pub used: u16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SvqConfig {
+    /// Guest ring size (power of two).
+    pub queue_size: u16,
+    /// Shadow ring size (power of two, may be smaller than `queue_size`).
+    pub shadow_size: u16,
+    /// Features negotiated with the VMM/guest.
+    pub guest_features: u64,
+    /// Features negotiated with the device.
+    pub device_features: u64,
+}
+
+/// Host virtual addresses of the shadow rings (inside `shadow_memory`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShadowRingAddrs {
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+}
+
+/// What the daemon has to do after `handle_device_call`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CallOutcome {
+    /// Signal the guest's call eventfd.
+    pub notify_guest: bool,
+    /// Kick the device (parked or newly available chains were published).
+    pub kick_device: bool,
+}
+
+/// Alias kept for readers of the first API sketch.
+pub type NotifyOutcome = CallOutcome;
+
+/// Result of [`ShadowVirtqueue::stop`].
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct StopState {
+    /// Where the guest ring continues: `avail` is the next guest avail index
+    /// to read (rewound over chains the device never took), `used` the guest
+    /// used idx. `avail == used` when nothing is left in flight.
+    pub indexes: RingIndexes,
+    /// Guest heads the device took but never completed, in pop order.
+    pub in_flight: Vec<u16>,
+}
+
+/// Counters and positions for `query-shadow-vq`.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct SvqStats {
+    /// Next guest avail index to pop.
+    pub guest_avail_idx: u16,
+    /// Guest used idx.
+    pub guest_used_idx: u16,
+    /// Shadow avail idx (entries written, published or not).
+    pub shadow_avail_idx: u16,
+    /// Last shadow used idx consumed.
+    pub shadow_used_idx: u16,
+    /// Chains completed back to the guest.
+    pub relayed: u64,
+    /// Sum of used lengths reported by the device.
+    pub bytes_written: u64,
+    /// Chains on the shadow ring and not yet used.
+    pub in_flight: u32,
+    /// Chains popped from the guest waiting for shadow ring space.
+    pub parked: u32,
+    /// Errors that broke the queue (0 or 1 per SVQ instance).
+    pub errors: u64,
+    /// Why the queue is broken, if it is.
+    pub broken: Option<String>,
+}

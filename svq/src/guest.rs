@@ -1,0 +1,392 @@
+//! The device side of the guest's split ring.
+//!
+//! virtio-queue's `Queue` keeps the guest ring positions, reads the avail idx
+//! and writes used entries. Descriptor chains are walked here rather than
+//! with its `DescriptorChain` iterator, which ends silently on a bad
+//! descriptor: the relay must tell a malformed chain from a short one.
+
+use std::sync::atomic::{fence, Ordering};
+
+use virtio_bindings::bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::shadow_ring::need_event;
+use crate::{GuestRing, RingIndexes, SvqError};
+
+/// One guest descriptor's buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct GuestSeg {
+    pub addr: u64,
+    pub len: u32,
+    pub write: bool,
+}
+
+pub(crate) struct GuestSide {
+    queue: Queue,
+    size: u16,
+    ring: GuestRing,
+    event_idx: bool,
+    /// Loop detection: a descriptor is visited when its stamp equals the
+    /// current generation, so no per-walk clearing is needed.
+    direct_stamp: Vec<u32>,
+    indirect_stamp: Vec<u32>,
+    direct_gen: u32,
+    indirect_gen: u32,
+}
+
+fn bump(gen: &mut u32, stamps: &mut [u32]) {
+    *gen = gen.wrapping_add(1);
+    if *gen == 0 {
+        stamps.iter_mut().for_each(|s| *s = 0);
+        *gen = 1;
+    }
+}
+
+impl GuestSide {
+    pub fn new(
+        size: u16,
+        ring: GuestRing,
+        start: RingIndexes,
+        event_idx: bool,
+    ) -> Result<Self, SvqError> {
+        let bad_size = SvqError::InvalidQueueSize(size);
+        if size == 0 || !size.is_power_of_two() || size > 32768 {
+            return Err(bad_size);
+        }
+        for (name, addr, align) in [
+            ("descriptor", ring.desc, 16),
+            ("avail", ring.avail, 2),
+            ("used", ring.used, 4),
+        ] {
+            if addr & (align - 1) != 0 {
+                return Err(SvqError::MisalignedRing {
+                    ring: name,
+                    addr,
+                    align,
+                });
+            }
+        }
+        if start.avail.wrapping_sub(start.used) > size {
+            return Err(SvqError::InvalidStartIndexes {
+                avail: start.avail,
+                used: start.used,
+                queue_size: size,
+            });
+        }
+        let mut queue = Queue::new(size).map_err(|_| bad_size.clone())?;
+        let misaligned = |ring, addr, align| SvqError::MisalignedRing { ring, addr, align };
+        queue
+            .try_set_desc_table_address(GuestAddress(ring.desc))
+            .map_err(|_| misaligned("descriptor", ring.desc, 16))?;
+        queue
+            .try_set_avail_ring_address(GuestAddress(ring.avail))
+            .map_err(|_| misaligned("avail", ring.avail, 2))?;
+        queue
+            .try_set_used_ring_address(GuestAddress(ring.used))
+            .map_err(|_| misaligned("used", ring.used, 4))?;
+        queue.set_event_idx(event_idx);
+        queue.set_next_avail(start.avail);
+        queue.set_next_used(start.used);
+        queue.set_ready(true);
+        Ok(GuestSide {
+            queue,
+            size,
+            ring,
+            event_idx,
+            direct_stamp: vec![0; size as usize],
+            indirect_stamp: vec![0; size as usize],
+            direct_gen: 0,
+            indirect_gen: 0,
+        })
+    }
+
+    pub fn next_avail(&self) -> u16 {
+        self.queue.next_avail()
+    }
+
+    pub fn next_used(&self) -> u16 {
+        self.queue.next_used()
+    }
+
+    pub fn advance(&mut self) {
+        self.queue
+            .set_next_avail(self.queue.next_avail().wrapping_add(1));
+    }
+
+    pub fn rewind(&mut self, n: u16) {
+        self.queue
+            .set_next_avail(self.queue.next_avail().wrapping_sub(n));
+    }
+
+    pub fn avail_idx(&self, mem: &GuestMemoryMmap) -> Result<u16, SvqError> {
+        self.queue
+            .avail_idx(mem, Ordering::Acquire)
+            .map(|w| w.0)
+            .map_err(|_| SvqError::GuestRingAccess {
+                what: "avail idx",
+                addr: self.ring.avail.wrapping_add(2),
+            })
+    }
+
+    /// Chains available and not yet popped; the guest may not be more than a
+    /// whole ring ahead.
+    pub fn pending(&self, mem: &GuestMemoryMmap) -> Result<u16, SvqError> {
+        let idx = self.avail_idx(mem)?;
+        let n = idx.wrapping_sub(self.next_avail());
+        if n > self.size {
+            return Err(SvqError::AvailIdxTooFarAhead {
+                avail_idx: idx,
+                last_avail: self.next_avail(),
+                queue_size: self.size,
+            });
+        }
+        Ok(n)
+    }
+
+    /// Head index in the avail slot of `next_avail`.
+    pub fn read_head(&self, mem: &GuestMemoryMmap) -> Result<u16, SvqError> {
+        let slot = (self.next_avail() % self.size) as u64;
+        let addr = self.ring.avail.wrapping_add(4 + 2 * slot);
+        let head = mem
+            .read_obj::<u16>(GuestAddress(addr))
+            .map(u16::from_le)
+            .map_err(|_| SvqError::GuestRingAccess {
+                what: "avail ring entry",
+                addr,
+            })?;
+        if head >= self.size {
+            return Err(SvqError::BadHeadIndex {
+                head,
+                queue_size: self.size,
+            });
+        }
+        Ok(head)
+    }
+
+    /// Walk and validate the chain at `head` into `out` (cleared first).
+    pub fn walk(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        head: u16,
+        out: &mut Vec<GuestSeg>,
+    ) -> Result<(), SvqError> {
+        out.clear();
+        bump(&mut self.direct_gen, &mut self.direct_stamp);
+        let max = self.size as u32;
+        let mut count = 0u32;
+        let mut seen_write = false;
+        let mut idx = head;
+        loop {
+            let stamp = &mut self.direct_stamp[idx as usize];
+            if *stamp == self.direct_gen {
+                return Err(SvqError::DescriptorLoop { head, index: idx });
+            }
+            *stamp = self.direct_gen;
+            let addr = self.ring.desc.wrapping_add(16 * idx as u64);
+            let desc: Descriptor =
+                mem.read_obj(GuestAddress(addr))
+                    .map_err(|_| SvqError::GuestRingAccess {
+                        what: "descriptor",
+                        addr,
+                    })?;
+            if desc.refers_to_indirect_table() {
+                self.walk_indirect(mem, head, &desc, out, &mut count, &mut seen_write)?;
+            } else {
+                count += 1;
+                if count > max {
+                    return Err(SvqError::ChainTooLong { head, max });
+                }
+                push_seg(mem, head, &desc, out, &mut seen_write)?;
+            }
+            if !desc.has_next() {
+                return Ok(());
+            }
+            let next = desc.next();
+            if next >= self.size {
+                return Err(SvqError::BadNextIndex {
+                    head,
+                    index: idx,
+                    next,
+                    table_len: max,
+                });
+            }
+            idx = next;
+        }
+    }
+
+    fn walk_indirect(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        head: u16,
+        desc: &Descriptor,
+        out: &mut Vec<GuestSeg>,
+        count: &mut u32,
+        seen_write: &mut bool,
+    ) -> Result<(), SvqError> {
+        let len = desc.len();
+        let table = desc.addr().0;
+        if len == 0 {
+            return Err(SvqError::ZeroLengthIndirect { head });
+        }
+        if len & 15 != 0 {
+            return Err(SvqError::MisalignedIndirect { head, len });
+        }
+        let entries = len / 16;
+        let max = self.size as u32;
+        if entries > max {
+            return Err(SvqError::IndirectTooLong { head, entries, max });
+        }
+        if !mem.check_range(GuestAddress(table), len as usize) {
+            return Err(SvqError::IndirectOutsideMemory {
+                head,
+                addr: table,
+                len,
+            });
+        }
+        bump(&mut self.indirect_gen, &mut self.indirect_stamp);
+        let mut idx = 0u16;
+        loop {
+            let stamp = &mut self.indirect_stamp[idx as usize];
+            if *stamp == self.indirect_gen {
+                return Err(SvqError::DescriptorLoop { head, index: idx });
+            }
+            *stamp = self.indirect_gen;
+            let addr = table + 16 * idx as u64;
+            let d: Descriptor =
+                mem.read_obj(GuestAddress(addr))
+                    .map_err(|_| SvqError::IndirectOutsideMemory {
+                        head,
+                        addr: table,
+                        len,
+                    })?;
+            if d.refers_to_indirect_table() {
+                return Err(SvqError::NestedIndirect { head });
+            }
+            *count += 1;
+            if *count > max {
+                return Err(SvqError::ChainTooLong { head, max });
+            }
+            push_seg(mem, head, &d, out, seen_write)?;
+            if !d.has_next() {
+                return Ok(());
+            }
+            let next = d.next();
+            if next as u32 >= entries {
+                return Err(SvqError::BadNextIndex {
+                    head,
+                    index: idx,
+                    next,
+                    table_len: entries,
+                });
+            }
+            idx = next;
+        }
+    }
+
+    /// Write a used entry; returns the used idx the entry was written at.
+    pub fn add_used(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        head: u16,
+        len: u32,
+    ) -> Result<u16, SvqError> {
+        let at = self.next_used();
+        self.queue
+            .add_used(mem, head, len)
+            .map_err(|_| SvqError::GuestRingAccess {
+                what: "used ring",
+                addr: self.ring.used,
+            })?;
+        Ok(at)
+    }
+
+    /// GPA ranges (for the dirty log) of the used entry at `at` and of the
+    /// used idx.
+    pub fn used_entry_log(&self, at: u16) -> (u64, u64) {
+        let slot = (at % self.size) as u64;
+        (self.ring.used_log.wrapping_add(4 + 8 * slot), 8)
+    }
+
+    pub fn used_idx_log(&self) -> (u64, u64) {
+        (self.ring.used_log.wrapping_add(2), 2)
+    }
+
+    pub fn avail_event_log(&self) -> (u64, u64) {
+        (self.ring.used_log.wrapping_add(4 + 8 * self.size as u64), 2)
+    }
+
+    /// Does the guest want an interrupt for used entries `[old, next_used)`?
+    pub fn should_notify(&self, mem: &GuestMemoryMmap, old: u16) -> Result<bool, SvqError> {
+        let new = self.next_used();
+        if new == old {
+            return Ok(false);
+        }
+        // The used idx store must be visible before we read the guest's
+        // suppression state, or we could miss it re-enabling interrupts.
+        fence(Ordering::SeqCst);
+        if self.event_idx {
+            let addr = self.ring.avail.wrapping_add(4 + 2 * self.size as u64);
+            let used_event: u16 = mem
+                .load(GuestAddress(addr), Ordering::Relaxed)
+                .map(u16::from_le)
+                .map_err(|_| SvqError::GuestRingAccess {
+                    what: "used_event",
+                    addr,
+                })?;
+            Ok(need_event(used_event, new, old))
+        } else {
+            let flags: u16 = mem
+                .load(GuestAddress(self.ring.avail), Ordering::Relaxed)
+                .map(u16::from_le)
+                .map_err(|_| SvqError::GuestRingAccess {
+                    what: "avail flags",
+                    addr: self.ring.avail,
+                })?;
+            Ok(flags & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
+        }
+    }
+
+    /// Under EVENT_IDX, ask the guest to kick for the next chain after
+    /// `next_avail`. Returns true when chains arrived meanwhile.
+    pub fn rearm(&mut self, mem: &GuestMemoryMmap) -> Result<bool, SvqError> {
+        if !self.event_idx {
+            return Ok(false);
+        }
+        let addr = self.ring.used.wrapping_add(4 + 8 * self.size as u64);
+        mem.store(
+            u16::to_le(self.next_avail()),
+            GuestAddress(addr),
+            Ordering::Relaxed,
+        )
+        .map_err(|_| SvqError::GuestRingAccess {
+            what: "avail_event",
+            addr,
+        })?;
+        // avail_event must be visible before we re-read avail idx.
+        fence(Ordering::SeqCst);
+        Ok(self.avail_idx(mem)? != self.next_avail())
+    }
+}
+
+fn push_seg(
+    mem: &GuestMemoryMmap,
+    head: u16,
+    d: &Descriptor,
+    out: &mut Vec<GuestSeg>,
+    seen_write: &mut bool,
+) -> Result<(), SvqError> {
+    let addr = d.addr().0;
+    let len = d.len();
+    if !mem.check_range(GuestAddress(addr), len as usize) {
+        return Err(SvqError::DescOutsideMemory { head, addr, len });
+    }
+    let write = d.is_write_only();
+    if *seen_write && !write {
+        return Err(SvqError::ReadableAfterWritable { head });
+    }
+    *seen_write |= write;
+    out.push(GuestSeg { addr, len, write });
+    Ok(())
+}

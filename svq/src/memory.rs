@@ -1,0 +1,158 @@
+//! Daemon-owned memory for one shadow ring: the descriptor table, the avail
+//! and used rings and a small pool of indirect tables, in one memfd so it can
+//! be shared with another process (a vhost-user device) later.
+//!
+//! Indirect tables: a chain with more segments than the whole shadow ring is
+//! sent through one indirect table. Such chains are rare (a shadow ring
+//! smaller than the guest chains it carries), so instead of one table per
+//! shadow descriptor there is a pool of [`INDIRECT_TABLES`] tables of
+//! `2 * queue_size` entries each (every guest descriptor of a maximal chain may
+//! be split once across two IOVA mappings). A chain that needs a table while
+//! all are in use is parked until one comes back. The pool exists only when
+//! the device negotiated INDIRECT_DESC and `2 * queue_size > shadow_size`.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use vm_memory::{AtomicAccess, ByteValued, Bytes, FileOffset, MmapRegion, VolatileMemory};
+
+use crate::SvqError;
+
+/// Number of indirect tables in the pool.
+pub const INDIRECT_TABLES: u16 = 4;
+
+const PAGE: usize = 4096;
+const DESC_SIZE: usize = 16;
+
+fn page_align(v: usize) -> usize {
+    v.div_ceil(PAGE) * PAGE
+}
+
+/// Offsets inside the shadow memory; every part starts on a page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShadowLayout {
+    pub shadow_size: u16,
+    pub desc: usize,
+    pub avail: usize,
+    pub used: usize,
+    pub indirect: usize,
+    /// Tables in the indirect pool (0 when there is none).
+    pub indirect_tables: u16,
+    /// Entries per indirect table.
+    pub table_entries: u32,
+    pub total: usize,
+}
+
+impl ShadowLayout {
+    pub fn new(shadow_size: u16, queue_size: u16, device_indirect: bool) -> Self {
+        let s = shadow_size as usize;
+        let table_entries = 2 * queue_size as u32;
+        let indirect_tables = if device_indirect && table_entries > shadow_size as u32 {
+            INDIRECT_TABLES
+        } else {
+            0
+        };
+        let desc = 0;
+        let avail = page_align(desc + DESC_SIZE * s);
+        // flags, idx, ring[s], used_event
+        let used = avail + page_align(4 + 2 * s + 2);
+        // flags, idx, ring[s] of (id, len), avail_event
+        let indirect = used + page_align(4 + 8 * s + 2);
+        let total =
+            indirect + page_align(indirect_tables as usize * table_entries as usize * DESC_SIZE);
+        ShadowLayout {
+            shadow_size,
+            desc,
+            avail,
+            used,
+            indirect,
+            indirect_tables,
+            table_entries,
+            total: total.max(PAGE),
+        }
+    }
+
+    /// Largest chain (in shadow descriptors) that can be sent at all.
+    pub fn max_segments(&self) -> usize {
+        if self.indirect_tables > 0 {
+            self.table_entries as usize
+        } else {
+            self.shadow_size as usize
+        }
+    }
+
+    pub fn table_offset(&self, table: u16) -> usize {
+        self.indirect + table as usize * self.table_entries as usize * DESC_SIZE
+    }
+}
+
+/// The mapped shadow memory with bounds-checked accessors. Offsets are
+/// computed by the SVQ itself, so an error here is a bug, reported as
+/// [`SvqError::ShadowAccess`] rather than a panic.
+pub(crate) struct ShadowMem {
+    region: Arc<MmapRegion>,
+}
+
+impl ShadowMem {
+    pub fn new(size: usize) -> Result<Self, SvqError> {
+        let err = |what: &str, e: std::io::Error| SvqError::ShadowMemory(format!("{what}: {e}"));
+        // SAFETY: memfd_create takes a NUL-terminated name and flags; it
+        // returns a new fd or -1 and touches no memory of ours otherwise.
+        let fd = unsafe { libc::memfd_create(c"svq-shadow".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(err("memfd_create", std::io::Error::last_os_error()));
+        }
+        // SAFETY: fd was just returned by memfd_create and is owned by
+        // nothing else; File takes ownership and closes it.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size as u64).map_err(|e| err("ftruncate", e))?;
+        let region = MmapRegion::from_file(FileOffset::new(file, 0), size)
+            .map_err(|e| SvqError::ShadowMemory(format!("mmap: {e}")))?;
+        Ok(ShadowMem {
+            region: Arc::new(region),
+        })
+    }
+
+    pub fn region(&self) -> &Arc<MmapRegion> {
+        &self.region
+    }
+
+    pub fn hva(&self, offset: usize) -> u64 {
+        self.region.as_ptr() as u64 + offset as u64
+    }
+
+    pub fn write_obj<T: ByteValued>(&self, offset: usize, val: T) -> Result<(), SvqError> {
+        self.region
+            .as_volatile_slice()
+            .write_obj(val, offset)
+            .map_err(|_| SvqError::ShadowAccess { offset })
+    }
+
+    pub fn read_obj<T: ByteValued>(&self, offset: usize) -> Result<T, SvqError> {
+        self.region
+            .as_volatile_slice()
+            .read_obj(offset)
+            .map_err(|_| SvqError::ShadowAccess { offset })
+    }
+
+    pub fn store<T: AtomicAccess>(
+        &self,
+        offset: usize,
+        val: T,
+        order: Ordering,
+    ) -> Result<(), SvqError> {
+        self.region
+            .as_volatile_slice()
+            .store(val, offset, order)
+            .map_err(|_| SvqError::ShadowAccess { offset })
+    }
+
+    pub fn load<T: AtomicAccess>(&self, offset: usize, order: Ordering) -> Result<T, SvqError> {
+        self.region
+            .as_volatile_slice()
+            .load(offset, order)
+            .map_err(|_| SvqError::ShadowAccess { offset })
+    }
+}

@@ -1,0 +1,280 @@
+//! The driver side of the shadow split ring.
+//!
+//! Everything the SVQ needs to know about the ring (free list, descriptor
+//! links, which head sits in which avail slot) is kept in private memory; the
+//! shadow memory is only written, except the used ring and the device's
+//! notification fields, which are the device's to write.
+
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+
+use virtio_bindings::bindings::virtio_ring::{
+    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
+};
+use virtio_queue::desc::split::{Descriptor, VirtqUsedElem};
+use vm_memory::MmapRegion;
+
+use crate::memory::{ShadowLayout, ShadowMem};
+use crate::SvqError;
+
+/// One buffer segment as the device sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ShadowSeg {
+    pub iova: u64,
+    pub len: u32,
+    pub write: bool,
+}
+
+/// `vring_need_event` from the virtio spec: has the index moved past `event`
+/// while going from `old` to `new`?
+pub(crate) fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+pub(crate) struct ShadowRing {
+    mem: ShadowMem,
+    layout: ShadowLayout,
+    size: u16,
+    event_idx: bool,
+    /// Private copy of each descriptor's `next` link, and the free list.
+    next: Vec<u16>,
+    free_head: u16,
+    num_free: u16,
+    /// Next avail index to fill, and the last one published to the device.
+    avail_idx: u16,
+    published: u16,
+    /// Private copy of the avail ring slots.
+    avail_slots: Vec<u16>,
+    /// Next used index to consume.
+    last_used: u16,
+    free_tables: Vec<u16>,
+}
+
+impl ShadowRing {
+    pub fn new(layout: ShadowLayout, device_event_idx: bool) -> Result<Self, SvqError> {
+        let size = layout.shadow_size;
+        let mem = ShadowMem::new(layout.total)?;
+        let next = (1..=size).map(|i| if i == size { 0 } else { i }).collect();
+        Ok(ShadowRing {
+            mem,
+            layout,
+            size,
+            event_idx: device_event_idx,
+            next,
+            free_head: 0,
+            num_free: size,
+            avail_idx: 0,
+            published: 0,
+            avail_slots: vec![0; size as usize],
+            last_used: 0,
+            free_tables: (0..layout.indirect_tables).rev().collect(),
+        })
+    }
+
+    pub fn region(&self) -> &Arc<MmapRegion> {
+        self.mem.region()
+    }
+
+    pub fn layout(&self) -> &ShadowLayout {
+        &self.layout
+    }
+
+    pub fn desc_hva(&self) -> u64 {
+        self.mem.hva(self.layout.desc)
+    }
+
+    pub fn avail_hva(&self) -> u64 {
+        self.mem.hva(self.layout.avail)
+    }
+
+    pub fn used_hva(&self) -> u64 {
+        self.mem.hva(self.layout.used)
+    }
+
+    pub fn table_hva(&self, table: u16) -> u64 {
+        self.mem.hva(self.layout.table_offset(table))
+    }
+
+    pub fn num_free(&self) -> u16 {
+        self.num_free
+    }
+
+    pub fn next_free_table(&self) -> Option<u16> {
+        self.free_tables.last().copied()
+    }
+
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
+    }
+
+    pub fn last_used(&self) -> u16 {
+        self.last_used
+    }
+
+    pub fn slot_head(&self, avail_pos: u16) -> u16 {
+        self.avail_slots[(avail_pos % self.size) as usize]
+    }
+
+    fn flags(seg: &ShadowSeg, has_next: bool) -> u16 {
+        let mut f = 0;
+        if seg.write {
+            f |= VRING_DESC_F_WRITE as u16;
+        }
+        if has_next {
+            f |= VRING_DESC_F_NEXT as u16;
+        }
+        f
+    }
+
+    fn desc_offset(&self, i: u16) -> usize {
+        self.layout.desc + i as usize * 16
+    }
+
+    fn push_avail(&mut self, head: u16) -> Result<(), SvqError> {
+        let slot = self.avail_idx % self.size;
+        self.avail_slots[slot as usize] = head;
+        self.mem.store(
+            self.layout.avail + 4 + 2 * slot as usize,
+            u16::to_le(head),
+            Ordering::Relaxed,
+        )?;
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        Ok(())
+    }
+
+    /// Write a chain into free descriptors; the caller checked `num_free`.
+    pub fn add_direct(&mut self, segs: &[ShadowSeg]) -> Result<u16, SvqError> {
+        debug_assert!(!segs.is_empty() && segs.len() <= self.num_free as usize);
+        let head = self.free_head;
+        let mut cur = head;
+        for (i, seg) in segs.iter().enumerate() {
+            let last = i + 1 == segs.len();
+            let next = self.next[cur as usize];
+            let d = Descriptor::new(seg.iova, seg.len, Self::flags(seg, !last), next);
+            self.mem.write_obj(self.desc_offset(cur), d)?;
+            if !last {
+                cur = next;
+            }
+        }
+        self.free_head = self.next[cur as usize];
+        self.num_free -= segs.len() as u16;
+        self.push_avail(head)?;
+        Ok(head)
+    }
+
+    /// Write a chain into an indirect table at `table_iova` and one shadow
+    /// descriptor pointing at it; the caller checked a descriptor and a
+    /// table are free and `segs` fits a table.
+    pub fn add_indirect(
+        &mut self,
+        segs: &[ShadowSeg],
+        table: u16,
+        table_iova: u64,
+    ) -> Result<u16, SvqError> {
+        let base = self.layout.table_offset(table);
+        for (i, seg) in segs.iter().enumerate() {
+            let last = i + 1 == segs.len();
+            let next = if last { 0 } else { i as u16 + 1 };
+            let d = Descriptor::new(seg.iova, seg.len, Self::flags(seg, !last), next);
+            self.mem.write_obj(base + i * 16, d)?;
+        }
+        self.free_tables.retain(|&t| t != table);
+        let head = self.free_head;
+        let d = Descriptor::new(
+            table_iova,
+            (segs.len() * 16) as u32,
+            VRING_DESC_F_INDIRECT as u16,
+            0,
+        );
+        self.mem.write_obj(self.desc_offset(head), d)?;
+        self.free_head = self.next[head as usize];
+        self.num_free -= 1;
+        self.push_avail(head)?;
+        Ok(head)
+    }
+
+    /// Return a chain's descriptors (and table) to the free lists.
+    pub fn free_chain(&mut self, head: u16, ndescs: u16, table: Option<u16>) {
+        let mut last = head;
+        for _ in 1..ndescs {
+            last = self.next[last as usize];
+        }
+        self.next[last as usize] = self.free_head;
+        self.free_head = head;
+        self.num_free += ndescs;
+        if let Some(t) = table {
+            self.free_tables.push(t);
+        }
+    }
+
+    /// Forget avail entries `[from, avail_idx)` that the device never took,
+    /// so `avail_idx` goes back to `from`.
+    pub fn unpublish_to(&mut self, from: u16) {
+        self.avail_idx = from;
+        self.published = from;
+    }
+
+    /// Make every written avail entry visible to the device. Returns whether
+    /// the device wants a kick for them.
+    pub fn publish(&mut self) -> Result<bool, SvqError> {
+        let old = self.published;
+        let new = self.avail_idx;
+        if old == new {
+            return Ok(false);
+        }
+        // Descriptors and ring slots must be visible before the index.
+        self.mem
+            .store(self.layout.avail + 2, u16::to_le(new), Ordering::Release)?;
+        self.published = new;
+        // The index store must be visible before we read the device's
+        // suppression state, or we could miss the device re-enabling kicks.
+        fence(Ordering::SeqCst);
+        if self.event_idx {
+            let off = self.layout.used + 4 + 8 * self.size as usize;
+            let avail_event = u16::from_le(self.mem.load(off, Ordering::Relaxed)?);
+            Ok(need_event(avail_event, new, old))
+        } else {
+            let flags = u16::from_le(self.mem.load(self.layout.used, Ordering::Relaxed)?);
+            Ok(flags & VRING_USED_F_NO_NOTIFY as u16 == 0)
+        }
+    }
+
+    /// The device's used idx.
+    pub fn used_idx(&self) -> Result<u16, SvqError> {
+        // Acquire: used entries are read after the index that covers them.
+        Ok(u16::from_le(
+            self.mem.load(self.layout.used + 2, Ordering::Acquire)?,
+        ))
+    }
+
+    /// Read the used entry at `last_used` and advance past it.
+    pub fn pop_used(&mut self) -> Result<(u32, u32), SvqError> {
+        let slot = (self.last_used % self.size) as usize;
+        let e: VirtqUsedElem = self.mem.read_obj(self.layout.used + 4 + 8 * slot)?;
+        // VirtqUsedElem has no getters; it is two little-endian u32s.
+        let raw: [u8; 8] = vm_memory::ByteValued::as_slice(&e)
+            .try_into()
+            .map_err(|_| SvqError::ShadowAccess {
+                offset: self.layout.used + 4 + 8 * slot,
+            })?;
+        let id = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
+        let len = u32::from_le_bytes([raw[4], raw[5], raw[6], raw[7]]);
+        self.last_used = self.last_used.wrapping_add(1);
+        Ok((id, len))
+    }
+
+    /// Ask for an interrupt at the next used entry (EVENT_IDX only; without
+    /// it the avail flags stay 0 and the device always interrupts).
+    /// Returns true when entries arrived meanwhile and must be consumed.
+    pub fn rearm(&mut self) -> Result<bool, SvqError> {
+        if !self.event_idx {
+            return Ok(false);
+        }
+        let off = self.layout.avail + 4 + 2 * self.size as usize;
+        self.mem
+            .store(off, u16::to_le(self.last_used), Ordering::Relaxed)?;
+        // used_event must be visible before we re-read used idx.
+        fence(Ordering::SeqCst);
+        Ok(self.used_idx()? != self.last_used)
+    }
+}

@@ -1,0 +1,526 @@
+//! One shadow virtqueue: guest ring → shadow ring → guest used ring.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use iova::{AddrSpace, IovaTree, Segment};
+use vm_memory::{GuestMemoryMmap, MmapRegion};
+
+use crate::guest::{GuestSeg, GuestSide};
+use crate::inflight::{Chain, InFlight, InFlightTable};
+use crate::memory::ShadowLayout;
+use crate::shadow_ring::{ShadowRing, ShadowSeg};
+use crate::{
+    CallOutcome, DirtyLog, GuestRing, RingIndexes, ShadowRingAddrs, StopState, SvqConfig, SvqError,
+    SvqStats, F_EVENT_IDX, F_INDIRECT_DESC,
+};
+
+const LOG: &str = "svq";
+
+pub struct ShadowVirtqueue {
+    cfg: SvqConfig,
+    guest: GuestSide,
+    shadow: ShadowRing,
+    inflight: InFlightTable,
+    /// Popped chains waiting for room on the shadow ring, oldest first.
+    parked: VecDeque<Chain>,
+    /// Guest heads popped and not yet returned, to catch a guest re-posting
+    /// a head that is still in flight.
+    guest_busy: Vec<bool>,
+    device_indirect: bool,
+    broken: Option<SvqError>,
+    stopped: bool,
+    /// avail_event was written and not yet reported to a dirty log.
+    avail_event_dirty: bool,
+    seq: u64,
+    relayed: u64,
+    bytes_written: u64,
+    errors: u64,
+    // Scratch buffers reused across chains.
+    guest_segs: Vec<GuestSeg>,
+    iova_segs: Vec<Segment>,
+}
+
+impl ShadowVirtqueue {
+    /// A queue relaying `guest` from the positions in `start`. The shadow
+    /// ring starts at index 0 on both avail and used: give the device vring
+    /// base 0 for it.
+    pub fn new(cfg: SvqConfig, guest: GuestRing, start: RingIndexes) -> Result<Self, SvqError> {
+        let s = cfg.shadow_size;
+        if s == 0 || !s.is_power_of_two() || s > 32768 {
+            return Err(SvqError::InvalidShadowSize(s));
+        }
+        let guest_event_idx = cfg.guest_features & F_EVENT_IDX != 0;
+        let device_event_idx = cfg.device_features & F_EVENT_IDX != 0;
+        let device_indirect = cfg.device_features & F_INDIRECT_DESC != 0;
+        let guest_side = GuestSide::new(cfg.queue_size, guest, start, guest_event_idx)?;
+        let layout = ShadowLayout::new(s, cfg.queue_size, device_indirect);
+        let shadow = ShadowRing::new(layout, device_event_idx)?;
+        log::debug!(
+            target: LOG,
+            "new SVQ: queue size {} shadow size {} start avail {} used {} shadow memory {:#x} bytes",
+            cfg.queue_size, s, start.avail, start.used, layout.total
+        );
+        Ok(ShadowVirtqueue {
+            cfg,
+            guest: guest_side,
+            shadow,
+            inflight: InFlightTable::new(s),
+            parked: VecDeque::new(),
+            guest_busy: vec![false; cfg.queue_size as usize],
+            device_indirect,
+            broken: None,
+            stopped: false,
+            avail_event_dirty: false,
+            seq: 0,
+            relayed: 0,
+            bytes_written: 0,
+            errors: 0,
+            guest_segs: Vec::new(),
+            iova_segs: Vec::new(),
+        })
+    }
+
+    pub fn config(&self) -> SvqConfig {
+        self.cfg
+    }
+
+    /// Memory holding the shadow rings and indirect tables (memfd-backed,
+    /// page aligned). Map it in the IOVA tree as `(AddrSpace::Host,
+    /// as_ptr() as u64, size())` and DMA-map it before the first kick.
+    pub fn shadow_memory(&self) -> Arc<MmapRegion> {
+        self.shadow.region().clone()
+    }
+
+    /// Where each part lives inside `shadow_memory`.
+    pub fn shadow_layout(&self) -> ShadowLayout {
+        *self.shadow.layout()
+    }
+
+    /// HVAs of the shadow rings; translate them with the tree for the device.
+    pub fn shadow_ring_hva(&self) -> ShadowRingAddrs {
+        ShadowRingAddrs {
+            desc: self.shadow.desc_hva(),
+            avail: self.shadow.avail_hva(),
+            used: self.shadow.used_hva(),
+        }
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.broken.is_some()
+    }
+
+    /// The error that broke the queue.
+    pub fn broken_reason(&self) -> Option<&SvqError> {
+        self.broken.as_ref()
+    }
+
+    pub fn stats(&self) -> SvqStats {
+        SvqStats {
+            guest_avail_idx: self.guest.next_avail(),
+            guest_used_idx: self.guest.next_used(),
+            shadow_avail_idx: self.shadow.avail_idx(),
+            shadow_used_idx: self.shadow.last_used(),
+            relayed: self.relayed,
+            bytes_written: self.bytes_written,
+            in_flight: self.inflight.len() as u32,
+            parked: self.parked.len() as u32,
+            errors: self.errors,
+            broken: self.broken.as_ref().map(|e| e.to_string()),
+        }
+    }
+
+    fn usable(&self) -> Result<(), SvqError> {
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
+        if self.stopped {
+            return Err(SvqError::Stopped);
+        }
+        Ok(())
+    }
+
+    fn fail<T>(&mut self, e: SvqError) -> Result<T, SvqError> {
+        log::error!(target: LOG, "shadow virtqueue broken: {e}");
+        self.errors += 1;
+        self.broken = Some(e.clone());
+        Err(e)
+    }
+
+    /// Guest kicked (or start / retry): pop, validate, translate and relay
+    /// every available chain. `Ok(true)`: kick the device.
+    pub fn handle_guest_kick(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        iova: &IovaTree,
+    ) -> Result<bool, SvqError> {
+        self.usable()?;
+        match self.relay(mem, iova) {
+            Ok(kick) => Ok(kick),
+            Err(e) => self.fail(e),
+        }
+    }
+
+    /// As `handle_guest_kick`, also reporting the guest ring fields the SVQ
+    /// wrote (avail_event under EVENT_IDX) to `log`.
+    pub fn handle_guest_kick_logged(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        iova: &IovaTree,
+        log: &dyn DirtyLog,
+    ) -> Result<bool, SvqError> {
+        let r = self.handle_guest_kick(mem, iova);
+        self.flush_dirty(log);
+        r
+    }
+
+    /// Report guest ring fields written since the last report (avail_event).
+    /// `handle_device_call` does this itself; call it before the final log
+    /// sync of a migration.
+    pub fn flush_dirty(&mut self, log: &dyn DirtyLog) {
+        if std::mem::take(&mut self.avail_event_dirty) {
+            let (gpa, len) = self.guest.avail_event_log();
+            log.mark(gpa, len);
+        }
+    }
+
+    /// Device signalled: consume and validate shadow used entries, log and
+    /// complete them to the guest, then relay parked and newly available
+    /// chains.
+    pub fn handle_device_call(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        iova: &IovaTree,
+        log: &dyn DirtyLog,
+    ) -> Result<CallOutcome, SvqError> {
+        self.usable()?;
+        let r = self.device_call(mem, iova, log);
+        self.flush_dirty(log);
+        match r {
+            Ok(o) => Ok(o),
+            Err(e) => self.fail(e),
+        }
+    }
+
+    fn device_call(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        iova: &IovaTree,
+        log: &dyn DirtyLog,
+    ) -> Result<CallOutcome, SvqError> {
+        let old_used = self.guest.next_used();
+        loop {
+            let used_idx = self.shadow.used_idx()?;
+            let last = self.shadow.last_used();
+            let ahead = used_idx.wrapping_sub(last);
+            if ahead as usize > self.inflight.len() {
+                return Err(SvqError::UsedIdxTooFarAhead {
+                    used_idx,
+                    last_used: last,
+                    ahead,
+                    in_flight: self.inflight.len(),
+                });
+            }
+            for _ in 0..ahead {
+                self.complete_one(mem, log)?;
+            }
+            if !self.shadow.rearm()? {
+                break;
+            }
+        }
+        let notify_guest = self.guest.should_notify(mem, old_used)?;
+        let kick_device = self.relay(mem, iova)?;
+        Ok(CallOutcome {
+            notify_guest,
+            kick_device,
+        })
+    }
+
+    fn complete_one(&mut self, mem: &GuestMemoryMmap, log: &dyn DirtyLog) -> Result<(), SvqError> {
+        let (id, len) = self.shadow.pop_used()?;
+        let size = self.cfg.shadow_size;
+        if id >= size as u32 {
+            return Err(SvqError::BadUsedId {
+                id,
+                shadow_size: size,
+            });
+        }
+        let max = match self.inflight.get(id) {
+            Some(e) => e.chain.writable_len,
+            None => return Err(SvqError::UsedIdNotInFlight { id }),
+        };
+        if len as u64 > max {
+            return Err(SvqError::UsedLenTooBig { id, len, max });
+        }
+        let Some(entry) = self.inflight.remove(id) else {
+            return Err(SvqError::UsedIdNotInFlight { id });
+        };
+        self.shadow.free_chain(id as u16, entry.ndescs, entry.table);
+        let chain = entry.chain;
+        // Written data first, so the log never lags the used entry that
+        // makes it visible to the guest.
+        let mut left = len as u64;
+        for &(gpa, seg_len) in &chain.writable {
+            if left == 0 {
+                break;
+            }
+            let n = left.min(seg_len as u64);
+            if n > 0 {
+                log.mark(gpa, n);
+            }
+            left -= n;
+        }
+        let at = self.guest.add_used(mem, chain.guest_head, len)?;
+        let (gpa, l) = self.guest.used_entry_log(at);
+        log.mark(gpa, l);
+        let (gpa, l) = self.guest.used_idx_log();
+        log.mark(gpa, l);
+        if let Some(b) = self.guest_busy.get_mut(chain.guest_head as usize) {
+            *b = false;
+        }
+        self.relayed += 1;
+        self.bytes_written += len as u64;
+        Ok(())
+    }
+
+    /// Place parked chains, then pop new guest chains until the guest ring
+    /// is empty or the shadow ring full; publish. Returns whether to kick.
+    fn relay(&mut self, mem: &GuestMemoryMmap, iova: &IovaTree) -> Result<bool, SvqError> {
+        let r = self.relay_inner(mem, iova);
+        // Publish what was placed even when a later chain failed, so the
+        // good ones are not held back from the device.
+        let kick = self.shadow.publish()?;
+        r.map(|()| kick)
+    }
+
+    fn relay_inner(&mut self, mem: &GuestMemoryMmap, iova: &IovaTree) -> Result<(), SvqError> {
+        while let Some(chain) = self.parked.pop_front() {
+            match self.try_place(chain, iova)? {
+                None => {}
+                Some(chain) => {
+                    self.parked.push_front(chain);
+                    return Ok(());
+                }
+            }
+        }
+        loop {
+            let pending = self.guest.pending(mem)?;
+            for _ in 0..pending {
+                let chain = self.pop(mem, iova)?;
+                if let Some(chain) = self.try_place(chain, iova)? {
+                    log::debug!(target: LOG, "shadow ring full, parking head {}", chain.guest_head);
+                    self.parked.push_back(chain);
+                    return Ok(());
+                }
+            }
+            if !self.guest.rearm(mem)? {
+                return Ok(());
+            }
+            self.avail_event_dirty = true;
+        }
+    }
+
+    /// Pop the chain at the guest's next avail index: read, validate and
+    /// translate it, and only then advance the guest index.
+    fn pop(&mut self, mem: &GuestMemoryMmap, iova: &IovaTree) -> Result<Chain, SvqError> {
+        let head = self.guest.read_head(mem)?;
+        if self.guest_busy.get(head as usize).copied().unwrap_or(false) {
+            return Err(SvqError::HeadAlreadyInFlight { head });
+        }
+        let mut guest_segs = std::mem::take(&mut self.guest_segs);
+        let r = self.guest.walk(mem, head, &mut guest_segs);
+        let chain = r.and_then(|()| self.translate(head, &guest_segs, iova));
+        self.guest_segs = guest_segs;
+        let chain = chain?;
+        self.guest.advance();
+        if let Some(b) = self.guest_busy.get_mut(head as usize) {
+            *b = true;
+        }
+        Ok(chain)
+    }
+
+    fn translate(
+        &mut self,
+        head: u16,
+        guest_segs: &[GuestSeg],
+        iova: &IovaTree,
+    ) -> Result<Chain, SvqError> {
+        let mut segs = Vec::with_capacity(guest_segs.len());
+        let mut writable = Vec::new();
+        let mut writable_len = 0u64;
+        for g in guest_segs {
+            if g.write {
+                writable.push((g.addr, g.len));
+                writable_len += g.len as u64;
+            }
+            if g.len == 0 {
+                // Nothing for the device to access; leaving it out keeps the
+                // shadow chain free of addresses that may not translate.
+                continue;
+            }
+            self.iova_segs.clear();
+            iova.translate(AddrSpace::Guest, g.addr, g.len as u64, &mut self.iova_segs)
+                .map_err(|source| SvqError::Translation {
+                    head,
+                    gpa: g.addr,
+                    len: g.len as u64,
+                    source,
+                })?;
+            segs.extend(self.iova_segs.iter().map(|s| ShadowSeg {
+                iova: s.iova,
+                // A piece of a u32-long buffer fits a u32.
+                len: s.len as u32,
+                write: g.write,
+            }));
+        }
+        if segs.is_empty() {
+            // A chain of empty buffers still needs a descriptor to carry it.
+            segs.push(ShadowSeg {
+                iova: 0,
+                len: 0,
+                write: guest_segs.iter().any(|g| g.write),
+            });
+        }
+        let n = segs.len();
+        let s = self.cfg.shadow_size as usize;
+        if n > s {
+            if !self.device_indirect {
+                return Err(SvqError::NeedIndirect {
+                    head,
+                    segments: n,
+                    shadow_size: self.cfg.shadow_size,
+                });
+            }
+            let max = self.shadow.layout().max_segments();
+            if n > max {
+                return Err(SvqError::TooManySegments {
+                    head,
+                    segments: n,
+                    max,
+                });
+            }
+        }
+        self.seq += 1;
+        Ok(Chain {
+            guest_head: head,
+            seq: self.seq,
+            writable,
+            writable_len,
+            segs,
+        })
+    }
+
+    /// Put a chain on the shadow ring (unpublished). Gives the chain back
+    /// when there is no room yet.
+    fn try_place(&mut self, chain: Chain, iova: &IovaTree) -> Result<Option<Chain>, SvqError> {
+        let n = chain.segs.len();
+        if n <= self.cfg.shadow_size as usize {
+            if (self.shadow.num_free() as usize) < n {
+                return Ok(Some(chain));
+            }
+            let avail_pos = self.shadow.avail_idx();
+            let head = self.shadow.add_direct(&chain.segs)?;
+            self.inflight.insert(
+                head,
+                InFlight {
+                    chain,
+                    ndescs: n as u16,
+                    table: None,
+                    avail_pos,
+                },
+            );
+            return Ok(None);
+        }
+        let Some(table) = self.shadow.next_free_table() else {
+            return Ok(Some(chain));
+        };
+        if self.shadow.num_free() == 0 {
+            return Ok(Some(chain));
+        }
+        let hva = self.shadow.table_hva(table);
+        let table_iova = match iova.translate_contiguous(AddrSpace::Host, hva, (n * 16) as u64) {
+            Ok(t) => t,
+            Err(source) => {
+                // Keep the chain so that stop() can still rewind over it.
+                self.parked.push_front(chain);
+                return Err(SvqError::ShadowTranslation { hva, source });
+            }
+        };
+        let avail_pos = self.shadow.avail_idx();
+        let head = self.shadow.add_indirect(&chain.segs, table, table_iova)?;
+        self.inflight.insert(
+            head,
+            InFlight {
+                chain,
+                ndescs: 1,
+                table: Some(table),
+                avail_pos,
+            },
+        );
+        Ok(None)
+    }
+
+    /// Stop relaying. `device_next_avail` is the device's vring base on the
+    /// shadow ring after it was suspended and `handle_device_call` ran once
+    /// more. Chains the device never took and parked chains are given back
+    /// to the guest ring by rewinding its avail index over them.
+    ///
+    /// Works on a broken queue too (the daemon still needs the indexes).
+    /// On `InvalidDeviceBase` nothing changes and the call may be retried.
+    pub fn stop(
+        &mut self,
+        _mem: &GuestMemoryMmap,
+        device_next_avail: u16,
+    ) -> Result<StopState, SvqError> {
+        if self.stopped {
+            return Err(SvqError::Stopped);
+        }
+        let shadow_avail = self.shadow.avail_idx();
+        let not_taken = shadow_avail.wrapping_sub(device_next_avail);
+        let bad = SvqError::InvalidDeviceBase {
+            device_next_avail,
+            shadow_avail,
+        };
+        if not_taken as usize > self.inflight.len() {
+            return Err(bad);
+        }
+        for i in 0..not_taken {
+            let pos = device_next_avail.wrapping_add(i);
+            let head = self.shadow.slot_head(pos);
+            if self.inflight.get(head as u32).map(|e| e.avail_pos) != Some(pos) {
+                return Err(bad);
+            }
+        }
+        for i in 0..not_taken {
+            let head = self.shadow.slot_head(device_next_avail.wrapping_add(i));
+            if let Some(e) = self.inflight.remove(head as u32) {
+                self.shadow.free_chain(head, e.ndescs, e.table);
+                if let Some(b) = self.guest_busy.get_mut(e.chain.guest_head as usize) {
+                    *b = false;
+                }
+            }
+        }
+        self.shadow.unpublish_to(device_next_avail);
+        let rewind = not_taken as usize + self.parked.len();
+        for c in self.parked.drain(..) {
+            if let Some(b) = self.guest_busy.get_mut(c.guest_head as usize) {
+                *b = false;
+            }
+        }
+        self.guest.rewind(rewind as u16);
+        self.stopped = true;
+        let state = StopState {
+            indexes: RingIndexes {
+                avail: self.guest.next_avail(),
+                used: self.guest.next_used(),
+            },
+            in_flight: self.inflight.guest_heads_in_order(),
+        };
+        log::debug!(
+            target: LOG,
+            "SVQ stopped: rewound {rewind}, continue at avail {} used {}, {} in flight",
+            state.indexes.avail, state.indexes.used, state.in_flight.len()
+        );
+        Ok(state)
+    }
+}
