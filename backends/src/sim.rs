@@ -1,1 +1,0 @@
-//! Built-in software virtio-net device (work in progress).
