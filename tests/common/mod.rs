@@ -8,7 +8,9 @@ pub mod mem;
 pub mod net;
 pub mod packet;
 pub mod qmp;
+pub mod raw;
 pub mod ring;
+pub mod scenario;
 pub mod vmm;
 
 pub use daemon::Daemon;

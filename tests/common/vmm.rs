@@ -71,6 +71,9 @@ pub fn connect_stream(path: &Path) -> UnixStream {
 
 pub struct Vmm {
     pub fe: Frontend,
+    /// The same connection, for hand-made messages (never used while a
+    /// Frontend call is in progress).
+    pub raw: UnixStream,
     pub mem: GuestMem,
     pub cfg: VmmConfig,
     pub offered: u64,
@@ -96,6 +99,7 @@ impl Vmm {
     /// SET_OWNER, features, protocol features, queue count, SET_FEATURES.
     /// Allocates the guest rings (not yet given to the daemon).
     pub fn negotiate(stream: UnixStream, cfg: VmmConfig) -> Vmm {
+        let raw = stream.try_clone().expect("clone socket");
         let mut fe = Frontend::from_stream(stream, 2 * cfg.pairs as u64);
         fe.set_owner().expect("SET_OWNER");
         let offered = fe.get_features().expect("GET_FEATURES");
@@ -143,6 +147,7 @@ impl Vmm {
             .collect();
         Vmm {
             fe,
+            raw,
             mem,
             cfg,
             offered,

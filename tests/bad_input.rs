@@ -1,0 +1,321 @@
+//! Bad input on the vhost-user socket and in the guest rings. Each must be
+//! refused (an error reply, a dropped connection, or a broken queue), and the
+//! daemon must go on serving: a new connection negotiates and passes
+//! traffic, the other queues keep working, QMP answers.
+
+mod common;
+
+use std::io::Write;
+use std::net::Shutdown;
+use std::os::fd::AsRawFd;
+
+use common::raw::{self, Reply};
+use common::ring::DESC_F_NEXT;
+use common::vmm::connect_stream;
+use common::{pump, Daemon, Qmp, Until, Vmm, VmmConfig};
+use vhost::vhost_user::VhostUserFrontend;
+use vhost::VhostBackend;
+
+/// The daemon is alive, answers QMP, and serves a new VMM with `pairs`
+/// pairs end to end.
+fn assert_serves(d: &mut Daemon, pairs: u16) {
+    d.assert_alive();
+    let mut q = Qmp::connect_ready(&d.qmp);
+    q.query("net0");
+    let mut vmm = Vmm::start(&d.socket, VmmConfig::pairs(pairs));
+    pump(&mut vmm.pairs, Until::Frames(200)).unwrap_or_else(|e| panic!("new connection: {e}"));
+    vmm.check_final_bases();
+    d.assert_alive();
+}
+
+#[test]
+fn garbage_on_the_socket_drops_the_connection() {
+    let mut d = Daemon::spawn(&[]);
+    let mut huge_mem_table = raw::header(raw::SET_MEM_TABLE, raw::VERSION, 0x7fff_ffff);
+    huge_mem_table.extend_from_slice(&[0u8; 64]);
+    let mut lcg = 0x1234_5678u32;
+    let noise: Vec<u8> = (0..4096)
+        .map(|_| {
+            lcg = lcg.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            (lcg >> 16) as u8 | 0x80
+        })
+        .collect();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "http request",
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        ),
+        ("all ones", vec![0xff; 64]),
+        ("noise", noise),
+        ("bad version", raw::header(raw::GET_FEATURES, 0x2, 0)),
+        (
+            "reply flag on a request",
+            raw::header(raw::GET_FEATURES, 0x5, 0),
+        ),
+        ("huge SET_MEM_TABLE", huge_mem_table),
+    ];
+    for (what, bytes) in cases {
+        let s = connect_stream(&d.socket);
+        let _ = (&s).write_all(&bytes);
+        assert!(
+            raw::wait_closed(&s),
+            "{what}: daemon neither closed the connection nor stopped talking"
+        );
+        drop(s);
+        d.assert_alive();
+    }
+    assert_serves(&mut d, 1);
+}
+
+#[test]
+fn truncated_messages() {
+    let mut d = Daemon::spawn(&[]);
+    // Connection closes in the middle of a header / of a body.
+    for cut in [6usize, 16] {
+        let s = connect_stream(&d.socket);
+        let mut m = raw::header(raw::SET_FEATURES, raw::VERSION, 8);
+        m.extend_from_slice(&(1u64 << 32).to_le_bytes());
+        let _ = (&s).write_all(&m[..cut]);
+        s.shutdown(Shutdown::Write).unwrap();
+        assert!(raw::wait_closed(&s), "cut at {cut}: connection not closed");
+        d.assert_alive();
+    }
+    // A complete message whose declared size is too small for its type.
+    let s = connect_stream(&d.socket);
+    assert_eq!(
+        raw::request(&s, raw::SET_OWNER, &[], &[]),
+        Reply::Msg(vec![0; 8]),
+        "SET_OWNER ack"
+    );
+    let r = raw::request(&s, raw::SET_VRING_NUM, &[0, 0, 0, 0], &[]);
+    assert!(r.is_refusal(), "SET_VRING_NUM with a 4-byte body: {r:?}");
+    drop(s);
+    // A message with more fds than it should carry.
+    let s = connect_stream(&d.socket);
+    let fds: Vec<_> = (0..4)
+        .map(|_| vmm_sys_util::eventfd::EventFd::new(0).unwrap())
+        .collect();
+    let raw_fds: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let r = raw::request(&s, raw::SET_OWNER, &[], &raw_fds);
+    assert!(
+        matches!(r, Reply::Msg(_) | Reply::Closed),
+        "SET_OWNER with fds: {r:?}"
+    );
+    drop(s);
+    assert_serves(&mut d, 1);
+}
+
+#[test]
+fn set_vring_addr_before_set_mem_table() {
+    let mut d = Daemon::spawn(&[]);
+    let vmm = Vmm::negotiate(connect_stream(&d.socket), VmmConfig::default());
+    vmm.fe.set_vring_num(0, 256).ok();
+    let r = vmm.fe.set_vring_addr(0, &vmm.vring_config(0));
+    assert!(
+        r.is_err(),
+        "SET_VRING_ADDR before SET_MEM_TABLE was accepted"
+    );
+    drop(vmm);
+    assert_serves(&mut d, 1);
+}
+
+#[test]
+fn queue_index_out_of_range() {
+    let mut d = Daemon::spawn(&["--queues", "1"]);
+    let call = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+    let mut vmm = Vmm::negotiate(connect_stream(&d.socket), VmmConfig::default());
+    vmm.set_mem_table().expect("SET_MEM_TABLE");
+    let mut addr = raw::vring_state(2, 0)[..4].to_vec();
+    addr.extend_from_slice(&0u32.to_le_bytes()); // flags
+    let cfg = vmm.vring_config(0);
+    for a in [
+        cfg.desc_table_addr,
+        cfg.used_ring_addr,
+        cfg.avail_ring_addr,
+        0,
+    ] {
+        addr.extend_from_slice(&a.to_le_bytes());
+    }
+    let cases: Vec<(&str, u32, Vec<u8>, Vec<i32>)> = vec![
+        (
+            "SET_VRING_NUM 2",
+            raw::SET_VRING_NUM,
+            raw::vring_state(2, 256),
+            vec![],
+        ),
+        ("SET_VRING_ADDR 2", raw::SET_VRING_ADDR, addr, vec![]),
+        (
+            "SET_VRING_BASE 255",
+            raw::SET_VRING_BASE,
+            raw::vring_state(255, 0),
+            vec![],
+        ),
+        (
+            "SET_VRING_ENABLE 7",
+            raw::SET_VRING_ENABLE,
+            raw::vring_state(7, 1),
+            vec![],
+        ),
+        (
+            "SET_VRING_CALL 9",
+            raw::SET_VRING_CALL,
+            9u64.to_le_bytes().to_vec(),
+            vec![call.as_raw_fd()],
+        ),
+        (
+            "SET_VRING_KICK 200",
+            raw::SET_VRING_KICK,
+            200u64.to_le_bytes().to_vec(),
+            vec![call.as_raw_fd()],
+        ),
+    ];
+    let mut closed = false;
+    for (what, req, body, fds) in cases {
+        if closed {
+            // The daemon dropped the previous connection: start over.
+            vmm = Vmm::negotiate(connect_stream(&d.socket), VmmConfig::default());
+            vmm.set_mem_table().expect("SET_MEM_TABLE");
+        }
+        let r = raw::request(&vmm.raw, req, &body, &fds);
+        assert!(r.is_refusal(), "{what}: {r:?}");
+        closed = r == Reply::Closed;
+        d.assert_alive();
+    }
+    if !closed {
+        // Same connection: the valid queues still work.
+        for q in 0..2 {
+            vmm.setup_queue(q)
+                .unwrap_or_else(|e| panic!("queue {q} after refusals: {e}"));
+        }
+        pump(&mut vmm.pairs, Until::Frames(200)).unwrap_or_else(|e| panic!("after refusals: {e}"));
+    }
+    drop(vmm);
+    assert_serves(&mut d, 1);
+}
+
+/// Sets up queue 0 of a fresh connection with `patch` applied to its ring
+/// addresses: the daemon must refuse at some step, or report the queue
+/// broken (or erroring) in query-shadow-vq.
+fn bad_ring_addr(d: &mut Daemon, shadow: bool, patch: impl Fn(&mut vhost::VringConfigData, u64)) {
+    let mut vmm = Vmm::negotiate(connect_stream(&d.socket), VmmConfig::default());
+    vmm.set_mem_table().expect("SET_MEM_TABLE");
+    let mut cfg = vmm.vring_config(0);
+    let base = vmm.mem.vmm_addr(vm_memory::GuestAddress(0));
+    patch(&mut cfg, base + vmm.mem.size);
+    let fe = &mut vmm.fe;
+    let q0 = &vmm.pairs[0].rx;
+    let refused = fe.set_vring_num(0, 256).is_err()
+        || fe.set_vring_addr(0, &cfg).is_err()
+        || fe.set_vring_base(0, 0).is_err()
+        || fe.set_vring_call(0, &q0.call).is_err()
+        || fe.set_vring_kick(0, &q0.kick).is_err()
+        || fe.set_vring_enable(0, true).is_err();
+    if !refused {
+        if shadow {
+            // The TX queue too, so the device counts as started.
+            vmm.setup_queue(1).ok();
+        }
+        let mut q = Qmp::connect_ready(&d.qmp);
+        let dev = q.query("net0");
+        let qi = common::qmp::queue_info(&dev, 0);
+        assert!(
+            !qi["broken"].is_null() || common::qmp::u64_field(qi, "errors") > 0,
+            "ring outside guest memory accepted and not reported: {dev}"
+        );
+    }
+    drop(vmm);
+    d.assert_alive();
+}
+
+fn rings_outside_guest_memory(shadow: &str) {
+    let mut d = Daemon::spawn(&["--shadow", shadow]);
+    let on = shadow == "on";
+    bad_ring_addr(&mut d, on, |c, end| c.desc_table_addr = end + 0x1000);
+    bad_ring_addr(&mut d, on, |c, end| c.used_ring_addr = end + 0x10_0000);
+    bad_ring_addr(&mut d, on, |c, end| c.avail_ring_addr = end - 2); // straddles the end
+    bad_ring_addr(&mut d, on, |c, end| c.desc_table_addr = end - 16); // 256 descs do not fit
+    bad_ring_addr(&mut d, on, |c, _| c.desc_table_addr = u64::MAX - 15); // wraps around
+    assert_serves(&mut d, 1);
+}
+
+#[test]
+fn rings_outside_guest_memory_passthrough() {
+    rings_outside_guest_memory("off");
+}
+
+#[test]
+fn rings_outside_guest_memory_shadow() {
+    rings_outside_guest_memory("on");
+}
+
+/// Breaks pair 1's TX ring with `chain` (descriptors written raw), checks
+/// pair 0 keeps working, QMP answers, and a new connection works on all
+/// queues.
+fn broken_guest_ring(shadow: &str, write_chain: fn(&common::ring::SplitRing, u64)) {
+    let mut d = Daemon::spawn(&["--shadow", shadow, "--queues", "2"]);
+    let mut vmm = Vmm::start(&d.socket, VmmConfig::pairs(2));
+    pump(&mut vmm.pairs, Until::Frames(100)).unwrap_or_else(|e| panic!("warm-up: {e}"));
+    let mem_size = vmm.mem.size;
+    {
+        let tx = &mut vmm.pairs[1].tx;
+        // Everything completed, so every descriptor is free.
+        assert_eq!(tx.ring.num_inflight(), 0);
+        write_chain(&tx.ring, mem_size);
+        tx.ring.push_avail_raw(0);
+        tx.ring.publish();
+        tx.kick();
+    }
+    // Pair 0 is unaffected.
+    pump(&mut vmm.pairs[..1], Until::Frames(400))
+        .unwrap_or_else(|e| panic!("pair 0 after pair 1 broke: {e}"));
+    let mut q = Qmp::connect_ready(&d.qmp);
+    let dev = q.query("net0");
+    if shadow == "on" {
+        let qi = common::qmp::queue_info(&dev, 3);
+        assert!(
+            !qi["broken"].is_null(),
+            "shadow: the bad chain on queue 3 must break it: {dev}"
+        );
+        let q0 = common::qmp::queue_info(&dev, 1);
+        assert!(q0["broken"].is_null(), "queue 1 must stay healthy: {dev}");
+    } else {
+        eprintln!("passthrough view after the bad chain: {dev}");
+    }
+    drop(vmm);
+    assert_serves(&mut d, 2);
+}
+
+fn descriptor_loop(r: &common::ring::SplitRing, _mem_size: u64) {
+    let buf = r.desc.0 + 0x10_0000;
+    r.write_desc(0, buf, 64, DESC_F_NEXT, 1);
+    r.write_desc(1, buf + 64, 64, DESC_F_NEXT, 0);
+}
+
+fn descriptor_outside_memory(r: &common::ring::SplitRing, mem_size: u64) {
+    r.write_desc(0, mem_size + 0x1000, 100, 0, 0);
+}
+
+fn descriptor_next_out_of_range(r: &common::ring::SplitRing, _mem_size: u64) {
+    let buf = r.desc.0 + 0x10_0000;
+    r.write_desc(0, buf, 64, DESC_F_NEXT, 4000);
+}
+
+#[test]
+fn descriptor_loop_passthrough() {
+    broken_guest_ring("off", descriptor_loop);
+}
+
+#[test]
+fn descriptor_loop_shadow() {
+    broken_guest_ring("on", descriptor_loop);
+}
+
+#[test]
+fn descriptor_outside_memory_shadow() {
+    broken_guest_ring("on", descriptor_outside_memory);
+}
+
+#[test]
+fn descriptor_next_out_of_range_shadow() {
+    broken_guest_ring("on", descriptor_next_out_of_range);
+}

@@ -1,0 +1,72 @@
+//! Scenarios shared by several test files.
+
+use super::qmp::{queue_info, u64_field, Qmp};
+use super::{pump, Daemon, Until, Vmm, VmmConfig};
+
+/// Starts a daemon with `--shadow shadow --queues pairs`, a VMM, pushes
+/// `frames` frames per pair through the sim loopback (every byte checked),
+/// then checks query-shadow-vq and the final GET_VRING_BASE indexes.
+pub fn loopback(shadow: &str, pairs: u16, mrg_rxbuf: bool, frames: u32) {
+    let d = Daemon::spawn(&["--shadow", shadow, "--queues", &pairs.to_string()]);
+    let cfg = VmmConfig {
+        pairs,
+        mrg_rxbuf,
+        ..Default::default()
+    };
+    let mut vmm = Vmm::start(&d.socket, cfg);
+    assert_eq!(vmm.queue_num, 2 * pairs as u64, "GET_QUEUE_NUM");
+    if let Err(e) = pump(&mut vmm.pairs, Until::Frames(frames)) {
+        panic!("traffic failed: {e}");
+    }
+
+    let mut q = Qmp::connect_ready(&d.qmp);
+    let dev = q.query("net0");
+    let mode = if shadow == "on" {
+        "shadow"
+    } else {
+        "passthrough"
+    };
+    assert_eq!(dev["mode"], mode, "{dev}");
+    assert_eq!(dev["started"], true, "{dev}");
+    assert_eq!(dev["backend"], "sim", "{dev}");
+    assert_eq!(
+        dev["queues"].as_array().map(|a| a.len()),
+        Some(2 * pairs as usize),
+        "{dev}"
+    );
+    for p in &vmm.pairs {
+        for (io, is_tx) in [(&p.rx, false), (&p.tx, true)] {
+            let qi = queue_info(&dev, io.index as u64);
+            assert_eq!(qi["mode"], mode, "queue {}: {qi}", io.index);
+            assert_eq!(u64_field(qi, "errors"), 0, "queue {}: {qi}", io.index);
+            assert!(qi["broken"].is_null(), "queue {}: {qi}", io.index);
+            if shadow == "on" {
+                // Quiescent: the relay saw exactly what the driver saw.
+                assert_eq!(
+                    u64_field(qi, "relayed"),
+                    frames as u64,
+                    "queue {}: {qi}",
+                    io.index
+                );
+                assert_eq!(u64_field(qi, "in_flight"), 0, "queue {}: {qi}", io.index);
+                assert_eq!(
+                    u64_field(qi, "used_idx") as u16,
+                    io.ring.last_used,
+                    "queue {}: {qi}",
+                    io.index
+                );
+                if is_tx {
+                    assert_eq!(
+                        u64_field(qi, "avail_idx") as u16,
+                        io.ring.avail_idx,
+                        "queue {}: {qi}",
+                        io.index
+                    );
+                }
+            } else {
+                assert_eq!(u64_field(qi, "relayed"), 0, "queue {}: {qi}", io.index);
+            }
+        }
+    }
+    vmm.check_final_bases();
+}
