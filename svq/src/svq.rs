@@ -28,6 +28,7 @@ pub struct ShadowVirtqueue {
     /// a head that is still in flight.
     guest_busy: Vec<bool>,
     device_indirect: bool,
+    guest_event_idx: bool,
     broken: Option<SvqError>,
     stopped: bool,
     /// avail_event was written and not yet reported to a dirty log.
@@ -69,6 +70,7 @@ impl ShadowVirtqueue {
             parked: VecDeque::new(),
             guest_busy: vec![false; cfg.queue_size as usize],
             device_indirect,
+            guest_event_idx,
             broken: None,
             stopped: false,
             avail_event_dirty: false,
@@ -313,10 +315,11 @@ impl ShadowVirtqueue {
                     return Ok(());
                 }
             }
+            // rearm writes avail_event under guest EVENT_IDX.
+            self.avail_event_dirty |= self.guest_event_idx;
             if !self.guest.rearm(mem)? {
                 return Ok(());
             }
-            self.avail_event_dirty = true;
         }
     }
 
