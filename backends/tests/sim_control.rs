@@ -597,3 +597,28 @@ fn readonly_mapping_is_never_written() {
         .unwrap();
     assert!(buf.iter().all(|&b| b == 0));
 }
+
+#[test]
+fn unconfigured_queues_stay_idle_and_threads_stop_on_drop() {
+    let mut sim = SimNet::new(SimConfig {
+        queue_pairs: 4,
+        ..SimConfig::default()
+    })
+    .unwrap();
+    sim.set_features(F_VERSION_1).unwrap();
+    sim.set_status(15).unwrap();
+    // A kick fd without rings, an enabled queue without addresses.
+    let kick =
+        Arc::new(vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap());
+    sim.set_vring_kick(3, Arc::clone(&kick)).unwrap();
+    kick.write(1).unwrap();
+    sim.set_vring_enable(5, true).unwrap();
+    sim.suspend().unwrap();
+    sim.resume().unwrap();
+    for q in 0..8 {
+        assert_eq!(sim.vring_base(q).unwrap(), 0);
+        let st = sim.queue_stats(q).unwrap();
+        assert_eq!((st.packets, st.errors, st.broken), (0, 0, false));
+    }
+    drop(sim);
+}

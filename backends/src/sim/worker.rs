@@ -26,9 +26,8 @@ use super::vq::Vq;
 const ROUND_BUDGET: usize = 256;
 
 const TOKEN_WAKE: u64 = 0;
-const TOKEN_RX_KICK: u64 = 1;
-const TOKEN_TX_KICK: u64 = 2;
-const TOKEN_TAP: u64 = 3;
+const TOKEN_KICK: u64 = 1;
+const TOKEN_TAP: u64 = 2;
 
 pub(crate) struct PairState {
     pub(crate) view: Arc<IotlbView>,
@@ -105,7 +104,7 @@ pub(crate) struct Worker {
     pair: Arc<Pair>,
     tap: Option<Tap>,
     epoll: Epoll,
-    kicks: [Option<Arc<EventFd>>; 2],
+    kicks: Vec<Arc<EventFd>>,
     tap_registered: bool,
     fds_gen: Option<u64>,
     tap_buf: Vec<u8>,
@@ -123,7 +122,7 @@ impl Worker {
             pair,
             tap,
             epoll,
-            kicks: [None, None],
+            kicks: Vec::new(),
             tap_registered: false,
             fds_gen: None,
             tap_buf: Vec::new(),
@@ -145,8 +144,7 @@ impl Worker {
             for ev in &events[..n] {
                 match ev.data() {
                     TOKEN_WAKE => drain(&self.pair.wake),
-                    TOKEN_RX_KICK => self.kicks[0].iter().for_each(|k| drain(k)),
-                    TOKEN_TX_KICK => self.kicks[1].iter().for_each(|k| drain(k)),
+                    TOKEN_KICK => self.kicks.iter().for_each(|k| drain(k)),
                     _ => {}
                 }
             }
@@ -167,43 +165,47 @@ impl Worker {
         }
     }
 
+    /// Watches exactly the pair's kick eventfds. A relay may give both queues
+    /// the same eventfd; it is watched once (every wake processes both rings).
     fn sync_kicks(&mut self, st: &PairState) {
         if self.fds_gen == Some(st.fds_gen) {
             return;
         }
         self.fds_gen = Some(st.fds_gen);
-        for (slot, (want, token)) in [(&st.rx.kick, TOKEN_RX_KICK), (&st.tx.kick, TOKEN_TX_KICK)]
-            .into_iter()
-            .enumerate()
-        {
-            let same = match (&self.kicks[slot], want) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                (None, None) => true,
-                _ => false,
-            };
-            if same {
+        let mut want: Vec<Arc<EventFd>> = Vec::with_capacity(2);
+        for k in [&st.rx.kick, &st.tx.kick].into_iter().flatten() {
+            if !want.iter().any(|w| w.as_raw_fd() == k.as_raw_fd()) {
+                want.push(Arc::clone(k));
+            }
+        }
+        self.kicks.retain(|old| {
+            if want.iter().any(|w| Arc::ptr_eq(w, old)) {
+                return true;
+            }
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                old.as_raw_fd(),
+                EpollEvent::default(),
+            );
+            false
+        });
+        for new in want {
+            if self.kicks.iter().any(|k| Arc::ptr_eq(k, &new)) {
                 continue;
             }
-            if let Some(old) = self.kicks[slot].take() {
-                let _ = self.epoll.ctl(
-                    ControlOperation::Delete,
-                    old.as_raw_fd(),
-                    EpollEvent::default(),
-                );
-            }
-            if let Some(new) = want {
-                match self.epoll.ctl(
-                    ControlOperation::Add,
-                    new.as_raw_fd(),
-                    EpollEvent::new(EventSet::IN, token),
-                ) {
-                    Ok(()) => self.kicks[slot] = Some(Arc::clone(new)),
-                    Err(e) => log::error!(
-                        target: "sim",
-                        "queue {}: cannot watch kick eventfd: {e}",
-                        if slot == 0 { st.rx.index } else { st.tx.index }
-                    ),
-                }
+            match self.epoll.ctl(
+                ControlOperation::Add,
+                new.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_KICK),
+            ) {
+                Ok(()) => self.kicks.push(new),
+                Err(e) => log::error!(
+                    target: "sim",
+                    "queues {}/{}: cannot watch kick eventfd {}: {e}",
+                    st.rx.index,
+                    st.tx.index,
+                    new.as_raw_fd()
+                ),
             }
         }
     }
