@@ -2,15 +2,39 @@
 //! IOTLB exactly as a vDPA device does.
 //!
 //! - Loopback ([`SimMode::Loopback`]): every packet sent on TX queue 2k+1 is
-//!   received on RX queue 2k, like the kernel's vdpa_sim_net. TX waits while
-//!   RX has no buffers (backpressure, never loss).
-//! - TAP ([`SimMode::Tap`]): TX goes to a host tap interface, the tap's
-//!   packets go to RX.
+//!   received on RX queue 2k, like the kernel's vdpa_sim_net. TX waits (its
+//!   chain stays in the avail ring) while RX has no room: backpressure, never
+//!   loss. Without MRG_RXBUF a packet larger than one RX chain is dropped and
+//!   counted ([`SimQueueStats::dropped`]); the RX chain is left for the next one.
+//! - TAP ([`SimMode::Tap`]): TX goes to a host tap interface (IFF_VNET_HDR,
+//!   12-byte header, no offloads), the tap's packets go to RX; the tap is not
+//!   read while RX has no buffers.
 //!
-//! One worker thread per queue pair. Rings are processed only while the
-//! device status has DRIVER_OK, the queue is enabled, its addresses are set
-//! and the device is not suspended (as with vDPA hardware). A malformed ring
-//! stops only its own queue (see [`SimQueueStats::broken`]).
+//! Behaviour a relay can rely on:
+//! - Ring addresses are IOVAs; only memory given to `dma_map` is reachable.
+//!   Once `dma_unmap` returns, no worker touches that memory any more.
+//! - A ring is processed only while the status has DRIVER_OK, the queue is
+//!   enabled and has addresses, and the device is not suspended (as with vDPA
+//!   hardware). Enabling a queue, setting DRIVER_OK and `resume` each process
+//!   the rings once without waiting for a kick.
+//! - Between control operations nothing is in flight inside the device: every
+//!   chain taken from an avail ring is completed before the worker lets go of
+//!   the pair. So after `suspend` (or with the queue disabled) `vring_base` is
+//!   both the next avail index and the published used index.
+//! - Ring layout (num, addresses, base) cannot change under a running queue;
+//!   re-sending identical values is accepted.
+//! - `set_status(0)` resets features and ring state (`vring_base` reads 0
+//!   afterwards: read it before resetting) but keeps IOVA mappings and the
+//!   kick/call eventfds.
+//! - A malformed ring (descriptor loop, bad index, buffer or ring outside the
+//!   IOTLB, write into a read-only mapping, avail index running ahead) stops
+//!   only its own queue: the offending chain is given back (not completed), an
+//!   error is logged with target "sim", and [`SimQueueStats::broken`] is set
+//!   until the queue is reconfigured (num/addr/base set, enable, reset).
+//! - MQ is offered with more than one pair, without CTRL_VQ (no control
+//!   queue): all pairs run. IN_ORDER is never offered.
+//!
+//! One worker thread per queue pair; dropping [`SimNet`] stops and joins them.
 
 mod chain;
 mod config;
