@@ -622,3 +622,21 @@ fn unconfigured_queues_stay_idle_and_threads_stop_on_drop() {
     }
     drop(sim);
 }
+
+#[test]
+fn a_queue_enabled_before_its_addresses_starts_when_they_arrive() {
+    let mut rig = Rig::new(1, F_VERSION_1, 64);
+    rig.sim.set_status(0).unwrap();
+    rig.sim.set_features(F_VERSION_1).unwrap();
+    rig.sim.set_status(15).unwrap();
+    for q in 0..2 {
+        rig.queues[q].renew();
+        rig.sim.set_vring_enable(q, true).unwrap();
+    }
+    for q in 0..2 {
+        rig.sim.set_vring_num(q, 64).unwrap();
+        rig.sim.set_vring_addr(q, rig.queues[q].addrs()).unwrap();
+        rig.sim.set_vring_base(q, 0).unwrap();
+    }
+    loop_one(&mut rig, RX, TX, 1);
+}

@@ -218,10 +218,11 @@ fn vq_mut(st: &mut PairState, tx: bool) -> &mut Vq {
     }
 }
 
-/// The queue is being processed right now; its ring layout may not change.
+/// The worker may be processing the queue right now, so its ring layout may
+/// not change. A queue without addresses or a broken one is not processed.
 fn active(st: &PairState, tx: bool) -> bool {
     let vq = if tx { &st.tx } else { &st.rx };
-    st.driver_ok && !st.suspended && vq.enabled
+    st.driver_ok && !st.suspended && vq.enabled && vq.addrs.is_some() && !vq.broken
 }
 
 const BUSY: &str = "the queue is running (disable it or suspend the device first)";
