@@ -500,7 +500,7 @@ fn unmapped_rx_buffer_breaks_rx_and_holds_tx() {
 }
 
 #[test]
-fn rings_outside_the_iotlb_break_the_queue() {
+fn rings_outside_the_iotlb_hold_the_queue_until_mapped() {
     let mut rig = Rig::new(2, F_VERSION_1 | F_MQ, 64);
     rig.sim.set_vring_enable(TX, false).unwrap();
     rig.sim
@@ -523,6 +523,21 @@ fn rings_outside_the_iotlb_break_the_queue() {
         std::thread::sleep(Duration::from_millis(1));
     }
     loop_one(&mut rig, 2, 3, 3);
+    // Mapping the ring areas later releases the queue (an empty ring: idle).
+    let low = memfd_region(0x10000);
+    rig.sim
+        .dma_map(DmaRegion {
+            iova: 0,
+            memory: low,
+            readonly: false,
+        })
+        .unwrap();
+    while rig.sim.queue_stats(TX).unwrap().broken {
+        assert!(std::time::Instant::now() < deadline, "TX never released");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(rig.sim.vring_base(TX).unwrap(), 0);
+    assert_eq!(rig.sim.queue_stats(TX).unwrap().errors, 1, "counted once");
 }
 
 #[test]

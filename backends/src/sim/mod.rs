@@ -26,11 +26,13 @@
 //! - `set_status(0)` resets features and ring state (`vring_base` reads 0
 //!   afterwards: read it before resetting) but keeps IOVA mappings and the
 //!   kick/call eventfds.
-//! - A malformed ring (descriptor loop, bad index, buffer or ring outside the
-//!   IOTLB, write into a read-only mapping, avail index running ahead) stops
-//!   only its own queue: the offending chain is given back (not completed), an
-//!   error is logged with target "sim", and [`SimQueueStats::broken`] is set
-//!   until the queue is reconfigured (num/addr/base set, enable, reset).
+//! - A malformed ring (descriptor loop, bad index, buffer outside the IOTLB,
+//!   write into a read-only mapping, avail index running ahead) stops only its
+//!   own queue: the offending chain is given back (not completed), an error is
+//!   logged with target "sim", and [`SimQueueStats::broken`] is set until the
+//!   queue is reconfigured (num/addr/base set, enable, reset). Ring areas
+//!   outside the IOTLB hold the queue the same way, but only until a dma_map
+//!   makes them reachable.
 //! - MQ is offered with more than one pair, without CTRL_VQ (no control
 //!   queue): all pairs run. IN_ORDER is never offered.
 //!

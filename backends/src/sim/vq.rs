@@ -73,6 +73,8 @@ pub(crate) struct Vq {
     pub(crate) call: Option<Arc<EventFd>>,
     pub(crate) enabled: bool,
     pub(crate) broken: bool,
+    /// The ring areas were found outside the IOTLB (see `ready`).
+    rings_unmapped: bool,
     /// Used entries were added since the driver was last considered for an
     /// interrupt.
     pub(crate) added: bool,
@@ -89,6 +91,7 @@ impl Vq {
             call: None,
             enabled: false,
             broken: false,
+            rings_unmapped: false,
             added: false,
             counters,
         })
@@ -106,6 +109,9 @@ impl Vq {
 
     pub(crate) fn set_broken(&mut self, broken: bool) {
         self.broken = broken;
+        if !broken {
+            self.rings_unmapped = false;
+        }
         self.counters.broken.store(broken, Ordering::Relaxed);
     }
 
@@ -118,8 +124,10 @@ impl Vq {
         self.set_broken(true);
     }
 
-    /// Queue is configured and its ring areas are inside the IOTLB. A ring
-    /// that is not marks the queue broken.
+    /// Queue is configured and its ring areas are inside the IOTLB. Rings
+    /// outside the IOTLB hold the queue (reported as broken, counted once)
+    /// until a later dma_map makes them reachable: mapping order is the
+    /// relay's business, and nothing was taken from the ring yet.
     pub(crate) fn ready(&mut self, view: &IotlbView) -> bool {
         if !self.enabled || self.broken || self.addrs.is_none() {
             return false;
@@ -128,19 +136,33 @@ impl Vq {
         let desc = self.queue.desc_table();
         let avail = self.queue.avail_ring();
         let used = self.queue.used_ring();
-        if !view.readable(desc, 16 * size) {
-            self.break_queue(&format_args!("descriptor table {desc:#x} is not mapped"));
-            return false;
+        let problem = if !view.readable(desc, 16 * size) {
+            Some(("descriptor table", desc))
+        } else if !view.readable(avail, 6 + 2 * size) {
+            Some(("avail ring", avail))
+        } else if !view.writable(used, 6 + 8 * size) {
+            Some(("used ring", used))
+        } else {
+            None
+        };
+        match problem {
+            Some((what, addr)) => {
+                if !self.rings_unmapped {
+                    log::error!(target: "sim", "queue {}: {what} at IOVA {addr:#x} is not mapped (writable); queue held until it is", self.index);
+                    self.counters.error();
+                    self.rings_unmapped = true;
+                    self.counters.broken.store(true, Ordering::Relaxed);
+                }
+                false
+            }
+            None => {
+                if self.rings_unmapped {
+                    self.rings_unmapped = false;
+                    self.counters.broken.store(false, Ordering::Relaxed);
+                }
+                true
+            }
         }
-        if !view.readable(avail, 6 + 2 * size) {
-            self.break_queue(&format_args!("avail ring {avail:#x} is not mapped"));
-            return false;
-        }
-        if !view.writable(used, 6 + 8 * size) {
-            self.break_queue(&format_args!("used ring {used:#x} is not mapped writable"));
-            return false;
-        }
-        true
     }
 
     /// Interrupts the driver for the used entries added since the last call,
