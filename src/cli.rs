@@ -1,0 +1,359 @@
+//! Command line: clap parses [`Args`]; [`Config`] is the validated form the
+//! rest of the daemon uses. Every check that can fail on user input lives in
+//! `TryFrom<Args>` so a bad argument is one error line and exit code 2.
+
+use std::os::unix::io::RawFd;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// vhost-user virtio-net relay with shadow virtqueues.
+#[derive(Parser, Debug, Clone, Default)]
+#[command(name = "svq-relay", version, about)]
+pub struct Args {
+    /// Unix socket the VMM connects to (or, with --client, the VMM's socket).
+    #[arg(long, value_name = "PATH")]
+    pub socket_path: Option<PathBuf>,
+    /// Inherited listening socket file descriptor.
+    #[arg(long, value_name = "N")]
+    pub fd: Option<i64>,
+    /// Connect to a VMM that listens on --socket-path (and reconnect).
+    #[arg(long)]
+    pub client: bool,
+    /// Device backend: sim | sim:loopback | tap:IFNAME.
+    #[arg(long, value_name = "SPEC", default_value = "sim")]
+    pub backend: String,
+    /// Device id used by QMP.
+    #[arg(long, value_name = "ID", default_value = "net0")]
+    pub name: String,
+    /// QMP Unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub qmp: Option<PathBuf>,
+    /// Number of queue pairs (1..=16).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub queues: u32,
+    /// Largest ring size (power of two, 64..=32768).
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub queue_size: u32,
+    /// Shadow virtqueue policy: off | on | auto.
+    #[arg(long, value_name = "MODE", default_value = "auto")]
+    pub shadow: String,
+    /// Print the vhost-user backend capabilities as JSON and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+    /// error | warn | info | debug | trace (RUST_LOG is honoured too).
+    #[arg(long, value_name = "LEVEL", default_value = "warn")]
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// Bind and listen on this path (or connect to it with `client`).
+    Path { path: PathBuf, client: bool },
+    /// An inherited listening socket.
+    Fd(RawFd),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendSpec {
+    SimLoopback,
+    Tap(String),
+}
+
+impl BackendSpec {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BackendSpec::SimLoopback => "sim",
+            BackendSpec::Tap(_) => "tap",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShadowPolicy {
+    Off,
+    On,
+    /// Switch on dirty logging; until migration support exists it behaves like
+    /// `Off`.
+    Auto,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunConfig {
+    pub listen: Listen,
+    pub backend: BackendSpec,
+    pub name: String,
+    pub qmp: Option<PathBuf>,
+    pub queue_pairs: u16,
+    pub queue_size: u16,
+    pub shadow: ShadowPolicy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    PrintCapabilities,
+    Run(RunConfig),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub command: Command,
+    pub log_level: log::LevelFilter,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("exactly one of --socket-path and --fd is required")]
+    ListenChoice,
+    #[error("--client needs --socket-path (it cannot be used with --fd)")]
+    ClientNeedsPath,
+    #[error("--fd {0}: not a valid file descriptor number")]
+    BadFd(i64),
+    #[error("--backend {0}: not supported yet")]
+    BackendNotSupported(String),
+    #[error("--backend {0}: unknown backend (expected sim, sim:loopback or tap:IFNAME)")]
+    BadBackend(String),
+    #[error("--backend {0}: tap interface name must be 1..=15 bytes without '/' or spaces")]
+    BadTapName(String),
+    #[error("--name must not be empty")]
+    EmptyName,
+    #[error("--queues {0}: must be 1..=16")]
+    BadQueues(u32),
+    #[error("--queue-size {0}: must be a power of two in 64..=32768")]
+    BadQueueSize(u32),
+    #[error("--shadow {0}: expected off, on or auto")]
+    BadShadow(String),
+    #[error("--log-level {0}: expected error, warn, info, debug or trace")]
+    BadLogLevel(String),
+}
+
+fn parse_backend(spec: &str) -> Result<BackendSpec, ConfigError> {
+    match spec {
+        "sim" | "sim:loopback" => return Ok(BackendSpec::SimLoopback),
+        _ => {}
+    }
+    if let Some(ifname) = spec.strip_prefix("tap:") {
+        let valid = !ifname.is_empty()
+            && ifname.len() < libc::IFNAMSIZ
+            && !ifname.contains(['/', ' ', '\0'])
+            && ifname != "."
+            && ifname != "..";
+        return if valid {
+            Ok(BackendSpec::Tap(ifname.to_string()))
+        } else {
+            Err(ConfigError::BadTapName(spec.to_string()))
+        };
+    }
+    if spec.starts_with("vhost-user:") || spec.starts_with("vdpa:") {
+        return Err(ConfigError::BackendNotSupported(spec.to_string()));
+    }
+    Err(ConfigError::BadBackend(spec.to_string()))
+}
+
+impl TryFrom<Args> for Config {
+    type Error = ConfigError;
+
+    fn try_from(args: Args) -> Result<Self, ConfigError> {
+        let log_level = match args.log_level.as_str() {
+            "error" => log::LevelFilter::Error,
+            "warn" => log::LevelFilter::Warn,
+            "info" => log::LevelFilter::Info,
+            "debug" => log::LevelFilter::Debug,
+            "trace" => log::LevelFilter::Trace,
+            other => return Err(ConfigError::BadLogLevel(other.to_string())),
+        };
+        if args.print_capabilities {
+            return Ok(Config {
+                command: Command::PrintCapabilities,
+                log_level,
+            });
+        }
+        let listen = match (args.socket_path, args.fd) {
+            (Some(path), None) => Listen::Path {
+                path,
+                client: args.client,
+            },
+            (None, Some(fd)) => {
+                if args.client {
+                    return Err(ConfigError::ClientNeedsPath);
+                }
+                let fd = RawFd::try_from(fd).map_err(|_| ConfigError::BadFd(fd))?;
+                if fd < 0 {
+                    return Err(ConfigError::BadFd(fd.into()));
+                }
+                Listen::Fd(fd)
+            }
+            (None, None) if args.client => return Err(ConfigError::ClientNeedsPath),
+            _ => return Err(ConfigError::ListenChoice),
+        };
+        let backend = parse_backend(&args.backend)?;
+        if args.name.is_empty() {
+            return Err(ConfigError::EmptyName);
+        }
+        if !(1..=16).contains(&args.queues) {
+            return Err(ConfigError::BadQueues(args.queues));
+        }
+        if !(64..=32768).contains(&args.queue_size) || !args.queue_size.is_power_of_two() {
+            return Err(ConfigError::BadQueueSize(args.queue_size));
+        }
+        let shadow = match args.shadow.as_str() {
+            "off" => ShadowPolicy::Off,
+            "on" => ShadowPolicy::On,
+            "auto" => ShadowPolicy::Auto,
+            other => return Err(ConfigError::BadShadow(other.to_string())),
+        };
+        Ok(Config {
+            command: Command::Run(RunConfig {
+                listen,
+                backend,
+                name: args.name,
+                qmp: args.qmp,
+                // Both checked above to fit.
+                queue_pairs: args.queues as u16,
+                queue_size: args.queue_size as u16,
+                shadow,
+            }),
+            log_level,
+        })
+    }
+}
+
+/// `--print-capabilities` output (vhost-user backend program conventions).
+pub fn capabilities_json() -> String {
+    serde_json::json!({ "type": "net" }).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(argv: &[&str]) -> Result<Config, ConfigError> {
+        let mut full = vec!["svq-relay"];
+        full.extend_from_slice(argv);
+        Config::try_from(Args::try_parse_from(full).expect("clap accepts"))
+    }
+
+    fn run(argv: &[&str]) -> RunConfig {
+        match parse(argv).unwrap().command {
+            Command::Run(r) => r,
+            Command::PrintCapabilities => panic!("expected run"),
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let r = run(&["--socket-path", "/tmp/x.sock"]);
+        assert_eq!(
+            r,
+            RunConfig {
+                listen: Listen::Path {
+                    path: "/tmp/x.sock".into(),
+                    client: false
+                },
+                backend: BackendSpec::SimLoopback,
+                name: "net0".into(),
+                qmp: None,
+                queue_pairs: 1,
+                queue_size: 1024,
+                shadow: ShadowPolicy::Auto,
+            }
+        );
+        assert_eq!(
+            parse(&["--socket-path", "/x"]).unwrap().log_level,
+            log::LevelFilter::Warn
+        );
+    }
+
+    #[test]
+    fn all_options() {
+        let r = run(&[
+            "--socket-path",
+            "/s",
+            "--client",
+            "--backend",
+            "tap:tap0",
+            "--name",
+            "eth1",
+            "--qmp",
+            "/q",
+            "--queues",
+            "16",
+            "--queue-size",
+            "64",
+            "--shadow",
+            "on",
+        ]);
+        assert_eq!(
+            r.listen,
+            Listen::Path {
+                path: "/s".into(),
+                client: true
+            }
+        );
+        assert_eq!(r.backend, BackendSpec::Tap("tap0".into()));
+        assert_eq!(r.name, "eth1");
+        assert_eq!(r.qmp, Some("/q".into()));
+        assert_eq!((r.queue_pairs, r.queue_size), (16, 64));
+        assert_eq!(r.shadow, ShadowPolicy::On);
+        assert_eq!(run(&["--fd", "3"]).listen, Listen::Fd(3));
+        assert_eq!(
+            run(&["--fd", "3", "--backend", "sim:loopback"]).backend,
+            BackendSpec::SimLoopback
+        );
+    }
+
+    #[test]
+    fn errors() {
+        use ConfigError::*;
+        assert_eq!(parse(&[]), Err(ListenChoice));
+        assert_eq!(
+            parse(&["--socket-path", "/a", "--fd", "3"]),
+            Err(ListenChoice)
+        );
+        assert_eq!(parse(&["--fd", "3", "--client"]), Err(ClientNeedsPath));
+        assert_eq!(parse(&["--client"]), Err(ClientNeedsPath));
+        assert_eq!(parse(&["--fd=-1"]), Err(BadFd(-1)));
+        assert_eq!(parse(&["--fd", "99999999999"]), Err(BadFd(99999999999)));
+        let p = |extra: &[&str]| {
+            let mut v = vec!["--socket-path", "/a"];
+            v.extend_from_slice(extra);
+            parse(&v)
+        };
+        assert_eq!(p(&["--queues", "0"]), Err(BadQueues(0)));
+        assert_eq!(p(&["--queues", "17"]), Err(BadQueues(17)));
+        assert_eq!(p(&["--queue-size", "100"]), Err(BadQueueSize(100)));
+        assert_eq!(p(&["--queue-size", "32"]), Err(BadQueueSize(32)));
+        assert_eq!(p(&["--queue-size", "65536"]), Err(BadQueueSize(65536)));
+        assert_eq!(p(&["--shadow", "maybe"]), Err(BadShadow("maybe".into())));
+        assert_eq!(p(&["--log-level", "loud"]), Err(BadLogLevel("loud".into())));
+        assert_eq!(p(&["--name", ""]), Err(EmptyName));
+        assert_eq!(
+            p(&["--backend", "vdpa:/dev/vhost-vdpa-0"]),
+            Err(BackendNotSupported("vdpa:/dev/vhost-vdpa-0".into()))
+        );
+        assert_eq!(
+            p(&["--backend", "vhost-user:/x"]),
+            Err(BackendNotSupported("vhost-user:/x".into()))
+        );
+        assert_eq!(p(&["--backend", "foo"]), Err(BadBackend("foo".into())));
+        assert_eq!(p(&["--backend", "tap:"]), Err(BadTapName("tap:".into())));
+        assert_eq!(
+            p(&["--backend", "tap:a/b"]),
+            Err(BadTapName("tap:a/b".into()))
+        );
+        assert_eq!(
+            p(&["--backend", "tap:0123456789abcdef"]),
+            Err(BadTapName("tap:0123456789abcdef".into()))
+        );
+    }
+
+    #[test]
+    fn print_capabilities_needs_no_socket() {
+        assert_eq!(
+            parse(&["--print-capabilities"]).unwrap().command,
+            Command::PrintCapabilities
+        );
+        let v: serde_json::Value = serde_json::from_str(&capabilities_json()).unwrap();
+        assert_eq!(v, serde_json::json!({"type": "net"}));
+    }
+}

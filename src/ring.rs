@@ -1,0 +1,371 @@
+//! Starting and stopping one ring, in passthrough (the device works on the
+//! guest ring with the guest's eventfds) or shadow (an SVQ relays the guest
+//! ring to a shadow ring the device works on, with the daemon's eventfds).
+
+use std::sync::Arc;
+
+use backends::{DmaRegion, VringAddrs};
+use iova::AddrSpace;
+use svq::{GuestRing, NoDirtyLog, RingIndexes, ShadowVirtqueue, SvqConfig};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::device::{Device, DeviceError, Result, Running, ShadowRes, LOG};
+use crate::worker::Attach;
+
+/// Byte sizes of the three parts of a split ring of `num` entries (with the
+/// event-index fields).
+pub(crate) fn ring_sizes(num: u16) -> (u64, u64, u64) {
+    let n = u64::from(num);
+    (16 * n, 6 + 2 * n, 6 + 8 * n)
+}
+
+/// virtio status bits the backend gets when the first ring starts.
+const STATUS_DRIVER_OK: u8 = 1 | 2 | 8 | 4; // ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK
+
+impl Device {
+    /// The ring has everything it needs and the VMM wants it running.
+    pub(crate) fn ring_ready(&self, q: usize) -> bool {
+        let v = &self.vrings[q];
+        let enabled = if self.protocol_negotiated() {
+            v.enabled
+        } else {
+            true
+        };
+        !v.running.is_running()
+            && v.num > 0
+            && v.addrs.is_some()
+            && v.kick.is_some()
+            && enabled
+            && self.acked_features.is_some()
+            && !self.mem.is_empty()
+    }
+
+    /// Start ring `q` in the device's current mode if it is ready.
+    pub(crate) fn try_start(&mut self, q: usize) -> Result<()> {
+        if !self.ring_ready(q) {
+            return Ok(());
+        }
+        self.check_ring_memory(q)?;
+        if !self.is_started() {
+            self.push_backend_features()?;
+        }
+        let (avail, used) = (self.vrings[q].base, self.vrings[q].used_base);
+        let res = if self.shadow {
+            self.start_shadow(q, RingIndexes { avail, used })
+        } else {
+            self.start_passthrough(q, avail)
+        };
+        if res.is_ok() && self.backend.status() & 4 == 0 {
+            self.backend.set_status(STATUS_DRIVER_OK)?;
+        }
+        res
+    }
+
+    /// Each part of the ring must lie inside guest memory (checked again at
+    /// start: the memory table may have changed since SET_VRING_ADDR).
+    pub(crate) fn check_ring_memory(&self, q: usize) -> Result<()> {
+        let v = &self.vrings[q];
+        let Some(a) = v.addrs else {
+            return Ok(());
+        };
+        let (dl, al, ul) = ring_sizes(v.num);
+        for (what, gpa, len) in [
+            ("descriptor", a.desc, dl),
+            ("avail", a.avail, al),
+            ("used", a.used, ul),
+        ] {
+            if !self.mem.contains_gpa(gpa, len) {
+                return Err(DeviceError::RingOutside {
+                    queue: q,
+                    what,
+                    gpa,
+                    len,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn guest_ring_iovas(&self, q: usize) -> Result<VringAddrs> {
+        let v = &self.vrings[q];
+        let a = v.addrs.ok_or(DeviceError::NoMemTable { queue: q })?;
+        let (dl, al, ul) = ring_sizes(v.num);
+        Ok(VringAddrs {
+            desc: self
+                .tree
+                .translate_contiguous(AddrSpace::Guest, a.desc, dl)?,
+            avail: self
+                .tree
+                .translate_contiguous(AddrSpace::Guest, a.avail, al)?,
+            used: self
+                .tree
+                .translate_contiguous(AddrSpace::Guest, a.used, ul)?,
+        })
+    }
+
+    /// The device takes the guest ring and eventfds directly.
+    pub(crate) fn start_passthrough(&mut self, q: usize, avail: u16) -> Result<()> {
+        let addrs = self.guest_ring_iovas(q)?;
+        let v = &self.vrings[q];
+        let kick = v.kick.clone().ok_or(DeviceError::NotStarted)?;
+        let call = v.call.clone();
+        let num = v.num;
+        let res = (|| -> Result<()> {
+            self.backend.set_vring_num(q, num)?;
+            self.backend.set_vring_addr(q, addrs)?;
+            self.backend.set_vring_base(q, avail)?;
+            self.backend.set_vring_kick(q, kick)?;
+            self.backend.set_vring_call(q, call)?;
+            self.backend.set_vring_enable(q, true)?;
+            Ok(())
+        })();
+        match res {
+            Ok(()) => {
+                self.vrings[q].running = Running::Passthrough;
+                log::debug!(target: LOG, "{}: queue {q} started in passthrough at {avail}", self.name);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.backend.set_vring_enable(q, false);
+                Err(e)
+            }
+        }
+    }
+
+    /// An SVQ relays the guest ring; the device gets the shadow ring at base 0
+    /// and the daemon's own eventfds.
+    pub(crate) fn start_shadow(&mut self, q: usize, idx: RingIndexes) -> Result<()> {
+        let v = &self.vrings[q];
+        let a = v.addrs.ok_or(DeviceError::NoMemTable { queue: q })?;
+        let guest_kick = v.kick.clone().ok_or(DeviceError::NotStarted)?;
+        let guest_call = v.call.clone();
+        let num = v.num;
+        let shadow_size = num.min(self.backend.max_queue_size());
+        let svq_err = |source| DeviceError::Svq { queue: q, source };
+        let svq = ShadowVirtqueue::new(
+            SvqConfig {
+                queue_size: num,
+                shadow_size,
+                guest_features: self.acked_features.unwrap_or(0),
+                device_features: self.device_features(),
+            },
+            GuestRing {
+                desc: a.desc,
+                avail: a.avail,
+                used: a.used,
+                used_log: a.log,
+            },
+            idx,
+        )
+        .map_err(svq_err)?;
+        let mem = svq.shadow_memory();
+        let hva = mem.as_ptr() as u64;
+        let size = mem.size() as u64;
+        let mapping = self.tree.map(AddrSpace::Host, hva, size)?;
+        if let Err(e) = self.backend.dma_map(DmaRegion {
+            iova: mapping.iova,
+            memory: mem.clone(),
+            readonly: false,
+        }) {
+            let _ = self.tree.unmap(AddrSpace::Host, hva);
+            return Err(e.into());
+        }
+        let res = ShadowRes {
+            mem,
+            hva,
+            iova: mapping.iova,
+            dev_kick: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(backends::BackendError::Io)?),
+            dev_call: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(backends::BackendError::Io)?),
+        };
+        let r = self.program_shadow(q, &svq, shadow_size, &res);
+        let r = r.and_then(|()| {
+            self.workers[q / 2]
+                .attach(Attach {
+                    queue: q,
+                    svq: Box::new(svq),
+                    guest_kick,
+                    guest_call,
+                    dev_kick: res.dev_kick.clone(),
+                    dev_call: res.dev_call.clone(),
+                    mem: self.guest_mem.clone(),
+                    tree: self.tree_snapshot(),
+                    stats: self.stats[q].clone(),
+                })
+                .map_err(DeviceError::from)
+        });
+        match r {
+            Ok(()) => {
+                log::debug!(target: LOG, "{}: queue {q} started in shadow at {}/{}", self.name, idx.avail, idx.used);
+                self.vrings[q].running = Running::Shadow(res);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.backend.set_vring_enable(q, false);
+                self.unmap_shadow(&res);
+                Err(e)
+            }
+        }
+    }
+
+    fn program_shadow(
+        &mut self,
+        q: usize,
+        svq: &ShadowVirtqueue,
+        shadow_size: u16,
+        res: &ShadowRes,
+    ) -> Result<()> {
+        let h = svq.shadow_ring_hva();
+        let (dl, al, ul) = ring_sizes(shadow_size);
+        let addrs = VringAddrs {
+            desc: self
+                .tree
+                .translate_contiguous(AddrSpace::Host, h.desc, dl)?,
+            avail: self
+                .tree
+                .translate_contiguous(AddrSpace::Host, h.avail, al)?,
+            used: self
+                .tree
+                .translate_contiguous(AddrSpace::Host, h.used, ul)?,
+        };
+        self.backend.set_vring_num(q, shadow_size)?;
+        self.backend.set_vring_addr(q, addrs)?;
+        self.backend.set_vring_base(q, 0)?;
+        self.backend.set_vring_kick(q, res.dev_kick.clone())?;
+        self.backend.set_vring_call(q, Some(res.dev_call.clone()))?;
+        self.backend.set_vring_enable(q, true)?;
+        Ok(())
+    }
+
+    fn unmap_shadow(&mut self, res: &ShadowRes) {
+        if let Err(e) = self.backend.dma_unmap(res.iova, res.mem.size() as u64) {
+            log::warn!(target: LOG, "{}: unmapping shadow memory: {e}", self.name);
+        }
+        if let Err(e) = self.tree.unmap(AddrSpace::Host, res.hva) {
+            log::warn!(target: LOG, "{}: unmapping shadow memory: {e}", self.name);
+        }
+    }
+
+    /// Take a shadowed queue back from its worker once the device no longer
+    /// processes it (suspended, or the queue disabled): complete what the
+    /// device used, stop the SVQ at the device's position, release the shadow
+    /// memory. Returns the guest ring indexes to continue from.
+    pub(crate) fn take_shadow(&mut self, q: usize) -> RingIndexes {
+        let Running::Shadow(res) = std::mem::replace(&mut self.vrings[q].running, Running::Stopped)
+        else {
+            let v = &self.vrings[q];
+            return RingIndexes {
+                avail: v.base,
+                used: v.used_base,
+            };
+        };
+        let fallback = {
+            let s = self.stats[q].snapshot();
+            RingIndexes {
+                avail: s.avail_idx,
+                used: s.used_idx,
+            }
+        };
+        let idx = match self.workers[q / 2].detach(q) {
+            Ok(mut svq) => self.finish_svq(q, &mut svq).unwrap_or_else(|e| {
+                log::error!(target: LOG, "{}: {e}", self.name);
+                let s = svq.stats();
+                RingIndexes {
+                    avail: s.guest_avail_idx,
+                    used: s.guest_used_idx,
+                }
+            }),
+            Err(e) => {
+                log::error!(target: LOG, "{}: queue {q}: {e}", self.name);
+                fallback
+            }
+        };
+        self.unmap_shadow(&res);
+        self.stats[q].set_indexes(idx.avail, idx.used);
+        idx
+    }
+
+    fn finish_svq(&mut self, q: usize, svq: &mut ShadowVirtqueue) -> Result<RingIndexes> {
+        let mem = self.guest_mem.clone();
+        let tree = self.tree_snapshot();
+        let svq_err = |source| DeviceError::Svq { queue: q, source };
+        if !svq.is_broken() {
+            // The device is quiescent: one pass picks up every used entry.
+            let out = svq
+                .handle_device_call(&mem, &tree, &NoDirtyLog)
+                .map_err(svq_err)?;
+            if out.notify_guest {
+                if let Some(call) = &self.vrings[q].call {
+                    let _ = call.write(1);
+                }
+            }
+        }
+        let device_base = self.backend.vring_base(q)?;
+        let st = svq.stop(&mem, device_base).map_err(svq_err);
+        self.stats[q].publish(&svq.stats());
+        let st = st?;
+        if !st.in_flight.is_empty() {
+            log::warn!(target: LOG,
+                "{}: queue {q}: {} buffers were taken by the device and never completed",
+                self.name, st.in_flight.len());
+        }
+        Ok(st.indexes)
+    }
+
+    /// Stop ring `q` (GET_VRING_BASE, SET_VRING_ENABLE 0, disconnect):
+    /// the device stops processing it, shadow state is folded back into the
+    /// guest ring. Returns the next avail index; the ring state is kept for
+    /// the next start.
+    pub(crate) fn stop_ring(&mut self, q: usize) -> u16 {
+        let idx = match &self.vrings[q].running {
+            Running::Stopped => {
+                let v = &self.vrings[q];
+                return v.base;
+            }
+            Running::Passthrough => {
+                if let Err(e) = self.backend.set_vring_enable(q, false) {
+                    log::warn!(target: LOG, "{}: queue {q}: disable: {e}", self.name);
+                }
+                self.vrings[q].running = Running::Stopped;
+                match self.backend.vring_base(q) {
+                    Ok(b) => RingIndexes { avail: b, used: b },
+                    Err(e) => {
+                        log::error!(target: LOG, "{}: queue {q}: reading the vring base: {e}", self.name);
+                        let v = &self.vrings[q];
+                        RingIndexes {
+                            avail: v.base,
+                            used: v.used_base,
+                        }
+                    }
+                }
+            }
+            Running::Shadow(_) => {
+                if let Err(e) = self.backend.set_vring_enable(q, false) {
+                    log::warn!(target: LOG, "{}: queue {q}: disable: {e}", self.name);
+                }
+                self.take_shadow(q)
+            }
+        };
+        let v = &mut self.vrings[q];
+        v.base = idx.avail;
+        v.used_base = idx.used;
+        self.stats[q].set_indexes(idx.avail, idx.used);
+        log::debug!(target: LOG, "{}: queue {q} stopped at {}/{}", self.name, idx.avail, idx.used);
+        idx.avail
+    }
+
+    /// Guest ring indexes as they are in guest memory (for query in
+    /// passthrough, where the device owns the ring).
+    pub(crate) fn read_guest_indexes(&self, q: usize) -> Option<(u16, u16)> {
+        let a = self.vrings[q].addrs?;
+        let avail: u16 = self
+            .guest_mem
+            .read_obj(GuestAddress(a.avail.checked_add(2)?))
+            .ok()?;
+        let used: u16 = self
+            .guest_mem
+            .read_obj(GuestAddress(a.used.checked_add(2)?))
+            .ok()?;
+        Some((avail, used))
+    }
+}

@@ -1,0 +1,87 @@
+//! Switching every running queue of a device between passthrough and shadow
+//! while traffic flows (DESIGN.md "Switching modes without losing a buffer").
+//!
+//! Both directions run with the device suspended, so by the backend contract
+//! its vring base is both the next avail index and the used index: nothing is
+//! in flight inside the device while rings change hands. Guest memory stays
+//! mapped in both directions; only ring set-up changes.
+
+use svq::RingIndexes;
+
+use crate::device::{Device, DeviceError, Result, Running, LOG};
+
+impl Device {
+    /// Put every queue in shadow (`true`) or passthrough mode. Returns whether
+    /// anything changed. Queues that are not running start in the new mode
+    /// when the VMM starts them.
+    pub fn set_shadow(&mut self, enable: bool) -> Result<bool> {
+        if !self.is_started() {
+            return Err(DeviceError::NotStarted);
+        }
+        let to_switch: Vec<usize> = (0..self.num_queues())
+            .filter(|&q| match self.vrings[q].running {
+                Running::Stopped => false,
+                Running::Passthrough => enable,
+                Running::Shadow(_) => !enable,
+            })
+            .collect();
+        let changed = self.shadow != enable || !to_switch.is_empty();
+        self.shadow = enable;
+        if to_switch.is_empty() {
+            return Ok(changed);
+        }
+        self.backend.suspend()?;
+        let mut first_err = None;
+        for q in to_switch {
+            let r = if enable {
+                self.passthrough_to_shadow(q)
+            } else {
+                self.shadow_to_passthrough(q)
+            };
+            if let Err(e) = r {
+                log::error!(target: LOG, "{}: queue {q}: switching to {}: {e}",
+                    self.name, if enable { "shadow" } else { "passthrough" });
+                first_err.get_or_insert(e);
+            }
+        }
+        if let Err(e) = self.backend.resume() {
+            log::error!(target: LOG, "{}: resume after switching: {e}", self.name);
+            first_err.get_or_insert(e.into());
+        }
+        match first_err {
+            None => {
+                log::info!(target: LOG, "{}: data path now {}", self.name,
+                    if enable { "shadow" } else { "passthrough" });
+                Ok(true)
+            }
+            Some(e) => Err(e),
+        }
+    }
+
+    fn passthrough_to_shadow(&mut self, q: usize) -> Result<()> {
+        // Suspended: next avail == used idx of the guest ring.
+        let base = self.backend.vring_base(q)?;
+        self.vrings[q].running = Running::Stopped;
+        self.vrings[q].base = base;
+        self.vrings[q].used_base = base;
+        let idx = RingIndexes {
+            avail: base,
+            used: base,
+        };
+        if let Err(e) = self.start_shadow(q, idx) {
+            // Keep the queue alive in the mode it was in.
+            if let Err(e2) = self.start_passthrough(q, base) {
+                log::error!(target: LOG, "{}: queue {q}: restarting passthrough: {e2}", self.name);
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn shadow_to_passthrough(&mut self, q: usize) -> Result<()> {
+        let idx = self.take_shadow(q);
+        self.vrings[q].base = idx.avail;
+        self.vrings[q].used_base = idx.used;
+        self.start_passthrough(q, idx.avail)
+    }
+}

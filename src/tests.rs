@@ -1,0 +1,435 @@
+//! Device-model tests against a fake backend that records every call:
+//! ring start/stop ordering, vhost-user message validation, mode switching.
+#![allow(clippy::needless_range_loop)]
+
+use std::sync::{Arc, Mutex};
+
+use backends::{BackendError, DeviceBackend, DmaRegion, IovaRange, VringAddrs};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::device::{Device, DeviceError, F_PROTOCOL_FEATURES, RELAY_FEATURES};
+use crate::memory::tests::region;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Op {
+    Features(u64),
+    Status(u8),
+    Map(u64, u64),
+    Unmap(u64, u64),
+    Num(usize, u16),
+    Addr(usize, VringAddrs),
+    Base(usize, u16),
+    Kick(usize, i32),
+    Call(usize, Option<i32>),
+    Enable(usize, bool),
+    Suspend,
+    Resume,
+}
+
+#[derive(Default)]
+struct FakeState {
+    ops: Vec<Op>,
+    /// Per queue: what vring_base returns (set_vring_base writes it; tests
+    /// move it to simulate device progress).
+    bases: [u16; 4],
+    status: u8,
+}
+
+#[derive(Clone, Default)]
+struct Fake(Arc<Mutex<FakeState>>);
+
+impl Fake {
+    fn ops(&self) -> Vec<Op> {
+        std::mem::take(&mut self.0.lock().unwrap().ops)
+    }
+    fn push(&self, op: Op) {
+        self.0.lock().unwrap().ops.push(op);
+    }
+    fn set_base(&self, q: usize, b: u16) {
+        self.0.lock().unwrap().bases[q] = b;
+    }
+}
+
+fn fd_of(e: &EventFd) -> i32 {
+    std::os::unix::io::AsRawFd::as_raw_fd(e)
+}
+
+impl DeviceBackend for Fake {
+    fn kind(&self) -> &'static str {
+        "fake"
+    }
+    fn device_features(&self) -> u64 {
+        RELAY_FEATURES | (1 << 35) // IN_ORDER must never be offered
+    }
+    fn set_features(&mut self, f: u64) -> backends::Result<()> {
+        self.push(Op::Features(f));
+        Ok(())
+    }
+    fn num_queues(&self) -> usize {
+        4
+    }
+    fn max_queue_size(&self) -> u16 {
+        256
+    }
+    fn iova_range(&self) -> IovaRange {
+        IovaRange {
+            first: 0,
+            last: (1 << 40) - 1,
+        }
+    }
+    fn config_size(&self) -> usize {
+        12
+    }
+    fn get_config(&self, offset: u32, buf: &mut [u8]) -> backends::Result<()> {
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = offset as u8 + i as u8;
+        }
+        Ok(())
+    }
+    fn set_config(&mut self, _o: u32, _d: &[u8]) -> backends::Result<()> {
+        Ok(())
+    }
+    fn set_status(&mut self, s: u8) -> backends::Result<()> {
+        self.0.lock().unwrap().status = s;
+        self.push(Op::Status(s));
+        Ok(())
+    }
+    fn status(&self) -> u8 {
+        self.0.lock().unwrap().status
+    }
+    fn dma_map(&mut self, r: DmaRegion) -> backends::Result<()> {
+        self.push(Op::Map(r.iova, r.size()));
+        Ok(())
+    }
+    fn dma_unmap(&mut self, iova: u64, size: u64) -> backends::Result<()> {
+        self.push(Op::Unmap(iova, size));
+        Ok(())
+    }
+    fn set_vring_num(&mut self, q: usize, n: u16) -> backends::Result<()> {
+        self.push(Op::Num(q, n));
+        Ok(())
+    }
+    fn set_vring_addr(&mut self, q: usize, a: VringAddrs) -> backends::Result<()> {
+        self.push(Op::Addr(q, a));
+        Ok(())
+    }
+    fn set_vring_base(&mut self, q: usize, b: u16) -> backends::Result<()> {
+        self.set_base(q, b);
+        self.push(Op::Base(q, b));
+        Ok(())
+    }
+    fn vring_base(&mut self, q: usize) -> backends::Result<u16> {
+        Ok(self.0.lock().unwrap().bases[q])
+    }
+    fn set_vring_kick(&mut self, q: usize, fd: Arc<EventFd>) -> backends::Result<()> {
+        self.push(Op::Kick(q, fd_of(&fd)));
+        Ok(())
+    }
+    fn set_vring_call(&mut self, q: usize, fd: Option<Arc<EventFd>>) -> backends::Result<()> {
+        self.push(Op::Call(q, fd.as_deref().map(fd_of)));
+        Ok(())
+    }
+    fn set_vring_enable(&mut self, q: usize, e: bool) -> backends::Result<()> {
+        if q >= 4 {
+            return Err(BackendError::InvalidQueue { index: q, count: 4 });
+        }
+        self.push(Op::Enable(q, e));
+        Ok(())
+    }
+    fn suspend(&mut self) -> backends::Result<()> {
+        self.push(Op::Suspend);
+        Ok(())
+    }
+    fn resume(&mut self) -> backends::Result<()> {
+        self.push(Op::Resume);
+        Ok(())
+    }
+}
+
+const UADDR: u64 = 0x7f00_0000_0000;
+const MEM: u64 = 0x10_0000;
+const DESC: u64 = 0x1000;
+const AVAIL: u64 = 0x2000;
+const USED: u64 = 0x3000;
+
+fn device(shadow: bool) -> (Device, Fake) {
+    let fake = Fake::default();
+    let dev = Device::new("net0", Box::new(fake.clone()), 2, 256, shadow).unwrap();
+    (dev, fake)
+}
+
+fn eventfd() -> EventFd {
+    EventFd::new(EFD_NONBLOCK).unwrap()
+}
+
+/// Negotiate and configure queue `q` up to (not including) the kick.
+fn configure(dev: &mut Device, q: u32, base: u16) {
+    let ring = u64::from(q) * 0x4000;
+    dev.set_vring_num(q, 256).unwrap();
+    dev.set_vring_base(q, base.into()).unwrap();
+    dev.set_vring_addr(
+        q,
+        UADDR + ring + DESC,
+        UADDR + ring + USED,
+        UADDR + ring + AVAIL,
+        None,
+    )
+    .unwrap();
+    // The guest's avail idx agrees with the base (nothing new available).
+    dev.guest_mem
+        .write_obj(base, GuestAddress(ring + AVAIL + 2))
+        .unwrap();
+    dev.guest_mem
+        .write_obj(base, GuestAddress(ring + USED + 2))
+        .unwrap();
+}
+
+fn negotiated(shadow: bool) -> (Device, Fake) {
+    let (mut dev, fake) = device(shadow);
+    let offered = dev.offered_features();
+    assert_eq!(offered & (1 << 35), 0, "IN_ORDER offered");
+    assert_ne!(offered & F_PROTOCOL_FEATURES, 0);
+    dev.set_features(offered).unwrap();
+    dev.set_mem_table(vec![region(0, MEM, UADDR)]).unwrap();
+    (dev, fake)
+}
+
+#[test]
+fn features_and_memory_reach_the_backend() {
+    let (dev, fake) = negotiated(false);
+    let ops = fake.ops();
+    assert_eq!(
+        ops,
+        vec![
+            Op::Features(dev.offered_features() & !F_PROTOCOL_FEATURES),
+            Op::Map(0, MEM)
+        ]
+    );
+}
+
+#[test]
+fn passthrough_start_gives_the_device_the_guest_ring() {
+    let (mut dev, fake) = negotiated(false);
+    configure(&mut dev, 1, 7);
+    let kick = eventfd();
+    let call = eventfd();
+    let (kfd, cfd) = (fd_of(&kick), fd_of(&call));
+    dev.set_vring_call(1, Some(call)).unwrap();
+    dev.set_vring_kick(1, Some(kick)).unwrap();
+    fake.ops();
+    // Protocol features negotiated: the ring waits for SET_VRING_ENABLE.
+    assert!(!dev.is_started());
+    dev.set_vring_enable(1, true).unwrap();
+    assert!(dev.is_started());
+    let ring = 0x4000;
+    assert_eq!(
+        fake.ops(),
+        vec![
+            Op::Num(1, 256),
+            Op::Addr(
+                1,
+                VringAddrs {
+                    desc: ring + DESC,
+                    avail: ring + AVAIL,
+                    used: ring + USED
+                }
+            ),
+            Op::Base(1, 7),
+            Op::Kick(1, kfd),
+            Op::Call(1, Some(cfd)),
+            Op::Enable(1, true),
+            Op::Status(15),
+        ]
+    );
+    // Device progress, then GET_VRING_BASE stops the ring and reports it.
+    fake.set_base(1, 42);
+    assert_eq!(dev.get_vring_base(1).unwrap(), 42);
+    assert_eq!(fake.ops(), vec![Op::Enable(1, false)]);
+    assert!(!dev.is_started());
+    let q = &dev.query()["queues"][1];
+    assert_eq!(
+        (q["avail_idx"].as_u64(), q["enabled"].as_bool()),
+        (Some(42), Some(false))
+    );
+}
+
+#[test]
+fn out_of_order_and_bad_messages_are_errors() {
+    let (mut dev, _fake) = device(false);
+    assert!(matches!(
+        dev.set_vring_addr(0, UADDR, UADDR, UADDR, None),
+        Err(DeviceError::NoMemTable { queue: 0 })
+    ));
+    assert!(matches!(
+        dev.set_vring_num(4, 256),
+        Err(DeviceError::BadQueue { index: 4, count: 4 })
+    ));
+    assert!(matches!(
+        dev.set_vring_kick(200, None),
+        Err(DeviceError::BadQueue { .. })
+    ));
+    assert!(matches!(
+        dev.set_vring_num(0, 100),
+        Err(DeviceError::BadQueueSize { .. })
+    ));
+    assert!(matches!(
+        dev.set_vring_num(0, 512),
+        Err(DeviceError::BadQueueSize { .. })
+    ));
+    assert!(matches!(
+        dev.set_vring_base(0, 70000),
+        Err(DeviceError::BadBase { .. })
+    ));
+    assert!(matches!(
+        dev.set_features(1 << 35),
+        Err(DeviceError::BadFeatures { .. })
+    ));
+    assert!(dev.get_config(8, 8).is_err());
+    assert_eq!(dev.get_config(6, 2).unwrap(), vec![6, 7]);
+    let (mut dev, _fake) = negotiated(false);
+    dev.set_vring_num(0, 256).unwrap();
+    // Used ring runs past the end of guest memory.
+    assert!(matches!(
+        dev.set_vring_addr(0, UADDR, UADDR + MEM - 16, UADDR, None),
+        Err(DeviceError::RingAddr { what: "used", .. })
+    ));
+    assert!(matches!(
+        dev.set_vring_addr(0, 0x1234, UADDR, UADDR, None),
+        Err(DeviceError::RingAddr {
+            what: "descriptor",
+            ..
+        })
+    ));
+    assert!(matches!(dev.set_shadow(true), Err(DeviceError::NotStarted)));
+}
+
+/// Start all four queues; returns the guest (kick, call) fd numbers.
+fn start_all(dev: &mut Device, fake: &Fake) -> Vec<(i32, i32)> {
+    let mut fds = Vec::new();
+    for q in 0..4 {
+        configure(dev, q, 3 + q as u16);
+        let (kick, call) = (eventfd(), eventfd());
+        fds.push((fd_of(&kick), fd_of(&call)));
+        dev.set_vring_call(q as u8, Some(call)).unwrap();
+        dev.set_vring_kick(q as u8, Some(kick)).unwrap();
+        dev.set_vring_enable(q, true).unwrap();
+    }
+    fake.ops();
+    fds
+}
+
+#[test]
+fn switching_suspends_and_swaps_rings_and_eventfds() {
+    let (mut dev, fake) = negotiated(false);
+    let fds = start_all(&mut dev, &fake);
+    assert!(dev.set_shadow(true).unwrap());
+    let ops = fake.ops();
+    assert_eq!(ops.first(), Some(&Op::Suspend));
+    assert_eq!(ops.last(), Some(&Op::Resume));
+    for q in 0..4 {
+        let mine: Vec<&Op> = ops
+            .iter()
+            .filter(|o| match o {
+                Op::Num(x, _)
+                | Op::Addr(x, _)
+                | Op::Base(x, _)
+                | Op::Kick(x, _)
+                | Op::Call(x, _) => *x == q,
+                _ => false,
+            })
+            .collect();
+        assert_eq!(mine[0], &Op::Num(q, 256));
+        // The device starts the shadow ring at 0, with the daemon's eventfds.
+        assert_eq!(mine[2], &Op::Base(q, 0));
+        let Op::Kick(_, k) = mine[3] else { panic!() };
+        assert_ne!(*k, fds[q].0);
+        let Op::Call(_, Some(c)) = mine[4] else {
+            panic!()
+        };
+        assert_ne!(*c, fds[q].1);
+        let Op::Addr(_, a) = mine[1] else { panic!() };
+        // Shadow rings are daemon memory, placed outside guest memory.
+        assert!(a.desc >= MEM);
+    }
+    assert_eq!(ops.iter().filter(|o| matches!(o, Op::Map(..))).count(), 4);
+    let qv = dev.query();
+    assert_eq!(qv["mode"], "shadow");
+    assert_eq!(qv["queues"][2]["mode"], "shadow");
+    assert_eq!(qv["queues"][2]["avail_idx"], 5);
+    // Same mode again: nothing to do.
+    assert!(!dev.set_shadow(true).unwrap());
+    assert!(fake.ops().is_empty());
+
+    // Back: the device gets the guest ring again at the SVQ's avail index.
+    assert!(dev.set_shadow(false).unwrap());
+    let ops = fake.ops();
+    assert_eq!(ops.first(), Some(&Op::Suspend));
+    assert_eq!(ops.last(), Some(&Op::Resume));
+    for q in 0..4 {
+        assert!(ops.contains(&Op::Base(q, 3 + q as u16)), "{ops:?}");
+        assert!(ops.contains(&Op::Kick(q, fds[q].0)));
+        assert!(ops.contains(&Op::Call(q, Some(fds[q].1))));
+    }
+    assert_eq!(ops.iter().filter(|o| matches!(o, Op::Unmap(..))).count(), 4);
+    assert_eq!(dev.query()["queues"][0]["mode"], "passthrough");
+}
+
+#[test]
+fn shadow_start_and_get_vring_base() {
+    let (mut dev, fake) = negotiated(true);
+    let _fds = start_all(&mut dev, &fake);
+    assert_eq!(dev.query()["queues"][3]["mode"], "shadow");
+    // GET_VRING_BASE in shadow: the SVQ's avail index, shadow memory released.
+    assert_eq!(dev.get_vring_base(3).unwrap(), 6);
+    let ops = fake.ops();
+    assert_eq!(ops.first(), Some(&Op::Enable(3, false)));
+    assert!(matches!(ops.last(), Some(Op::Unmap(..))));
+}
+
+#[test]
+fn call_fd_changes_reach_a_running_ring() {
+    let (mut dev, fake) = negotiated(false);
+    let _fds = start_all(&mut dev, &fake);
+    let call = eventfd();
+    let cfd = fd_of(&call);
+    dev.set_vring_call(0, Some(call)).unwrap();
+    assert_eq!(fake.ops(), vec![Op::Call(0, Some(cfd))]);
+    dev.set_vring_call(0, None).unwrap();
+    assert_eq!(fake.ops(), vec![Op::Call(0, None)]);
+}
+
+#[test]
+fn disconnect_stops_rings_and_keeps_indexes() {
+    let (mut dev, fake) = negotiated(false);
+    let _fds = start_all(&mut dev, &fake);
+    fake.set_base(2, 99);
+    dev.disconnect();
+    assert!(!dev.is_started());
+    let ops = fake.ops();
+    assert!(ops.contains(&Op::Enable(2, false)));
+    assert!(ops.contains(&Op::Status(0)));
+    assert!(ops.contains(&Op::Unmap(0, MEM)));
+    assert_eq!(dev.query()["queues"][2]["avail_idx"], 99);
+}
+
+#[test]
+fn memory_table_update_keeps_same_regions_mapped() {
+    let (mut dev, fake) = negotiated(false);
+    fake.ops();
+    let same = dev.mem.regions()[0].clone();
+    let extra = region(0x1000_0000, 0x10000, UADDR + 0x1000_0000);
+    dev.set_mem_table(vec![same.clone(), extra.clone()])
+        .unwrap();
+    assert_eq!(fake.ops(), vec![Op::Map(0x1000_0000, 0x10000)]);
+    dev.remove_mem_region(0x1000_0000, 0x10000).unwrap();
+    assert_eq!(fake.ops(), vec![Op::Unmap(0x1000_0000, 0x10000)]);
+    assert!(dev.remove_mem_region(0x1000_0000, 0x10000).is_err());
+    dev.add_mem_region(extra).unwrap();
+    assert_eq!(fake.ops(), vec![Op::Map(0x1000_0000, 0x10000)]);
+    // New memory at the same GPA (a different file) replaces the old.
+    dev.set_mem_table(vec![region(0, MEM, UADDR)]).unwrap();
+    let ops = fake.ops();
+    assert!(ops.contains(&Op::Unmap(0, MEM)) && ops.contains(&Op::Map(0, MEM)));
+    assert!(ops.contains(&Op::Unmap(0x1000_0000, 0x10000)));
+}

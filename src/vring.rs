@@ -1,0 +1,153 @@
+//! The VMM-facing per-queue operations (what the vhost-user vring messages
+//! do), and what happens when the VMM goes away.
+
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::device::{set_nonblocking, Device, DeviceError, Result, RingGpas, Running, LOG};
+use crate::ring::ring_sizes;
+
+impl Device {
+    pub fn set_vring_num(&mut self, index: u32, num: u32) -> Result<()> {
+        let q = self.check_queue(index.into())?;
+        let max = self.max_queue_size;
+        if num == 0 || num > u32::from(max) || !num.is_power_of_two() {
+            return Err(DeviceError::BadQueueSize { queue: q, num, max });
+        }
+        // Takes effect at the next start (a running ring keeps its size).
+        self.vrings[q].num = num as u16;
+        Ok(())
+    }
+
+    /// Ring addresses arrive as VMM virtual addresses; they are translated
+    /// to GPAs through the memory table now, so a ring outside guest memory
+    /// is refused here.
+    pub fn set_vring_addr(
+        &mut self,
+        index: u32,
+        desc: u64,
+        used: u64,
+        avail: u64,
+        log: Option<u64>,
+    ) -> Result<()> {
+        let q = self.check_queue(index.into())?;
+        if self.mem.is_empty() {
+            return Err(DeviceError::NoMemTable { queue: q });
+        }
+        let (dl, al, ul) = match self.vrings[q].num {
+            0 => (1, 1, 1),
+            n => ring_sizes(n),
+        };
+        let tr = |what, addr, len| {
+            self.mem
+                .vmm_to_gpa(addr, len)
+                .map_err(|source| DeviceError::RingAddr {
+                    queue: q,
+                    what,
+                    source,
+                })
+        };
+        let desc = tr("descriptor", desc, dl)?;
+        let avail = tr("avail", avail, al)?;
+        let used = tr("used", used, ul)?;
+        self.vrings[q].addrs = Some(RingGpas {
+            desc,
+            avail,
+            used,
+            log: log.unwrap_or(used),
+        });
+        if self.vrings[q].running.is_running() {
+            // New addresses for a running ring: restart it on them.
+            self.stop_ring(q);
+            self.try_start(q)?;
+        }
+        Ok(())
+    }
+
+    pub fn set_vring_base(&mut self, index: u32, base: u32) -> Result<()> {
+        let q = self.check_queue(index.into())?;
+        let base16 = u16::try_from(base).map_err(|_| DeviceError::BadBase { queue: q, base })?;
+        if self.vrings[q].running.is_running() {
+            log::warn!(target: LOG, "{}: queue {q}: SET_VRING_BASE on a running ring ignored", self.name);
+            return Ok(());
+        }
+        self.vrings[q].base = base16;
+        self.vrings[q].used_base = base16;
+        self.stats[q].set_indexes(base16, base16);
+        Ok(())
+    }
+
+    /// GET_VRING_BASE: stop the ring and return where the guest ring is.
+    pub fn get_vring_base(&mut self, index: u32) -> Result<u16> {
+        let q = self.check_queue(index.into())?;
+        let base = self.stop_ring(q);
+        // The VMM restarts a ring with a new kick (and enable); until then it
+        // stays stopped.
+        let v = &mut self.vrings[q];
+        v.kick = None;
+        v.enabled = false;
+        Ok(base)
+    }
+
+    pub fn set_vring_kick(&mut self, index: u8, fd: Option<EventFd>) -> Result<()> {
+        let q = self.check_queue(index.into())?;
+        if self.vrings[q].running.is_running() {
+            self.stop_ring(q);
+        }
+        let fd = fd.map(|f| {
+            set_nonblocking(&f);
+            Arc::new(f)
+        });
+        self.vrings[q].kick = fd;
+        self.try_start(q)
+    }
+
+    /// The call eventfd may change at any time (and arrive before
+    /// SET_FEATURES, as DPDK sends it); a running ring switches to it at once.
+    pub fn set_vring_call(&mut self, index: u8, fd: Option<EventFd>) -> Result<()> {
+        let q = self.check_queue(index.into())?;
+        let fd = fd.map(Arc::new);
+        self.vrings[q].call = fd.clone();
+        match self.vrings[q].running {
+            Running::Stopped => {}
+            Running::Passthrough => self.backend.set_vring_call(q, fd)?,
+            Running::Shadow(_) => self.workers[q / 2].set_guest_call(q, fd)?,
+        }
+        Ok(())
+    }
+
+    pub fn set_vring_enable(&mut self, index: u32, enable: bool) -> Result<()> {
+        let q = self.check_queue(index.into())?;
+        self.vrings[q].enabled = enable;
+        if enable {
+            self.try_start(q)
+        } else {
+            self.stop_ring(q);
+            Ok(())
+        }
+    }
+
+    /// The VMM disconnected (or reset the owner): stop every ring, keep the
+    /// ring indexes and the mode, drop what belonged to that VMM (eventfds,
+    /// memory, negotiated features).
+    pub fn disconnect(&mut self) {
+        for q in 0..self.num_queues() {
+            if self.vrings[q].running.is_running() {
+                self.stop_ring(q);
+            }
+            let v = &mut self.vrings[q];
+            v.kick = None;
+            v.call = None;
+            v.enabled = false;
+            v.addrs = None;
+        }
+        if let Err(e) = self.backend.set_status(0) {
+            log::warn!(target: LOG, "{}: device reset: {e}", self.name);
+        }
+        self.backend_features = None;
+        self.acked_features = None;
+        self.protocol_features = 0;
+        self.clear_memory();
+    }
+}

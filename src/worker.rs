@@ -1,0 +1,389 @@
+//! One worker thread per queue pair: it exclusively owns the shadow
+//! virtqueues of its two queues while they are shadowed, so the data path takes
+//! no lock. The control thread talks to it through a channel plus an eventfd
+//! that wakes its epoll loop, and waits for an acknowledgement of every
+//! request: when `attach`/`detach` return, the worker has applied them.
+
+use std::os::unix::io::AsRawFd;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use iova::IovaTree;
+use svq::{NoDirtyLog, ShadowVirtqueue, SvqError};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::stats::QueueStats;
+
+const LOG: &str = "worker";
+
+/// How long the control thread waits for a worker to acknowledge a request.
+/// A worker only does bounded work between epoll waits, so hitting this means
+/// a bug; the caller gets an error instead of hanging.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot start worker thread: {0}")]
+    Spawn(std::io::Error),
+    #[error("worker for queue pair {0} is gone")]
+    Gone(usize),
+    #[error("worker for queue pair {0} did not answer within {ACK_TIMEOUT:?}")]
+    Timeout(usize),
+    #[error("worker for queue pair {pair}: {why}")]
+    Refused { pair: usize, why: String },
+}
+
+/// Everything a worker needs to relay one queue.
+pub struct Attach {
+    pub queue: usize,
+    pub svq: Box<ShadowVirtqueue>,
+    /// The VMM's eventfds for this queue.
+    pub guest_kick: Arc<EventFd>,
+    pub guest_call: Option<Arc<EventFd>>,
+    /// The daemon's own eventfds, handed to the device.
+    pub dev_kick: Arc<EventFd>,
+    pub dev_call: Arc<EventFd>,
+    pub mem: Arc<GuestMemoryMmap>,
+    pub tree: Arc<IovaTree>,
+    pub stats: Arc<QueueStats>,
+}
+
+enum Request {
+    Attach(Box<Attach>),
+    Detach(usize),
+    Memory(Arc<GuestMemoryMmap>, Arc<IovaTree>),
+    GuestCall(usize, Option<Arc<EventFd>>),
+    Exit,
+}
+
+enum Reply {
+    Done,
+    Detached(Box<ShadowVirtqueue>),
+    Failed(String),
+}
+
+/// The control thread's end of a worker.
+pub struct WorkerHandle {
+    pair: usize,
+    tx: Sender<(Request, Sender<Reply>)>,
+    wake: Arc<EventFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl WorkerHandle {
+    pub fn spawn(pair: usize) -> Result<Self, WorkerError> {
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(WorkerError::Spawn)?);
+        let epoll = Epoll::new().map_err(WorkerError::Spawn)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                wake.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_WAKE),
+            )
+            .map_err(WorkerError::Spawn)?;
+        let (tx, rx) = mpsc::channel();
+        let worker = Worker {
+            pair,
+            epoll,
+            wake: wake.clone(),
+            rx,
+            slots: [None, None],
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("svq-pair{pair}"))
+            .spawn(move || worker.run())
+            .map_err(WorkerError::Spawn)?;
+        Ok(WorkerHandle {
+            pair,
+            tx,
+            wake,
+            thread: Some(thread),
+        })
+    }
+
+    fn request(&self, req: Request) -> Result<Reply, WorkerError> {
+        let (rtx, rrx) = mpsc::channel();
+        self.tx
+            .send((req, rtx))
+            .map_err(|_| WorkerError::Gone(self.pair))?;
+        self.wake
+            .write(1)
+            .map_err(|_| WorkerError::Gone(self.pair))?;
+        match rrx.recv_timeout(ACK_TIMEOUT) {
+            Ok(Reply::Failed(why)) => Err(WorkerError::Refused {
+                pair: self.pair,
+                why,
+            }),
+            Ok(r) => Ok(r),
+            Err(RecvTimeoutError::Timeout) => Err(WorkerError::Timeout(self.pair)),
+            Err(RecvTimeoutError::Disconnected) => Err(WorkerError::Gone(self.pair)),
+        }
+    }
+
+    /// Hand a queue to the worker; it relays from the moment this returns.
+    pub fn attach(&self, a: Attach) -> Result<(), WorkerError> {
+        self.request(Request::Attach(Box::new(a))).map(|_| ())
+    }
+
+    /// Take a queue back: the worker stops polling its eventfds and returns
+    /// the SVQ, untouched since its last event.
+    pub fn detach(&self, queue: usize) -> Result<Box<ShadowVirtqueue>, WorkerError> {
+        match self.request(Request::Detach(queue))? {
+            Reply::Detached(svq) => Ok(svq),
+            _ => Err(WorkerError::Refused {
+                pair: self.pair,
+                why: format!("queue {queue} is not attached"),
+            }),
+        }
+    }
+
+    /// New guest memory / IOVA tree snapshot for all attached queues.
+    pub fn update_memory(
+        &self,
+        mem: Arc<GuestMemoryMmap>,
+        tree: Arc<IovaTree>,
+    ) -> Result<(), WorkerError> {
+        self.request(Request::Memory(mem, tree)).map(|_| ())
+    }
+
+    /// The VMM replaced the call eventfd of an attached queue.
+    pub fn set_guest_call(
+        &self,
+        queue: usize,
+        call: Option<Arc<EventFd>>,
+    ) -> Result<(), WorkerError> {
+        self.request(Request::GuestCall(queue, call)).map(|_| ())
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        let (rtx, _rrx) = mpsc::channel();
+        if self.tx.send((Request::Exit, rtx)).is_ok() && self.wake.write(1).is_ok() {
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+const TOKEN_WAKE: u64 = u64::MAX;
+
+/// Epoll data of a queue's event: slot * 2 + (0 = guest kick, 1 = device call).
+fn token(slot: usize, device: bool) -> u64 {
+    (slot as u64) * 2 + u64::from(device)
+}
+
+struct Slot {
+    a: Attach,
+    /// The SVQ failed: its eventfds are out of the epoll set, the queue is
+    /// stopped until the control thread takes it back.
+    broken: bool,
+}
+
+struct Worker {
+    pair: usize,
+    epoll: Epoll,
+    wake: Arc<EventFd>,
+    rx: Receiver<(Request, Sender<Reply>)>,
+    slots: [Option<Slot>; 2],
+}
+
+impl Worker {
+    fn run(mut self) {
+        let mut events = vec![EpollEvent::default(); 8];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::error!(target: LOG, "pair {}: epoll_wait failed: {e}; worker stops", self.pair);
+                    return;
+                }
+            };
+            for ev in events.iter().take(n) {
+                let data = ev.data();
+                if data == TOKEN_WAKE {
+                    let _ = self.wake.read();
+                    if !self.handle_requests() {
+                        return;
+                    }
+                } else {
+                    let slot = (data / 2) as usize;
+                    self.handle_queue_event(slot, data % 2 == 1);
+                }
+            }
+        }
+    }
+
+    /// Returns false when asked to exit.
+    fn handle_requests(&mut self) -> bool {
+        while let Ok((req, reply)) = self.rx.try_recv() {
+            let r = match req {
+                Request::Exit => {
+                    let _ = reply.send(Reply::Done);
+                    return false;
+                }
+                Request::Attach(a) => self.attach(*a),
+                Request::Detach(q) => self.detach(q),
+                Request::Memory(mem, tree) => {
+                    for s in self.slots.iter_mut().flatten() {
+                        s.a.mem = mem.clone();
+                        s.a.tree = tree.clone();
+                    }
+                    Reply::Done
+                }
+                Request::GuestCall(q, call) => match self.slots.get_mut(q % 2) {
+                    Some(Some(s)) if s.a.queue == q => {
+                        s.a.guest_call = call;
+                        Reply::Done
+                    }
+                    _ => Reply::Failed(format!("queue {q} is not attached")),
+                },
+            };
+            // The control thread may have timed out and gone; nothing to do then.
+            let _ = reply.send(r);
+        }
+        true
+    }
+
+    fn attach(&mut self, a: Attach) -> Reply {
+        let slot = a.queue % 2;
+        if a.queue / 2 != self.pair || self.slots[slot].is_some() {
+            return Reply::Failed(format!("queue {} cannot be attached here", a.queue));
+        }
+        for (fd, device) in [
+            (a.guest_kick.as_raw_fd(), false),
+            (a.dev_call.as_raw_fd(), true),
+        ] {
+            if let Err(e) = self.epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token(slot, device)),
+            ) {
+                self.unwatch(&a);
+                return Reply::Failed(format!("epoll add: {e}"));
+            }
+        }
+        a.stats.begin_svq();
+        self.slots[slot] = Some(Slot { a, broken: false });
+        // The guest may have made buffers available (and its kick been consumed
+        // by the device) before the switch: look at the ring once now.
+        self.guest_kick(slot);
+        Reply::Done
+    }
+
+    fn unwatch(&self, a: &Attach) {
+        // Removing an fd that is not registered fails harmlessly.
+        for fd in [a.guest_kick.as_raw_fd(), a.dev_call.as_raw_fd()] {
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        }
+    }
+
+    fn detach(&mut self, queue: usize) -> Reply {
+        let slot = queue % 2;
+        match self.slots[slot].take() {
+            Some(s) if s.a.queue == queue => {
+                self.unwatch(&s.a);
+                s.a.stats.publish(&s.a.svq.stats());
+                Reply::Detached(s.a.svq)
+            }
+            other => {
+                self.slots[slot] = other;
+                Reply::Failed(format!("queue {queue} is not attached"))
+            }
+        }
+    }
+
+    fn handle_queue_event(&mut self, slot: usize, device: bool) {
+        if device {
+            if let Some(Some(s)) = self.slots.get(slot) {
+                let _ = s.a.dev_call.read();
+            }
+            self.device_call(slot);
+        } else {
+            if let Some(Some(s)) = self.slots.get(slot) {
+                // Non-blocking (set when the VMM handed it over).
+                let _ = s.a.guest_kick.read();
+            }
+            self.guest_kick(slot);
+        }
+    }
+
+    fn guest_kick(&mut self, slot: usize) {
+        let Some(Some(s)) = self.slots.get_mut(slot) else {
+            return;
+        };
+        if s.broken {
+            return;
+        }
+        let res = s.a.svq.handle_guest_kick(&s.a.mem, &s.a.tree);
+        match res {
+            Ok(kick) => {
+                if kick {
+                    Self::kick_device(s);
+                }
+                s.a.stats.publish(&s.a.svq.stats());
+            }
+            Err(e) => self.fail(slot, e),
+        }
+    }
+
+    fn device_call(&mut self, slot: usize) {
+        let Some(Some(s)) = self.slots.get_mut(slot) else {
+            return;
+        };
+        if s.broken {
+            return;
+        }
+        match s.a.svq.handle_device_call(&s.a.mem, &s.a.tree, &NoDirtyLog) {
+            Ok(out) => {
+                if out.notify_guest {
+                    if let Some(call) = &s.a.guest_call {
+                        if let Err(e) = call.write(1) {
+                            log::warn!(target: LOG, "queue {}: cannot signal the guest: {e}", s.a.queue);
+                        }
+                    }
+                }
+                if out.kick_device {
+                    Self::kick_device(s);
+                }
+                s.a.stats.publish(&s.a.svq.stats());
+            }
+            Err(e) => self.fail(slot, e),
+        }
+    }
+
+    fn kick_device(s: &Slot) {
+        if let Err(e) = s.a.dev_kick.write(1) {
+            log::warn!(target: LOG, "queue {}: cannot kick the device: {e}", s.a.queue);
+        }
+    }
+
+    /// A broken SVQ stops only its own queue.
+    fn fail(&mut self, slot: usize, e: SvqError) {
+        let Some(Some(s)) = self.slots.get_mut(slot) else {
+            return;
+        };
+        log::error!(target: LOG, "queue {}: shadow virtqueue broken, queue stopped: {e}", s.a.queue);
+        s.broken = true;
+        let mut st = s.a.svq.stats();
+        if st.broken.is_none() {
+            st.broken = Some(e.to_string());
+            st.errors = st.errors.max(1);
+        }
+        s.a.stats.publish(&st);
+        let fds = [s.a.guest_kick.as_raw_fd(), s.a.dev_call.as_raw_fd()];
+        for fd in fds {
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        }
+    }
+}
