@@ -272,11 +272,17 @@ fn inherited_listening_fd() {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     // SAFETY: the closure runs in the forked child before exec and only calls
-    // dup2, which is async-signal-safe; `fd` is open in the parent (the
-    // listener outlives the spawn) and hence in the child.
+    // dup2/fcntl, which are async-signal-safe; `fd` is open in the parent
+    // (the listener outlives the spawn) and hence in the child.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(fd, 3) < 0 {
+            // dup2 onto itself keeps FD_CLOEXEC, so clear it explicitly.
+            let r = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if r < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())

@@ -168,3 +168,29 @@ pub fn u64_field(v: &Value, key: &str) -> u64 {
         .as_u64()
         .unwrap_or_else(|| panic!("field {key} missing or not a number in {v}"))
 }
+
+/// Checks a queue entry of query-shadow-vq against the driver's ring while
+/// traffic is quiescent. TX: the relay saw exactly what the driver published.
+/// RX: the relay may not have taken every posted buffer yet, but what it
+/// took and did not complete is its in-flight count.
+pub fn check_quiescent_queue(qi: &Value, ring: &super::ring::SplitRing, is_tx: bool) {
+    let avail = u64_field(qi, "avail_idx") as u16;
+    let used = u64_field(qi, "used_idx") as u16;
+    let in_flight = u64_field(qi, "in_flight");
+    assert_eq!(used, ring.last_used, "used_idx vs the driver's: {qi}");
+    assert_eq!(
+        avail.wrapping_sub(used) as u64,
+        in_flight,
+        "avail_idx - used_idx vs in_flight: {qi}"
+    );
+    if is_tx {
+        assert_eq!(avail, ring.avail_idx, "TX avail_idx vs published: {qi}");
+        assert_eq!(in_flight, 0, "TX in flight while quiescent: {qi}");
+    } else {
+        assert!(
+            in_flight <= ring.num_inflight() as u64,
+            "RX in_flight {in_flight} > {} buffers posted: {qi}",
+            ring.num_inflight()
+        );
+    }
+}
