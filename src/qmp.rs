@@ -343,12 +343,18 @@ impl Qmp {
         let mut buf = Vec::new();
         loop {
             buf.clear();
-            match (&mut reader).take(MAX_LINE + 1).read_until(b'\n', &mut buf) {
+            match (&mut reader).take(MAX_LINE).read_until(b'\n', &mut buf) {
                 Ok(0) => break,
-                Ok(n) if n as u64 > MAX_LINE => {
-                    log::warn!(target: LOG, "QMP line longer than {MAX_LINE} bytes; closing");
-                    let _ = send(&error("GenericError", "QMP input line too long"));
-                    break;
+                Ok(n) if n as u64 == MAX_LINE && !buf.ends_with(b"\n") => {
+                    // Answer, drop the rest of the line, keep the session.
+                    log::warn!(target: LOG, "QMP line longer than {MAX_LINE} bytes refused");
+                    if !send(&error("GenericError", "QMP input line too long")) {
+                        break;
+                    }
+                    if !skip_line(&mut reader) {
+                        break;
+                    }
+                    continue;
                 }
                 Ok(_) => {}
                 Err(_) => break,
@@ -370,6 +376,23 @@ impl Qmp {
         }
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         clients.retain(|c| !Arc::ptr_eq(&c.writer, &writer));
+    }
+}
+
+/// Discard input up to and including the next newline; false at EOF/error.
+fn skip_line(reader: &mut impl BufRead) -> bool {
+    loop {
+        let (consume, done) = match reader.fill_buf() {
+            Ok([]) | Err(_) => return false,
+            Ok(avail) => match avail.iter().position(|&b| b == b'\n') {
+                Some(pos) => (pos + 1, true),
+                None => (avail.len(), false),
+            },
+        };
+        reader.consume(consume);
+        if done {
+            return true;
+        }
     }
 }
 
