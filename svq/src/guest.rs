@@ -1,16 +1,21 @@
 //! The device side of the guest's split ring.
 //!
-//! virtio-queue's `Queue` keeps the guest ring positions, reads the avail idx
-//! and writes used entries. Descriptor chains are walked here rather than
-//! with its `DescriptorChain` iterator, which ends silently on a bad
-//! descriptor: the relay must tell a malformed chain from a short one.
+//! virtio-queue's `Queue` keeps the guest ring positions and checks the ring
+//! addresses; its split-ring `Descriptor` is the descriptor layout. Chains
+//! are walked here rather than with its `DescriptorChain` iterator, which
+//! ends silently on a bad descriptor: the relay must tell a malformed chain
+//! from a short one. Each ring is resolved to one bounds-checked
+//! `VolatileSlice` per call ([`RingView`]) instead of a guest-memory region
+//! lookup per access, which is most of the cost of relaying a descriptor.
 
 use std::sync::atomic::{fence, Ordering};
 
 use virtio_bindings::bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, VolatileSlice,
+};
 
 use crate::shadow_ring::need_event;
 use crate::{GuestRing, RingIndexes, SvqError};
@@ -21,6 +26,13 @@ pub(crate) struct GuestSeg {
     pub addr: u64,
     pub len: u32,
     pub write: bool,
+}
+
+/// The guest rings resolved in the current guest memory, for one call.
+pub(crate) struct RingView<'m> {
+    desc: VolatileSlice<'m, ()>,
+    avail: VolatileSlice<'m, ()>,
+    used: VolatileSlice<'m, ()>,
 }
 
 pub(crate) struct GuestSide {
@@ -102,6 +114,20 @@ impl GuestSide {
         })
     }
 
+    /// Resolve the three rings; each must lie inside one memory region.
+    pub fn view<'m>(&self, mem: &'m GuestMemoryMmap) -> Result<RingView<'m>, SvqError> {
+        let q = self.size as usize;
+        let slice = |what, addr: u64, len: usize| {
+            mem.get_slice(GuestAddress(addr), len)
+                .map_err(|_| SvqError::GuestRingAccess { what, addr })
+        };
+        Ok(RingView {
+            avail: slice("avail ring", self.ring.avail, 6 + 2 * q)?,
+            desc: slice("descriptor table", self.ring.desc, 16 * q)?,
+            used: slice("used ring", self.ring.used, 6 + 8 * q)?,
+        })
+    }
+
     pub fn next_avail(&self) -> u16 {
         self.queue.next_avail()
     }
@@ -120,10 +146,11 @@ impl GuestSide {
             .set_next_avail(self.queue.next_avail().wrapping_sub(n));
     }
 
-    pub fn avail_idx(&self, mem: &GuestMemoryMmap) -> Result<u16, SvqError> {
-        self.queue
-            .avail_idx(mem, Ordering::Acquire)
-            .map(|w| w.0)
+    pub fn avail_idx(&self, v: &RingView) -> Result<u16, SvqError> {
+        // Acquire: ring slots and descriptors are read after the index.
+        v.avail
+            .load::<u16>(2, Ordering::Acquire)
+            .map(u16::from_le)
             .map_err(|_| SvqError::GuestRingAccess {
                 what: "avail idx",
                 addr: self.ring.avail.wrapping_add(2),
@@ -132,8 +159,8 @@ impl GuestSide {
 
     /// Chains available and not yet popped; the guest may not be more than a
     /// whole ring ahead.
-    pub fn pending(&self, mem: &GuestMemoryMmap) -> Result<u16, SvqError> {
-        let idx = self.avail_idx(mem)?;
+    pub fn pending(&self, v: &RingView) -> Result<u16, SvqError> {
+        let idx = self.avail_idx(v)?;
         let n = idx.wrapping_sub(self.next_avail());
         if n > self.size {
             return Err(SvqError::AvailIdxTooFarAhead {
@@ -146,15 +173,15 @@ impl GuestSide {
     }
 
     /// Head index in the avail slot of `next_avail`.
-    pub fn read_head(&self, mem: &GuestMemoryMmap) -> Result<u16, SvqError> {
-        let slot = (self.next_avail() % self.size) as u64;
-        let addr = self.ring.avail.wrapping_add(4 + 2 * slot);
-        let head = mem
-            .read_obj::<u16>(GuestAddress(addr))
+    pub fn read_head(&self, v: &RingView) -> Result<u16, SvqError> {
+        let off = 4 + 2 * (self.next_avail() % self.size) as usize;
+        let head = v
+            .avail
+            .read_obj::<u16>(off)
             .map(u16::from_le)
             .map_err(|_| SvqError::GuestRingAccess {
                 what: "avail ring entry",
-                addr,
+                addr: self.ring.avail.wrapping_add(off as u64),
             })?;
         if head >= self.size {
             return Err(SvqError::BadHeadIndex {
@@ -169,6 +196,7 @@ impl GuestSide {
     pub fn walk(
         &mut self,
         mem: &GuestMemoryMmap,
+        v: &RingView,
         head: u16,
         out: &mut Vec<GuestSeg>,
     ) -> Result<(), SvqError> {
@@ -184,13 +212,14 @@ impl GuestSide {
                 return Err(SvqError::DescriptorLoop { head, index: idx });
             }
             *stamp = self.direct_gen;
-            let addr = self.ring.desc.wrapping_add(16 * idx as u64);
-            let desc: Descriptor =
-                mem.read_obj(GuestAddress(addr))
-                    .map_err(|_| SvqError::GuestRingAccess {
-                        what: "descriptor",
-                        addr,
-                    })?;
+            let off = 16 * idx as usize;
+            let desc: Descriptor = v
+                .desc
+                .read_obj(off)
+                .map_err(|_| SvqError::GuestRingAccess {
+                    what: "descriptor",
+                    addr: self.ring.desc.wrapping_add(off as u64),
+                })?;
             if desc.refers_to_indirect_table() {
                 self.walk_indirect(mem, head, &desc, out, &mut count, &mut seen_write)?;
             } else {
@@ -238,13 +267,16 @@ impl GuestSide {
         if entries > max {
             return Err(SvqError::IndirectTooLong { head, entries, max });
         }
-        if !mem.check_range(GuestAddress(table), len as usize) {
+        if !in_memory(mem, table, len) {
             return Err(SvqError::IndirectOutsideMemory {
                 head,
                 addr: table,
                 len,
             });
         }
+        // One region lookup for the table when it sits in one region (the
+        // normal case); entry by entry otherwise.
+        let slice = mem.get_slice(GuestAddress(table), len as usize).ok();
         bump(&mut self.indirect_gen, &mut self.indirect_stamp);
         let mut idx = 0u16;
         loop {
@@ -253,14 +285,17 @@ impl GuestSide {
                 return Err(SvqError::DescriptorLoop { head, index: idx });
             }
             *stamp = self.indirect_gen;
-            let addr = table + 16 * idx as u64;
-            let d: Descriptor =
-                mem.read_obj(GuestAddress(addr))
-                    .map_err(|_| SvqError::IndirectOutsideMemory {
-                        head,
-                        addr: table,
-                        len,
-                    })?;
+            let off = 16 * idx as usize;
+            let d: Descriptor = match &slice {
+                Some(sl) => sl.read_obj(off).ok(),
+                None => mem.read_obj(GuestAddress(table + off as u64)).ok(),
+            }
+            .ok_or(())
+            .map_err(|_| SvqError::IndirectOutsideMemory {
+                head,
+                addr: table,
+                len,
+            })?;
             if d.refers_to_indirect_table() {
                 return Err(SvqError::NestedIndirect { head });
             }
@@ -286,19 +321,25 @@ impl GuestSide {
     }
 
     /// Write a used entry; returns the used idx the entry was written at.
-    pub fn add_used(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        head: u16,
-        len: u32,
-    ) -> Result<u16, SvqError> {
+    pub fn add_used(&mut self, v: &RingView, head: u16, len: u32) -> Result<u16, SvqError> {
         let at = self.next_used();
-        self.queue
-            .add_used(mem, head, len)
-            .map_err(|_| SvqError::GuestRingAccess {
-                what: "used ring",
-                addr: self.ring.used,
-            })?;
+        let off = 4 + 8 * (at % self.size) as usize;
+        let err = |off: usize| SvqError::GuestRingAccess {
+            what: "used ring",
+            addr: self.ring.used.wrapping_add(off as u64),
+        };
+        v.used
+            .write_obj(u32::to_le(head as u32), off)
+            .map_err(|_| err(off))?;
+        v.used
+            .write_obj(u32::to_le(len), off + 4)
+            .map_err(|_| err(off))?;
+        let next = at.wrapping_add(1);
+        // Release: the entry is visible before the index that covers it.
+        v.used
+            .store(u16::to_le(next), 2, Ordering::Release)
+            .map_err(|_| err(2))?;
+        self.queue.set_next_used(next);
         Ok(at)
     }
 
@@ -318,7 +359,7 @@ impl GuestSide {
     }
 
     /// Does the guest want an interrupt for used entries `[old, next_used)`?
-    pub fn should_notify(&self, mem: &GuestMemoryMmap, old: u16) -> Result<bool, SvqError> {
+    pub fn should_notify(&self, v: &RingView, old: u16) -> Result<bool, SvqError> {
         let new = self.next_used();
         if new == old {
             return Ok(false);
@@ -327,18 +368,20 @@ impl GuestSide {
         // suppression state, or we could miss it re-enabling interrupts.
         fence(Ordering::SeqCst);
         if self.event_idx {
-            let addr = self.ring.avail.wrapping_add(4 + 2 * self.size as u64);
-            let used_event: u16 = mem
-                .load(GuestAddress(addr), Ordering::Relaxed)
+            let off = 4 + 2 * self.size as usize;
+            let used_event: u16 = v
+                .avail
+                .load(off, Ordering::Relaxed)
                 .map(u16::from_le)
                 .map_err(|_| SvqError::GuestRingAccess {
                     what: "used_event",
-                    addr,
+                    addr: self.ring.avail.wrapping_add(off as u64),
                 })?;
             Ok(need_event(used_event, new, old))
         } else {
-            let flags: u16 = mem
-                .load(GuestAddress(self.ring.avail), Ordering::Relaxed)
+            let flags: u16 = v
+                .avail
+                .load(0, Ordering::Relaxed)
                 .map(u16::from_le)
                 .map_err(|_| SvqError::GuestRingAccess {
                     what: "avail flags",
@@ -350,23 +393,20 @@ impl GuestSide {
 
     /// Under EVENT_IDX, ask the guest to kick for the next chain after
     /// `next_avail`. Returns true when chains arrived meanwhile.
-    pub fn rearm(&mut self, mem: &GuestMemoryMmap) -> Result<bool, SvqError> {
+    pub fn rearm(&mut self, v: &RingView) -> Result<bool, SvqError> {
         if !self.event_idx {
             return Ok(false);
         }
-        let addr = self.ring.used.wrapping_add(4 + 8 * self.size as u64);
-        mem.store(
-            u16::to_le(self.next_avail()),
-            GuestAddress(addr),
-            Ordering::Relaxed,
-        )
-        .map_err(|_| SvqError::GuestRingAccess {
-            what: "avail_event",
-            addr,
-        })?;
+        let off = 4 + 8 * self.size as usize;
+        v.used
+            .store(u16::to_le(self.next_avail()), off, Ordering::Relaxed)
+            .map_err(|_| SvqError::GuestRingAccess {
+                what: "avail_event",
+                addr: self.ring.used.wrapping_add(off as u64),
+            })?;
         // avail_event must be visible before we re-read avail idx.
         fence(Ordering::SeqCst);
-        Ok(self.avail_idx(mem)? != self.next_avail())
+        Ok(self.avail_idx(v)? != self.next_avail())
     }
 }
 
@@ -379,7 +419,7 @@ fn push_seg(
 ) -> Result<(), SvqError> {
     let addr = d.addr().0;
     let len = d.len();
-    if !mem.check_range(GuestAddress(addr), len as usize) {
+    if !in_memory(mem, addr, len) {
         return Err(SvqError::DescOutsideMemory { head, addr, len });
     }
     let write = d.is_write_only();
@@ -389,4 +429,21 @@ fn push_seg(
     *seen_write |= write;
     out.push(GuestSeg { addr, len, write });
     Ok(())
+}
+
+/// Is `[addr, addr + len)` guest memory? One region lookup in the common
+/// case; a range over several adjacent regions takes the general path.
+/// Empty ranges are never accessed and always pass.
+fn in_memory(mem: &GuestMemoryMmap, addr: u64, len: u32) -> bool {
+    if len == 0 {
+        return true;
+    }
+    let Some(last) = addr.checked_add(len as u64 - 1) else {
+        return false;
+    };
+    match mem.find_region(GuestAddress(addr)) {
+        Some(r) if last <= r.last_addr().0 => true,
+        Some(_) => mem.check_range(GuestAddress(addr), len as usize),
+        None => false,
+    }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use iova::{AddrSpace, IovaTree, Segment};
 use vm_memory::{GuestMemoryMmap, MmapRegion};
 
-use crate::guest::{GuestSeg, GuestSide};
+use crate::guest::{GuestSeg, GuestSide, RingView};
 use crate::inflight::{Chain, InFlight, InFlightTable};
 use crate::memory::ShadowLayout;
 use crate::shadow_ring::{ShadowRing, ShadowSeg};
@@ -16,6 +16,9 @@ use crate::{
 };
 
 const LOG: &str = "svq";
+
+/// The vectors of a completed chain, kept for the next one.
+type SpareVecs = (Vec<ShadowSeg>, Vec<(u64, u32)>);
 
 pub struct ShadowVirtqueue {
     cfg: SvqConfig,
@@ -40,6 +43,7 @@ pub struct ShadowVirtqueue {
     // Scratch buffers reused across chains.
     guest_segs: Vec<GuestSeg>,
     iova_segs: Vec<Segment>,
+    spare: Vec<SpareVecs>,
 }
 
 impl ShadowVirtqueue {
@@ -80,6 +84,7 @@ impl ShadowVirtqueue {
             errors: 0,
             guest_segs: Vec::new(),
             iova_segs: Vec::new(),
+            spare: Vec::new(),
         })
     }
 
@@ -157,7 +162,8 @@ impl ShadowVirtqueue {
         iova: &IovaTree,
     ) -> Result<bool, SvqError> {
         self.usable()?;
-        match self.relay(mem, iova) {
+        let r = self.guest.view(mem).and_then(|v| self.relay(mem, &v, iova));
+        match r {
             Ok(kick) => Ok(kick),
             Err(e) => self.fail(e),
         }
@@ -210,6 +216,7 @@ impl ShadowVirtqueue {
         iova: &IovaTree,
         log: &dyn DirtyLog,
     ) -> Result<CallOutcome, SvqError> {
+        let v = self.guest.view(mem)?;
         let old_used = self.guest.next_used();
         loop {
             let used_idx = self.shadow.used_idx()?;
@@ -224,21 +231,21 @@ impl ShadowVirtqueue {
                 });
             }
             for _ in 0..ahead {
-                self.complete_one(mem, log)?;
+                self.complete_one(&v, log)?;
             }
             if !self.shadow.rearm()? {
                 break;
             }
         }
-        let notify_guest = self.guest.should_notify(mem, old_used)?;
-        let kick_device = self.relay(mem, iova)?;
+        let notify_guest = self.guest.should_notify(&v, old_used)?;
+        let kick_device = self.relay(mem, &v, iova)?;
         Ok(CallOutcome {
             notify_guest,
             kick_device,
         })
     }
 
-    fn complete_one(&mut self, mem: &GuestMemoryMmap, log: &dyn DirtyLog) -> Result<(), SvqError> {
+    fn complete_one(&mut self, v: &RingView, log: &dyn DirtyLog) -> Result<(), SvqError> {
         let (id, len) = self.shadow.pop_used()?;
         let size = self.cfg.shadow_size;
         if id >= size as u32 {
@@ -272,7 +279,7 @@ impl ShadowVirtqueue {
             }
             left -= n;
         }
-        let at = self.guest.add_used(mem, chain.guest_head, len)?;
+        let at = self.guest.add_used(v, chain.guest_head, len)?;
         let (gpa, l) = self.guest.used_entry_log(at);
         log.mark(gpa, l);
         let (gpa, l) = self.guest.used_idx_log();
@@ -280,22 +287,39 @@ impl ShadowVirtqueue {
         if let Some(b) = self.guest_busy.get_mut(chain.guest_head as usize) {
             *b = false;
         }
+        self.recycle(chain);
         self.relayed += 1;
         self.bytes_written += len as u64;
         Ok(())
     }
 
+    fn recycle(&mut self, chain: Chain) {
+        if self.spare.len() < self.cfg.queue_size as usize {
+            self.spare.push((chain.segs, chain.writable));
+        }
+    }
+
     /// Place parked chains, then pop new guest chains until the guest ring
     /// is empty or the shadow ring full; publish. Returns whether to kick.
-    fn relay(&mut self, mem: &GuestMemoryMmap, iova: &IovaTree) -> Result<bool, SvqError> {
-        let r = self.relay_inner(mem, iova);
+    fn relay(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        v: &RingView,
+        iova: &IovaTree,
+    ) -> Result<bool, SvqError> {
+        let r = self.relay_inner(mem, v, iova);
         // Publish what was placed even when a later chain failed, so the
         // good ones are not held back from the device.
         let kick = self.shadow.publish()?;
         r.map(|()| kick)
     }
 
-    fn relay_inner(&mut self, mem: &GuestMemoryMmap, iova: &IovaTree) -> Result<(), SvqError> {
+    fn relay_inner(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        v: &RingView,
+        iova: &IovaTree,
+    ) -> Result<(), SvqError> {
         while let Some(chain) = self.parked.pop_front() {
             match self.try_place(chain, iova)? {
                 None => {}
@@ -306,9 +330,9 @@ impl ShadowVirtqueue {
             }
         }
         loop {
-            let pending = self.guest.pending(mem)?;
+            let pending = self.guest.pending(v)?;
             for _ in 0..pending {
-                let chain = self.pop(mem, iova)?;
+                let chain = self.pop(mem, v, iova)?;
                 if let Some(chain) = self.try_place(chain, iova)? {
                     log::debug!(target: LOG, "shadow ring full, parking head {}", chain.guest_head);
                     self.parked.push_back(chain);
@@ -317,7 +341,7 @@ impl ShadowVirtqueue {
             }
             // rearm writes avail_event under guest EVENT_IDX.
             self.avail_event_dirty |= self.guest_event_idx;
-            if !self.guest.rearm(mem)? {
+            if !self.guest.rearm(v)? {
                 return Ok(());
             }
         }
@@ -325,13 +349,18 @@ impl ShadowVirtqueue {
 
     /// Pop the chain at the guest's next avail index: read, validate and
     /// translate it, and only then advance the guest index.
-    fn pop(&mut self, mem: &GuestMemoryMmap, iova: &IovaTree) -> Result<Chain, SvqError> {
-        let head = self.guest.read_head(mem)?;
+    fn pop(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        v: &RingView,
+        iova: &IovaTree,
+    ) -> Result<Chain, SvqError> {
+        let head = self.guest.read_head(v)?;
         if self.guest_busy.get(head as usize).copied().unwrap_or(false) {
             return Err(SvqError::HeadAlreadyInFlight { head });
         }
         let mut guest_segs = std::mem::take(&mut self.guest_segs);
-        let r = self.guest.walk(mem, head, &mut guest_segs);
+        let r = self.guest.walk(mem, v, head, &mut guest_segs);
         let chain = r.and_then(|()| self.translate(head, &guest_segs, iova));
         self.guest_segs = guest_segs;
         let chain = chain?;
@@ -348,8 +377,11 @@ impl ShadowVirtqueue {
         guest_segs: &[GuestSeg],
         iova: &IovaTree,
     ) -> Result<Chain, SvqError> {
-        let mut segs = Vec::with_capacity(guest_segs.len());
-        let mut writable = Vec::new();
+        // Reuse the vectors of a completed chain: no allocation per chain
+        // once the queue has warmed up.
+        let (mut segs, mut writable) = self.spare.pop().unwrap_or_default();
+        segs.clear();
+        writable.clear();
         let mut writable_len = 0u64;
         for g in guest_segs {
             if g.write {

@@ -360,8 +360,8 @@ fn guest_ring_outside_memory() {
     f.svq = ShadowVirtqueue::new(f.svq.config(), ring, RingIndexes::default()).unwrap();
     expect_guest_error(&mut f, |e| {
         *e == SvqError::GuestRingAccess {
-            what: "avail idx",
-            addr: MEM_END + 0x1002,
+            what: "avail ring",
+            addr: MEM_END + 0x1000,
         }
     });
 }
