@@ -407,7 +407,7 @@ impl World {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    // 256 cases by default; PROPTEST_CASES overrides.
 
     #[test]
     fn every_buffer_completes_exactly_once(p in params(), ops in prop::collection::vec(op(), 1..120)) {
