@@ -13,9 +13,9 @@ use std::thread;
 use std::time::Duration;
 
 use common::mem::GuestMem;
-use common::net::{pump_with, NetPair, Until};
+use common::net::{pump_with, DriverOpts, NetPair, Until};
 use common::ring::{wait_eventfds, Seg, SplitRing};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -40,7 +40,7 @@ fn device_queue(mem: &GuestMemoryMmap, r: &SplitRing) -> Queue {
 }
 
 /// Loopback: every TX frame (header included) is copied into the next RX
-/// buffer, num_buffers set to 1.
+/// buffer(s), num_buffers set to the number of buffers used.
 fn fake_device(
     mem: GuestMemoryMmap,
     mut rxq: Queue,
@@ -48,6 +48,7 @@ fn fake_device(
     fds: [EventFd; 4], // rx kick, rx call, tx kick, tx call
     stop: Arc<AtomicBool>,
     bug: Bug,
+    mrg: bool,
 ) {
     let [rx_kick, rx_call, tx_kick, tx_call] = fds;
     let mut pending: VecDeque<Vec<u8>> = VecDeque::new();
@@ -74,50 +75,65 @@ fn fake_device(
             tx_done = true;
         }
         let mut rx_done = false;
-        while !pending.is_empty() {
-            let Some(chain) = rxq.pop_descriptor_chain(&mem) else {
-                break;
-            };
-            let head = chain.head_index();
+        'packets: while let Some(pkt) = pending.front() {
+            // Gather enough RX chains for the whole packet, or put them back.
+            let mut chains = Vec::new();
+            let mut cap = 0usize;
+            while cap < pkt.len() {
+                let Some(c) = rxq.pop_descriptor_chain(&mem) else {
+                    for _ in 0..chains.len() {
+                        rxq.go_to_previous_position();
+                    }
+                    break 'packets;
+                };
+                let descs: Vec<_> = c.clone().filter(|d| d.is_write_only()).collect();
+                cap += descs.iter().map(|d| d.len() as usize).sum::<usize>();
+                chains.push((c.head_index(), descs));
+                assert!(mrg || cap >= pkt.len(), "fake device: RX buffer too small");
+            }
             let mut pkt = pending.pop_front().unwrap();
-            pkt[10] = 1;
-            pkt[11] = 0;
+            pkt[10..12].copy_from_slice(&(chains.len() as u16).to_le_bytes());
             if bug == Bug::CorruptByte && n > 3 {
                 let last = pkt.len() - 1;
                 pkt[last] ^= 0x40;
             }
             let mut off = 0;
-            for d in chain.filter(|d| d.is_write_only()) {
-                let k = (pkt.len() - off).min(d.len() as usize);
-                mem.write_slice(&pkt[off..off + k], d.addr()).unwrap();
-                off += k;
+            for (head, descs) in chains {
+                let mut written = 0;
+                for d in descs {
+                    let k = (pkt.len() - off).min(d.len() as usize);
+                    mem.write_slice(&pkt[off..off + k], d.addr()).unwrap();
+                    off += k;
+                    written += k;
+                }
+                rxq.add_used(&mem, head, written as u32).unwrap();
             }
-            assert_eq!(off, pkt.len(), "fake device: RX buffer too small");
-            rxq.add_used(&mem, head, off as u32).unwrap();
             rx_done = true;
         }
         if bug != Bug::NoInterrupt {
-            if tx_done {
+            if tx_done && txq.needs_notification(&mem).unwrap() {
                 tx_call.write(1).unwrap();
             }
-            if rx_done {
+            if rx_done && rxq.needs_notification(&mem).unwrap() {
                 rx_call.write(1).unwrap();
             }
         }
     }
 }
 
-fn run(pairs: u16, frames: u32, mrg: bool, bug: Bug) -> Result<Vec<NetPair>, String> {
+fn run(pairs: u16, frames: u32, opts: DriverOpts, bug: Bug) -> Result<Vec<NetPair>, String> {
     let mut mem = GuestMem::new(16 << 20);
     let mut ps: Vec<NetPair> = (0..pairs)
-        .map(|k| NetPair::new(&mut mem, k, 64, mrg))
+        .map(|k| NetPair::new(&mut mem, k, 64, &opts))
         .collect();
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     for p in ps.iter_mut() {
         p.post_rx();
-        let rxq = device_queue(&mem.mem, &p.rx.ring);
-        let txq = device_queue(&mem.mem, &p.tx.ring);
+        let mut rxq = device_queue(&mem.mem, &p.rx.ring);
+        let mut txq = device_queue(&mem.mem, &p.tx.ring);
+        rxq.set_event_idx(opts.event_idx);
+        txq.set_event_idx(opts.event_idx);
         let fds = [
             p.rx.kick.try_clone().unwrap(),
             p.rx.call.try_clone().unwrap(),
@@ -126,7 +142,10 @@ fn run(pairs: u16, frames: u32, mrg: bool, bug: Bug) -> Result<Vec<NetPair>, Str
         ];
         let m = mem.mem.clone();
         let s = stop.clone();
-        threads.push(thread::spawn(move || fake_device(m, rxq, txq, fds, s, bug)));
+        let mrg = opts.mrg_rxbuf;
+        threads.push(thread::spawn(move || {
+            fake_device(m, rxq, txq, fds, s, bug, mrg)
+        }));
     }
     let r = pump_with(&mut ps, Until::Frames(frames), Duration::from_secs(2));
     stop.store(true, Ordering::Release);
@@ -136,24 +155,44 @@ fn run(pairs: u16, frames: u32, mrg: bool, bug: Bug) -> Result<Vec<NetPair>, Str
     r.map(|_| ps)
 }
 
+fn plain() -> DriverOpts {
+    DriverOpts::default()
+}
+
 #[test]
 fn driver_passes_traffic_through_a_correct_loopback() {
-    for (pairs, mrg) in [(1, true), (3, false)] {
-        let ps = run(pairs, 500, mrg, Bug::None).unwrap();
+    let all = DriverOpts {
+        mrg_rxbuf: true,
+        event_idx: true,
+        indirect: true,
+        rx_buf_size: 512,
+    };
+    let no_mrg = DriverOpts {
+        mrg_rxbuf: false,
+        ..plain()
+    };
+    for (pairs, opts) in [(1, plain()), (3, no_mrg), (2, all)] {
+        let merged_expected = opts.rx_buf_size < 1526;
+        let ps = run(pairs, 500, opts, Bug::None).unwrap();
         for p in &ps {
             assert_eq!(p.next_seq, 500);
             assert!(p.quiescent());
             assert_eq!(p.tx.ring.avail_idx, 500);
-            assert_eq!(p.rx.ring.last_used, 500);
+            if merged_expected {
+                assert!(p.rx.ring.total_used > 500);
+            } else {
+                assert_eq!(p.rx.ring.total_used, 500);
+            }
             // RX ring wrapped several times with reposted buffers.
             assert!(p.rx.ring.avail_idx > 500);
+            assert_eq!(p.n_rx_merged > 0, merged_expected);
         }
     }
 }
 
 #[test]
 fn driver_detects_corruption() {
-    let e = run(1, 50, true, Bug::CorruptByte)
+    let e = run(1, 50, plain(), Bug::CorruptByte)
         .err()
         .expect("the harness must catch this device bug");
     assert!(e.contains("byte"), "{e}");
@@ -161,7 +200,7 @@ fn driver_detects_corruption() {
 
 #[test]
 fn driver_detects_duplicate_completion() {
-    let e = run(1, 50, true, Bug::DuplicateUsed)
+    let e = run(1, 50, plain(), Bug::DuplicateUsed)
         .err()
         .expect("the harness must catch this device bug");
     assert!(e.contains("not in flight") || e.contains("jumped"), "{e}");
@@ -169,7 +208,7 @@ fn driver_detects_duplicate_completion() {
 
 #[test]
 fn driver_detects_missing_interrupt() {
-    let e = run(1, 50, true, Bug::NoInterrupt)
+    let e = run(1, 50, plain(), Bug::NoInterrupt)
         .err()
         .expect("the harness must catch this device bug");
     assert!(e.contains("did not signal"), "{e}");
@@ -178,7 +217,7 @@ fn driver_detects_missing_interrupt() {
 #[test]
 fn driver_detects_loss() {
     // A lost frame shows up as a stall with the missing seq named.
-    let e = run(1, 20, true, Bug::DropPacket)
+    let e = run(1, 20, plain(), Bug::DropPacket)
         .err()
         .expect("the harness must catch this device bug");
     assert!(e.contains("first missing [4]"), "{e}");

@@ -1,19 +1,58 @@
-//! Passthrough (--shadow off): the guest rings go straight to the sim
-//! device; every frame sent on TX 2k+1 comes back byte for byte on RX 2k.
+//! Passthrough (--shadow off): the guest rings go straight to the sim device.
+//! Every frame sent on TX 2k+1 comes back byte for byte on RX 2k.
 
 mod common;
 
+use common::scenario::loopback;
+use common::DriverOpts;
+
+fn no_mrg() -> DriverOpts {
+    DriverOpts {
+        mrg_rxbuf: false,
+        ..Default::default()
+    }
+}
+
+/// EVENT_IDX notification suppression, INDIRECT tables, and RX buffers of
+/// 512 bytes so most frames span several merged buffers.
+fn all_features() -> DriverOpts {
+    DriverOpts {
+        mrg_rxbuf: true,
+        event_idx: true,
+        indirect: true,
+        rx_buf_size: 512,
+    }
+}
+
 #[test]
 fn passthrough_one_pair() {
-    common::scenario::loopback("off", 1, true, 2000);
+    loopback("off", 1, DriverOpts::default(), 2000);
 }
 
 #[test]
 fn passthrough_four_pairs() {
-    common::scenario::loopback("off", 4, true, 1000);
+    loopback("off", 4, DriverOpts::default(), 1000);
 }
 
 #[test]
 fn passthrough_one_pair_without_mrg_rxbuf() {
-    common::scenario::loopback("off", 1, false, 500);
+    loopback("off", 1, no_mrg(), 500);
+}
+
+#[test]
+fn passthrough_event_idx_indirect_merged_rx_buffers() {
+    loopback("off", 2, all_features(), 1500);
+}
+
+#[test]
+fn passthrough_event_idx_without_mrg_rxbuf() {
+    loopback(
+        "off",
+        1,
+        DriverOpts {
+            event_idx: true,
+            ..no_mrg()
+        },
+        1000,
+    );
 }

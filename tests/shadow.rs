@@ -1,20 +1,59 @@
 //! Shadow mode (--shadow on): every buffer goes through the relay's shadow
-//! virtqueues; every frame must still come back byte for byte, and the
-//! relay's counters must match what the driver saw.
+//! virtqueues, and the relay's counters must match what the driver saw.
+//! Every frame sent on TX 2k+1 comes back byte for byte on RX 2k.
 
 mod common;
 
+use common::scenario::loopback;
+use common::DriverOpts;
+
+fn no_mrg() -> DriverOpts {
+    DriverOpts {
+        mrg_rxbuf: false,
+        ..Default::default()
+    }
+}
+
+/// EVENT_IDX notification suppression, INDIRECT tables, and RX buffers of
+/// 512 bytes so most frames span several merged buffers.
+fn all_features() -> DriverOpts {
+    DriverOpts {
+        mrg_rxbuf: true,
+        event_idx: true,
+        indirect: true,
+        rx_buf_size: 512,
+    }
+}
+
 #[test]
 fn shadow_one_pair() {
-    common::scenario::loopback("on", 1, true, 2000);
+    loopback("on", 1, DriverOpts::default(), 2000);
 }
 
 #[test]
 fn shadow_four_pairs() {
-    common::scenario::loopback("on", 4, true, 1000);
+    loopback("on", 4, DriverOpts::default(), 1000);
 }
 
 #[test]
 fn shadow_one_pair_without_mrg_rxbuf() {
-    common::scenario::loopback("on", 1, false, 500);
+    loopback("on", 1, no_mrg(), 500);
+}
+
+#[test]
+fn shadow_event_idx_indirect_merged_rx_buffers() {
+    loopback("on", 2, all_features(), 1500);
+}
+
+#[test]
+fn shadow_event_idx_without_mrg_rxbuf() {
+    loopback(
+        "on",
+        1,
+        DriverOpts {
+            event_idx: true,
+            ..no_mrg()
+        },
+        1000,
+    );
 }

@@ -11,16 +11,16 @@ use std::thread;
 use std::time::Duration;
 
 use common::qmp::{queue_info, u64_field};
-use common::{pump, Daemon, Qmp, Until, Vmm, VmmConfig};
+use common::{pump, Daemon, DriverOpts, Qmp, Until, Vmm, VmmConfig};
 use serde_json::json;
 
 /// Runs `switches` mode changes (shadow on, off, on, ...) from a second
 /// thread while the driver pushes traffic, then checks everything.
-fn switch_under_traffic(pairs: u16, switches: usize, mrg_rxbuf: bool) {
+fn switch_under_traffic(pairs: u16, switches: usize, driver: DriverOpts) {
     let d = Daemon::spawn(&["--shadow", "off", "--queues", &pairs.to_string()]);
     let cfg = VmmConfig {
         pairs,
-        mrg_rxbuf,
+        driver,
         ..Default::default()
     };
     let mut vmm = Vmm::start(&d.socket, cfg);
@@ -113,18 +113,24 @@ fn switch_under_traffic(pairs: u16, switches: usize, mrg_rxbuf: bool) {
         assert_eq!(q.enable_shadow("net0", true), json!({"return": {}}));
     }
     let start: Vec<u32> = vmm.pairs.iter().map(|p| p.next_seq).collect();
+    let used_before: Vec<u64> = vmm
+        .pairs
+        .iter()
+        .flat_map(|p| [p.rx.ring.total_used, p.tx.ring.total_used])
+        .collect();
     let target = start.iter().max().unwrap() + 300;
     pump(&mut vmm.pairs, Until::Frames(target)).unwrap_or_else(|e| panic!("shadow phase: {e}"));
     let dev = q.query("net0");
     assert_eq!(dev["mode"], "shadow", "{dev}");
     for (k, p) in vmm.pairs.iter().enumerate() {
-        let n = (target - start[k]) as u64;
+        let frames = target - start[k];
         for (j, io) in [&p.rx, &p.tx].into_iter().enumerate() {
             let qi = queue_info(&dev, io.index as u64);
+            let n = io.ring.total_used - used_before[2 * k + j];
             assert_eq!(
                 u64_field(qi, "relayed") - relayed_before[2 * k + j],
                 n,
-                "queue {}: relayed delta over {n} frames: {qi}",
+                "queue {}: relayed delta over {frames} frames ({n} buffers): {qi}",
                 io.index
             );
             common::qmp::check_quiescent_queue(qi, &io.ring, j == 1);
@@ -141,10 +147,31 @@ fn switch_under_traffic(pairs: u16, switches: usize, mrg_rxbuf: bool) {
 
 #[test]
 fn hundred_switches_under_traffic_two_pairs() {
-    switch_under_traffic(2, 100, true);
+    switch_under_traffic(2, 100, DriverOpts::default());
 }
 
 #[test]
 fn switches_under_traffic_four_pairs_without_mrg_rxbuf() {
-    switch_under_traffic(4, 21, false);
+    switch_under_traffic(
+        4,
+        21,
+        DriverOpts {
+            mrg_rxbuf: false,
+            ..Default::default()
+        },
+    );
+}
+
+#[test]
+fn switches_under_traffic_event_idx_indirect_small_rx_buffers() {
+    switch_under_traffic(
+        2,
+        41,
+        DriverOpts {
+            mrg_rxbuf: true,
+            event_idx: true,
+            indirect: true,
+            rx_buf_size: 512,
+        },
+    );
 }

@@ -14,6 +14,6 @@ pub mod scenario;
 pub mod vmm;
 
 pub use daemon::Daemon;
-pub use net::{pump, NetPair, Until};
+pub use net::{pump, DriverOpts, NetPair, Until};
 pub use qmp::Qmp;
 pub use vmm::{Vmm, VmmConfig};

@@ -42,58 +42,104 @@ impl QueueIo {
     }
 }
 
+/// How the guest driver lays out its buffers.
+#[derive(Clone, Debug)]
+pub struct DriverOpts {
+    pub mrg_rxbuf: bool,
+    pub event_idx: bool,
+    /// Some chains go through INDIRECT descriptor tables.
+    pub indirect: bool,
+    /// Bytes per RX buffer (header included). Below a full frame only with
+    /// MRG_RXBUF: frames then span several buffers.
+    pub rx_buf_size: u32,
+}
+
+impl Default for DriverOpts {
+    fn default() -> Self {
+        DriverOpts {
+            mrg_rxbuf: true,
+            event_idx: false,
+            indirect: false,
+            rx_buf_size: BUF_SIZE as u32,
+        }
+    }
+}
+
+/// Bytes of indirect table reserved per buffer slot.
+const TABLE_SIZE: u64 = 64;
+
 pub struct NetPair {
     pub pair: u16,
     pub rx: QueueIo,
     pub tx: QueueIo,
-    pub mrg_rxbuf: bool,
+    pub opts: DriverOpts,
     mem: vm_memory::GuestMemoryMmap,
     rx_bufs: GuestAddress,
     tx_bufs: GuestAddress,
+    rx_tables: GuestAddress,
+    tx_tables: GuestAddress,
     rx_free: Vec<u32>,
     tx_free: Vec<u32>,
     rx_posted: usize,
     window: u64,
+    /// A frame whose first RX buffers arrived: (num_buffers, bytes, buffers so far).
+    rx_partial: Option<(u16, Vec<u8>, u16)>,
     /// Sequence number of the next frame to send (= frames sent).
     pub next_seq: u32,
     pub tx_completed: Vec<bool>,
     pub rx_received: Vec<bool>,
     pub n_tx_completed: u64,
     pub n_rx_received: u64,
+    /// RX frames that used more than one buffer.
+    pub n_rx_merged: u64,
 }
 
 impl NetPair {
-    pub fn new(mem: &mut GuestMem, pair: u16, ring_size: u16, mrg_rxbuf: bool) -> NetPair {
-        let rx = QueueIo::new(mem, 2 * pair as usize, ring_size);
-        let tx = QueueIo::new(mem, 2 * pair as usize + 1, ring_size);
+    pub fn new(mem: &mut GuestMem, pair: u16, ring_size: u16, opts: &DriverOpts) -> NetPair {
+        assert!(opts.rx_buf_size as u64 <= BUF_SIZE && opts.rx_buf_size > 2 * NET_HDR_LEN as u32);
+        assert!(
+            opts.mrg_rxbuf || opts.rx_buf_size as usize >= NET_HDR_LEN + packet::MAX_FRAME,
+            "RX buffers smaller than a frame need MRG_RXBUF"
+        );
+        let mut rx = QueueIo::new(mem, 2 * pair as usize, ring_size);
+        let mut tx = QueueIo::new(mem, 2 * pair as usize + 1, ring_size);
+        rx.ring.event_idx = opts.event_idx;
+        tx.ring.event_idx = opts.event_idx;
         let rx_bufs = mem.alloc(BUF_SIZE * ring_size as u64, 4096);
         let tx_bufs = mem.alloc(BUF_SIZE * ring_size as u64, 4096);
+        let rx_tables = mem.alloc(TABLE_SIZE * ring_size as u64, 4096);
+        let tx_tables = mem.alloc(TABLE_SIZE * ring_size as u64, 4096);
         NetPair {
             pair,
             rx,
             tx,
-            mrg_rxbuf,
+            opts: opts.clone(),
             mem: mem.mem.clone(),
             rx_bufs,
             tx_bufs,
+            rx_tables,
+            tx_tables,
             rx_free: (0..ring_size as u32).rev().collect(),
             tx_free: (0..ring_size as u32).rev().collect(),
             rx_posted: 0,
             window: 0,
+            rx_partial: None,
             next_seq: 0,
             tx_completed: Vec::new(),
             rx_received: Vec::new(),
             n_tx_completed: 0,
             n_rx_received: 0,
+            n_rx_merged: 0,
         }
     }
 
     fn rx_segs(&self, b: u32) -> Vec<Seg> {
         let addr = GuestAddress(self.rx_bufs.0 + b as u64 * BUF_SIZE);
+        let size = self.opts.rx_buf_size;
         if b & 1 == 0 {
             vec![Seg {
                 addr,
-                len: BUF_SIZE as u32,
+                len: size,
                 write: true,
             }]
         } else {
@@ -106,10 +152,20 @@ impl NetPair {
                 },
                 Seg {
                     addr: GuestAddress(addr.0 + NET_HDR_LEN as u64),
-                    len: (BUF_SIZE - NET_HDR_LEN as u64) as u32,
+                    len: size - NET_HDR_LEN as u32,
                     write: true,
                 },
             ]
+        }
+    }
+
+    fn add_rx(&mut self, b: u32) -> Option<u16> {
+        let segs = self.rx_segs(b);
+        if self.opts.indirect && (b >> 1) & 1 == 1 {
+            let table = GuestAddress(self.rx_tables.0 + b as u64 * TABLE_SIZE);
+            self.rx.ring.add_indirect(&segs, b as u64, table)
+        } else {
+            self.rx.ring.add(&segs, b as u64)
         }
     }
 
@@ -118,15 +174,15 @@ impl NetPair {
     /// runs out of RX buffers (a lack of RX buffers may legitimately drop).
     pub fn post_rx(&mut self) {
         while let Some(b) = self.rx_free.pop() {
-            let segs = self.rx_segs(b);
-            if self.rx.ring.add(&segs, b as u64).is_none() {
+            if self.add_rx(b).is_none() {
                 self.rx_free.push(b);
                 break;
             }
             self.rx_posted += 1;
         }
-        self.rx.ring.publish();
-        self.window = (self.rx_posted as u64 / 2).max(1);
+        self.rx.ring.publish_and_check_kick();
+        let per_frame = (NET_HDR_LEN + packet::MAX_FRAME).div_ceil(self.opts.rx_buf_size as usize);
+        self.window = (self.rx_posted as u64 / per_frame as u64 / 2).max(1);
     }
 
     /// Frames sent and not yet received back.
@@ -146,44 +202,25 @@ impl NetPair {
             bytes.extend_from_slice(&f);
             self.mem.write_slice(&bytes, addr).expect("write tx frame");
             let total = bytes.len() as u32;
-            let at = |off: u32| GuestAddress(addr.0 + off as u64);
-            let segs = match seq % 3 {
-                0 => vec![Seg {
-                    addr,
-                    len: total,
-                    write: false,
-                }],
-                1 => vec![
-                    Seg {
-                        addr,
-                        len: NET_HDR_LEN as u32,
-                        write: false,
-                    },
-                    Seg {
-                        addr: at(NET_HDR_LEN as u32),
-                        len: total - NET_HDR_LEN as u32,
-                        write: false,
-                    },
-                ],
-                _ => vec![
-                    Seg {
-                        addr,
-                        len: NET_HDR_LEN as u32 + 20,
-                        write: false,
-                    },
-                    Seg {
-                        addr: at(NET_HDR_LEN as u32 + 20),
-                        len: total - NET_HDR_LEN as u32 - 20,
-                        write: false,
-                    },
-                ],
+            let seg = |off: u32, len: u32| Seg {
+                addr: GuestAddress(addr.0 + off as u64),
+                len,
+                write: false,
             };
-            if self
-                .tx
-                .ring
-                .add(&segs, ((b as u64) << 32) | seq as u64)
-                .is_none()
-            {
+            let h = NET_HDR_LEN as u32;
+            let segs = match seq % 3 {
+                0 => vec![seg(0, total)],
+                1 => vec![seg(0, h), seg(h, total - h)],
+                _ => vec![seg(0, h + 20), seg(h + 20, total - h - 20)],
+            };
+            let tag = ((b as u64) << 32) | seq as u64;
+            let added = if self.opts.indirect && seq % 4 >= 2 {
+                let table = GuestAddress(self.tx_tables.0 + b as u64 * TABLE_SIZE);
+                self.tx.ring.add_indirect(&segs, tag, table)
+            } else {
+                self.tx.ring.add(&segs, tag)
+            };
+            if added.is_none() {
                 self.tx_free.push(b);
                 break;
             }
@@ -192,8 +229,7 @@ impl NetPair {
             self.next_seq += 1;
             sent += 1;
         }
-        if sent > 0 {
-            self.tx.ring.publish();
+        if sent > 0 && self.tx.ring.publish_and_check_kick() {
             self.tx.kick();
         }
         sent
@@ -202,6 +238,11 @@ impl NetPair {
     /// Consumes used entries of both queues, checking them. Ok(true) if
     /// anything completed.
     pub fn service(&mut self) -> Result<bool, String> {
+        Ok(self.service_tx()? | self.service_rx()?)
+    }
+
+    /// Consumes TX used entries.
+    pub fn service_tx(&mut self) -> Result<bool, String> {
         let p = self.pair;
         let mut progress = false;
         for u in self
@@ -219,6 +260,13 @@ impl NetPair {
             self.tx_free.push(b);
             progress = true;
         }
+        Ok(progress)
+    }
+
+    /// Consumes RX used entries: checks every byte, reposts the buffers.
+    pub fn service_rx(&mut self) -> Result<bool, String> {
+        let p = self.pair;
+        let mut progress = false;
         let used = self
             .rx
             .ring
@@ -227,16 +275,29 @@ impl NetPair {
         let reposted = !used.is_empty();
         for u in used {
             let data = self.rx.ring.read_written(&u);
-            if data.len() < NET_HDR_LEN + packet::MIN_FRAME {
-                return Err(format!(
-                    "pair {p} RX: used len {} too short for a frame",
-                    u.len
-                ));
+            self.add_rx(u.tag as u32).expect("repost rx buffer");
+            progress = true;
+            let (n, mut acc, got) = match self.rx_partial.take() {
+                None => {
+                    let n = packet::check_rx_hdr(&data).map_err(|e| format!("pair {p} RX: {e}"))?;
+                    let n = if self.opts.mrg_rxbuf { n } else { 1 };
+                    if n == 0 {
+                        return Err(format!("pair {p} RX: num_buffers 0"));
+                    }
+                    (n, Vec::new(), 0)
+                }
+                Some(partial) => partial,
+            };
+            acc.extend_from_slice(&data);
+            if got + 1 < n {
+                self.rx_partial = Some((n, acc, got + 1));
+                continue;
             }
-            packet::check_rx_hdr(&data[..NET_HDR_LEN], self.mrg_rxbuf)
-                .map_err(|e| format!("pair {p} RX: {e}"))?;
-            let (fp, seq) = packet::check_frame(&data[NET_HDR_LEN..])
-                .map_err(|e| format!("pair {p} RX: {e}"))?;
+            if n > 1 {
+                self.n_rx_merged += 1;
+            }
+            let (fp, seq) = packet::check_frame(&acc[NET_HDR_LEN..])
+                .map_err(|e| format!("pair {p} RX ({n} buffers): {e}"))?;
             if fp != p {
                 return Err(format!("pair {p} RX: got frame of pair {fp} seq {seq}"));
             }
@@ -247,13 +308,8 @@ impl NetPair {
                 return Err(format!("pair {p} RX: seq {seq} received twice"));
             }
             self.n_rx_received += 1;
-            let b = u.tag as u32;
-            let segs = self.rx_segs(b);
-            self.rx.ring.add(&segs, b as u64).expect("repost rx buffer");
-            progress = true;
         }
-        if reposted {
-            self.rx.ring.publish();
+        if reposted && self.rx.ring.publish_and_check_kick() {
             self.rx.kick();
         }
         Ok(progress)
@@ -312,7 +368,9 @@ pub const STALL: Duration = Duration::from_secs(15);
 const IRQ_WAIT_MS: i32 = 3000;
 
 /// Drives traffic on all pairs until `until` is satisfied and everything
-/// sent has come back. Err describes the first device misbehaviour.
+/// sent has come back. Like a real guest driver it looks at a used ring only
+/// after that queue's call eventfd fired, so a device that forgets to
+/// signal is caught. Err describes the first device misbehaviour.
 pub fn pump(pairs: &mut [NetPair], until: Until) -> Result<(), String> {
     pump_with(pairs, until, STALL)
 }
@@ -326,23 +384,18 @@ pub fn pump_with(pairs: &mut [NetPair], until: Until, stall: Duration) -> Result
             Until::Frames(n) => pairs.iter().any(|p| p.next_seq < n),
             Until::Flag(f) => !f.load(Ordering::Acquire),
         };
-        let mut progress = false;
-        for p in pairs.iter_mut() {
-            if sending {
+        if sending {
+            for p in pairs.iter_mut() {
                 let max = match until {
                     Until::Frames(n) => n - p.next_seq.min(n),
                     Until::Flag(_) => 64,
                 };
-                progress |= p.send(max) > 0;
+                if p.send(max) > 0 {
+                    last_progress = Instant::now();
+                }
             }
-            progress |= p.service()?;
-        }
-        if !sending && pairs.iter().all(|p| p.quiescent()) {
+        } else if pairs.iter().all(|p| p.quiescent()) {
             return Ok(());
-        }
-        if progress {
-            last_progress = Instant::now();
-            continue;
         }
         let ready = wait_eventfds(&fds, IRQ_WAIT_MS);
         if !ready.iter().any(|&r| r) {
@@ -352,6 +405,15 @@ pub fn pump_with(pairs: &mut [NetPair], until: Until, stall: Duration) -> Result
                     IRQ_WAIT_MS,
                     p.describe()
                 ));
+            }
+        }
+        for (i, p) in pairs.iter_mut().enumerate() {
+            // call_fds() order: RX, TX.
+            if ready[2 * i] && p.service_rx()? {
+                last_progress = Instant::now();
+            }
+            if ready[2 * i + 1] && p.service_tx()? {
+                last_progress = Instant::now();
             }
         }
         if last_progress.elapsed() > stall {

@@ -61,20 +61,17 @@ pub fn check_frame(f: &[u8]) -> Result<(u16, u32), String> {
     Ok((pair, seq))
 }
 
-/// Checks a received virtio_net_hdr_v1 (12 bytes) for a plain frame.
-pub fn check_rx_hdr(h: &[u8], mrg_rxbuf: bool) -> Result<(), String> {
+/// Checks the virtio_net_hdr_v1 at the start of a received buffer for a
+/// plain frame; returns its num_buffers.
+pub fn check_rx_hdr(h: &[u8]) -> Result<u16, String> {
     if h.len() < NET_HDR_LEN {
-        return Err(format!("rx header of {} bytes", h.len()));
+        return Err(format!("rx buffer of {} bytes has no full header", h.len()));
     }
     // flags (no NEEDS_CSUM: we never sent any) and gso_type NONE.
     if h[0] != 0 || h[1] != 0 {
         return Err(format!("rx header flags {:#x} gso_type {:#x}", h[0], h[1]));
     }
-    let num_buffers = u16::from_le_bytes([h[10], h[11]]);
-    if mrg_rxbuf && num_buffers != 1 {
-        return Err(format!("rx header num_buffers {} != 1", num_buffers));
-    }
-    Ok(())
+    Ok(u16::from_le_bytes([h[10], h[11]]))
 }
 
 #[cfg(test)]

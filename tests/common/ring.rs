@@ -8,6 +8,13 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 pub const DESC_F_NEXT: u16 = 1;
 pub const DESC_F_WRITE: u16 = 2;
+pub const DESC_F_INDIRECT: u16 = 4;
+
+/// The virtio "need event" test (EVENT_IDX): has `new` moved past `event`
+/// since `old`?
+pub fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
 
 /// One buffer segment of a chain.
 #[derive(Clone, Copy, Debug)]
@@ -48,6 +55,11 @@ pub struct SplitRing {
     inflight: Vec<Option<InFlight>>,
     pub total_added: u64,
     pub total_used: u64,
+    /// VIRTIO_F_RING_EVENT_IDX negotiated: kicks and interrupts are
+    /// suppressed through avail_event / used_event.
+    pub event_idx: bool,
+    /// Avail index at the last kick decision.
+    kicked_idx: u16,
 }
 
 /// Bytes needed by the three parts of a split ring of `size` entries.
@@ -85,6 +97,8 @@ impl SplitRing {
             inflight: vec![None; size as usize],
             total_added: 0,
             total_used: 0,
+            event_idx: false,
+            kicked_idx: 0,
         }
     }
 
@@ -159,6 +173,54 @@ impl SplitRing {
         Some(head)
     }
 
+    /// Adds a chain as one INDIRECT descriptor whose table (16 bytes per
+    /// segment) is written at `table`.
+    pub fn add_indirect(&mut self, segs: &[Seg], tag: u64, table: GuestAddress) -> Option<u16> {
+        assert!(!segs.is_empty());
+        let head = self.free.pop()?;
+        for (i, seg) in segs.iter().enumerate() {
+            let more = i + 1 < segs.len();
+            let mut flags = if seg.write { DESC_F_WRITE } else { 0 };
+            if more {
+                flags |= DESC_F_NEXT;
+            }
+            let mut raw = [0u8; 16];
+            raw[0..8].copy_from_slice(&seg.addr.0.to_le_bytes());
+            raw[8..12].copy_from_slice(&seg.len.to_le_bytes());
+            raw[12..14].copy_from_slice(&flags.to_le_bytes());
+            raw[14..16].copy_from_slice(&(if more { i as u16 + 1 } else { 0 }).to_le_bytes());
+            self.mem
+                .write_slice(&raw, GuestAddress(table.0 + 16 * i as u64))
+                .expect("write indirect table");
+        }
+        self.write_desc(head, table.0, 16 * segs.len() as u32, DESC_F_INDIRECT, 0);
+        let writable = segs.iter().filter(|s| s.write).map(|s| s.len as u64).sum();
+        assert!(self.inflight[head as usize].is_none());
+        self.inflight[head as usize] = Some(InFlight {
+            descs: vec![head],
+            segs: segs.to_vec(),
+            tag,
+            writable,
+        });
+        self.push_avail_raw(head);
+        self.total_added += 1;
+        Some(head)
+    }
+
+    /// Publishes and returns whether the device wants a kick (always true
+    /// without EVENT_IDX: the driver kicks unconditionally then).
+    pub fn publish_and_check_kick(&mut self) -> bool {
+        self.publish();
+        let old = self.kicked_idx;
+        self.kicked_idx = self.avail_idx;
+        if !self.event_idx {
+            return true;
+        }
+        let slot = GuestAddress(self.used.0 + 4 + 8 * self.size as u64);
+        let avail_event: u16 = self.mem.load(slot, Ordering::Acquire).expect("avail_event");
+        need_event(avail_event, self.avail_idx, old)
+    }
+
     /// Makes everything added so far visible to the device.
     pub fn publish(&self) {
         // The descriptors and avail slots must be visible before the index.
@@ -190,6 +252,26 @@ impl SplitRing {
     /// Consumes all new used entries, validating each against what the
     /// driver made available. An Err describes a device bug.
     pub fn pop_used(&mut self) -> Result<Vec<Used>, String> {
+        let mut out = Vec::new();
+        loop {
+            self.pop_used_once(&mut out)?;
+            if !self.event_idx {
+                return Ok(out);
+            }
+            // Ask for an interrupt at the next entry, then look again: an
+            // entry written before the device saw used_event gets no interrupt.
+            let slot = GuestAddress(self.avail.0 + 4 + 2 * self.size as u64);
+            self.mem
+                .store(self.last_used, slot, Ordering::Release)
+                .expect("store used_event");
+            fence(Ordering::SeqCst);
+            if self.device_used_idx() == self.last_used {
+                return Ok(out);
+            }
+        }
+    }
+
+    fn pop_used_once(&mut self, out: &mut Vec<Used>) -> Result<(), String> {
         let used_idx = self.device_used_idx();
         let pending = used_idx.wrapping_sub(self.last_used);
         let inflight = self.num_inflight();
@@ -201,7 +283,6 @@ impl SplitRing {
         }
         // The entries must be read after the index.
         fence(Ordering::SeqCst);
-        let mut out = Vec::with_capacity(pending as usize);
         while self.last_used != used_idx {
             let slot = self.used.0 + 4 + 8 * (self.last_used % self.size) as u64;
             let id: u32 = self
@@ -242,7 +323,7 @@ impl SplitRing {
             self.last_used = self.last_used.wrapping_add(1);
             self.total_used += 1;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Reads the bytes of the written part of a completed chain (`len` bytes

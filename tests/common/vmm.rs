@@ -10,11 +10,13 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VringConfigData};
 
 use super::mem::GuestMem;
-use super::net::NetPair;
+use super::net::{DriverOpts, NetPair};
 
 pub const F_MAC: u64 = 1 << 5;
 pub const F_MRG_RXBUF: u64 = 1 << 15;
 pub const F_STATUS: u64 = 1 << 16;
+pub const F_INDIRECT_DESC: u64 = 1 << 28;
+pub const F_EVENT_IDX: u64 = 1 << 29;
 pub const F_MQ: u64 = 1 << 22;
 pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
 pub const F_VERSION_1: u64 = 1 << 32;
@@ -27,8 +29,8 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(15);
 pub struct VmmConfig {
     pub pairs: u16,
     pub ring_size: u16,
-    pub mrg_rxbuf: bool,
     pub mem_size: usize,
+    pub driver: DriverOpts,
 }
 
 impl Default for VmmConfig {
@@ -36,8 +38,8 @@ impl Default for VmmConfig {
         VmmConfig {
             pairs: 1,
             ring_size: 256,
-            mrg_rxbuf: true,
             mem_size: 32 << 20,
+            driver: DriverOpts::default(),
         }
     }
 }
@@ -116,12 +118,15 @@ impl Vmm {
             "IN_ORDER must never be offered: {offered:#x}"
         );
         let mut want = F_VERSION_1 | F_PROTOCOL_FEATURES;
-        if cfg.mrg_rxbuf {
-            assert!(
-                offered & F_MRG_RXBUF != 0,
-                "MRG_RXBUF not offered: {offered:#x}"
-            );
-            want |= F_MRG_RXBUF;
+        for (on, bit, name) in [
+            (cfg.driver.mrg_rxbuf, F_MRG_RXBUF, "MRG_RXBUF"),
+            (cfg.driver.event_idx, F_EVENT_IDX, "EVENT_IDX"),
+            (cfg.driver.indirect, F_INDIRECT_DESC, "INDIRECT_DESC"),
+        ] {
+            if on {
+                assert!(offered & bit != 0, "{name} not offered: {offered:#x}");
+                want |= bit;
+            }
         }
         if cfg.pairs > 1 {
             assert!(offered & F_MQ != 0, "MQ not offered: {offered:#x}");
@@ -143,7 +148,7 @@ impl Vmm {
         fe.set_features(want).expect("SET_FEATURES");
         let mut mem = GuestMem::new(cfg.mem_size);
         let pairs = (0..cfg.pairs)
-            .map(|k| NetPair::new(&mut mem, k, cfg.ring_size, cfg.mrg_rxbuf))
+            .map(|k| NetPair::new(&mut mem, k, cfg.ring_size, &cfg.driver))
             .collect();
         Vmm {
             fe,
