@@ -14,7 +14,8 @@ use virtio_bindings::bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, VolatileSlice,
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, VolatileMemory,
+    VolatileSlice,
 };
 
 use crate::shadow_ring::need_event;
@@ -177,7 +178,8 @@ impl GuestSide {
         let off = 4 + 2 * (self.next_avail() % self.size) as usize;
         let head = v
             .avail
-            .read_obj::<u16>(off)
+            .get_ref::<u16>(off)
+            .map(|r| r.load())
             .map(u16::from_le)
             .map_err(|_| SvqError::GuestRingAccess {
                 what: "avail ring entry",
@@ -215,7 +217,8 @@ impl GuestSide {
             let off = 16 * idx as usize;
             let desc: Descriptor = v
                 .desc
-                .read_obj(off)
+                .get_ref::<Descriptor>(off)
+                .map(|r| r.load())
                 .map_err(|_| SvqError::GuestRingAccess {
                     what: "descriptor",
                     addr: self.ring.desc.wrapping_add(off as u64),
@@ -287,7 +290,7 @@ impl GuestSide {
             *stamp = self.indirect_gen;
             let off = 16 * idx as usize;
             let d: Descriptor = match &slice {
-                Some(sl) => sl.read_obj(off).ok(),
+                Some(sl) => sl.get_ref::<Descriptor>(off).ok().map(|r| r.load()),
                 None => mem.read_obj(GuestAddress(table + off as u64)).ok(),
             }
             .ok_or(())
@@ -329,10 +332,12 @@ impl GuestSide {
             addr: self.ring.used.wrapping_add(off as u64),
         };
         v.used
-            .write_obj(u32::to_le(head as u32), off)
+            .get_ref::<u32>(off)
+            .map(|r| r.store(u32::to_le(head as u32)))
             .map_err(|_| err(off))?;
         v.used
-            .write_obj(u32::to_le(len), off + 4)
+            .get_ref::<u32>(off + 4)
+            .map(|r| r.store(u32::to_le(len)))
             .map_err(|_| err(off))?;
         let next = at.wrapping_add(1);
         // Release: the entry is visible before the index that covers it.

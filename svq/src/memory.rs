@@ -123,17 +123,19 @@ impl ShadowMem {
         self.region.as_ptr() as u64 + offset as u64
     }
 
+    // Single volatile accesses through a bounds-checked reference: much
+    // cheaper than the byte-copy path of `Bytes::read_obj`/`write_obj`.
     pub fn write_obj<T: ByteValued>(&self, offset: usize, val: T) -> Result<(), SvqError> {
         self.region
-            .as_volatile_slice()
-            .write_obj(val, offset)
+            .get_ref::<T>(offset)
+            .map(|r| r.store(val))
             .map_err(|_| SvqError::ShadowAccess { offset })
     }
 
     pub fn read_obj<T: ByteValued>(&self, offset: usize) -> Result<T, SvqError> {
         self.region
-            .as_volatile_slice()
-            .read_obj(offset)
+            .get_ref::<T>(offset)
+            .map(|r| r.load())
             .map_err(|_| SvqError::ShadowAccess { offset })
     }
 
