@@ -16,6 +16,7 @@ use vm_memory::MmapRegion;
 use vmm_sys_util::eventfd::EventFd;
 
 pub mod sim;
+pub mod vdpa;
 
 /// Errors a device backend reports. The daemon turns them into log lines and
 /// vhost-user / QMP errors; none of them is fatal to the process.
@@ -54,6 +55,10 @@ pub enum BackendError {
     Io(#[from] std::io::Error),
     #[error("device error: {0}")]
     Device(String),
+    /// The device answered a control-virtqueue command with an ack other
+    /// than VIRTIO_NET_OK.
+    #[error("the device refused control command class {class} command {cmd} (ack {ack})")]
+    CtrlNack { class: u8, cmd: u8, ack: u8 },
 }
 
 pub type Result<T> = std::result::Result<T, BackendError>;
