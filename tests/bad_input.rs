@@ -28,6 +28,46 @@ fn assert_serves(d: &mut Daemon, pairs: u16) {
     d.assert_alive();
 }
 
+/// Waits (bounded) for a WARN or ERROR line of the daemon containing all
+/// of `needles`.
+fn assert_logged(d: &Daemon, needles: &[&str]) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let log = d.stderr();
+        if log.lines().any(|l| {
+            (l.contains("WARN") || l.contains("ERROR")) && needles.iter().all(|n| l.contains(n))
+        }) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no WARN/ERROR line with {needles:?} in the daemon log:\n{log}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn warn_error_lines(d: &Daemon) -> usize {
+    d.stderr()
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .count()
+}
+
+/// Waits (bounded) until the daemon logged a WARN/ERROR line beyond the
+/// first `before` ones.
+fn assert_new_error_logged(d: &Daemon, before: usize, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while warn_error_lines(d) <= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: nothing logged at WARN/ERROR:\n{}",
+            d.stderr()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn garbage_on_the_socket_drops_the_connection() {
     let mut d = Daemon::spawn(&[]);
@@ -55,6 +95,7 @@ fn garbage_on_the_socket_drops_the_connection() {
         ("huge SET_MEM_TABLE", huge_mem_table),
     ];
     for (what, bytes) in cases {
+        let logged = warn_error_lines(&d);
         let s = connect_stream(&d.socket);
         let _ = (&s).write_all(&bytes);
         assert!(
@@ -63,6 +104,7 @@ fn garbage_on_the_socket_drops_the_connection() {
         );
         drop(s);
         d.assert_alive();
+        assert_new_error_logged(&d, logged, what);
     }
     assert_serves(&mut d, 1);
 }
@@ -118,19 +160,6 @@ fn set_vring_addr_before_set_mem_table() {
 fn queue_index_out_of_range() {
     let mut d = Daemon::spawn(&["--queues", "1"]);
     let call = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
-    let mut vmm = Vmm::negotiate(connect_stream(&d.socket), VmmConfig::default());
-    vmm.set_mem_table().expect("SET_MEM_TABLE");
-    let mut addr = raw::vring_state(2, 0)[..4].to_vec();
-    addr.extend_from_slice(&0u32.to_le_bytes()); // flags
-    let cfg = vmm.vring_config(0);
-    for a in [
-        cfg.desc_table_addr,
-        cfg.used_ring_addr,
-        cfg.avail_ring_addr,
-        0,
-    ] {
-        addr.extend_from_slice(&a.to_le_bytes());
-    }
     let cases: Vec<(&str, u32, Vec<u8>, Vec<i32>)> = vec![
         (
             "SET_VRING_NUM 2",
@@ -138,7 +167,7 @@ fn queue_index_out_of_range() {
             raw::vring_state(2, 256),
             vec![],
         ),
-        ("SET_VRING_ADDR 2", raw::SET_VRING_ADDR, addr, vec![]),
+        ("SET_VRING_ADDR 2", raw::SET_VRING_ADDR, vec![], vec![]),
         (
             "SET_VRING_BASE 255",
             raw::SET_VRING_BASE,
@@ -164,27 +193,33 @@ fn queue_index_out_of_range() {
             vec![call.as_raw_fd()],
         ),
     ];
-    let mut closed = false;
-    for (what, req, body, fds) in cases {
-        if closed {
-            // The daemon dropped the previous connection: start over.
-            vmm = Vmm::negotiate(connect_stream(&d.socket), VmmConfig::default());
-            vmm.set_mem_table().expect("SET_MEM_TABLE");
+    for (what, req, mut body, fds) in cases {
+        // A fresh connection each time: the daemon may drop the connection
+        // after refusing.
+        let vmm = Vmm::negotiate(connect_stream(&d.socket), VmmConfig::default());
+        vmm.set_mem_table().expect("SET_MEM_TABLE");
+        if req == raw::SET_VRING_ADDR {
+            // VhostUserVringAddr {index 2, flags, desc, used, avail, log}
+            // with queue 0's valid addresses.
+            let cfg = vmm.vring_config(0);
+            body = raw::vring_state(2, 0)[..4].to_vec();
+            body.extend_from_slice(&0u32.to_le_bytes());
+            for a in [
+                cfg.desc_table_addr,
+                cfg.used_ring_addr,
+                cfg.avail_ring_addr,
+                0,
+            ] {
+                body.extend_from_slice(&a.to_le_bytes());
+            }
         }
+        let logged = warn_error_lines(&d);
         let r = raw::request(&vmm.raw, req, &body, &fds);
         assert!(r.is_refusal(), "{what}: {r:?}");
-        closed = r == Reply::Closed;
+        assert_new_error_logged(&d, logged, what);
+        drop(vmm);
         d.assert_alive();
     }
-    if !closed {
-        // Same connection: the valid queues still work.
-        for q in 0..2 {
-            vmm.setup_queue(q)
-                .unwrap_or_else(|e| panic!("queue {q} after refusals: {e}"));
-        }
-        pump(&mut vmm.pairs, Until::Frames(200)).unwrap_or_else(|e| panic!("after refusals: {e}"));
-    }
-    drop(vmm);
     assert_serves(&mut d, 1);
 }
 
@@ -197,6 +232,7 @@ fn bad_ring_addr(d: &mut Daemon, shadow: bool, patch: impl Fn(&mut vhost::VringC
     let mut cfg = vmm.vring_config(0);
     let base = vmm.mem.vmm_addr(vm_memory::GuestAddress(0));
     patch(&mut cfg, base + vmm.mem.size);
+    let logged = warn_error_lines(d);
     let fe = &mut vmm.fe;
     let q0 = &vmm.pairs[0].rx;
     let refused = fe.set_vring_num(0, 256).is_err()
@@ -218,6 +254,7 @@ fn bad_ring_addr(d: &mut Daemon, shadow: bool, patch: impl Fn(&mut vhost::VringC
             "ring outside guest memory accepted and not reported: {dev}"
         );
     }
+    assert_new_error_logged(d, logged, "ring outside guest memory");
     drop(vmm);
     d.assert_alive();
 }
@@ -276,6 +313,8 @@ fn broken_guest_ring(shadow: &str, write_chain: fn(&common::ring::SplitRing, u64
     } else {
         eprintln!("passthrough view after the bad chain: {dev}");
     }
+    // Either way the daemon says what happened to which queue.
+    assert_logged(&d, &["queue 3"]);
     drop(vmm);
     assert_serves(&mut d, 2);
 }

@@ -171,7 +171,7 @@ fn relayed(dev: &Value) -> (u64, u64) {
     let mut tx = 0;
     for q in dev["queues"].as_array().expect("queues") {
         let r = u64_field(q, "relayed");
-        if u64_field(q, "index") % 2 == 0 {
+        if u64_field(q, "index") & 1 == 0 {
             rx += r;
         } else {
             tx += r;

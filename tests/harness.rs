@@ -166,6 +166,7 @@ fn driver_passes_traffic_through_a_correct_loopback() {
         event_idx: true,
         indirect: true,
         rx_buf_size: 512,
+        ..Default::default()
     };
     let no_mrg = DriverOpts {
         mrg_rxbuf: false,

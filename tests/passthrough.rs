@@ -21,6 +21,7 @@ fn all_features() -> DriverOpts {
         event_idx: true,
         indirect: true,
         rx_buf_size: 512,
+        ..Default::default()
     }
 }
 

@@ -1,4 +1,4 @@
-//! Guest memory of the test "VM": one memfd mapped at GPA 0.
+//! Guest memory of the test "VM": memfd-backed regions, region 0 at GPA 0.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -9,43 +9,83 @@ use vm_memory::{
     GuestRegionMmap, MmapRegion,
 };
 
+struct Bump {
+    start: u64,
+    end: u64,
+    next: u64,
+}
+
 pub struct GuestMem {
     pub mem: GuestMemoryMmap,
+    /// Size of region 0 (which starts at GPA 0).
     pub size: u64,
-    next: u64,
+    bumps: Vec<Bump>,
+}
+
+fn memfd_region(gpa: u64, size: usize) -> GuestRegionMmap {
+    // SAFETY: the name is a valid NUL-terminated string; memfd_create does
+    // not retain the pointer.
+    let fd = unsafe { libc::memfd_create(c"svq-test-guest".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size as u64).expect("size memfd");
+    let region = MmapRegion::from_file(FileOffset::new(file, 0), size).expect("mmap memfd");
+    GuestRegionMmap::new(region, GuestAddress(gpa)).expect("guest region")
 }
 
 impl GuestMem {
     /// `size` bytes of shared memory (a memfd) at GPA 0.
     pub fn new(size: usize) -> GuestMem {
-        // SAFETY: the name is a valid NUL-terminated string; memfd_create does
-        // not retain the pointer.
-        let fd = unsafe { libc::memfd_create(c"svq-test-guest".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-        // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(size as u64).expect("size memfd");
-        let region = MmapRegion::from_file(FileOffset::new(file, 0), size).expect("mmap memfd");
-        let region = GuestRegionMmap::new(region, GuestAddress(0)).expect("guest region");
-        let mem = GuestMemoryMmap::from_regions(vec![region]).expect("guest memory");
+        GuestMem::with_regions(&[(0, size)])
+    }
+
+    /// Several memfd regions `(gpa, size)`, sorted, the first at GPA 0.
+    pub fn with_regions(layout: &[(u64, usize)]) -> GuestMem {
+        assert_eq!(layout[0].0, 0);
+        let regions: Vec<GuestRegionMmap> = layout
+            .iter()
+            .map(|&(gpa, size)| memfd_region(gpa, size))
+            .collect();
+        let mem = GuestMemoryMmap::from_regions(regions).expect("guest memory");
+        let bumps = layout
+            .iter()
+            .map(|&(gpa, size)| Bump {
+                start: gpa,
+                end: gpa + size as u64,
+                // Leave the first page unused so a zero address is never a
+                // valid buffer.
+                next: gpa + 4096,
+            })
+            .collect();
         GuestMem {
             mem,
-            size: size as u64,
-            // Leave page 0 unused so a zero address is never a valid buffer.
-            next: 4096,
+            size: layout[0].1 as u64,
+            bumps,
         }
     }
 
-    /// The region as the vhost-user SET_MEM_TABLE describes it.
-    pub fn region_info(&self) -> VhostUserMemoryRegionInfo {
-        let region = self.mem.iter().next().expect("one region");
-        VhostUserMemoryRegionInfo::from_guest_region(region).expect("region info")
+    fn region(&self, i: usize) -> &GuestRegionMmap {
+        self.mem.iter().nth(i).expect("region index")
     }
 
-    /// The memfd backing guest memory.
+    /// Region `i` as SET_MEM_TABLE / ADD_MEM_REG describe it.
+    pub fn region_info_of(&self, i: usize) -> VhostUserMemoryRegionInfo {
+        VhostUserMemoryRegionInfo::from_guest_region(self.region(i)).expect("region info")
+    }
+
+    /// Region 0.
+    pub fn region_info(&self) -> VhostUserMemoryRegionInfo {
+        self.region_info_of(0)
+    }
+
+    pub fn num_regions(&self) -> usize {
+        self.bumps.len()
+    }
+
+    /// The memfd backing region 0.
     pub fn fd(&self) -> i32 {
-        let region = self.mem.iter().next().expect("one region");
-        region
+        self.region(0)
             .file_offset()
             .expect("file backed")
             .file()
@@ -55,21 +95,30 @@ impl GuestMem {
     /// VMM (frontend process) virtual address of a guest physical address:
     /// what SET_VRING_ADDR carries.
     pub fn vmm_addr(&self, gpa: GuestAddress) -> u64 {
-        let region = self.mem.iter().next().expect("one region");
-        assert!(
-            gpa.0 < region.len(),
-            "gpa {:#x} outside guest memory",
-            gpa.0
-        );
-        region.as_ptr() as u64 + gpa.0
+        let r = self
+            .mem
+            .iter()
+            .find(|r| gpa.0 >= r.start_addr().0 && gpa.0 - r.start_addr().0 < r.len())
+            .unwrap_or_else(|| panic!("gpa {:#x} outside guest memory", gpa.0));
+        r.as_ptr() as u64 + (gpa.0 - r.start_addr().0)
     }
 
-    /// Bump-allocates `len` bytes aligned to `align` (a power of two).
+    /// Bump-allocates `len` bytes aligned to `align` (a power of two) in region 0.
     pub fn alloc(&mut self, len: u64, align: u64) -> GuestAddress {
-        let start = (self.next + align - 1) & !(align - 1);
+        self.alloc_in(0, len, align)
+    }
+
+    /// Bump-allocates in region `i`.
+    pub fn alloc_in(&mut self, i: usize, len: u64, align: u64) -> GuestAddress {
+        let b = &mut self.bumps[i];
+        let start = (b.next + align - 1) & !(align - 1);
         let end = start + len;
-        assert!(end <= self.size, "test guest memory exhausted");
-        self.next = end;
+        assert!(
+            end <= b.end,
+            "test guest memory region {i} ({:#x}) exhausted",
+            b.start
+        );
+        b.next = end;
         GuestAddress(start)
     }
 }

@@ -52,6 +52,8 @@ pub struct DriverOpts {
     /// Bytes per RX buffer (header included). Below a full frame only with
     /// MRG_RXBUF: frames then span several buffers.
     pub rx_buf_size: u32,
+    /// Guest memory region holding the packet buffers (rings stay in 0).
+    pub buf_region: usize,
 }
 
 impl Default for DriverOpts {
@@ -61,6 +63,7 @@ impl Default for DriverOpts {
             event_idx: false,
             indirect: false,
             rx_buf_size: BUF_SIZE as u32,
+            buf_region: 0,
         }
     }
 }
@@ -105,10 +108,11 @@ impl NetPair {
         let mut tx = QueueIo::new(mem, 2 * pair as usize + 1, ring_size);
         rx.ring.event_idx = opts.event_idx;
         tx.ring.event_idx = opts.event_idx;
-        let rx_bufs = mem.alloc(BUF_SIZE * ring_size as u64, 4096);
-        let tx_bufs = mem.alloc(BUF_SIZE * ring_size as u64, 4096);
-        let rx_tables = mem.alloc(TABLE_SIZE * ring_size as u64, 4096);
-        let tx_tables = mem.alloc(TABLE_SIZE * ring_size as u64, 4096);
+        let r = opts.buf_region;
+        let rx_bufs = mem.alloc_in(r, BUF_SIZE * ring_size as u64, 4096);
+        let tx_bufs = mem.alloc_in(r, BUF_SIZE * ring_size as u64, 4096);
+        let rx_tables = mem.alloc_in(r, TABLE_SIZE * ring_size as u64, 4096);
+        let tx_tables = mem.alloc_in(r, TABLE_SIZE * ring_size as u64, 4096);
         NetPair {
             pair,
             rx,

@@ -30,6 +30,10 @@ pub struct VmmConfig {
     pub pairs: u16,
     pub ring_size: u16,
     pub mem_size: usize,
+    /// More guest memory regions `(gpa, size)` above region 0.
+    pub extra_regions: Vec<(u64, usize)>,
+    /// Negotiate CONFIGURE_MEM_SLOTS.
+    pub mem_slots: bool,
     pub driver: DriverOpts,
 }
 
@@ -39,6 +43,8 @@ impl Default for VmmConfig {
             pairs: 1,
             ring_size: 256,
             mem_size: 32 << 20,
+            extra_regions: Vec::new(),
+            mem_slots: false,
             driver: DriverOpts::default(),
         }
     }
@@ -133,9 +139,12 @@ impl Vmm {
             want |= F_MQ;
         }
         let offered_proto = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
-        let want_proto = VhostUserProtocolFeatures::MQ
+        let mut want_proto = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG;
+        if cfg.mem_slots {
+            want_proto |= VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        }
         assert!(
             offered_proto.contains(want_proto),
             "protocol features {offered_proto:?} lack some of {want_proto:?}"
@@ -146,7 +155,9 @@ impl Vmm {
         fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         let queue_num = fe.get_queue_num().expect("GET_QUEUE_NUM");
         fe.set_features(want).expect("SET_FEATURES");
-        let mut mem = GuestMem::new(cfg.mem_size);
+        let mut layout = vec![(0, cfg.mem_size)];
+        layout.extend_from_slice(&cfg.extra_regions);
+        let mut mem = GuestMem::with_regions(&layout);
         let pairs = (0..cfg.pairs)
             .map(|k| NetPair::new(&mut mem, k, cfg.ring_size, &cfg.driver))
             .collect();
@@ -163,8 +174,18 @@ impl Vmm {
         }
     }
 
+    /// SET_MEM_TABLE with every region.
     pub fn set_mem_table(&self) -> vhost::Result<()> {
-        self.fe.set_mem_table(&[self.mem.region_info()]).map(|_| ())
+        let regions: Vec<_> = (0..self.mem.num_regions())
+            .map(|i| self.mem.region_info_of(i))
+            .collect();
+        self.fe.set_mem_table(&regions).map(|_| ())
+    }
+
+    /// SET_MEM_TABLE with the given regions only.
+    pub fn set_mem_table_of(&self, which: &[usize]) -> vhost::Result<()> {
+        let regions: Vec<_> = which.iter().map(|&i| self.mem.region_info_of(i)).collect();
+        self.fe.set_mem_table(&regions).map(|_| ())
     }
 
     fn queue(&self, q: usize) -> &super::net::QueueIo {
@@ -206,6 +227,20 @@ impl Vmm {
         self.fe.set_vring_kick(q, &self.queue(q).kick)?;
         self.fe.set_vring_enable(q, true)?;
         // Buffers may already be waiting.
+        self.queue(q).kick();
+        Ok(())
+    }
+
+    /// Restarts a stopped queue at `base` (after GET_VRING_BASE), same rings.
+    pub fn restart_queue(&mut self, q: usize, base: u16) -> vhost::Result<()> {
+        let size = self.queue(q).ring.size;
+        let cfg = self.vring_config(q);
+        self.fe.set_vring_num(q, size)?;
+        self.fe.set_vring_addr(q, &cfg)?;
+        self.fe.set_vring_base(q, base)?;
+        self.fe.set_vring_call(q, &self.queue(q).call)?;
+        self.fe.set_vring_kick(q, &self.queue(q).kick)?;
+        self.fe.set_vring_enable(q, true)?;
         self.queue(q).kick();
         Ok(())
     }
