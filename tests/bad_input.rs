@@ -353,3 +353,36 @@ fn descriptor_outside_memory_shadow() {
 fn descriptor_next_out_of_range_shadow() {
     broken_guest_ring("on", descriptor_next_out_of_range);
 }
+
+#[test]
+fn ring_larger_than_queue_size_is_refused() {
+    let mut d = Daemon::spawn(&["--queue-size", "128"]);
+    let cfg = VmmConfig {
+        ring_size: 256,
+        ..Default::default()
+    };
+    let vmm = Vmm::negotiate(connect_stream(&d.socket), cfg);
+    vmm.set_mem_table().expect("SET_MEM_TABLE");
+    let logged = warn_error_lines(&d);
+    let r = vmm.fe.set_vring_num(0, 256);
+    assert!(
+        r.is_err(),
+        "SET_VRING_NUM 256 accepted with --queue-size 128"
+    );
+    assert_new_error_logged(&d, logged, "ring larger than --queue-size");
+    drop(vmm);
+    // Not a power of two.
+    let vmm = Vmm::negotiate(connect_stream(&d.socket), VmmConfig::default());
+    let r = vmm.fe.set_vring_num(0, 100);
+    assert!(r.is_err(), "SET_VRING_NUM 100 accepted");
+    drop(vmm);
+    // A ring of exactly --queue-size works.
+    let cfg = VmmConfig {
+        ring_size: 128,
+        ..Default::default()
+    };
+    let mut vmm = Vmm::start(&d.socket, cfg);
+    pump(&mut vmm.pairs, Until::Frames(300)).unwrap_or_else(|e| panic!("ring of 128: {e}"));
+    vmm.check_final_bases();
+    d.assert_alive();
+}

@@ -245,6 +245,20 @@ impl Vmm {
         Ok(())
     }
 
+    /// SET_VRING_ENABLE(q, 0).
+    pub fn fe_enable_off(&mut self, q: usize) {
+        self.fe
+            .set_vring_enable(q, false)
+            .unwrap_or_else(|e| panic!("SET_VRING_ENABLE {q} 0: {e}"));
+    }
+
+    /// GET_VRING_BASE(q).
+    pub fn get_vring_base(&mut self, q: usize) -> u32 {
+        self.fe
+            .get_vring_base(q)
+            .unwrap_or_else(|e| panic!("GET_VRING_BASE {q}: {e}"))
+    }
+
     /// Stops every queue the way QEMU does (disable, GET_VRING_BASE).
     pub fn get_vring_bases(&mut self) -> Vec<u32> {
         (0..2 * self.cfg.pairs as usize)
