@@ -1,0 +1,860 @@
+//! A vhost-vdpa virtio-net device played in memory for the vdpa tests.
+//!
+//! It records every call in order, enforces the rules the kernel enforces
+//! (owner, status bits cleared only by reset, FEATURES_OK, ASIDs, batches,
+//! overlapping IOTLB updates), and runs the control virtqueue on a thread of
+//! its own: woken by the queue's kick eventfd, it reads the ring and the
+//! command through the IOTLB entries it was sent (only what was mapped, in
+//! the ASID of the queue's group), writes the ack and the used entry, and
+//! signals the call eventfd, like a real device.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use backends::vdpa::{backend_bits, IotlbKind, IotlbMsg, VdpaIoctls, ACCESS_RO};
+use backends::{IovaRange, VringAddrs};
+use vm_memory::{Bytes, VolatileSlice};
+use vmm_sys_util::eventfd::EventFd;
+
+pub const F_MAC: u64 = 1 << 5;
+pub const F_MTU: u64 = 1 << 3;
+pub const F_MRG_RXBUF: u64 = 1 << 15;
+pub const F_STATUS: u64 = 1 << 16;
+pub const F_CTRL_VQ: u64 = 1 << 17;
+pub const F_CTRL_RX: u64 = 1 << 18;
+pub const F_CTRL_VLAN: u64 = 1 << 19;
+pub const F_MQ: u64 = 1 << 22;
+pub const F_CTRL_MAC_ADDR: u64 = 1 << 23;
+pub const F_EVENT_IDX: u64 = 1 << 29;
+pub const F_VERSION_1: u64 = 1 << 32;
+pub const F_ACCESS_PLATFORM: u64 = 1 << 33;
+
+pub const S_ACK: u8 = 1;
+pub const S_DRIVER: u8 = 2;
+pub const S_DRIVER_OK: u8 = 4;
+pub const S_FEATURES_OK: u8 = 8;
+
+pub const fn bf(bit: u32) -> u64 {
+    1 << bit
+}
+
+/// Every backend feature the kernel knows of (as a recent kernel offers them).
+pub const ALL_BACKEND: u64 = bf(backend_bits::IOTLB_MSG_V2)
+    | bf(backend_bits::IOTLB_BATCH)
+    | bf(backend_bits::IOTLB_ASID)
+    | bf(backend_bits::SUSPEND)
+    | bf(backend_bits::RESUME)
+    | bf(backend_bits::ENABLE_AFTER_DRIVER_OK)
+    | bf(backend_bits::IOTLB_PERSIST);
+
+pub const MAC: [u8; 6] = [0x02, 0x11, 0x22, 0x33, 0x44, 0x55];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    SetOwner,
+    GetFeatures,
+    SetFeatures(u64),
+    GetBackendFeatures,
+    SetBackendFeatures(u64),
+    GetDeviceId,
+    GetStatus,
+    SetStatus(u8),
+    GetConfigSize,
+    GetConfig(u32, usize),
+    SetConfig(u32, Vec<u8>),
+    GetVringNum,
+    GetIovaRange,
+    GetVqsCount,
+    GetGroupNum,
+    GetAsNum,
+    GetVringGroup(u32),
+    SetGroupAsid(u32, u32),
+    SetVringNum(u32, u16),
+    SetVringAddr(u32, VringAddrs),
+    SetVringBase(u32, u16),
+    GetVringBase(u32),
+    /// queue, bound (false = unbind)
+    SetVringKick(u32, bool),
+    SetVringCall(u32, bool),
+    SetVringEnable(u32, bool),
+    Suspend,
+    Resume,
+    SetConfigCall(bool),
+    Iotlb(IotlbMsg),
+}
+
+impl Op {
+    fn name(&self) -> &'static str {
+        match self {
+            Op::SetOwner => "SET_OWNER",
+            Op::GetFeatures => "GET_FEATURES",
+            Op::SetFeatures(_) => "SET_FEATURES",
+            Op::GetBackendFeatures => "GET_BACKEND_FEATURES",
+            Op::SetBackendFeatures(_) => "SET_BACKEND_FEATURES",
+            Op::GetDeviceId => "GET_DEVICE_ID",
+            Op::GetStatus => "GET_STATUS",
+            Op::SetStatus(_) => "SET_STATUS",
+            Op::GetConfigSize => "GET_CONFIG_SIZE",
+            Op::GetConfig(..) => "GET_CONFIG",
+            Op::SetConfig(..) => "SET_CONFIG",
+            Op::GetVringNum => "GET_VRING_NUM",
+            Op::GetIovaRange => "GET_IOVA_RANGE",
+            Op::GetVqsCount => "GET_VQS_COUNT",
+            Op::GetGroupNum => "GET_GROUP_NUM",
+            Op::GetAsNum => "GET_AS_NUM",
+            Op::GetVringGroup(_) => "GET_VRING_GROUP",
+            Op::SetGroupAsid(..) => "SET_GROUP_ASID",
+            Op::SetVringNum(..) => "SET_VRING_NUM",
+            Op::SetVringAddr(..) => "SET_VRING_ADDR",
+            Op::SetVringBase(..) => "SET_VRING_BASE",
+            Op::GetVringBase(_) => "GET_VRING_BASE",
+            Op::SetVringKick(..) => "SET_VRING_KICK",
+            Op::SetVringCall(..) => "SET_VRING_CALL",
+            Op::SetVringEnable(..) => "SET_VRING_ENABLE",
+            Op::Suspend => "SUSPEND",
+            Op::Resume => "RESUME",
+            Op::SetConfigCall(_) => "SET_CONFIG_CALL",
+            Op::Iotlb(m) => match m.kind {
+                IotlbKind::Update => "IOTLB_UPDATE",
+                IotlbKind::Invalidate => "IOTLB_INVALIDATE",
+                IotlbKind::BatchBegin => "IOTLB_BATCH_BEGIN",
+                IotlbKind::BatchEnd => "IOTLB_BATCH_END",
+            },
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    pub size: u64,
+    pub uaddr: u64,
+    pub perm: u8,
+}
+
+#[derive(Default)]
+pub struct FakeVring {
+    pub num: u16,
+    pub addrs: Option<VringAddrs>,
+    /// Next avail index the device reads.
+    pub base: u16,
+    pub used: u16,
+    pub kick: Option<EventFd>,
+    pub call: Option<EventFd>,
+    pub enabled: bool,
+}
+
+/// The device, with public fields for tests to set up and inspect.
+pub struct Device {
+    pub calls: Vec<Op>,
+    pub owner: bool,
+    pub device_id: u32,
+    pub offered: u64,
+    pub backend_offered: u64,
+    pub backend_acked: u64,
+    pub features: u64,
+    pub status: u8,
+    /// FEATURES_OK does not stick when the features include one of these.
+    pub refuse_features: u64,
+    pub vring_max: u16,
+    pub iova_range: IovaRange,
+    pub vqs: u32,
+    /// Group of each virtqueue.
+    pub groups: Vec<u32>,
+    pub group_num: u32,
+    pub as_num: u32,
+    pub group_asid: BTreeMap<u32, u32>,
+    pub config: Vec<u8>,
+    pub config_call: bool,
+    pub vrings: Vec<FakeVring>,
+    pub suspended: bool,
+    /// vhost-vdpa's own table, keyed by (asid, iova).
+    pub kernel_iotlb: BTreeMap<(u32, u64), Mapping>,
+    /// What the parent driver translates with (lost at a reset without
+    /// IOTLB_PERSIST, like vdpa_sim).
+    pub parent_iotlb: BTreeMap<(u32, u64), Mapping>,
+    pub in_batch: Option<u32>,
+    /// Ack the control queue answers with.
+    pub cvq_ack: u8,
+    /// Never answer the control queue.
+    pub cvq_silent: bool,
+    /// (class, command, data) of every control command seen.
+    pub commands: Vec<(u8, u8, Vec<u8>)>,
+    /// Faults in the control queue chain (a bug of the driver).
+    pub cvq_errors: Vec<String>,
+    pub mac: [u8; 6],
+    pub pairs: u16,
+    pub promisc: bool,
+    pub allmulti: bool,
+    /// Calls that fail with this errno (by name, e.g. "IOTLB_UPDATE").
+    pub fail: BTreeMap<&'static str, i32>,
+}
+
+impl Device {
+    /// A virtio-net device with `max_pairs` pairs, a control queue in its own
+    /// group, two address spaces and every backend feature.
+    pub fn net(max_pairs: u16) -> Device {
+        let vqs = 2 * u32::from(max_pairs) + 1;
+        let mut offered = F_VERSION_1
+            | F_ACCESS_PLATFORM
+            | F_MAC
+            | F_MTU
+            | F_STATUS
+            | F_MRG_RXBUF
+            | F_EVENT_IDX
+            | F_CTRL_VQ
+            | F_CTRL_RX
+            | F_CTRL_VLAN
+            | F_CTRL_MAC_ADDR;
+        if max_pairs > 1 {
+            offered |= F_MQ;
+        }
+        let mut config = Vec::new();
+        config.extend_from_slice(&MAC);
+        config.extend_from_slice(&1u16.to_le_bytes());
+        config.extend_from_slice(&max_pairs.to_le_bytes());
+        config.extend_from_slice(&1500u16.to_le_bytes());
+        let mut groups = vec![0; vqs as usize];
+        groups[vqs as usize - 1] = 1;
+        Device {
+            calls: Vec::new(),
+            owner: false,
+            device_id: 1,
+            offered,
+            backend_offered: ALL_BACKEND,
+            backend_acked: 0,
+            features: 0,
+            status: 0,
+            refuse_features: 0,
+            vring_max: 256,
+            iova_range: IovaRange {
+                first: 0,
+                last: (1 << 48) - 1,
+            },
+            vqs,
+            groups,
+            group_num: 2,
+            as_num: 2,
+            group_asid: BTreeMap::new(),
+            config,
+            config_call: false,
+            vrings: (0..vqs).map(|_| FakeVring::default()).collect(),
+            suspended: false,
+            kernel_iotlb: BTreeMap::new(),
+            parent_iotlb: BTreeMap::new(),
+            in_batch: None,
+            cvq_ack: 0,
+            cvq_silent: false,
+            commands: Vec::new(),
+            cvq_errors: Vec::new(),
+            mac: MAC,
+            pairs: 1,
+            promisc: true,
+            allmulti: false,
+            fail: BTreeMap::new(),
+        }
+    }
+
+    pub fn max_pairs(&self) -> u16 {
+        u16::from_le_bytes([self.config[8], self.config[9]])
+    }
+
+    /// Index of the control queue under the negotiated features.
+    pub fn cvq_index(&self) -> u32 {
+        if self.features & F_MQ != 0 {
+            2 * u32::from(self.max_pairs())
+        } else {
+            2
+        }
+    }
+
+    pub fn take_calls(&mut self) -> Vec<Op> {
+        std::mem::take(&mut self.calls)
+    }
+
+    pub fn iotlb_calls(&self) -> Vec<IotlbMsg> {
+        self.calls
+            .iter()
+            .filter_map(|c| match c {
+                Op::Iotlb(m) => Some(*m),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn reset(&mut self) {
+        self.status = 0;
+        self.features = 0;
+        self.suspended = false;
+        self.group_asid.clear();
+        for v in &mut self.vrings {
+            v.num = 0;
+            v.addrs = None;
+            v.base = 0;
+            v.used = 0;
+            v.enabled = false;
+        }
+        self.mac = MAC;
+        self.pairs = 1;
+        self.promisc = true;
+        self.allmulti = false;
+        if self.backend_acked & bf(backend_bits::IOTLB_PERSIST) == 0 {
+            self.parent_iotlb.clear();
+        }
+    }
+
+    fn vring(&mut self, q: u32) -> io::Result<&mut FakeVring> {
+        self.vrings
+            .get_mut(q as usize)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOBUFS))
+    }
+
+    fn asid_of(&self, q: u32) -> u32 {
+        let group = self.groups.get(q as usize).copied().unwrap_or(0);
+        self.group_asid.get(&group).copied().unwrap_or(0)
+    }
+
+    fn iotlb(&mut self, m: IotlbMsg) -> io::Result<()> {
+        let einval = || io::Error::from_raw_os_error(libc::EINVAL);
+        if !self.owner {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        if m.asid != 0 && self.backend_acked & bf(backend_bits::IOTLB_ASID) == 0 {
+            return Err(einval());
+        }
+        if m.asid >= self.as_num.max(1) {
+            return Err(einval());
+        }
+        match m.kind {
+            IotlbKind::BatchBegin => {
+                if self.backend_acked & bf(backend_bits::IOTLB_BATCH) == 0 {
+                    return Err(einval());
+                }
+                self.in_batch = Some(m.asid);
+            }
+            IotlbKind::BatchEnd => {
+                // The kernel applies the batch of the END's ASID: a mismatch
+                // would leave updates unapplied.
+                if self.in_batch != Some(m.asid) {
+                    return Err(einval());
+                }
+                self.in_batch = None;
+            }
+            IotlbKind::Update => {
+                if m.size == 0 || m.iova.checked_add(m.size - 1).is_none() {
+                    return Err(einval());
+                }
+                let r = self.iova_range;
+                if m.iova < r.first || m.iova + (m.size - 1) > r.last {
+                    return Err(einval());
+                }
+                let last = m.iova + (m.size - 1);
+                let overlaps = self
+                    .kernel_iotlb
+                    .iter()
+                    .any(|(&(a, s), e)| a == m.asid && s <= last && m.iova <= s + (e.size - 1));
+                if overlaps {
+                    return Err(io::Error::from_raw_os_error(libc::EEXIST));
+                }
+                let e = Mapping {
+                    size: m.size,
+                    uaddr: m.uaddr,
+                    perm: m.perm,
+                };
+                self.kernel_iotlb.insert((m.asid, m.iova), e);
+                self.parent_iotlb.insert((m.asid, m.iova), e);
+            }
+            IotlbKind::Invalidate => {
+                let last = m.iova.saturating_add(m.size.saturating_sub(1));
+                let gone: Vec<(u32, u64)> = self
+                    .kernel_iotlb
+                    .iter()
+                    .filter(|(&(a, s), e)| a == m.asid && s <= last && m.iova <= s + (e.size - 1))
+                    .map(|(k, _)| *k)
+                    .collect();
+                for k in gone {
+                    self.kernel_iotlb.remove(&k);
+                    self.parent_iotlb.remove(&k);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The process memory behind `iova..iova+len` in `asid`, if one parent
+    /// mapping covers it (and allows writing when `write`).
+    fn translate(
+        &self,
+        asid: u32,
+        iova: u64,
+        len: usize,
+        write: bool,
+    ) -> Option<VolatileSlice<'_>> {
+        let (&(a, start), e) = self.parent_iotlb.range(..=(asid, iova)).next_back()?;
+        let off = iova.checked_sub(start)?;
+        let end = off.checked_add(len as u64)?;
+        if a != asid || end > e.size || (write && e.perm == ACCESS_RO) {
+            return None;
+        }
+        // SAFETY: VdpaNet keeps the memory of every mapping alive until it
+        // has sent the INVALIDATE that removes it from this table, and the
+        // table is only read under the device lock; the range lies inside
+        // the mapping. That is the contract under test: a VdpaNet that broke
+        // it would make this read freed memory.
+        Some(unsafe { VolatileSlice::new((e.uaddr + off) as *mut u8, len) })
+    }
+
+    fn read_u16(&self, asid: u32, iova: u64) -> Option<u16> {
+        self.translate(asid, iova, 2, false)?
+            .load::<u16>(0, Ordering::Acquire)
+            .ok()
+            .map(u16::from_le)
+    }
+
+    /// Runs every control command the driver made available.
+    pub fn process_cvq(&mut self) {
+        if self.status & S_DRIVER_OK == 0 || self.suspended || self.cvq_silent {
+            return;
+        }
+        let q = self.cvq_index();
+        let asid = self.asid_of(q);
+        let Some(v) = self.vrings.get(q as usize) else {
+            return;
+        };
+        let (Some(addrs), true) = (v.addrs, v.enabled) else {
+            return;
+        };
+        let num = v.num;
+        let Some(avail) = self.read_u16(asid, addrs.avail + 2) else {
+            self.cvq_errors.push("avail index not mapped".into());
+            return;
+        };
+        while self.vrings[q as usize].base != avail {
+            let last = self.vrings[q as usize].base;
+            let slot = u64::from(last % num);
+            let Some(head) = self.read_u16(asid, addrs.avail + 4 + 2 * slot) else {
+                self.cvq_errors.push("avail ring not mapped".into());
+                return;
+            };
+            let (written, ok) = self.run_command(asid, addrs.desc, head, num);
+            let used = self.vrings[q as usize].used;
+            let elem = addrs.used + 4 + 8 * u64::from(used % num);
+            let Some(e) = self.translate(asid, elem, 8, true) else {
+                self.cvq_errors.push("used ring not mapped".into());
+                return;
+            };
+            let _ = e.write_obj(u32::from(head).to_le(), 0);
+            let _ = e.write_obj(written.to_le(), 4);
+            let Some(u) = self.translate(asid, addrs.used + 2, 2, true) else {
+                return;
+            };
+            let _ = u.store(used.wrapping_add(1).to_le(), 0, Ordering::Release);
+            let v = &mut self.vrings[q as usize];
+            v.used = used.wrapping_add(1);
+            v.base = last.wrapping_add(1);
+            if !ok {
+                return;
+            }
+        }
+        if let Some(call) = &self.vrings[q as usize].call {
+            let _ = call.write(1);
+        }
+    }
+
+    /// Walks one chain; returns (bytes written, chain well formed).
+    fn run_command(&mut self, asid: u32, desc: u64, head: u16, num: u16) -> (u32, bool) {
+        let mut out = Vec::new();
+        let mut ack_at = None;
+        let mut i = head;
+        for _ in 0..num {
+            let Some(d) = self.translate(asid, desc + 16 * u64::from(i), 16, false) else {
+                self.cvq_errors.push(format!("descriptor {i} not mapped"));
+                return (0, false);
+            };
+            let addr = u64::from_le(d.read_obj::<u64>(0).unwrap_or(0));
+            let len = u32::from_le(d.read_obj::<u32>(8).unwrap_or(0));
+            let flags = u16::from_le(d.read_obj::<u16>(12).unwrap_or(0));
+            let next = u16::from_le(d.read_obj::<u16>(14).unwrap_or(0));
+            if flags & 2 != 0 {
+                if self.translate(asid, addr, len as usize, true).is_none() || len == 0 {
+                    self.cvq_errors.push("ack buffer not writable".into());
+                    return (0, false);
+                }
+                ack_at = ack_at.or(Some(addr));
+            } else {
+                if ack_at.is_some() {
+                    self.cvq_errors.push("readable after writable".into());
+                    return (0, false);
+                }
+                let Some(s) = self.translate(asid, addr, len as usize, false) else {
+                    self.cvq_errors.push("command buffer not mapped".into());
+                    return (0, false);
+                };
+                let mut b = vec![0u8; len as usize];
+                let _ = s.read_slice(&mut b, 0);
+                out.extend_from_slice(&b);
+            }
+            if flags & 1 == 0 {
+                break;
+            }
+            i = next;
+        }
+        let Some(ack_at) = ack_at else {
+            self.cvq_errors.push("no ack buffer".into());
+            return (0, false);
+        };
+        if out.len() < 2 {
+            self.cvq_errors
+                .push("command shorter than its header".into());
+            return (0, false);
+        }
+        let (class, cmd, data) = (out[0], out[1], out[2..].to_vec());
+        self.commands.push((class, cmd, data.clone()));
+        let mut ack = self.cvq_ack;
+        if ack == 0 && !self.apply(class, cmd, &data) {
+            ack = 1;
+        }
+        if let Some(s) = self.translate(asid, ack_at, 1, true) {
+            let _ = s.write_obj(ack, 0);
+        }
+        (1, true)
+    }
+
+    fn apply(&mut self, class: u8, cmd: u8, data: &[u8]) -> bool {
+        let f = self.features;
+        match (class, cmd, data) {
+            (1, 1, &[a, b, c, d, e, g]) if f & F_CTRL_MAC_ADDR != 0 => {
+                self.mac = [a, b, c, d, e, g];
+                true
+            }
+            (4, 0, &[lo, hi]) if f & F_MQ != 0 => {
+                let n = u16::from_le_bytes([lo, hi]);
+                if n == 0 || n > self.max_pairs() {
+                    return false;
+                }
+                self.pairs = n;
+                true
+            }
+            (0, 0, &[on]) if f & F_CTRL_RX != 0 => {
+                self.promisc = on != 0;
+                true
+            }
+            (0, 1, &[on]) if f & F_CTRL_RX != 0 => {
+                self.allmulti = on != 0;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A handle on the shared device; clones see the same device.
+#[derive(Clone)]
+pub struct FakeVdpa {
+    dev: Arc<Mutex<Device>>,
+}
+
+impl FakeVdpa {
+    pub fn new(dev: Device) -> FakeVdpa {
+        let dev = Arc::new(Mutex::new(dev));
+        let weak = Arc::downgrade(&dev);
+        std::thread::spawn(move || cvq_thread(weak));
+        FakeVdpa { dev }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, Device> {
+        self.dev.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn call<T>(&self, c: Op, f: impl FnOnce(&mut Device) -> io::Result<T>) -> io::Result<T> {
+        let mut d = self.lock();
+        let name = c.name();
+        d.calls.push(c);
+        if let Some(&errno) = d.fail.get(name) {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        f(&mut d)
+    }
+}
+
+/// The device side of the control queue: wakes on the queue's kick.
+fn cvq_thread(weak: Weak<Mutex<Device>>) {
+    loop {
+        let kick = {
+            let Some(dev) = weak.upgrade() else {
+                return;
+            };
+            let d = dev.lock().unwrap_or_else(|e| e.into_inner());
+            let q = d.cvq_index() as usize;
+            d.vrings
+                .get(q)
+                .and_then(|v| v.kick.as_ref()?.try_clone().ok())
+        };
+        let Some(kick) = kick else {
+            std::thread::sleep(Duration::from_millis(2));
+            continue;
+        };
+        let mut p = libc::pollfd {
+            fd: kick.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, alive across the call.
+        let n = unsafe { libc::poll(&mut p, 1, 20) };
+        if n > 0 && kick.read().is_ok() {
+            let Some(dev) = weak.upgrade() else {
+                return;
+            };
+            dev.lock().unwrap_or_else(|e| e.into_inner()).process_cvq();
+        }
+    }
+}
+
+fn einval() -> io::Error {
+    io::Error::from_raw_os_error(libc::EINVAL)
+}
+
+impl VdpaIoctls for FakeVdpa {
+    fn set_owner(&self) -> io::Result<()> {
+        self.call(Op::SetOwner, |d| {
+            if d.owner {
+                return Err(io::Error::from_raw_os_error(libc::EBUSY));
+            }
+            d.owner = true;
+            Ok(())
+        })
+    }
+
+    fn get_features(&self) -> io::Result<u64> {
+        self.call(Op::GetFeatures, |d| Ok(d.offered))
+    }
+
+    fn set_features(&self, features: u64) -> io::Result<()> {
+        self.call(Op::SetFeatures(features), |d| {
+            if d.status & S_FEATURES_OK != 0 {
+                return Err(io::Error::from_raw_os_error(libc::EBUSY));
+            }
+            if features & !d.offered != 0 {
+                return Err(einval());
+            }
+            d.features = features;
+            Ok(())
+        })
+    }
+
+    fn get_backend_features(&self) -> io::Result<u64> {
+        self.call(Op::GetBackendFeatures, |d| Ok(d.backend_offered))
+    }
+
+    fn set_backend_features(&self, features: u64) -> io::Result<()> {
+        self.call(Op::SetBackendFeatures(features), |d| {
+            if features & !d.backend_offered != 0 {
+                return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+            }
+            d.backend_acked = features;
+            Ok(())
+        })
+    }
+
+    fn get_device_id(&self) -> io::Result<u32> {
+        self.call(Op::GetDeviceId, |d| Ok(d.device_id))
+    }
+
+    fn get_status(&self) -> io::Result<u8> {
+        self.call(Op::GetStatus, |d| Ok(d.status))
+    }
+
+    fn set_status(&self, status: u8) -> io::Result<()> {
+        self.call(Op::SetStatus(status), |d| {
+            if status == 0 {
+                d.reset();
+                return Ok(());
+            }
+            if d.status & !status != 0 {
+                return Err(einval());
+            }
+            let mut s = status;
+            if s & S_FEATURES_OK != 0
+                && d.status & S_FEATURES_OK == 0
+                && d.features & d.refuse_features != 0
+            {
+                s &= !S_FEATURES_OK;
+            }
+            d.status = s;
+            Ok(())
+        })
+    }
+
+    fn get_config_size(&self) -> io::Result<u32> {
+        self.call(Op::GetConfigSize, |d| Ok(d.config.len() as u32))
+    }
+
+    fn get_config(&self, offset: u32, buf: &mut [u8]) -> io::Result<()> {
+        self.call(Op::GetConfig(offset, buf.len()), |d| {
+            let o = offset as usize;
+            if buf.is_empty() || o + buf.len() > d.config.len() {
+                return Err(einval());
+            }
+            buf.copy_from_slice(&d.config[o..o + buf.len()]);
+            Ok(())
+        })
+    }
+
+    fn set_config(&self, offset: u32, data: &[u8]) -> io::Result<()> {
+        self.call(Op::SetConfig(offset, data.to_vec()), |d| {
+            let o = offset as usize;
+            if data.is_empty() || o + data.len() > d.config.len() {
+                return Err(einval());
+            }
+            d.config[o..o + data.len()].copy_from_slice(data);
+            Ok(())
+        })
+    }
+
+    fn get_vring_num(&self) -> io::Result<u16> {
+        self.call(Op::GetVringNum, |d| Ok(d.vring_max))
+    }
+
+    fn get_iova_range(&self) -> io::Result<IovaRange> {
+        self.call(Op::GetIovaRange, |d| Ok(d.iova_range))
+    }
+
+    fn get_vqs_count(&self) -> io::Result<u32> {
+        self.call(Op::GetVqsCount, |d| Ok(d.vqs))
+    }
+
+    fn get_group_num(&self) -> io::Result<u32> {
+        self.call(Op::GetGroupNum, |d| Ok(d.group_num))
+    }
+
+    fn get_as_num(&self) -> io::Result<u32> {
+        self.call(Op::GetAsNum, |d| Ok(d.as_num))
+    }
+
+    fn get_vring_group(&self, queue: u32) -> io::Result<u32> {
+        self.call(Op::GetVringGroup(queue), |d| {
+            d.groups
+                .get(queue as usize)
+                .copied()
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOBUFS))
+        })
+    }
+
+    fn set_group_asid(&self, group: u32, asid: u32) -> io::Result<()> {
+        self.call(Op::SetGroupAsid(group, asid), |d| {
+            if group >= d.group_num || asid >= d.as_num {
+                return Err(einval());
+            }
+            d.group_asid.insert(group, asid);
+            Ok(())
+        })
+    }
+
+    fn set_vring_num(&self, queue: u32, num: u16) -> io::Result<()> {
+        self.call(Op::SetVringNum(queue, num), |d| {
+            d.vring(queue)?.num = num;
+            Ok(())
+        })
+    }
+
+    fn set_vring_addr(&self, queue: u32, addrs: &VringAddrs) -> io::Result<()> {
+        self.call(Op::SetVringAddr(queue, *addrs), |d| {
+            d.vring(queue)?.addrs = Some(*addrs);
+            Ok(())
+        })
+    }
+
+    fn set_vring_base(&self, queue: u32, base: u16) -> io::Result<()> {
+        self.call(Op::SetVringBase(queue, base), |d| {
+            let v = d.vring(queue)?;
+            v.base = base;
+            v.used = base;
+            Ok(())
+        })
+    }
+
+    fn get_vring_base(&self, queue: u32) -> io::Result<u16> {
+        self.call(Op::GetVringBase(queue), |d| Ok(d.vring(queue)?.base))
+    }
+
+    fn set_vring_kick(&self, queue: u32, fd: Option<&EventFd>) -> io::Result<()> {
+        self.call(Op::SetVringKick(queue, fd.is_some()), |d| {
+            let fd = fd.map(|f| f.try_clone()).transpose()?;
+            d.vring(queue)?.kick = fd;
+            Ok(())
+        })
+    }
+
+    fn set_vring_call(&self, queue: u32, fd: Option<&EventFd>) -> io::Result<()> {
+        self.call(Op::SetVringCall(queue, fd.is_some()), |d| {
+            let fd = fd.map(|f| f.try_clone()).transpose()?;
+            d.vring(queue)?.call = fd;
+            Ok(())
+        })
+    }
+
+    fn set_vring_enable(&self, queue: u32, enable: bool) -> io::Result<()> {
+        self.call(Op::SetVringEnable(queue, enable), |d| {
+            d.vring(queue)?.enabled = enable;
+            Ok(())
+        })
+    }
+
+    fn suspend(&self) -> io::Result<()> {
+        self.call(Op::Suspend, |d| {
+            if d.backend_acked & bf(backend_bits::SUSPEND) == 0 {
+                return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+            }
+            d.suspended = true;
+            Ok(())
+        })
+    }
+
+    fn resume(&self) -> io::Result<()> {
+        self.call(Op::Resume, |d| {
+            if d.backend_acked & bf(backend_bits::RESUME) == 0 {
+                return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+            }
+            d.suspended = false;
+            Ok(())
+        })
+    }
+
+    fn set_config_call(&self, fd: Option<&EventFd>) -> io::Result<()> {
+        self.call(Op::SetConfigCall(fd.is_some()), |d| {
+            d.config_call = fd.is_some();
+            Ok(())
+        })
+    }
+
+    fn send_iotlb(&self, msg: &IotlbMsg) -> io::Result<()> {
+        // What reaches the kernel is the bytes: parse them back.
+        let parsed = IotlbMsg::from_bytes(&msg.to_bytes()).ok_or_else(einval)?;
+        self.call(Op::Iotlb(parsed), |d| d.iotlb(parsed))
+    }
+}
+
+/// Opens a VdpaNet on a fresh fake device; the handle stays with the test.
+pub fn open(dev: Device, pairs: u16) -> (backends::vdpa::VdpaNet, FakeVdpa) {
+    let fake = FakeVdpa::new(dev);
+    let net = backends::vdpa::VdpaNet::with_ioctls(Box::new(fake.clone()), pairs)
+        .expect("open the fake device");
+    fake.lock().calls.clear();
+    (net, fake)
+}
+
+/// A memfd-less anonymous region of `size` bytes mapped at `iova`.
+pub fn region(iova: u64, size: usize, readonly: bool) -> backends::DmaRegion {
+    backends::DmaRegion {
+        iova,
+        memory: Arc::new(vm_memory::MmapRegion::new(size).expect("mmap")),
+        readonly,
+    }
+}
+
+/// Features a relay typically acks (what the daemon's RELAY_FEATURES allow).
+pub const RELAY: u64 = F_VERSION_1 | F_MAC | F_MTU | F_STATUS | F_MRG_RXBUF | F_EVENT_IDX;
