@@ -16,6 +16,7 @@ use vm_memory::MmapRegion;
 use vmm_sys_util::eventfd::EventFd;
 
 pub mod sim;
+pub mod vhost_user;
 pub mod vdpa;
 
 /// Errors a device backend reports. The daemon turns them into log lines and

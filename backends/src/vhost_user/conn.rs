@@ -1,0 +1,188 @@
+//! One connection to the device: the vhost crate's `Frontend` plus the two
+//! messages it lacks (SET_STATUS, GET_STATUS), written here on a clone of the
+//! same socket. Every request is answered before the next one is sent (all
+//! calls happen under the backend's lock), so the two writers never
+//! interleave.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use vhost::vhost_user::message::VhostUserHeaderFlag;
+use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
+use vhost::VhostBackend;
+
+use super::features::{bits, wanted_protocol};
+use super::LOG;
+
+pub(crate) type VuResult<T> = std::result::Result<T, vhost::Error>;
+
+const SET_STATUS: u32 = 39;
+const GET_STATUS: u32 = 40;
+const HDR_VERSION: u32 = 0x1;
+const HDR_REPLY: u32 = 0x4;
+const HDR_NEED_REPLY: u32 = 0x8;
+
+pub(crate) struct Conn {
+    pub(crate) fe: Frontend,
+    /// Same socket as `fe`, for the messages the crate does not implement.
+    raw: UnixStream,
+    /// Virtio features the device offers on this connection.
+    pub(crate) offered: u64,
+    /// Protocol features both sides agreed on.
+    pub(crate) proto: VhostUserProtocolFeatures,
+}
+
+/// Is the connection unusable after this error (so the device must be
+/// reconnected), as opposed to the device refusing one request?
+pub(crate) fn is_broken(e: &vhost::Error) -> bool {
+    use vhost::vhost_user::Error as E;
+    match e {
+        vhost::Error::VhostUserProtocol(e) => !matches!(
+            e,
+            E::InvalidParam
+                | E::InvalidOperation(_)
+                | E::InactiveFeature(_)
+                | E::InactiveOperation(_)
+                | E::BackendInternalError
+                | E::FeatureMismatch
+                | E::OversizedMsg
+                | E::IncorrectFds
+        ),
+        vhost::Error::IOError(_) => true,
+        _ => false,
+    }
+}
+
+fn protocol_error(what: &'static str) -> vhost::Error {
+    vhost::Error::VhostUserProtocol(vhost::vhost_user::Error::InvalidOperation(what))
+}
+
+fn io_error(e: std::io::Error) -> vhost::Error {
+    vhost::Error::VhostUserProtocol(vhost::vhost_user::Error::SocketBroken(e))
+}
+
+impl Conn {
+    /// Connect (no retry: reconnection has its own backoff) and negotiate:
+    /// SET_OWNER, GET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM.
+    pub(crate) fn open(path: &Path, pairs: u16, timeout: Duration) -> VuResult<Conn> {
+        let sock = UnixStream::connect(path).map_err(|e| {
+            vhost::Error::VhostUserProtocol(vhost::vhost_user::Error::SocketConnect(e))
+        })?;
+        // A device that stops answering must not hold the relay forever: a
+        // timed-out read is a broken connection, and we reconnect.
+        sock.set_read_timeout(Some(timeout)).map_err(io_error)?;
+        sock.set_write_timeout(Some(timeout)).map_err(io_error)?;
+        let raw = sock.try_clone().map_err(io_error)?;
+        let queues = 2 * u64::from(pairs);
+        let mut fe = Frontend::from_stream(sock, queues);
+        fe.set_owner()?;
+        let offered = fe.get_features()?;
+        let mut proto = VhostUserProtocolFeatures::empty();
+        if offered & bits::F_PROTOCOL_FEATURES != 0 {
+            let dev_proto = fe.get_protocol_features()?;
+            proto = wanted_protocol(dev_proto);
+            fe.set_protocol_features(proto)?;
+            if proto.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                // Every request is acknowledged: when a call returns, the
+                // device has applied it (a new memory table is in use, a
+                // ring is enabled).
+                fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            }
+        }
+        if proto.contains(VhostUserProtocolFeatures::MQ) {
+            let n = fe.get_queue_num()?;
+            if n < queues {
+                return Err(protocol_error(
+                    "the device has fewer queues than the relay needs",
+                ));
+            }
+        } else if pairs > 1 {
+            return Err(protocol_error(
+                "the device does not offer MQ but more than one queue pair was asked for",
+            ));
+        }
+        log::debug!(target: LOG, "connected to {}: features {offered:#x}, protocol {:#x}",
+            path.display(), proto.bits());
+        Ok(Conn {
+            fe,
+            raw,
+            offered,
+            proto,
+        })
+    }
+
+    pub(crate) fn has(&self, f: VhostUserProtocolFeatures) -> bool {
+        self.proto.contains(f)
+    }
+
+    /// A clone of the socket, for watching it for hang-ups.
+    pub(crate) fn watch_handle(&self) -> std::io::Result<UnixStream> {
+        self.raw.try_clone()
+    }
+
+    fn send_u64(&mut self, request: u32, value: Option<u64>, need_reply: bool) -> VuResult<()> {
+        let mut msg = Vec::with_capacity(20);
+        let flags = HDR_VERSION | if need_reply { HDR_NEED_REPLY } else { 0 };
+        let size: u32 = if value.is_some() { 8 } else { 0 };
+        msg.extend_from_slice(&request.to_le_bytes());
+        msg.extend_from_slice(&flags.to_le_bytes());
+        msg.extend_from_slice(&size.to_le_bytes());
+        if let Some(v) = value {
+            msg.extend_from_slice(&v.to_le_bytes());
+        }
+        self.raw.write_all(&msg).map_err(io_error)
+    }
+
+    fn recv_u64(&mut self, request: u32) -> VuResult<u64> {
+        let mut buf = [0u8; 20];
+        self.raw.read_exact(&mut buf).map_err(io_error)?;
+        let word = |i: usize| u32::from_le_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
+        if word(0) != request || word(4) & HDR_REPLY == 0 || word(8) != 8 {
+            // Out of step with the device: only a new connection recovers.
+            return Err(vhost::Error::VhostUserProtocol(
+                vhost::vhost_user::Error::InvalidMessage,
+            ));
+        }
+        let mut v = [0u8; 8];
+        v.copy_from_slice(&buf[12..20]);
+        Ok(u64::from_le_bytes(v))
+    }
+
+    pub(crate) fn set_status(&mut self, status: u8) -> VuResult<()> {
+        let ack = self.has(VhostUserProtocolFeatures::REPLY_ACK);
+        self.send_u64(SET_STATUS, Some(u64::from(status)), ack)?;
+        if ack && self.recv_u64(SET_STATUS)? != 0 {
+            return Err(vhost::Error::VhostUserProtocol(
+                vhost::vhost_user::Error::BackendInternalError,
+            ));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn get_status(&mut self) -> VuResult<u8> {
+        self.send_u64(GET_STATUS, None, false)?;
+        let v = self.recv_u64(GET_STATUS)?;
+        Ok(v as u8)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_errors_break_the_connection_refusals_do_not() {
+        use vhost::vhost_user::Error as E;
+        let vu = vhost::Error::VhostUserProtocol;
+        assert!(is_broken(&vu(E::Disconnected)));
+        assert!(is_broken(&vu(E::PartialMessage)));
+        assert!(is_broken(&vu(E::InvalidMessage)));
+        assert!(is_broken(&vu(E::SocketBroken(
+            std::io::Error::from_raw_os_error(libc::EPIPE)
+        ))));
+        assert!(!is_broken(&vu(E::BackendInternalError)));
+        assert!(!is_broken(&vu(E::InvalidParam)));
+    }
+}

@@ -1,0 +1,288 @@
+//! A vhost-user device as a backend: the relay is the vhost-user *frontend*
+//! of an existing device (DPDK net_vhost, OVS-DPDK, a SmartNIC port), built
+//! on the vhost crate's `Frontend`.
+//!
+//! Behaviour a relay can rely on:
+//! - Address space: we define it. Every `dma_map` region is one memory-table
+//!   entry with guest_phys_addr = userspace_addr = IOVA, so ring addresses
+//!   and buffer addresses are both IOVAs. Regions must be fd-backed (memfd or
+//!   shared file mappings). At most 8 regions (one SET_MEM_TABLE). The table
+//!   is kept locally and sent whole on every change; with REPLY_ACK (DPDK
+//!   offers it) `dma_unmap` returns after the device dropped the memory. An
+//!   empty table is sent as one placeholder page outside the IOVA range.
+//!   `readonly` cannot be expressed in vhost-user and is ignored.
+//! - Rings: the device gets a ring (NUM, BASE, ADDR, KICK, CALL, ENABLE) once
+//!   it is complete, enabled, inside mapped memory, the features are set,
+//!   the status has DRIVER_OK and the device is not suspended. Reading a
+//!   running ring's position (`vring_base`) needs GET_VRING_BASE, which stops
+//!   it: it stays stopped until a kick fd, `set_vring_enable(true)`, `resume`
+//!   or DRIVER_OK starts it again. Layout changes (num, addr, base) on a
+//!   running ring are refused; on a disabled one they take the ring back
+//!   from the device first.
+//! - `suspend` takes every ring back with GET_VRING_BASE (vhost-user has no
+//!   SUSPEND); DPDK completes each burst before answering, so afterwards
+//!   `vring_base` is both the next avail index and the published used index.
+//!   `resume` hands the rings back from local state (with any base, address
+//!   or eventfd set in between).
+//! - Status: SET_STATUS/GET_STATUS with the STATUS protocol feature (the vhost
+//!   crate lacks them; see `conn.rs`), else local. `set_status(0)` takes the
+//!   rings back, forgets ring layout and features, keeps mappings and
+//!   eventfds.
+//! - Config: from the device with the CONFIG protocol feature, else
+//!   synthesized (MAC given or random locally administered, LINK_UP, pairs,
+//!   MTU), and then MAC/STATUS/MTU are offered as features.
+//! - Features: what the device offers minus PROTOCOL_FEATURES, IN_ORDER,
+//!   RING_PACKED, ACCESS_PLATFORM and the control-queue family (see
+//!   `features.rs`); MQ only with more than one pair.
+//! - Reconnect: a thread watches the socket; when the device goes away it
+//!   reconnects with backoff (100 ms doubling to 2 s), negotiates again and
+//!   replays features, status, memory table and rings.
+//!   [`VhostUserNet::connection_generation`] counts connections. While the
+//!   device is away every operation is recorded and answered from local
+//!   state (nothing is lost, the daemon's VMM is not disturbed); a ring the
+//!   device had restarts at the used index in its memory (what the device
+//!   last published), unless the caller sets a base first. The one answer
+//!   that cannot be given is the position of such a ring whose used ring is
+//!   not mapped: `BackendError::Device("disconnected: ...")`.
+//! - Dirty logging: [`DeviceBackend::has_dirty_log`] says whether the device
+//!   offers LOG_ALL with LOG_SHMFD; forwarding the log is not implemented yet.
+
+mod conn;
+mod features;
+mod inner;
+mod memtable;
+mod monitor;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::{BackendError, DeviceBackend, DmaRegion, IovaRange, Result, VringAddrs};
+use conn::Conn;
+use inner::Inner;
+use monitor::Shared;
+
+pub(crate) const LOG: &str = "vhost-user";
+
+/// How to talk to the device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VhostUserOptions {
+    /// Queue pairs the relay uses (the device must have at least 2x queues).
+    pub queue_pairs: u16,
+    /// MAC for the synthesized config space; random locally administered if
+    /// `None`. Ignored when the device has its own config space.
+    pub mac: Option<[u8; 6]>,
+    /// MTU for the synthesized config space.
+    pub mtu: u16,
+    /// Largest ring size accepted (vhost-user cannot ask the device).
+    pub max_queue_size: u16,
+    /// A device that takes longer than this to answer a request is treated
+    /// as gone (and reconnected).
+    pub reply_timeout: Duration,
+}
+
+impl Default for VhostUserOptions {
+    fn default() -> Self {
+        VhostUserOptions {
+            queue_pairs: 1,
+            mac: None,
+            mtu: 1500,
+            max_queue_size: 32768,
+            reply_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A vhost-user virtio-net device. Dropping it stops the reconnect thread and
+/// closes the connection (the device then stops its rings).
+pub struct VhostUserNet {
+    shared: Arc<Shared>,
+    monitor: Option<JoinHandle<()>>,
+    features: u64,
+    queues: usize,
+    max_queue_size: u16,
+    dirty_log: bool,
+}
+
+impl VhostUserNet {
+    /// Connects to the device listening on `path` and negotiates with it.
+    pub fn connect(path: &Path, queue_pairs: u16) -> Result<Self> {
+        Self::connect_with(
+            path,
+            VhostUserOptions {
+                queue_pairs,
+                ..VhostUserOptions::default()
+            },
+        )
+    }
+
+    pub fn connect_with(path: &Path, opts: VhostUserOptions) -> Result<Self> {
+        let max = opts.max_queue_size;
+        if max == 0 || !max.is_power_of_two() || max > 32768 {
+            return Err(BackendError::InvalidQueueSize(max, 32768));
+        }
+        // The vhost crate caps a device at VHOST_USER_MAX_VRINGS queues.
+        if opts.queue_pairs == 0 || opts.queue_pairs > 128 {
+            return Err(BackendError::Device(format!(
+                "vhost-user: {} queue pairs requested, 1..=128 supported",
+                opts.queue_pairs
+            )));
+        }
+        let conn = Conn::open(path, opts.queue_pairs, opts.reply_timeout).map_err(|e| {
+            BackendError::Device(format!("vhost-user device {}: {e}", path.display()))
+        })?;
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        let inner = Inner::new(path.to_path_buf(), opts.clone(), conn, Arc::clone(&wake))?;
+        let features = inner.relay_features();
+        let dirty_log = features::device_logs_dirty_pages(inner.device_offer, inner.proto);
+        let shared = Arc::new(Shared {
+            inner: std::sync::Mutex::new(inner),
+            wake,
+            stop: AtomicBool::new(false),
+        });
+        let s = Arc::clone(&shared);
+        let monitor = std::thread::Builder::new()
+            .name("vhost-user-reconnect".into())
+            .spawn(move || monitor::run(s))?;
+        Ok(VhostUserNet {
+            shared,
+            monitor: Some(monitor),
+            features,
+            queues: 2 * usize::from(opts.queue_pairs),
+            max_queue_size: max,
+            dirty_log,
+        })
+    }
+
+    /// Connections made so far: 1 after `connect`, +1 for each reconnect.
+    /// A change tells the caller the device lost what was in flight.
+    pub fn connection_generation(&self) -> u64 {
+        self.shared.lock().generation
+    }
+
+    /// Whether the device is connected right now.
+    pub fn is_connected(&self) -> bool {
+        self.shared.lock().conn.is_some()
+    }
+
+    /// The vhost-user protocol features negotiated on the first connection.
+    pub fn protocol_features(&self) -> u64 {
+        self.shared.lock().proto.bits()
+    }
+
+    fn with_queue<R>(&self, q: usize, f: impl FnOnce(&mut Inner) -> Result<R>) -> Result<R> {
+        let mut inner = self.shared.lock();
+        inner.check_queue(q)?;
+        f(&mut inner)
+    }
+}
+
+impl DeviceBackend for VhostUserNet {
+    fn kind(&self) -> &'static str {
+        "vhost-user"
+    }
+
+    fn device_features(&self) -> u64 {
+        self.features
+    }
+
+    fn set_features(&mut self, features: u64) -> Result<()> {
+        self.shared.lock().set_features(features)
+    }
+
+    fn num_queues(&self) -> usize {
+        self.queues
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        self.max_queue_size
+    }
+
+    fn iova_range(&self) -> IovaRange {
+        memtable::IOVA_RANGE
+    }
+
+    fn config_size(&self) -> usize {
+        features::CONFIG_SIZE
+    }
+
+    fn get_config(&self, offset: u32, buf: &mut [u8]) -> Result<()> {
+        self.shared.lock().get_config(offset, buf)
+    }
+
+    fn set_config(&mut self, offset: u32, data: &[u8]) -> Result<()> {
+        self.shared.lock().set_config(offset, data)
+    }
+
+    fn set_status(&mut self, status: u8) -> Result<()> {
+        self.shared.lock().set_status(status)
+    }
+
+    fn status(&self) -> u8 {
+        self.shared.lock().status
+    }
+
+    fn dma_map(&mut self, region: DmaRegion) -> Result<()> {
+        self.shared.lock().dma_map(region)
+    }
+
+    fn dma_unmap(&mut self, iova: u64, size: u64) -> Result<()> {
+        self.shared.lock().dma_unmap(iova, size)
+    }
+
+    fn set_vring_num(&mut self, queue: usize, num: u16) -> Result<()> {
+        self.with_queue(queue, |i| i.set_vring_num(queue, num))
+    }
+
+    fn set_vring_addr(&mut self, queue: usize, addrs: VringAddrs) -> Result<()> {
+        self.with_queue(queue, |i| i.set_vring_addr(queue, addrs))
+    }
+
+    fn set_vring_base(&mut self, queue: usize, base: u16) -> Result<()> {
+        self.with_queue(queue, |i| i.set_vring_base(queue, base))
+    }
+
+    fn vring_base(&mut self, queue: usize) -> Result<u16> {
+        self.with_queue(queue, |i| i.vring_base(queue))
+    }
+
+    fn set_vring_kick(&mut self, queue: usize, fd: Arc<EventFd>) -> Result<()> {
+        self.with_queue(queue, |i| i.set_vring_kick(queue, fd))
+    }
+
+    fn set_vring_call(&mut self, queue: usize, fd: Option<Arc<EventFd>>) -> Result<()> {
+        self.with_queue(queue, |i| i.set_vring_call(queue, fd))
+    }
+
+    fn set_vring_enable(&mut self, queue: usize, enable: bool) -> Result<()> {
+        self.with_queue(queue, |i| i.set_vring_enable(queue, enable))
+    }
+
+    fn suspend(&mut self) -> Result<()> {
+        self.shared.lock().suspend()
+    }
+
+    fn resume(&mut self) -> Result<()> {
+        self.shared.lock().resume()
+    }
+
+    fn has_dirty_log(&self) -> bool {
+        self.dirty_log
+    }
+}
+
+impl Drop for VhostUserNet {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        let _ = self.shared.wake.write(1);
+        if let Some(t) = self.monitor.take() {
+            if t.join().is_err() {
+                log::error!(target: LOG, "the vhost-user reconnect thread panicked");
+            }
+        }
+    }
+}

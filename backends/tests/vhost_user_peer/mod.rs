@@ -1,0 +1,299 @@
+//! DPDK testpmd as the vhost-user device (net_vhost, see shared/PEERS.md),
+//! and a split-ring driver rig on top of `VhostUserNet`.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use backends::vhost_user::VhostUserNet;
+use backends::{DeviceBackend, DmaRegion};
+use vm_memory::{GuestMemoryMmap, MmapRegion};
+
+use crate::sim_driver::*;
+
+pub const RX: usize = 0;
+pub const TX: usize = 1;
+/// Bound on every wait for testpmd (start, stop, reconnect).
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One testpmd at a time: two cores, 256 MiB each.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn on_path(cmd: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
+        .unwrap_or(false)
+}
+
+/// False (after printing why) when the test must be skipped.
+pub fn peers_available() -> bool {
+    if on_path("dpdk-testpmd") {
+        return true;
+    }
+    if std::env::var("SVQ_RELAY_REQUIRE_PEERS").as_deref() == Ok("1") {
+        panic!("dpdk-testpmd not installed and SVQ_RELAY_REQUIRE_PEERS=1");
+    }
+    println!("skipping: dpdk-testpmd not installed");
+    false
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("svq-vu-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub struct Testpmd {
+    child: Option<Child>,
+    log: PathBuf,
+    prefix: String,
+}
+
+impl Testpmd {
+    /// Starts testpmd with a net_vhost port listening on `sock` and waits
+    /// until the socket accepts connections.
+    pub fn start(sock: &Path, dir: &Path, mode: &str, tag: &str) -> Testpmd {
+        let prefix = format!("svqvu{}{tag}", std::process::id());
+        let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{prefix}"));
+        let _ = std::fs::remove_file(sock);
+        let log = dir.join(format!("testpmd-{tag}.log"));
+        let out = File::create(&log).unwrap();
+        let child = Command::new("timeout")
+            .args(["-s", "KILL", "120", "dpdk-testpmd"])
+            .args(["--lcores", "0@0,1@0", "--no-huge", "-m", "256", "--no-pci"])
+            .args(["--file-prefix", &prefix])
+            .arg("--vdev")
+            .arg(format!("net_vhost0,iface={},queues=1", sock.display()))
+            .args([
+                "--",
+                "--total-num-mbufs=8192",
+                "--stats-period",
+                "1",
+                "--auto-start",
+            ])
+            .arg(format!("--forward-mode={mode}"))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawning dpdk-testpmd");
+        let mut t = Testpmd {
+            child: Some(child),
+            log,
+            prefix,
+        };
+        let deadline = Instant::now() + PEER_TIMEOUT;
+        loop {
+            if std::os::unix::net::UnixStream::connect(sock).is_ok() {
+                // That probe connection counts as a frontend that left;
+                // wait until testpmd has forgotten it.
+                std::thread::sleep(Duration::from_millis(200));
+                break;
+            }
+            if let Some(c) = t.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("testpmd exited ({st}) during start:\n{}", t.output());
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "testpmd did not listen:\n{}",
+                t.output()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        t
+    }
+
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGINT (testpmd prints its final statistics), bounded wait, then
+    /// SIGKILL. Returns the log.
+    pub fn stop(&mut self) -> String {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill takes no pointers; the pid is our own child, not yet
+            // reaped, so it cannot have been reused.
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGINT) };
+            let deadline = Instant::now() + PEER_TIMEOUT;
+            loop {
+                match c.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    _ => {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        break;
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{}", self.prefix));
+        }
+        self.output()
+    }
+}
+
+impl Drop for Testpmd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The last "RX-packets: N" / "TX-packets: N" in testpmd's output: its final
+/// statistics after SIGINT.
+pub fn final_count(log: &str, what: &str) -> Option<u64> {
+    let key = format!("{what}-packets:");
+    let at = log.rfind(&key)?;
+    log[at + key.len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PEER_TIMEOUT;
+    while !f() {
+        assert!(Instant::now() < deadline, "timeout waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A virtio-net driver on one pair of `VhostUserNet`, in a memfd mapped at
+/// `iova`.
+pub struct VuRig {
+    pub dev: VhostUserNet,
+    pub region: Arc<MmapRegion>,
+    pub mem: GuestMemoryMmap,
+    pub rx: DriverQueue,
+    pub tx: DriverQueue,
+    pub iova: u64,
+}
+
+pub const QSIZE: u16 = 256;
+
+impl VuRig {
+    pub fn new(sock: &Path, iova: u64) -> VuRig {
+        let mut dev = VhostUserNet::connect(sock, 1).expect("connecting to testpmd");
+        assert_eq!(dev.kind(), "vhost-user");
+        assert_eq!(dev.num_queues(), 2);
+        assert_ne!(dev.device_features() & F_VERSION_1, 0);
+        dev.set_features(F_VERSION_1).unwrap();
+        dev.set_status(1 | 2 | 8).unwrap();
+        let region = memfd_region(2 * QUEUE_AREA as usize);
+        dev.dma_map(DmaRegion {
+            iova,
+            memory: Arc::clone(&region),
+            readonly: false,
+        })
+        .unwrap();
+        let mem = driver_view(&region, iova);
+        let rx = DriverQueue::new(&mem, iova, QSIZE, BUF);
+        let tx = DriverQueue::new(&mem, iova + QUEUE_AREA, QSIZE, BUF);
+        let mut rig = VuRig {
+            dev,
+            region,
+            mem,
+            rx,
+            tx,
+            iova,
+        };
+        rig.program(RX);
+        rig.program(TX);
+        rig.dev.set_status(1 | 2 | 8 | 4).unwrap();
+        rig
+    }
+
+    pub fn queue(&mut self, q: usize) -> &mut DriverQueue {
+        if q == RX {
+            &mut self.rx
+        } else {
+            &mut self.tx
+        }
+    }
+
+    /// Gives ring `q` to the device at the driver's current position.
+    pub fn program(&mut self, q: usize) {
+        let (addrs, base, kick, call) = {
+            let dq = self.queue(q);
+            (
+                dq.addrs(),
+                dq.last_used,
+                Arc::clone(&dq.kick),
+                Arc::clone(&dq.call),
+            )
+        };
+        self.dev.set_vring_num(q, QSIZE).unwrap();
+        self.dev.set_vring_addr(q, addrs).unwrap();
+        self.dev.set_vring_base(q, base).unwrap();
+        self.dev.set_vring_kick(q, kick).unwrap();
+        self.dev.set_vring_call(q, Some(call)).unwrap();
+        self.dev.set_vring_enable(q, true).unwrap();
+    }
+
+    /// Posts one RX buffer per packet, sends the packets, and checks that
+    /// each comes back whole and in order (testpmd io/macswap forwarding on
+    /// one port sends it back to the same port).
+    pub fn exchange(&mut self, pkts: &[Vec<u8>]) {
+        let rx_heads: Vec<u16> = pkts.iter().map(|_| self.rx.add_rx(1, 2048)).collect();
+        self.rx.submit(&rx_heads);
+        self.send(pkts);
+        self.expect_rx(&rx_heads, pkts);
+    }
+
+    pub fn send(&mut self, pkts: &[Vec<u8>]) {
+        let heads: Vec<u16> = pkts.iter().map(|p| self.tx.add_tx(p, 1)).collect();
+        self.tx.submit(&heads);
+        let used = self.tx.wait_used(heads.len() as u16);
+        let ids: Vec<u16> = used.iter().map(|u| u.0).collect();
+        assert_eq!(ids, heads, "TX chains are used in order");
+    }
+
+    pub fn expect_rx(&mut self, rx_heads: &[u16], pkts: &[Vec<u8>]) {
+        let used = self.rx.wait_used(pkts.len() as u16);
+        for ((&(id, len), &head), p) in used.iter().zip(rx_heads).zip(pkts) {
+            assert_eq!(id, head, "RX chains are used in order");
+            assert_eq!(len as usize, p.len(), "RX length (header + frame)");
+            let got = self.rx.read_rx(id, len, 2048);
+            assert_eq!(&got[..10], &[0u8; 10], "no offloads in the header");
+            assert_bytes(&got[HDR..], &p[HDR..], "frame bytes");
+        }
+    }
+}
+
+/// Frames with a broadcast destination so nothing along the way filters
+/// them, and distinct payloads so a mix-up shows.
+pub fn frames(sizes: &[usize], seed: u8) -> Vec<Vec<u8>> {
+    sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let mut p = packet(n, seed.wrapping_add(i as u8));
+            p[HDR..HDR + 6].copy_from_slice(&[0xff; 6]);
+            p[HDR + 6..HDR + 12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+            p
+        })
+        .collect()
+}
