@@ -6,6 +6,7 @@ pub mod backend;
 pub mod cli;
 pub mod device;
 pub mod memory;
+pub mod migration;
 pub mod qmp;
 mod ring;
 pub mod server;

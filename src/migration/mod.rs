@@ -1,0 +1,11 @@
+//! Live migration building blocks (DESIGN.md "Live migration"): the dirty
+//! log, the device-state machine and record stream, the state transfer over
+//! the VMM's pipe, the in-flight region and the postcopy support check.
+//!
+//! Nothing here talks to the socket or the device model; `WIRING.md` says
+//! where the daemon calls what.
+
+pub mod dirty_log;
+mod mapping;
+
+pub use mapping::MapError;
