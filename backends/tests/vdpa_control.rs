@@ -223,7 +223,7 @@ fn negotiation_and_driver_ok_with_an_isolated_control_queue() {
 #[test]
 fn control_queue_shares_asid_0_when_not_isolated() {
     let mut d = Device::net(1);
-    d.groups = vec![0; 3];
+    d.cvq_isolated = false;
     let (mut net, fake) = open(d, 1);
     net.set_features(RELAY).unwrap();
     // Without MQ the control queue is index 2.

@@ -293,7 +293,7 @@ fn control_queue_page_moves_when_its_address_space_changes() {
     assert!(fake.lock().kernel_iotlb.contains_key(&(1, TOP)));
     // After a reset the device no longer isolates the control queue.
     net.set_status(0).unwrap();
-    fake.lock().groups = vec![0; 3];
+    fake.lock().cvq_isolated = false;
     fake.lock().calls.clear();
     net.set_features(RELAY).unwrap();
     net.set_status(S_DRIVER_OK).unwrap();

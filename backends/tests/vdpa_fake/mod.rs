@@ -163,8 +163,10 @@ pub struct Device {
     pub vring_max: u16,
     pub iova_range: IovaRange,
     pub vqs: u32,
-    /// Group of each virtqueue.
-    pub groups: Vec<u32>,
+    /// The control queue (at its index under the negotiated features) is
+    /// in group 1, every other queue in group 0 (as mlx5 does); otherwise
+    /// all share group 0.
+    pub cvq_isolated: bool,
     pub group_num: u32,
     pub as_num: u32,
     pub group_asid: BTreeMap<u32, u32>,
@@ -218,8 +220,6 @@ impl Device {
         config.extend_from_slice(&1u16.to_le_bytes());
         config.extend_from_slice(&max_pairs.to_le_bytes());
         config.extend_from_slice(&1500u16.to_le_bytes());
-        let mut groups = vec![0; vqs as usize];
-        groups[vqs as usize - 1] = 1;
         Device {
             calls: Vec::new(),
             owner: false,
@@ -236,7 +236,7 @@ impl Device {
                 last: (1 << 48) - 1,
             },
             vqs,
-            groups,
+            cvq_isolated: true,
             group_num: 2,
             as_num: 2,
             group_asid: BTreeMap::new(),
@@ -313,9 +313,12 @@ impl Device {
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOBUFS))
     }
 
+    pub fn group_of(&self, q: u32) -> u32 {
+        u32::from(self.cvq_isolated && q == self.cvq_index())
+    }
+
     fn asid_of(&self, q: u32) -> u32 {
-        let group = self.groups.get(q as usize).copied().unwrap_or(0);
-        self.group_asid.get(&group).copied().unwrap_or(0)
+        self.group_asid.get(&self.group_of(q)).copied().unwrap_or(0)
     }
 
     fn iotlb(&mut self, m: IotlbMsg) -> io::Result<()> {
@@ -737,10 +740,10 @@ impl VdpaIoctls for FakeVdpa {
 
     fn get_vring_group(&self, queue: u32) -> io::Result<u32> {
         self.call(Op::GetVringGroup(queue), |d| {
-            d.groups
-                .get(queue as usize)
-                .copied()
-                .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOBUFS))
+            if queue >= d.vqs {
+                return Err(io::Error::from_raw_os_error(libc::ENOBUFS));
+            }
+            Ok(d.group_of(queue))
         })
     }
 
