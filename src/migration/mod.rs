@@ -7,5 +7,6 @@
 
 pub mod dirty_log;
 mod mapping;
+pub mod state;
 
 pub use mapping::MapError;
