@@ -10,11 +10,12 @@ use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 
 use common::raw::{self, Reply};
-use common::ring::DESC_F_NEXT;
+use common::ring::{SplitRing, DESC_F_INDIRECT, DESC_F_NEXT};
 use common::vmm::connect_stream;
-use common::{pump, Daemon, Qmp, Until, Vmm, VmmConfig};
+use common::{pump, Daemon, DriverOpts, Qmp, Until, Vmm, VmmConfig};
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
+use vm_memory::Bytes;
 
 /// The daemon is alive, answers QMP, and serves a new VMM with `pairs`
 /// pairs end to end.
@@ -280,21 +281,28 @@ fn rings_outside_guest_memory_shadow() {
     rings_outside_guest_memory("on");
 }
 
-/// Breaks pair 1's TX ring with `chain` (descriptors written raw), checks
-/// pair 0 keeps working, QMP answers, and a new connection works on all
-/// queues.
-fn broken_guest_ring(shadow: &str, write_chain: fn(&common::ring::SplitRing, u64)) {
+/// Breaks pair 1's TX ring with `corrupt` (descriptors and avail ring
+/// written raw), checks pair 0 keeps working, QMP answers, the queue is
+/// reported broken (shadow) and the error logged, and a new connection works
+/// on all queues.
+fn broken_guest_ring(shadow: &str, corrupt: fn(&mut SplitRing, u64)) {
     let mut d = Daemon::spawn(&["--shadow", shadow, "--queues", "2"]);
-    let mut vmm = Vmm::start(&d.socket, VmmConfig::pairs(2));
+    let cfg = VmmConfig {
+        pairs: 2,
+        driver: DriverOpts {
+            indirect: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut vmm = Vmm::start(&d.socket, cfg);
     pump(&mut vmm.pairs, Until::Frames(100)).unwrap_or_else(|e| panic!("warm-up: {e}"));
     let mem_size = vmm.mem.size;
     {
         let tx = &mut vmm.pairs[1].tx;
         // Everything completed, so every descriptor is free.
         assert_eq!(tx.ring.num_inflight(), 0);
-        write_chain(&tx.ring, mem_size);
-        tx.ring.push_avail_raw(0);
-        tx.ring.publish();
+        corrupt(&mut tx.ring, mem_size);
         tx.kick();
     }
     // Pair 0 is unaffected.
@@ -319,19 +327,92 @@ fn broken_guest_ring(shadow: &str, write_chain: fn(&common::ring::SplitRing, u64
     assert_serves(&mut d, 2);
 }
 
-fn descriptor_loop(r: &common::ring::SplitRing, _mem_size: u64) {
-    let buf = r.desc.0 + 0x10_0000;
+/// Offers descriptor 0 as the next chain.
+fn offer_head0(r: &mut SplitRing) {
+    r.push_avail_raw(0);
+    r.publish();
+}
+
+fn buf_of(r: &SplitRing) -> u64 {
+    r.desc.0 + 0x10_0000
+}
+
+fn descriptor_loop(r: &mut SplitRing, _mem_size: u64) {
+    let buf = buf_of(r);
     r.write_desc(0, buf, 64, DESC_F_NEXT, 1);
     r.write_desc(1, buf + 64, 64, DESC_F_NEXT, 0);
+    offer_head0(r);
 }
 
-fn descriptor_outside_memory(r: &common::ring::SplitRing, mem_size: u64) {
+fn descriptor_outside_memory(r: &mut SplitRing, mem_size: u64) {
     r.write_desc(0, mem_size + 0x1000, 100, 0, 0);
+    offer_head0(r);
 }
 
-fn descriptor_next_out_of_range(r: &common::ring::SplitRing, _mem_size: u64) {
-    let buf = r.desc.0 + 0x10_0000;
-    r.write_desc(0, buf, 64, DESC_F_NEXT, 4000);
+fn descriptor_next_out_of_range(r: &mut SplitRing, _mem_size: u64) {
+    r.write_desc(0, buf_of(r), 64, DESC_F_NEXT, 4000);
+    offer_head0(r);
+}
+
+fn descriptor_length_past_the_end(r: &mut SplitRing, _mem_size: u64) {
+    r.write_desc(0, buf_of(r), 0xffff_f000, 0, 0);
+    offer_head0(r);
+}
+
+fn avail_index_runs_ahead(r: &mut SplitRing, _mem_size: u64) {
+    // More new entries than the ring has slots.
+    for _ in 0..r.size as u32 + 5 {
+        r.push_avail_raw(0);
+    }
+    r.write_desc(0, buf_of(r), 64, 0, 0);
+    r.publish();
+}
+
+fn head_index_out_of_range(r: &mut SplitRing, _mem_size: u64) {
+    r.push_avail_raw(r.size + 3);
+    r.publish();
+}
+
+fn indirect_table_bad_length(r: &mut SplitRing, _mem_size: u64) {
+    let table = buf_of(r);
+    r.write_desc(0, table, 20, DESC_F_INDIRECT, 0);
+    offer_head0(r);
+}
+
+fn indirect_table_outside_memory(r: &mut SplitRing, mem_size: u64) {
+    r.write_desc(0, mem_size - 16, 64, DESC_F_INDIRECT, 0);
+    offer_head0(r);
+}
+
+fn nested_indirect(r: &mut SplitRing, _mem_size: u64) {
+    let table = buf_of(r);
+    // The table's only entry is itself an INDIRECT descriptor.
+    let mut raw = [0u8; 16];
+    raw[0..8].copy_from_slice(&(table + 0x1000).to_le_bytes());
+    raw[8..12].copy_from_slice(&32u32.to_le_bytes());
+    raw[12..14].copy_from_slice(&DESC_F_INDIRECT.to_le_bytes());
+    r.mem()
+        .write_slice(&raw, vm_memory::GuestAddress(table))
+        .unwrap();
+    r.write_desc(0, table, 16, DESC_F_INDIRECT, 0);
+    offer_head0(r);
+}
+
+fn indirect_loop(r: &mut SplitRing, _mem_size: u64) {
+    let table = buf_of(r);
+    let data = table + 0x1000;
+    for (i, next) in [(0u64, 1u16), (1, 0)] {
+        let mut raw = [0u8; 16];
+        raw[0..8].copy_from_slice(&(data + 64 * i).to_le_bytes());
+        raw[8..12].copy_from_slice(&64u32.to_le_bytes());
+        raw[12..14].copy_from_slice(&DESC_F_NEXT.to_le_bytes());
+        raw[14..16].copy_from_slice(&next.to_le_bytes());
+        r.mem()
+            .write_slice(&raw, vm_memory::GuestAddress(table + 16 * i))
+            .unwrap();
+    }
+    r.write_desc(0, table, 32, DESC_F_INDIRECT, 0);
+    offer_head0(r);
 }
 
 #[test]
@@ -385,4 +466,114 @@ fn ring_larger_than_queue_size_is_refused() {
     pump(&mut vmm.pairs, Until::Frames(300)).unwrap_or_else(|e| panic!("ring of 128: {e}"));
     vmm.check_final_bases();
     d.assert_alive();
+}
+
+#[test]
+fn descriptor_length_past_the_end_shadow() {
+    broken_guest_ring("on", descriptor_length_past_the_end);
+}
+
+#[test]
+fn avail_index_runs_ahead_shadow() {
+    broken_guest_ring("on", avail_index_runs_ahead);
+}
+
+#[test]
+fn avail_index_runs_ahead_passthrough() {
+    broken_guest_ring("off", avail_index_runs_ahead);
+}
+
+#[test]
+fn head_index_out_of_range_shadow() {
+    broken_guest_ring("on", head_index_out_of_range);
+}
+
+#[test]
+fn indirect_table_bad_length_shadow() {
+    broken_guest_ring("on", indirect_table_bad_length);
+}
+
+#[test]
+fn indirect_table_outside_memory_shadow() {
+    broken_guest_ring("on", indirect_table_outside_memory);
+}
+
+#[test]
+fn nested_indirect_shadow() {
+    broken_guest_ring("on", nested_indirect);
+}
+
+#[test]
+fn indirect_loop_shadow() {
+    broken_guest_ring("on", indirect_loop);
+}
+
+#[test]
+fn indirect_loop_passthrough() {
+    broken_guest_ring("off", indirect_loop);
+}
+
+/// An RX "buffer" the device may only read: the frame must not be written
+/// into it (the queue breaks instead), and its bytes stay as they were.
+fn read_only_rx_buffer(shadow: &str, require_log: bool) {
+    let mut d = Daemon::spawn(&["--shadow", shadow, "--queues", "2"]);
+    let cfg = VmmConfig {
+        pairs: 2,
+        ring_size: 64,
+        ..Default::default()
+    };
+    let mut vmm = Vmm::negotiate(connect_stream(&d.socket), cfg);
+    vmm.set_mem_table().unwrap();
+    // Pair 1's RX ring gets one read-only buffer and nothing else.
+    let ro = vm_memory::GuestAddress(vmm.pairs[1].rx.ring.desc.0 + 0x10_0000);
+    vmm.mem.mem.write_slice(&[0xab; 2048], ro).unwrap();
+    {
+        let rx = &mut vmm.pairs[1].rx.ring;
+        rx.write_desc(0, ro.0, 2048, 0, 0);
+        rx.push_avail_raw(0);
+        rx.publish();
+    }
+    for q in [0, 1] {
+        vmm.setup_queue(q).unwrap();
+    }
+    for q in [2, 3] {
+        vmm.restart_queue(q, 0).unwrap();
+    }
+    // One frame on pair 1 (its RX ring holds only the read-only buffer).
+    let p1 = &mut vmm.pairs[1];
+    p1.force_window(1);
+    assert_eq!(p1.send(1), 1);
+    pump(&mut vmm.pairs[..1], Until::Frames(300)).unwrap_or_else(|e| panic!("pair 0: {e}"));
+    let mut back = vec![0u8; 2048];
+    vmm.mem.mem.read_slice(&mut back, ro).unwrap();
+    assert!(
+        back.iter().all(|&b| b == 0xab),
+        "the device wrote into a read-only RX buffer"
+    );
+    assert_eq!(
+        vmm.pairs[1].rx.ring.device_used_idx(),
+        0,
+        "read-only RX buffer completed"
+    );
+    if require_log {
+        assert_logged(&d, &["queue 2"]);
+    }
+    drop(vmm);
+    assert_serves(&mut d, 2);
+}
+
+#[test]
+fn read_only_rx_buffer_shadow() {
+    read_only_rx_buffer("on", false);
+}
+
+#[test]
+fn read_only_rx_buffer_passthrough() {
+    read_only_rx_buffer("off", false);
+}
+
+#[test]
+#[ignore = "daemon bug (notes/daemon-bugs.md): a read-only RX buffer is silently treated as no room, nothing is logged"]
+fn read_only_rx_buffer_is_logged() {
+    read_only_rx_buffer("on", true);
 }

@@ -172,7 +172,13 @@ fn driver_passes_traffic_through_a_correct_loopback() {
         mrg_rxbuf: false,
         ..plain()
     };
-    for (pairs, opts) in [(1, plain()), (3, no_mrg), (2, all)] {
+    let long = DriverOpts {
+        indirect: true,
+        tx_segs: 40,
+        rx_segs: 24,
+        ..plain()
+    };
+    for (pairs, opts) in [(1, plain()), (3, no_mrg), (2, all), (1, long)] {
         let merged_expected = opts.rx_buf_size < 1526;
         let ps = run(pairs, 500, opts, Bug::None).unwrap();
         for p in &ps {

@@ -57,3 +57,18 @@ fn passthrough_event_idx_without_mrg_rxbuf() {
         1000,
     );
 }
+
+#[test]
+fn passthrough_long_chains() {
+    loopback(
+        "off",
+        1,
+        DriverOpts {
+            indirect: true,
+            tx_segs: 40,
+            rx_segs: 24,
+            ..Default::default()
+        },
+        300,
+    );
+}

@@ -58,3 +58,38 @@ fn shadow_event_idx_without_mrg_rxbuf() {
         1000,
     );
 }
+
+/// Chains of many segments: a TX frame in 40 pieces, RX buffers in 24
+/// pieces (the header itself split), half of them through indirect tables
+/// longer than the relay would like to put in its shadow ring at once.
+#[test]
+fn shadow_long_chains() {
+    loopback(
+        "on",
+        1,
+        DriverOpts {
+            indirect: true,
+            tx_segs: 40,
+            rx_segs: 24,
+            ..Default::default()
+        },
+        300,
+    );
+}
+
+#[test]
+fn shadow_long_chains_merged_small_buffers() {
+    loopback(
+        "on",
+        1,
+        DriverOpts {
+            indirect: true,
+            event_idx: true,
+            tx_segs: 7,
+            rx_segs: 5,
+            rx_buf_size: 256,
+            ..Default::default()
+        },
+        300,
+    );
+}

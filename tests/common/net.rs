@@ -54,6 +54,10 @@ pub struct DriverOpts {
     pub rx_buf_size: u32,
     /// Guest memory region holding the packet buffers (rings stay in 0).
     pub buf_region: usize,
+    /// Split every TX chain into this many segments (0: a mix of 1 and 2).
+    pub tx_segs: u16,
+    /// Split every RX buffer into this many segments (0: a mix of 1 and 2).
+    pub rx_segs: u16,
 }
 
 impl Default for DriverOpts {
@@ -64,12 +68,27 @@ impl Default for DriverOpts {
             indirect: false,
             rx_buf_size: BUF_SIZE as u32,
             buf_region: 0,
+            tx_segs: 0,
+            rx_segs: 0,
         }
     }
 }
 
-/// Bytes of indirect table reserved per buffer slot.
-const TABLE_SIZE: u64 = 64;
+/// `total` bytes at `addr` as `n` segments (fewer if there are fewer bytes).
+fn split(addr: GuestAddress, total: u32, n: u16, write: bool) -> Vec<Seg> {
+    let n = (n as u32).clamp(1, total);
+    let piece = total / n;
+    (0..n)
+        .map(|i| {
+            let len = if i + 1 == n { total - piece * i } else { piece };
+            Seg {
+                addr: GuestAddress(addr.0 + (piece * i) as u64),
+                len,
+                write,
+            }
+        })
+        .collect()
+}
 
 pub struct NetPair {
     pub pair: u16,
@@ -81,6 +100,8 @@ pub struct NetPair {
     tx_bufs: GuestAddress,
     rx_tables: GuestAddress,
     tx_tables: GuestAddress,
+    /// Bytes of indirect table per buffer slot.
+    table_size: u64,
     rx_free: Vec<u32>,
     tx_free: Vec<u32>,
     rx_posted: usize,
@@ -111,8 +132,9 @@ impl NetPair {
         let r = opts.buf_region;
         let rx_bufs = mem.alloc_in(r, BUF_SIZE * ring_size as u64, 4096);
         let tx_bufs = mem.alloc_in(r, BUF_SIZE * ring_size as u64, 4096);
-        let rx_tables = mem.alloc_in(r, TABLE_SIZE * ring_size as u64, 4096);
-        let tx_tables = mem.alloc_in(r, TABLE_SIZE * ring_size as u64, 4096);
+        let table_size = 16 * opts.tx_segs.max(opts.rx_segs).max(4) as u64;
+        let rx_tables = mem.alloc_in(r, table_size * ring_size as u64, 4096);
+        let tx_tables = mem.alloc_in(r, table_size * ring_size as u64, 4096);
         NetPair {
             pair,
             rx,
@@ -123,6 +145,7 @@ impl NetPair {
             tx_bufs,
             rx_tables,
             tx_tables,
+            table_size,
             rx_free: (0..ring_size as u32).rev().collect(),
             tx_free: (0..ring_size as u32).rev().collect(),
             rx_posted: 0,
@@ -140,7 +163,9 @@ impl NetPair {
     fn rx_segs(&self, b: u32) -> Vec<Seg> {
         let addr = GuestAddress(self.rx_bufs.0 + b as u64 * BUF_SIZE);
         let size = self.opts.rx_buf_size;
-        if b & 1 == 0 {
+        if self.opts.rx_segs > 0 {
+            split(addr, size, self.opts.rx_segs, true)
+        } else if b & 1 == 0 {
             vec![Seg {
                 addr,
                 len: size,
@@ -166,7 +191,7 @@ impl NetPair {
     fn add_rx(&mut self, b: u32) -> Option<u16> {
         let segs = self.rx_segs(b);
         if self.opts.indirect && (b >> 1) & 1 == 1 {
-            let table = GuestAddress(self.rx_tables.0 + b as u64 * TABLE_SIZE);
+            let table = GuestAddress(self.rx_tables.0 + b as u64 * self.table_size);
             self.rx.ring.add_indirect(&segs, b as u64, table)
         } else {
             self.rx.ring.add(&segs, b as u64)
@@ -187,6 +212,11 @@ impl NetPair {
         self.rx.ring.publish_and_check_kick();
         let per_frame = (NET_HDR_LEN + packet::MAX_FRAME).div_ceil(self.opts.rx_buf_size as usize);
         self.window = (self.rx_posted as u64 / per_frame as u64 / 2).max(1);
+    }
+
+    /// Overrides the send window (for tests that post their own RX buffers).
+    pub fn force_window(&mut self, w: u64) {
+        self.window = w;
     }
 
     /// Frames sent and not yet received back.
@@ -213,13 +243,14 @@ impl NetPair {
             };
             let h = NET_HDR_LEN as u32;
             let segs = match seq % 3 {
+                _ if self.opts.tx_segs > 0 => split(addr, total, self.opts.tx_segs, false),
                 0 => vec![seg(0, total)],
                 1 => vec![seg(0, h), seg(h, total - h)],
                 _ => vec![seg(0, h + 20), seg(h + 20, total - h - 20)],
             };
             let tag = ((b as u64) << 32) | seq as u64;
             let added = if self.opts.indirect && seq % 4 >= 2 {
-                let table = GuestAddress(self.tx_tables.0 + b as u64 * TABLE_SIZE);
+                let table = GuestAddress(self.tx_tables.0 + b as u64 * self.table_size);
                 self.tx.ring.add_indirect(&segs, tag, table)
             } else {
                 self.tx.ring.add(&segs, tag)

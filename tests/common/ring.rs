@@ -102,6 +102,11 @@ impl SplitRing {
         }
     }
 
+    /// The guest memory the ring lives in.
+    pub fn mem(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
     pub fn num_free(&self) -> usize {
         self.free.len()
     }
