@@ -389,17 +389,108 @@ fn suspend_without_the_backend_feature_is_unsupported() {
 }
 
 #[test]
-fn resume_without_the_backend_feature_is_unsupported() {
+fn resume_without_the_backend_feature_restarts_the_device() {
     let mut d = Device::net(1);
     d.backend_offered &= !bf(backend_bits::RESUME);
     let (mut net, fake) = open(d, 1);
     start(&mut net, RELAY);
+    let mac = [0x02, 9, 9, 9, 9, 9];
+    net.apply_net_state(&backends::vdpa::NetCtrlState {
+        mac: Some(mac),
+        ..Default::default()
+    })
+    .unwrap();
+    fake.lock().vrings[0].base = 17;
+    fake.lock().vrings[1].base = 42;
     net.suspend().unwrap();
-    assert!(matches!(net.resume(), Err(BackendError::Unsupported(m)) if m.contains("RESUME")));
-    assert!(!fake.lock().calls.contains(&Op::Resume));
-    // A reset leaves the suspended state behind.
-    net.set_status(0).unwrap();
+    fake.lock().calls.clear();
+    // The relay reads RX's base and moves RX to other rings; TX is left alone.
+    assert_eq!(net.vring_base(0).unwrap(), 17);
+    let moved = VringAddrs {
+        desc: 0x80_0000,
+        avail: 0x80_1000,
+        used: 0x80_2000,
+    };
+    net.set_vring_addr(0, moved).unwrap();
+    net.set_vring_base(0, 5).unwrap();
+    assert_eq!(net.vring_base(0).unwrap(), 5);
+    // Only the first read reached the device; the changes wait for resume.
+    assert_eq!(fake.lock().take_calls(), vec![Op::GetVringBase(0)]);
+
     net.resume().unwrap();
+    use Op::*;
+    let calls = fake.lock().take_calls();
+    let acked = RELAY | F_CTRL_VQ | F_CTRL_RX | F_CTRL_MAC_ADDR | F_ACCESS_PLATFORM;
+    // TX's position is read before the reset loses it.
+    assert_eq!(calls[..2], [GetVringBase(1), SetStatus(0)]);
+    let i = calls.iter().position(|c| *c == SetFeatures(acked)).unwrap();
+    let j = calls
+        .iter()
+        .position(|c| *c == SetVringNum(0, 256))
+        .unwrap();
+    assert!(i < j);
+    assert_eq!(
+        calls[j..j + 12],
+        [
+            SetVringNum(0, 256),
+            SetVringAddr(0, moved),
+            SetVringBase(0, 5),
+            SetVringKick(0, true),
+            SetVringCall(0, true),
+            SetVringEnable(0, true),
+            SetVringNum(1, 256),
+            SetVringAddr(
+                1,
+                VringAddrs {
+                    desc: 0x20_0000,
+                    avail: 0x20_1000,
+                    used: 0x20_2000
+                }
+            ),
+            SetVringBase(1, 42),
+            SetVringKick(1, true),
+            SetVringCall(1, true),
+            SetVringEnable(1, true),
+        ]
+    );
+    assert!(calls.ends_with(&[
+        GetStatus,
+        SetStatus(S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK),
+        GetStatus
+    ]));
+    let d = fake.lock();
+    assert!(!d.suspended);
+    assert_eq!(d.status, 0xf);
+    assert_eq!((d.vrings[0].base, d.vrings[1].base), (5, 42));
+    assert_eq!(d.vrings[0].addrs, Some(moved));
+    // The control state came back after the reset.
+    assert_eq!(d.mac, mac);
+    assert_eq!(d.commands.len(), 2);
+    drop(d);
+    assert_eq!(net.status(), 0xf);
+    // A second resume has nothing to do.
+    net.resume().unwrap();
+    assert!(fake.lock().calls.is_empty());
+}
+
+#[test]
+fn a_reset_forgets_the_rings() {
+    let mut d = Device::net(1);
+    d.backend_offered &= !bf(backend_bits::RESUME);
+    let (mut net, fake) = open(d, 1);
+    start(&mut net, RELAY);
+    net.set_status(0).unwrap();
+    net.set_features(RELAY).unwrap();
+    net.set_status(S_DRIVER_OK).unwrap();
+    net.suspend().unwrap();
+    fake.lock().calls.clear();
+    net.resume().unwrap();
+    // No data ring was set up since the reset: none is set up again.
+    assert!(!fake
+        .lock()
+        .calls
+        .iter()
+        .any(|c| matches!(c, Op::SetVringNum(0 | 1, _) | Op::GetVringBase(_))));
 }
 
 #[test]

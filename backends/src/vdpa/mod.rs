@@ -39,10 +39,17 @@
 //!   [`BackendError::Unsupported`] when the device does not offer
 //!   VHOST_BACKEND_F_SUSPEND: the daemon then cannot switch a running device
 //!   to shadow rings (it has no way to stop the device without losing ring
-//!   state). `resume` is VHOST_VDPA_RESUME, also Unsupported without
-//!   VHOST_BACKEND_F_RESUME. After `suspend`, `vring_base` is what the device
-//!   reports through VHOST_GET_VRING_BASE: the kernel contract for SUSPEND is
-//!   that the device keeps its ring state and touches no ring afterwards.
+//!   state). After `suspend`, `vring_base` is what the device reports through
+//!   VHOST_GET_VRING_BASE: the kernel contract for SUSPEND is that the device
+//!   keeps its ring state and touches no ring afterwards.
+//! - `resume` is VHOST_VDPA_RESUME when the device offers
+//!   VHOST_BACKEND_F_RESUME. Without it (devices that can suspend but not
+//!   resume), ring changes made while suspended are only remembered, and
+//!   `resume` restarts the device the way QEMU does: it reads the bases the
+//!   relay did not set, resets, negotiates the same features, sets every
+//!   ring up (at the bases the relay set or the device stopped at), sets
+//!   DRIVER_OK and sends the wanted [`NetCtrlState`] again (a reset drops
+//!   what the control queue set).
 //! - Dropping [`VdpaNet`] closes the fd; the kernel then resets the device and
 //!   drops every mapping before the memory is released.
 
@@ -85,11 +92,19 @@ const WANTED_BACKEND: u64 = (1 << backend_bits::IOTLB_MSG_V2)
 /// (the relay's mappings stay in 0).
 pub const CVQ_ASID: u32 = 1;
 
-/// Ring state the backend remembers per data queue.
+/// Ring set-up the backend remembers per data queue, to set the rings up
+/// again when it has to emulate `resume` with a reset.
 #[derive(Default)]
 struct Vring {
+    num: Option<u16>,
+    addrs: Option<VringAddrs>,
+    /// The base to program at that point: set by `set_vring_base`, forgotten
+    /// at `suspend` (the device has moved on), read back from the device
+    /// while suspended.
+    base: Option<u16>,
     kick: Option<Arc<EventFd>>,
     call: Option<Arc<EventFd>>,
+    enabled: bool,
 }
 
 /// A virtio-net vDPA device.
@@ -378,6 +393,79 @@ impl VdpaNet {
             self.sync_net_state()?;
         }
         Ok(())
+    }
+
+    /// SET_FEATURES with everything (backend-owned bits included), then
+    /// FEATURES_OK, then the control queue's place.
+    fn negotiate(&mut self, full: u64) -> Result<()> {
+        self.dev
+            .set_features(full)
+            .map_err(ctx("VHOST_SET_FEATURES"))?;
+        self.add_status(status::FEATURES_OK)?;
+        self.features = Some(full);
+        if full & bits::NET_F_CTRL_VQ != 0 {
+            let index = if full & bits::NET_F_MQ != 0 {
+                2 * u32::from(self.max_pairs)
+            } else {
+                2
+            };
+            self.cvq_index = Some(index);
+            self.cvq_asid = self.isolate_cvq(index)?;
+        }
+        Ok(())
+    }
+
+    /// Suspended on a device that cannot resume: ring changes are only
+    /// remembered, and `resume` sets everything up again after a reset.
+    fn deferring(&self) -> bool {
+        self.suspended && !self.has_backend(backend_bits::RESUME)
+    }
+
+    /// `resume` without VHOST_VDPA_RESUME, the way QEMU restarts a vDPA
+    /// device: read the ring positions the device stopped at, reset it, and
+    /// negotiate, set up every ring at those positions (or at the ones the
+    /// relay set meanwhile), DRIVER_OK and the control state again.
+    fn resume_by_reset(&mut self) -> Result<()> {
+        let (Some(full), true) = (self.features, self.status & status::DRIVER_OK != 0) else {
+            // Nothing was running, so nothing was stopped.
+            self.suspended = false;
+            return Ok(());
+        };
+        for q in 0..self.vrings.len() {
+            if self.vrings[q].num.is_some() && self.vrings[q].base.is_none() {
+                let b = self
+                    .dev
+                    .get_vring_base(q as u32)
+                    .map_err(ctx("VHOST_GET_VRING_BASE"))?;
+                self.vrings[q].base = Some(b);
+            }
+        }
+        log::debug!(target: LOG, "resume without VHOST_BACKEND_F_RESUME: resetting the device");
+        self.reset_device()?;
+        self.negotiate(full)?;
+        for q in 0..self.vrings.len() {
+            let v = &self.vrings[q];
+            let (Some(num), Some(addrs)) = (v.num, v.addrs) else {
+                continue;
+            };
+            let i = q as u32;
+            let d = &self.dev;
+            d.set_vring_num(i, num)
+                .map_err(ctx("VHOST_SET_VRING_NUM"))?;
+            d.set_vring_addr(i, &addrs)
+                .map_err(ctx("VHOST_SET_VRING_ADDR"))?;
+            d.set_vring_base(i, v.base.unwrap_or(0))
+                .map_err(ctx("VHOST_SET_VRING_BASE"))?;
+            d.set_vring_kick(i, v.kick.as_deref())
+                .map_err(ctx("VHOST_SET_VRING_KICK"))?;
+            d.set_vring_call(i, v.call.as_deref())
+                .map_err(ctx("VHOST_SET_VRING_CALL"))?;
+            if v.enabled {
+                d.set_vring_enable(i, true)
+                    .map_err(ctx("VHOST_VDPA_SET_VRING_ENABLE"))?;
+            }
+        }
+        self.set_status(status::DRIVER_OK)
     }
 
     fn has_backend(&self, b: u32) -> bool {
@@ -725,21 +813,7 @@ impl DeviceBackend for VdpaNet {
         if self.cvq.is_none() {
             full &= !(bits::NET_F_CTRL_VQ | bits::NET_F_CTRL_RX | bits::NET_F_CTRL_MAC_ADDR);
         }
-        self.dev
-            .set_features(full)
-            .map_err(ctx("VHOST_SET_FEATURES"))?;
-        self.add_status(status::FEATURES_OK)?;
-        self.features = Some(full);
-        if full & bits::NET_F_CTRL_VQ != 0 {
-            let index = if full & bits::NET_F_MQ != 0 {
-                2 * u32::from(self.max_pairs)
-            } else {
-                2
-            };
-            self.cvq_index = Some(index);
-            self.cvq_asid = self.isolate_cvq(index)?;
-        }
-        Ok(())
+        self.negotiate(full)
     }
 
     fn num_queues(&self) -> usize {
@@ -780,7 +854,16 @@ impl DeviceBackend for VdpaNet {
 
     fn set_status(&mut self, new: u8) -> Result<()> {
         if new == 0 {
-            return self.reset_device();
+            self.reset_device()?;
+            // The relay sets its rings up again; only the eventfds stay.
+            for v in &mut self.vrings {
+                *v = Vring {
+                    kick: v.kick.take(),
+                    call: v.call.take(),
+                    ..Vring::default()
+                };
+            }
+            return Ok(());
         }
         let managed = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
         let target = new | (self.status & managed);
@@ -844,9 +927,13 @@ impl DeviceBackend for VdpaNet {
         if num == 0 || !num.is_power_of_two() || num > max {
             return Err(BackendError::InvalidQueueSize(num, max));
         }
-        self.dev
-            .set_vring_num(q, num)
-            .map_err(ctx("VHOST_SET_VRING_NUM"))
+        if !self.deferring() {
+            self.dev
+                .set_vring_num(q, num)
+                .map_err(ctx("VHOST_SET_VRING_NUM"))?;
+        }
+        self.vrings[queue].num = Some(num);
+        Ok(())
     }
 
     fn set_vring_addr(&mut self, queue: usize, addrs: VringAddrs) -> Result<()> {
@@ -857,48 +944,74 @@ impl DeviceBackend for VdpaNet {
                 why: "ring addresses must be aligned (desc 16, avail 2, used 4)",
             });
         }
-        self.dev
-            .set_vring_addr(q, &addrs)
-            .map_err(ctx("VHOST_SET_VRING_ADDR"))
+        if !self.deferring() {
+            self.dev
+                .set_vring_addr(q, &addrs)
+                .map_err(ctx("VHOST_SET_VRING_ADDR"))?;
+        }
+        self.vrings[queue].addrs = Some(addrs);
+        Ok(())
     }
 
     fn set_vring_base(&mut self, queue: usize, base: u16) -> Result<()> {
         let q = self.data_queue(queue)?;
-        self.dev
-            .set_vring_base(q, base)
-            .map_err(ctx("VHOST_SET_VRING_BASE"))
+        if !self.deferring() {
+            self.dev
+                .set_vring_base(q, base)
+                .map_err(ctx("VHOST_SET_VRING_BASE"))?;
+        }
+        self.vrings[queue].base = Some(base);
+        Ok(())
     }
 
     fn vring_base(&mut self, queue: usize) -> Result<u16> {
         let q = self.data_queue(queue)?;
-        self.dev
+        if self.deferring() {
+            if let Some(b) = self.vrings[queue].base {
+                return Ok(b);
+            }
+        }
+        let b = self
+            .dev
             .get_vring_base(q)
-            .map_err(ctx("VHOST_GET_VRING_BASE"))
+            .map_err(ctx("VHOST_GET_VRING_BASE"))?;
+        if self.suspended {
+            self.vrings[queue].base = Some(b);
+        }
+        Ok(b)
     }
 
     fn set_vring_kick(&mut self, queue: usize, fd: Arc<EventFd>) -> Result<()> {
         let q = self.data_queue(queue)?;
-        self.dev
-            .set_vring_kick(q, Some(&fd))
-            .map_err(ctx("VHOST_SET_VRING_KICK"))?;
+        if !self.deferring() {
+            self.dev
+                .set_vring_kick(q, Some(&fd))
+                .map_err(ctx("VHOST_SET_VRING_KICK"))?;
+        }
         self.vrings[queue].kick = Some(fd);
         Ok(())
     }
 
     fn set_vring_call(&mut self, queue: usize, fd: Option<Arc<EventFd>>) -> Result<()> {
         let q = self.data_queue(queue)?;
-        self.dev
-            .set_vring_call(q, fd.as_deref())
-            .map_err(ctx("VHOST_SET_VRING_CALL"))?;
+        if !self.deferring() {
+            self.dev
+                .set_vring_call(q, fd.as_deref())
+                .map_err(ctx("VHOST_SET_VRING_CALL"))?;
+        }
         self.vrings[queue].call = fd;
         Ok(())
     }
 
     fn set_vring_enable(&mut self, queue: usize, enable: bool) -> Result<()> {
         let q = self.data_queue(queue)?;
-        self.dev
-            .set_vring_enable(q, enable)
-            .map_err(ctx("VHOST_VDPA_SET_VRING_ENABLE"))
+        if !self.deferring() {
+            self.dev
+                .set_vring_enable(q, enable)
+                .map_err(ctx("VHOST_VDPA_SET_VRING_ENABLE"))?;
+        }
+        self.vrings[queue].enabled = enable;
+        Ok(())
     }
 
     fn suspend(&mut self) -> Result<()> {
@@ -912,6 +1025,9 @@ impl DeviceBackend for VdpaNet {
         }
         self.dev.suspend().map_err(ctx("VHOST_VDPA_SUSPEND"))?;
         self.suspended = true;
+        for v in &mut self.vrings {
+            v.base = None;
+        }
         Ok(())
     }
 
@@ -920,9 +1036,7 @@ impl DeviceBackend for VdpaNet {
             return Ok(());
         }
         if !self.has_backend(backend_bits::RESUME) {
-            return Err(BackendError::Unsupported(
-                "resume (the device does not offer VHOST_BACKEND_F_RESUME)",
-            ));
+            return self.resume_by_reset();
         }
         self.dev.resume().map_err(ctx("VHOST_VDPA_RESUME"))?;
         self.suspended = false;
