@@ -28,9 +28,15 @@ fn testpmd_installed() -> bool {
         .unwrap_or(false)
 }
 
+/// Skips the test when testpmd is missing, unless SVQ_RELAY_REQUIRE_PEERS
+/// is set (CI), where a missing peer is a failure.
 macro_rules! require_testpmd {
     () => {
         if !testpmd_installed() {
+            assert!(
+                std::env::var_os("SVQ_RELAY_REQUIRE_PEERS").is_none(),
+                "dpdk-testpmd not installed but SVQ_RELAY_REQUIRE_PEERS is set"
+            );
             eprintln!("skipping: dpdk-testpmd not installed");
             return;
         }
