@@ -24,6 +24,11 @@ fn traffic_comes_back_and_the_memory_table_changes_under_traffic() {
     let mut rig = VuRig::new(&sock, 0);
     assert_eq!(rig.dev.connection_generation(), 1);
     assert!(rig.dev.is_connected());
+    println!(
+        "testpmd net_vhost: relay features {:#x}, protocol features {:#x}",
+        rig.dev.device_features(),
+        rig.dev.protocol_features()
+    );
     // DPDK offers IN_ORDER and RING_PACKED; neither reaches the relay.
     assert_eq!(rig.dev.device_features() & (1 << 35 | 1 << 34 | 1 << 30), 0);
     assert!(
@@ -189,6 +194,24 @@ fn a_restarted_testpmd_is_reconnected_and_traffic_resumes() {
         .unwrap();
     let spare: Vec<u16> = (0..4).map(|_| rig.rx.add_rx(1, 2048)).collect();
     rig.rx.submit(&spare);
+    // A ring the dead device had is where its used index says.
+    assert_eq!(rig.dev.vring_base(TX).unwrap(), 3);
+    // Unless its memory is gone too: then the position is unknown, which
+    // is the one typed "disconnected" error, until the caller sets a base.
+    let size = rig.region.size() as u64;
+    rig.dev.dma_unmap(rig.iova, size).unwrap();
+    match rig.dev.vring_base(RX) {
+        Err(BackendError::Device(m)) => assert!(m.starts_with("disconnected"), "{m}"),
+        other => panic!("expected a disconnected error, got {other:?}"),
+    }
+    rig.dev
+        .dma_map(DmaRegion {
+            iova: rig.iova,
+            memory: Arc::clone(&rig.region),
+            readonly: false,
+        })
+        .unwrap();
+    rig.dev.set_vring_base(RX, rig.rx.used_idx()).unwrap();
 
     let mut pmd = Testpmd::start(&sock, &dir.0, "io", "r2");
     wait_until("reconnection", || rig.dev.connection_generation() == 2);
@@ -211,4 +234,36 @@ fn a_restarted_testpmd_is_reconnected_and_traffic_resumes() {
     drop(rig);
     let log = pmd.stop();
     assert_eq!(final_count(&log, "RX"), Some(4 + 32 + 1), "{log}");
+}
+
+#[test]
+fn two_queue_pairs_and_stopping_one_ring_leaves_the_others_running() {
+    if !peers_available() {
+        return;
+    }
+    let _serial = serial();
+    let dir = TempDir::new("mq");
+    let sock = dir.0.join("vhost.sock");
+    let _pmd = Testpmd::start_mq(&sock, &dir.0, "io", "m", 2);
+    let mut rig = VuRig::with_pairs(&sock, 0, 2);
+    rig.exchange_on(0, &frames(&[64, 1500], 1));
+    rig.exchange_on(1, &frames(&[64, 1500], 2));
+
+    // Stop and restart only pair 1's TX ring. In DPDK any GET_VRING_BASE
+    // stops the whole device; the backend brings the other rings back.
+    let b = rig.dev.vring_base(3).unwrap();
+    assert_eq!(b, 2);
+    rig.exchange_on(0, &frames(&[64; 4], 3));
+    rig.dev.set_vring_enable(3, true).unwrap();
+    rig.exchange_on(1, &frames(&[64; 4], 4));
+    rig.exchange_on(0, &frames(&[64; 4], 5));
+
+    rig.dev.suspend().unwrap();
+    for q in 0..4 {
+        let used = rig.queue(q).used_idx();
+        assert_eq!(rig.dev.vring_base(q).unwrap(), used, "queue {q}");
+    }
+    rig.dev.resume().unwrap();
+    rig.exchange_on(1, &frames(&[100; 8], 6));
+    rig.exchange_on(0, &frames(&[100; 8], 7));
 }

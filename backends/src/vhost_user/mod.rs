@@ -46,6 +46,34 @@
 //!   not mapped: `BackendError::Device("disconnected: ...")`.
 //! - Dirty logging: [`DeviceBackend::has_dirty_log`] says whether the device
 //!   offers LOG_ALL with LOG_SHMFD; forwarding the log is not implemented yet.
+//!
+//! DPDK 22.11 net_vhost (testpmd), as found by the tests in
+//! `tests/vhost_user_dpdk.rs` and in DPDK's lib/vhost/vhost_user.c:
+//! - GET_VRING_BASE on *any* ring stops the whole device (destroy_device),
+//!   and net_vhost then forgets which other rings were ready: they stay dead
+//!   (no error anywhere) until their ready state changes, even after the
+//!   stopped ring is set up again. The backend re-sends SET_VRING_KICK on
+//!   every other ring it still gives the device, which toggles their ready
+//!   state; without it the MQ test stops passing traffic on pair 0 after a
+//!   `vring_base` of queue 3.
+//! - A ring does not start without a call fd: `set_vring_call(None)` gives
+//!   it a private eventfd nobody reads.
+//! - Ring addresses are translated at SET_VRING_KICK (and SET_VRING_ADDR on
+//!   an enabled ring); if the used index in ring memory differs from the
+//!   SET_VRING_BASE value, DPDK continues from the used index with only a
+//!   warning (read in the source, not tested). A relay must keep used idx ==
+//!   base (the trait contract does).
+//! - SET_MEM_TABLE under running rings is fine: DPDK locks all queues,
+//!   remaps and re-translates the rings (tested under traffic). A ring whose
+//!   memory is not in the table when it is set up is never translated by a
+//!   later SET_MEM_TABLE (read in the source), hence rings are set up only
+//!   once their memory is mapped.
+//! - No CONFIG, no CONFIGURE_MEM_SLOTS; offers STATUS, REPLY_ACK, MQ,
+//!   LOG_SHMFD (with LOG_ALL); the relay sees features 0x1_3c01_e7eb
+//!   (with the synthesized MAC/STATUS/MTU).
+//! - GET_VRING_BASE waits for the forwarding core to leave the ring, and
+//!   every burst completes before its call returns, so the base read after
+//!   `suspend` equals the used index in memory (checked for every queue).
 
 mod conn;
 mod features;

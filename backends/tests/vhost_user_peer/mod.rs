@@ -72,6 +72,12 @@ impl Testpmd {
     /// Starts testpmd with a net_vhost port listening on `sock` and waits
     /// until the socket accepts connections.
     pub fn start(sock: &Path, dir: &Path, mode: &str, tag: &str) -> Testpmd {
+        Self::start_mq(sock, dir, mode, tag, 1)
+    }
+
+    /// As `start`, with `queues` queue pairs on the port (one forwarding
+    /// stream per queue: RX queue k goes back out on TX queue k).
+    pub fn start_mq(sock: &Path, dir: &Path, mode: &str, tag: &str, queues: u16) -> Testpmd {
         let prefix = format!("svqvu{}{tag}", std::process::id());
         let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{prefix}"));
         let _ = std::fs::remove_file(sock);
@@ -82,7 +88,10 @@ impl Testpmd {
             .args(["--lcores", "0@0,1@0", "--no-huge", "-m", "256", "--no-pci"])
             .args(["--file-prefix", &prefix])
             .arg("--vdev")
-            .arg(format!("net_vhost0,iface={},queues=1", sock.display()))
+            .arg(format!(
+                "net_vhost0,iface={},queues={queues}",
+                sock.display()
+            ))
             .args([
                 "--",
                 "--total-num-mbufs=8192",
@@ -91,6 +100,8 @@ impl Testpmd {
                 "--auto-start",
             ])
             .arg(format!("--forward-mode={mode}"))
+            .arg(format!("--rxq={queues}"))
+            .arg(format!("--txq={queues}"))
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -189,6 +200,8 @@ pub struct VuRig {
     pub mem: GuestMemoryMmap,
     pub rx: DriverQueue,
     pub tx: DriverQueue,
+    /// Queues of pairs 1.. (index q - 2).
+    pub extra: Vec<DriverQueue>,
     pub iova: u64,
 }
 
@@ -196,13 +209,23 @@ pub const QSIZE: u16 = 256;
 
 impl VuRig {
     pub fn new(sock: &Path, iova: u64) -> VuRig {
-        let mut dev = VhostUserNet::connect(sock, 1).expect("connecting to testpmd");
+        Self::with_pairs(sock, iova, 1)
+    }
+
+    pub fn with_pairs(sock: &Path, iova: u64, pairs: u16) -> VuRig {
+        let mut dev = VhostUserNet::connect(sock, pairs).expect("connecting to testpmd");
         assert_eq!(dev.kind(), "vhost-user");
-        assert_eq!(dev.num_queues(), 2);
-        assert_ne!(dev.device_features() & F_VERSION_1, 0);
-        dev.set_features(F_VERSION_1).unwrap();
+        let nq = 2 * usize::from(pairs);
+        assert_eq!(dev.num_queues(), nq);
+        let features = if pairs > 1 {
+            F_VERSION_1 | F_MQ
+        } else {
+            F_VERSION_1
+        };
+        assert_eq!(dev.device_features() & features, features);
+        dev.set_features(features).unwrap();
         dev.set_status(1 | 2 | 8).unwrap();
-        let region = memfd_region(2 * QUEUE_AREA as usize);
+        let region = memfd_region(nq * QUEUE_AREA as usize);
         dev.dma_map(DmaRegion {
             iova,
             memory: Arc::clone(&region),
@@ -212,25 +235,50 @@ impl VuRig {
         let mem = driver_view(&region, iova);
         let rx = DriverQueue::new(&mem, iova, QSIZE, BUF);
         let tx = DriverQueue::new(&mem, iova + QUEUE_AREA, QSIZE, BUF);
+        let extra = (2..nq)
+            .map(|q| DriverQueue::new(&mem, iova + q as u64 * QUEUE_AREA, QSIZE, BUF))
+            .collect();
         let mut rig = VuRig {
             dev,
             region,
             mem,
             rx,
             tx,
+            extra,
             iova,
         };
-        rig.program(RX);
-        rig.program(TX);
+        for q in 0..nq {
+            rig.program(q);
+        }
         rig.dev.set_status(1 | 2 | 8 | 4).unwrap();
         rig
     }
 
     pub fn queue(&mut self, q: usize) -> &mut DriverQueue {
-        if q == RX {
-            &mut self.rx
-        } else {
-            &mut self.tx
+        match q {
+            RX => &mut self.rx,
+            TX => &mut self.tx,
+            _ => &mut self.extra[q - 2],
+        }
+    }
+
+    /// `exchange` on pair `k`.
+    pub fn exchange_on(&mut self, k: usize, pkts: &[Vec<u8>]) {
+        let (rxq, txq) = (2 * k, 2 * k + 1);
+        let rx_heads: Vec<u16> = pkts
+            .iter()
+            .map(|_| self.queue(rxq).add_rx(1, 2048))
+            .collect();
+        self.queue(rxq).submit(&rx_heads);
+        let heads: Vec<u16> = pkts.iter().map(|p| self.queue(txq).add_tx(p, 1)).collect();
+        self.queue(txq).submit(&heads);
+        let used = self.queue(txq).wait_used(heads.len() as u16);
+        assert_eq!(used.iter().map(|u| u.0).collect::<Vec<_>>(), heads);
+        let used = self.queue(rxq).wait_used(pkts.len() as u16);
+        for ((&(id, len), &head), p) in used.iter().zip(&rx_heads).zip(pkts) {
+            assert_eq!(id, head, "pair {k}: RX chains are used in order");
+            let got = self.queue(rxq).read_rx(id, len, 2048);
+            assert_bytes(&got[HDR..], &p[HDR..], &format!("pair {k}: frame bytes"));
         }
     }
 
