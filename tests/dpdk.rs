@@ -61,6 +61,11 @@ impl TestPmd {
     /// Starts testpmd on `socket` with `queues` queue pairs and waits
     /// (bounded) until it forwards.
     fn start(dir: &Path, socket: &Path, queues: u16) -> TestPmd {
+        TestPmd::start_with(dir, socket, queues, "")
+    }
+
+    /// `vdev_opts` is appended to the virtio-user vdev arguments.
+    fn start_with(dir: &Path, socket: &Path, queues: u16, vdev_opts: &str) -> TestPmd {
         static N: AtomicU32 = AtomicU32::new(0);
         let prefix = format!(
             "svqt-{}-{}",
@@ -85,7 +90,10 @@ impl TestPmd {
                 "--file-prefix",
                 &prefix,
                 "--vdev",
-                &format!("net_virtio_user0,path={},queues={q}", socket.display()),
+                &format!(
+                    "net_virtio_user0,path={},queues={q}{vdev_opts}",
+                    socket.display()
+                ),
                 "--",
                 "--total-num-mbufs=8192",
                 "--stats-period",
@@ -303,4 +311,29 @@ fn testpmd_across_switches() {
     let (rx, tx) = relayed(&dev);
     assert!(tx <= s.tx, "relay TX {tx} vs testpmd {s:?}");
     assert!(rx <= s.rx + RING, "relay RX {rx} vs testpmd {s:?}");
+}
+
+/// A second testpmd after the first one quit (a VMM restart with a real
+/// peer), with virtio-user's in-order and mergeable buffers switched off.
+#[test]
+fn testpmd_restart_shadow() {
+    require_testpmd!();
+    let d = Daemon::spawn(&["--shadow", "on"]);
+    let mut total_tx = 0;
+    for (round, opts) in ["", ",in_order=0,mrg_rxbuf=0"].into_iter().enumerate() {
+        let mut pmd = TestPmd::start_with(d.dir.path(), &d.socket, 1, opts);
+        sleep(Duration::from_secs(1));
+        let s = pmd.stop();
+        check_testpmd(&s);
+        total_tx += s.tx;
+        let mut q = Qmp::connect_ready(&d.qmp);
+        let dev = q.query("net0");
+        let (rx, tx) = relayed(&dev);
+        // Counters are cumulative over the daemon's lifetime.
+        assert!(
+            tx <= total_tx && total_tx <= tx + RING * (round as u64 + 1),
+            "round {round}: relay TX {tx} vs testpmd total {total_tx}"
+        );
+        assert!(rx <= tx, "round {round}: {dev}");
+    }
 }

@@ -305,3 +305,83 @@ fn inherited_listening_fd() {
     }
     assert_eq!(st.and_then(|s| s.code()), Some(0));
 }
+
+/// In --client mode the daemon may start before the VMM listens, and the VMM
+/// may go away and come back on a new socket file.
+#[test]
+fn client_mode_waits_for_a_late_vmm() {
+    let dir = tempdir();
+    let sock = dir.path().join("vu.sock");
+    let qmp = dir.path().join("qmp.sock");
+    let args: Vec<String> = vec![
+        "--socket-path".into(),
+        sock.display().to_string(),
+        "--client".into(),
+        "--qmp".into(),
+        qmp.display().to_string(),
+    ];
+    let mut d = Daemon::spawn_custom(dir, &args);
+    assert!(
+        wait_for_socket(&qmp, daemon::STARTUP_TIMEOUT),
+        "no QMP socket"
+    );
+    // Nobody listens yet: the daemon retries without dying.
+    std::thread::sleep(Duration::from_millis(700));
+    d.assert_alive();
+    for round in 0..2 {
+        let listener = UnixListener::bind(&sock).unwrap();
+        let s = accept_within(&listener, Duration::from_secs(10)).unwrap_or_else(|| {
+            panic!(
+                "round {round}: daemon did not connect; stderr:\n{}",
+                d.stderr()
+            )
+        });
+        let mut vmm = Vmm::negotiate(s, VmmConfig::default());
+        vmm.set_mem_table().unwrap();
+        for q in 0..2 {
+            vmm.setup_queue(q).unwrap();
+        }
+        pump(&mut vmm.pairs, Until::Frames(200)).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        // The VMM exits and its socket file disappears for a while.
+        drop(vmm);
+        drop(listener);
+        std::fs::remove_file(&sock).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        d.assert_alive();
+    }
+}
+
+/// SIGTERM while traffic flows in shadow mode and a switch may be under way.
+#[test]
+fn sigterm_under_traffic_exits_0() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let mut d = Daemon::spawn(&["--shadow", "on", "--queues", "2"]);
+    let mut vmm = Vmm::start(&d.socket, VmmConfig::pairs(2));
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let traffic = std::thread::spawn(move || {
+        // Ends with an error once the daemon is gone; only the daemon's exit
+        // matters here.
+        let _ = common::net::pump_with(&mut vmm.pairs, Until::Flag(&stop2), Duration::from_secs(3));
+        vmm
+    });
+    let mut q = Qmp::connect_ready(&d.qmp);
+    std::thread::sleep(Duration::from_millis(300));
+    q.send_raw(b"{\"execute\": \"enable-shadow-vq\", \"arguments\": {\"name\": \"net0\", \"enable\": false}}\r\n");
+    daemon::signal(d.pid(), libc::SIGTERM);
+    let mut child = d.child.take().unwrap();
+    let st = wait_timeout(&mut child, Duration::from_secs(10));
+    stop.store(true, Ordering::Release);
+    if st.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let _vmm = traffic.join();
+    let st = st.unwrap_or_else(|| panic!("no exit within 10s of SIGTERM; stderr:\n{}", d.stderr()));
+    assert_eq!(st.code(), Some(0), "{st:?}; stderr:\n{}", d.stderr());
+    assert!(
+        !d.socket.exists() && !d.qmp.exists(),
+        "socket files left behind"
+    );
+}

@@ -211,3 +211,42 @@ fn overlong_line_gets_an_error_and_the_connection_stays_usable() {
     error_of(&q.read_response());
     assert_usable(&mut q);
 }
+
+/// A client that sends commands and never reads the answers must not stall
+/// the daemon: other clients get answers and a VMM can still connect.
+#[test]
+fn a_client_that_never_reads_does_not_stall_others() {
+    let d = Daemon::spawn(&[]);
+    let mut hog = Qmp::connect_ready(&d.qmp);
+    // Several MB of answers nobody reads. Written from a thread because the
+    // daemon may (rightly) stop reading from this client.
+    let mut w = hog.writer_clone();
+    let flood = std::thread::spawn(move || {
+        use std::io::Write;
+        let line = b"{\"execute\": \"query-shadow-vq\"}\r\n".repeat(100);
+        for _ in 0..100 {
+            if w.write_all(&line).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let mut a = Qmp::connect_ready(&d.qmp);
+    assert_usable(&mut a);
+    let mut vmm = Vmm::start(&d.socket, VmmConfig::default());
+    common::pump(&mut vmm.pairs, common::Until::Frames(100)).unwrap();
+    assert_eq!(a.enable_shadow("net0", true), json!({"return": {}}));
+    assert_usable(&mut a);
+    drop(hog);
+    let _ = flood.join();
+    assert_usable(&mut a);
+}
+
+#[test]
+fn many_clients() {
+    let d = Daemon::spawn(&[]);
+    let mut clients: Vec<Qmp> = (0..20).map(|_| Qmp::connect_ready(&d.qmp)).collect();
+    for c in clients.iter_mut().rev() {
+        assert_usable(c);
+    }
+}

@@ -48,6 +48,11 @@ impl Qmp {
         q
     }
 
+    /// Another handle on the socket, for writing from a second thread.
+    pub fn writer_clone(&self) -> UnixStream {
+        self.writer.try_clone().expect("clone QMP socket")
+    }
+
     pub fn send_raw(&mut self, bytes: &[u8]) {
         self.writer.write_all(bytes).expect("write QMP");
     }
