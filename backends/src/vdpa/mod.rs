@@ -34,7 +34,17 @@
 //!   never shown in `device_features` (nor CTRL_VLAN, CTRL_RX_EXTRA,
 //!   GUEST_ANNOUNCE, LOG_ALL). With IOTLB_ASID, at least two address spaces and
 //!   the control queue in a group no data queue shares, its memory goes to
-//!   ASID 1 (SET_GROUP_ASID), as QEMU does.
+//!   ASID 1 (SET_GROUP_ASID), as QEMU does. [`VdpaNet::apply_net_state`]
+//!   remembers the state asked for (even when sending it fails) and sends
+//!   what differs from the device's state; after every DRIVER_OK the device
+//!   is back at its reset defaults and the remembered state is sent again,
+//!   which is what restores MAC, queue pairs and RX mode at a migration
+//!   destination. Until the daemon calls it, the wanted state is "all open
+//!   pairs, device MAC, promiscuous": with MQ negotiated, VQ_PAIRS_SET goes
+//!   out at DRIVER_OK so every pair runs.
+//! - Rings are handed to the device as the relay sets them; a ring enabled
+//!   after DRIVER_OK relies on the device honouring that (the kernel
+//!   advertises it as VHOST_BACKEND_F_ENABLE_AFTER_DRIVER_OK).
 //! - `suspend` is VHOST_VDPA_SUSPEND and fails with
 //!   [`BackendError::Unsupported`] when the device does not offer
 //!   VHOST_BACKEND_F_SUSPEND: the daemon then cannot switch a running device
@@ -287,7 +297,7 @@ impl VdpaNet {
             suspended: false,
         };
         this.add_status(status::ACKNOWLEDGE | status::DRIVER)?;
-        log::info!(
+        log::debug!(
             target: LOG,
             "vDPA net device: features {offered:#x}, backend features {backend_features:#x}, \
              {max_pairs} pairs, ring size {max_queue_size}, IOVA {:#x}..={:#x}, control queue {}",
@@ -713,6 +723,22 @@ impl VdpaNet {
         }
         let want = self.wanted;
         let mut cur = self.applied.unwrap_or_else(NetCtrlState::after_reset);
+        // apply_net_state checked these against the features it knew of; the
+        // features negotiated since may lack them.
+        let missing = [
+            (want.mac.is_some(), bits::NET_F_CTRL_MAC_ADDR, "the MAC"),
+            (want.queue_pairs > 1, bits::NET_F_MQ, "the queue pairs"),
+            (
+                !want.promisc || want.allmulti,
+                bits::NET_F_CTRL_RX,
+                "the RX mode",
+            ),
+        ];
+        for (needed, bit, what) in missing {
+            if needed && f & bit == 0 {
+                log::warn!(target: LOG, "cannot program {what}: feature {bit:#x} was not negotiated");
+            }
+        }
         if let Some(mac) = want.mac {
             if cur.mac != Some(mac) && f & bits::NET_F_CTRL_MAC_ADDR != 0 {
                 self.command(ctrl::CLASS_MAC, ctrl::MAC_ADDR_SET, &mac)?;
