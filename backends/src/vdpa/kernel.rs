@@ -315,6 +315,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn config_buffer_is_header_then_bytes() {
+        let b = config_buf(10, 2).unwrap();
+        assert_eq!(b.len(), 10);
+        assert_eq!(&b[0..4], &10u32.to_ne_bytes());
+        assert_eq!(&b[4..8], &2u32.to_ne_bytes());
+    }
+
+    #[test]
+    fn opening_a_missing_device_fails_cleanly() {
+        let e = KernelVdpa::open(Path::new("/dev/vhost-vdpa-does-not-exist"))
+            .err()
+            .map(|e| e.kind());
+        assert_eq!(e, Some(io::ErrorKind::NotFound));
+    }
+
+    #[test]
     fn resume_is_io_0x7e_on_vhost() {
         // _IO(0xAF, 0x7E): no direction, no size.
         assert_eq!(VHOST_VDPA_RESUME(), 0xaf7e);
