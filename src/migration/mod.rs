@@ -8,5 +8,9 @@
 pub mod dirty_log;
 mod mapping;
 pub mod state;
+pub mod stream;
 
 pub use mapping::MapError;
+
+#[cfg(test)]
+mod tests;
