@@ -353,6 +353,9 @@ impl VdpaNet {
 
     /// Maps several regions in one IOTLB batch: all or nothing.
     pub fn dma_map_all(&mut self, regions: Vec<DmaRegion>) -> Result<()> {
+        if regions.is_empty() {
+            return Ok(());
+        }
         for (i, r) in regions.iter().enumerate() {
             self.dma.check_new(r, self.range, &regions[..i])?;
         }
