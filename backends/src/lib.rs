@@ -16,8 +16,8 @@ use vm_memory::MmapRegion;
 use vmm_sys_util::eventfd::EventFd;
 
 pub mod sim;
-pub mod vhost_user;
 pub mod vdpa;
+pub mod vhost_user;
 
 /// Errors a device backend reports. The daemon turns them into log lines and
 /// vhost-user / QMP errors; none of them is fatal to the process.
