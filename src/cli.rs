@@ -60,6 +60,15 @@ pub enum BackendSpec {
     Tap(String),
 }
 
+impl std::fmt::Display for BackendSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BackendSpec::SimLoopback => f.write_str("sim:loopback"),
+            BackendSpec::Tap(ifname) => write!(f, "tap:{ifname}"),
+        }
+    }
+}
+
 impl BackendSpec {
     pub fn kind(&self) -> &'static str {
         match self {

@@ -285,6 +285,12 @@ impl Device {
     pub(crate) fn push_backend_features(&mut self) -> Result<()> {
         let f = self.device_features();
         if self.backend_features != Some(f) {
+            // Features are fixed once the device saw FEATURES_OK; with every
+            // ring stopped (the only time this runs) a reset is harmless and
+            // keeps the IOVA mappings.
+            if self.backend.status() != 0 {
+                self.backend.set_status(0)?;
+            }
             self.backend.set_features(f)?;
             self.backend_features = Some(f);
         }

@@ -103,6 +103,21 @@ fn listener_from_fd(fd: RawFd) -> Result<UnixListener, RunError> {
     if ty != libc::SOCK_STREAM {
         return Err(bad("not a stream socket".into()));
     }
+    let mut listening: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: as above, into the live local `listening`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut listening as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 || listening == 0 {
+        return Err(bad("not a listening socket".into()));
+    }
     // SAFETY: the fd is an open stream socket inherited for us to use; the
     // listener takes ownership of it for the life of the process.
     Ok(unsafe { UnixListener::from_raw_fd(fd) })
@@ -197,7 +212,7 @@ pub fn run(cfg: RunConfig) -> Result<(), RunError> {
     let backend =
         crate::backend::open(&cfg.backend, cfg.queue_pairs, cfg.queue_size).map_err(|source| {
             RunError::Backend {
-                spec: format!("{:?}", cfg.backend),
+                spec: cfg.backend.to_string(),
                 source,
             }
         })?;

@@ -433,3 +433,22 @@ fn memory_table_update_keeps_same_regions_mapped() {
     assert!(ops.contains(&Op::Unmap(0, MEM)) && ops.contains(&Op::Map(0, MEM)));
     assert!(ops.contains(&Op::Unmap(0x1000_0000, 0x10000)));
 }
+
+#[test]
+fn renegotiation_after_stop_resets_the_backend_first() {
+    let (mut dev, fake) = negotiated(false);
+    let _fds = start_all(&mut dev, &fake);
+    for q in 0..4 {
+        dev.get_vring_base(q).unwrap();
+    }
+    fake.ops();
+    let fewer = dev.offered_features() & !(1 << 29); // no EVENT_IDX
+    dev.set_features(fewer).unwrap();
+    assert_eq!(
+        fake.ops(),
+        vec![Op::Status(0), Op::Features(fewer & !F_PROTOCOL_FEATURES)]
+    );
+    // Same features again: nothing to do.
+    dev.set_features(fewer).unwrap();
+    assert!(fake.ops().is_empty());
+}

@@ -95,6 +95,9 @@ impl Device {
         if self.vrings[q].running.is_running() {
             self.stop_ring(q);
         }
+        if fd.is_none() {
+            log::warn!(target: LOG, "{}: queue {q}: no kick eventfd (polling mode) is not supported; the ring stays stopped", self.name);
+        }
         let fd = fd.map(|f| {
             set_nonblocking(&f);
             Arc::new(f)
