@@ -9,6 +9,7 @@ pub mod dirty_log;
 mod mapping;
 pub mod state;
 pub mod stream;
+pub mod transfer;
 
 pub use mapping::MapError;
 
