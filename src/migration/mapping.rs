@@ -52,8 +52,6 @@ fn page_size() -> u64 {
     }
 }
 
-// Wider accessors and memfd are for the in-flight region (next module).
-#[allow(dead_code)]
 impl SharedMapping {
     /// Map `size` bytes at `offset` of `file`. `align` is the alignment the
     /// caller needs for `offset` (atomics wider than a byte).
@@ -168,7 +166,6 @@ impl Drop for SharedMapping {
 
 /// An anonymous memory file of `size` bytes (zero filled), for the regions
 /// the daemon hands to the VMM and for tests.
-#[allow(dead_code)]
 pub(crate) fn memfd(name: &std::ffi::CStr, size: u64) -> std::io::Result<File> {
     use std::os::unix::io::FromRawFd;
     // SAFETY: memfd_create with a valid NUL-terminated name; the new fd is

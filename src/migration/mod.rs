@@ -6,6 +6,7 @@
 //! where the daemon calls what.
 
 pub mod dirty_log;
+pub mod inflight;
 mod mapping;
 pub mod state;
 pub mod stream;
