@@ -267,3 +267,35 @@ fn two_queue_pairs_and_stopping_one_ring_leaves_the_others_running() {
     rig.exchange_on(1, &frames(&[100; 8], 6));
     rig.exchange_on(0, &frames(&[100; 8], 7));
 }
+
+#[test]
+fn a_reset_then_new_rings_bring_traffic_back() {
+    if !peers_available() {
+        return;
+    }
+    let _serial = serial();
+    let dir = TempDir::new("reset");
+    let sock = dir.0.join("vhost.sock");
+    let mut pmd = Testpmd::start(&sock, &dir.0, "io", "x");
+    let mut rig = VuRig::new(&sock, 0x4000_0000);
+    rig.exchange(&frames(&[64; 7], 1));
+
+    // What a guest reboot looks like from the daemon: reset, then the whole
+    // set-up again with fresh rings at index 0. Mappings survive the reset.
+    rig.dev.set_status(0).unwrap();
+    assert_eq!(rig.dev.status(), 0);
+    assert_eq!(rig.dev.vring_base(TX).unwrap(), 0, "ring state is reset");
+    rig.dev.set_features(F_VERSION_1).unwrap();
+    rig.dev.set_status(1 | 2 | 8).unwrap();
+    rig.rx.renew();
+    rig.tx.renew();
+    rig.program(RX);
+    rig.program(TX);
+    rig.dev.set_status(1 | 2 | 8 | 4).unwrap();
+    rig.exchange(&frames(&[64, 1500, 64], 2));
+    assert_eq!(rig.dev.connection_generation(), 1);
+
+    drop(rig);
+    let log = pmd.stop();
+    assert_eq!(final_count(&log, "RX"), Some(10), "{log}");
+}

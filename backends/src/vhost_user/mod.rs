@@ -44,6 +44,12 @@
 //!   last published), unless the caller sets a base first. The one answer
 //!   that cannot be given is the position of such a ring whose used ring is
 //!   not mapped: `BackendError::Device("disconnected: ...")`.
+//!   Restarting at the used index re-offers every chain the dead device had
+//!   taken but not completed (their avail slots and descriptors are still
+//!   intact), so for a device that completes chains in order, as DPDK does,
+//!   nothing is lost and nothing needs resubmitting; a TX chain may be sent
+//!   twice. A device completing out of order would need INFLIGHT_SHMFD,
+//!   which is not implemented.
 //! - Dirty logging: [`DeviceBackend::has_dirty_log`] says whether the device
 //!   offers LOG_ALL with LOG_SHMFD; forwarding the log is not implemented yet.
 //!
