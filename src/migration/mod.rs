@@ -8,6 +8,7 @@
 pub mod dirty_log;
 pub mod inflight;
 mod mapping;
+pub mod postcopy;
 pub mod state;
 pub mod stream;
 pub mod transfer;
