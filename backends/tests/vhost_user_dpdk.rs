@@ -49,20 +49,33 @@ fn traffic_comes_back_and_the_memory_table_changes_under_traffic() {
     rig.exchange(&pkts);
     sent += pkts.len() as u64;
 
-    // A second region appears and goes away while both rings run: DPDK
-    // re-translates running rings on SET_MEM_TABLE.
-    let extra = memfd_region(0x20_0000);
-    rig.dev
-        .dma_map(DmaRegion {
-            iova: 0x1000_0000,
-            memory: Arc::clone(&extra),
-            readonly: false,
-        })
-        .unwrap();
+    // Seven more regions appear and go away while both rings run (DPDK
+    // re-translates running rings on SET_MEM_TABLE); eight is the most one
+    // table holds.
+    let extra: Vec<_> = (1..8u64)
+        .map(|k| (k * 0x1000_0000, memfd_region(0x20_0000)))
+        .collect();
+    for (iova, mem) in &extra {
+        rig.dev
+            .dma_map(DmaRegion {
+                iova: *iova,
+                memory: Arc::clone(mem),
+                readonly: false,
+            })
+            .unwrap();
+    }
+    let ninth = rig.dev.dma_map(DmaRegion {
+        iova: 0xa000_0000,
+        memory: memfd_region(0x1000),
+        readonly: false,
+    });
+    assert!(matches!(ninth, Err(BackendError::Device(_))), "{ninth:?}");
     let pkts = frames(&[128; 8], 20);
     rig.exchange(&pkts);
     sent += pkts.len() as u64;
-    rig.dev.dma_unmap(0x1000_0000, 0x20_0000).unwrap();
+    for (iova, _) in &extra {
+        rig.dev.dma_unmap(*iova, 0x20_0000).unwrap();
+    }
     let pkts = frames(&[60, 1514], 40);
     rig.exchange(&pkts);
     sent += pkts.len() as u64;
