@@ -167,6 +167,8 @@ fn wait_readable(fd: Option<RawFd>, sig: &EventFd, timeout: Option<Duration>) ->
 /// the daemon to exit.
 fn serve_connection(stream: UnixStream, device: &SharedDevice, sig: &EventFd) -> bool {
     let _ = stream.set_read_timeout(Some(MESSAGE_TIMEOUT));
+    // A VMM that stops reading replies must not wedge the main thread.
+    let _ = stream.set_write_timeout(Some(MESSAGE_TIMEOUT));
     let handler = Arc::new(Mutex::new(VuHandler::new(device.clone())));
     let mut conn = BackendReqHandler::from_stream(stream, handler);
     log::info!(target: LOG, "VMM connected");
@@ -283,8 +285,18 @@ fn run_client(path: &Path, device: &SharedDevice, sig: &EventFd) {
             Ok(stream) => {
                 log::info!(target: LOG, "connected to {}", path.display());
                 logged = false;
-                delay = BACKOFF_MIN;
+                let since = std::time::Instant::now();
                 if serve_connection(stream, device, sig) {
+                    return;
+                }
+                // A VMM that accepts and drops connections at once must not
+                // make this a busy loop; a session that lasted resets it.
+                delay = if since.elapsed() > BACKOFF_MAX {
+                    BACKOFF_MIN
+                } else {
+                    (delay * 2).min(BACKOFF_MAX)
+                };
+                if let Wait::Signal = wait_readable(None, sig, Some(delay)) {
                     return;
                 }
             }
