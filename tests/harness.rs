@@ -178,7 +178,12 @@ fn driver_passes_traffic_through_a_correct_loopback() {
         rx_segs: 24,
         ..plain()
     };
-    for (pairs, opts) in [(1, plain()), (3, no_mrg), (2, all), (1, long)] {
+    let batched = DriverOpts {
+        event_idx: true,
+        irq_batch: 16,
+        ..plain()
+    };
+    for (pairs, opts) in [(1, plain()), (3, no_mrg), (2, all), (1, long), (1, batched)] {
         let merged_expected = opts.rx_buf_size < 1526;
         let ps = run(pairs, 500, opts, Bug::None).unwrap();
         for p in &ps {

@@ -72,3 +72,18 @@ fn passthrough_long_chains() {
         300,
     );
 }
+
+/// EVENT_IDX with interrupts requested only every 16 completions.
+#[test]
+fn passthrough_batched_interrupts() {
+    loopback(
+        "off",
+        2,
+        DriverOpts {
+            event_idx: true,
+            irq_batch: 16,
+            ..Default::default()
+        },
+        1000,
+    );
+}

@@ -93,3 +93,18 @@ fn shadow_long_chains_merged_small_buffers() {
         300,
     );
 }
+
+/// EVENT_IDX with interrupts requested only every 16 completions.
+#[test]
+fn shadow_batched_interrupts() {
+    loopback(
+        "on",
+        2,
+        DriverOpts {
+            event_idx: true,
+            irq_batch: 16,
+            ..Default::default()
+        },
+        1000,
+    );
+}

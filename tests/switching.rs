@@ -172,6 +172,7 @@ fn switches_under_traffic_event_idx_indirect_small_rx_buffers() {
             event_idx: true,
             indirect: true,
             rx_buf_size: 512,
+            irq_batch: 8,
             ..Default::default()
         },
     );

@@ -58,6 +58,9 @@ pub struct DriverOpts {
     pub tx_segs: u16,
     /// Split every RX buffer into this many segments (0: a mix of 1 and 2).
     pub rx_segs: u16,
+    /// With EVENT_IDX, ask for interrupts only every this many completions
+    /// (as far as that many are sure to come).
+    pub irq_batch: u16,
 }
 
 impl Default for DriverOpts {
@@ -70,6 +73,7 @@ impl Default for DriverOpts {
             buf_region: 0,
             tx_segs: 0,
             rx_segs: 0,
+            irq_batch: 0,
         }
     }
 }
@@ -129,6 +133,8 @@ impl NetPair {
         let mut tx = QueueIo::new(mem, 2 * pair as usize + 1, ring_size);
         rx.ring.event_idx = opts.event_idx;
         tx.ring.event_idx = opts.event_idx;
+        rx.ring.irq_batch = opts.irq_batch;
+        tx.ring.irq_batch = opts.irq_batch;
         let r = opts.buf_region;
         let rx_bufs = mem.alloc_in(r, BUF_SIZE * ring_size as u64, 4096);
         let tx_bufs = mem.alloc_in(r, BUF_SIZE * ring_size as u64, 4096);
@@ -302,6 +308,8 @@ impl NetPair {
     pub fn service_rx(&mut self) -> Result<bool, String> {
         let p = self.pair;
         let mut progress = false;
+        // Every frame not yet received needs at least one more RX entry.
+        self.rx.ring.coming = Some(self.outstanding() as usize);
         let used = self
             .rx
             .ring

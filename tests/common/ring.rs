@@ -60,6 +60,12 @@ pub struct SplitRing {
     pub event_idx: bool,
     /// Avail index at the last kick decision.
     kicked_idx: u16,
+    /// With EVENT_IDX: ask for an interrupt only every this many entries
+    /// (0 or 1: every entry).
+    pub irq_batch: u16,
+    /// Used entries sure to come, as of the next pop_used (None: every
+    /// chain in flight, as for TX; RX buffers wait for frames).
+    pub coming: Option<usize>,
 }
 
 /// Bytes needed by the three parts of a split ring of `size` entries.
@@ -99,6 +105,8 @@ impl SplitRing {
             total_used: 0,
             event_idx: false,
             kicked_idx: 0,
+            irq_batch: 0,
+            coming: None,
         }
     }
 
@@ -263,11 +271,17 @@ impl SplitRing {
             if !self.event_idx {
                 return Ok(out);
             }
-            // Ask for an interrupt at the next entry, then look again: an
-            // entry written before the device saw used_event gets no interrupt.
+            // Ask for an interrupt after the next `ahead + 1` entries, never
+            // more than are sure to come; then look again: an entry written
+            // before the device saw used_event gets no interrupt.
+            let sure = match self.coming {
+                Some(n) => n.saturating_sub(out.len()),
+                None => self.num_inflight(),
+            };
+            let ahead = (self.irq_batch as usize).min(sure).saturating_sub(1) as u16;
             let slot = GuestAddress(self.avail.0 + 4 + 2 * self.size as u64);
             self.mem
-                .store(self.last_used, slot, Ordering::Release)
+                .store(self.last_used.wrapping_add(ahead), slot, Ordering::Release)
                 .expect("store used_event");
             fence(Ordering::SeqCst);
             if self.device_used_idx() == self.last_used {
