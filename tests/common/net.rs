@@ -120,6 +120,9 @@ pub struct NetPair {
     pub n_rx_received: u64,
     /// RX frames that used more than one buffer.
     pub n_rx_merged: u64,
+    /// Skip received frames that are not test frames (a real network).
+    ignore_foreign: bool,
+    pub n_rx_foreign: u64,
 }
 
 impl NetPair {
@@ -163,6 +166,8 @@ impl NetPair {
             n_tx_completed: 0,
             n_rx_received: 0,
             n_rx_merged: 0,
+            ignore_foreign: false,
+            n_rx_foreign: 0,
         }
     }
 
@@ -218,6 +223,11 @@ impl NetPair {
         self.rx.ring.publish_and_check_kick();
         let per_frame = (NET_HDR_LEN + packet::MAX_FRAME).div_ceil(self.opts.rx_buf_size as usize);
         self.window = (self.rx_posted as u64 / per_frame as u64 / 2).max(1);
+    }
+
+    /// Received frames with another ethertype are counted and skipped.
+    pub fn set_ignore_foreign(&mut self, on: bool) {
+        self.ignore_foreign = on;
     }
 
     /// Overrides the send window (for tests that post their own RX buffers).
@@ -338,6 +348,13 @@ impl NetPair {
             }
             if n > 1 {
                 self.n_rx_merged += 1;
+            }
+            let eth = &acc[NET_HDR_LEN..];
+            if self.ignore_foreign
+                && (eth.len() < 14 || u16::from_be_bytes([eth[12], eth[13]]) != packet::ETHERTYPE)
+            {
+                self.n_rx_foreign += 1;
+                continue;
             }
             let (fp, seq) = packet::check_frame(&acc[NET_HDR_LEN..])
                 .map_err(|e| format!("pair {p} RX ({n} buffers): {e}"))?;
