@@ -5,6 +5,7 @@
 //! Nothing here talks to the socket or the device model; `WIRING.md` says
 //! where the daemon calls what.
 
+pub mod control;
 pub mod dirty_log;
 pub mod inflight;
 mod mapping;
