@@ -217,7 +217,7 @@ fn overlong_line_gets_an_error_and_the_connection_stays_usable() {
 #[test]
 fn a_client_that_never_reads_does_not_stall_others() {
     let d = Daemon::spawn(&[]);
-    let mut hog = Qmp::connect_ready(&d.qmp);
+    let hog = Qmp::connect_ready(&d.qmp);
     // Several MB of answers nobody reads. Written from a thread because the
     // daemon may (rightly) stop reading from this client.
     let mut w = hog.writer_clone();
