@@ -8,7 +8,7 @@ use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backends::vhost_user::{VhostUserNet, VhostUserOptions};
+use backends::vhost_user::{DirtyLogArea, VhostUserNet, VhostUserOptions};
 use backends::{BackendError, DeviceBackend, DmaRegion, VringAddrs};
 use vhost_user_fakedev::*;
 use vm_memory::{Bytes, FileOffset, MmapRegion, VolatileMemory};
@@ -362,4 +362,79 @@ fn too_few_device_queues_is_an_error() {
     let _fake = FakeDevice::start(&path, s);
     assert!(VhostUserNet::connect(&path, 2).is_err());
     assert!(VhostUserNet::connect(&path, 1).is_ok());
+}
+
+#[test]
+fn dirty_logging_messages_and_their_replay() {
+    const LOG_ALL: u64 = 1 << 26;
+    let d = dir("log");
+    let path = d.0.join("dev.sock");
+    let fake = FakeDevice::start(
+        &path,
+        spec(VERSION_1 | F_PROTOCOL | LOG_ALL, P_REPLY_ACK | P_LOG_SHMFD),
+    );
+    let mut dev = VhostUserNet::connect(&path, 1).unwrap();
+    assert!(dev.has_dirty_log());
+    let (_mem, _kicks) = bring_up(&mut dev, VERSION_1);
+    dev.set_vring_log_addr(0, Some(0x7000)).unwrap();
+    let before = fake.log().len();
+    let log = memfd(0x2000);
+    dev.set_dirty_log(Some(DirtyLogArea { memory: log }))
+        .unwrap();
+    let msgs = fake.log()[before..].to_vec();
+    let reqs: Vec<u32> = msgs.iter().map(|m| m.req).collect();
+    assert_eq!(
+        reqs,
+        [SET_LOG_BASE, SET_FEATURES, SET_VRING_ADDR, SET_VRING_ADDR]
+    );
+    assert_eq!(
+        (msgs[0].fds, msgs[0].u64_at(0), msgs[0].u64_at(8)),
+        (1, 0x2000, 0)
+    );
+    assert_eq!(msgs[1].u64(), VERSION_1 | F_PROTOCOL | LOG_ALL);
+    // Ring 0 logs its used ring at the given address; ring 1 has none.
+    assert_eq!((msgs[2].u32_at(4), msgs[2].u64_at(32)), (1, 0x7000));
+    assert_eq!(msgs[3].u32_at(4), 0);
+
+    // A device that comes back gets the log before LOG_ALL.
+    fake.kick_out();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while dev.connection_generation() < 2 {
+        assert!(Instant::now() < deadline, "no reconnection");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let c2: Vec<Msg> = fake.log().into_iter().filter(|m| m.conn == 2).collect();
+    let at = |r: u32| c2.iter().position(|m| m.req == r).unwrap();
+    assert!(at(SET_LOG_BASE) < at(SET_FEATURES));
+    assert_eq!(c2[at(SET_FEATURES)].u64() & LOG_ALL, LOG_ALL);
+    let addr0 = c2
+        .iter()
+        .find(|m| m.req == SET_VRING_ADDR && m.u32_at(0) == 0)
+        .unwrap();
+    assert_eq!((addr0.u32_at(4), addr0.u64_at(32)), (1, 0x7000));
+
+    // Stopping: LOG_ALL off, ring log flags off.
+    let before = fake.log().len();
+    dev.set_dirty_log(None).unwrap();
+    let msgs = fake.log()[before..].to_vec();
+    assert_eq!(msgs[0].req, SET_FEATURES);
+    assert_eq!(msgs[0].u64() & LOG_ALL, 0);
+    assert!(msgs[1..]
+        .iter()
+        .all(|m| m.req == SET_VRING_ADDR && m.u32_at(4) == 0));
+}
+
+#[test]
+fn dirty_logging_needs_a_device_that_logs() {
+    let d = dir("nolog");
+    let path = d.0.join("dev.sock");
+    let _fake = FakeDevice::start(&path, spec(VERSION_1 | F_PROTOCOL, P_REPLY_ACK));
+    let mut dev = VhostUserNet::connect(&path, 1).unwrap();
+    assert!(!dev.has_dirty_log());
+    assert!(matches!(
+        dev.set_dirty_log(Some(DirtyLogArea {
+            memory: memfd(0x1000)
+        })),
+        Err(BackendError::Unsupported(_))
+    ));
 }

@@ -7,9 +7,11 @@ mod vhost_user_peer;
 
 use std::sync::Arc;
 
+use backends::vhost_user::DirtyLogArea;
 use backends::{BackendError, DeviceBackend, DmaRegion, VringAddrs};
 use sim_driver::*;
 use vhost_user_peer::*;
+use vm_memory::{Bytes, MmapRegion, VolatileMemory};
 
 #[test]
 fn traffic_comes_back_and_the_memory_table_changes_under_traffic() {
@@ -311,4 +313,68 @@ fn a_reset_then_new_rings_bring_traffic_back() {
     drop(rig);
     let log = pmd.stop();
     assert_eq!(final_count(&log, "RX"), Some(10), "{log}");
+}
+
+/// Whether the device marked the 4 KiB page holding `iova` in `log`.
+fn dirty(log: &MmapRegion, iova: u64) -> bool {
+    let page = iova >> 12;
+    let byte: u8 = log
+        .as_volatile_slice()
+        .read_obj((page / 8) as usize)
+        .unwrap();
+    byte & (1 << (page % 8)) != 0
+}
+
+#[test]
+fn the_device_logs_the_pages_it_writes_while_logging_is_on() {
+    if !peers_available() {
+        return;
+    }
+    let _serial = serial();
+    let dir = TempDir::new("log");
+    let sock = dir.0.join("vhost.sock");
+    let _pmd = Testpmd::start(&sock, &dir.0, "io", "l");
+    let mut rig = VuRig::new(&sock, 0x4000_0000);
+    assert!(rig.dev.has_dirty_log());
+    rig.exchange(&frames(&[64; 3], 1));
+
+    // One bit per page up to the end of the test memory.
+    let end = rig.iova + rig.region.size() as u64;
+    let log = memfd_region(((end >> 12) / 8 + 1).next_multiple_of(4096) as usize);
+    let (rx_used, tx_used) = (rig.rx.used, rig.tx.used);
+    rig.dev.set_vring_log_addr(RX, Some(rx_used)).unwrap();
+    rig.dev.set_vring_log_addr(TX, Some(tx_used)).unwrap();
+    rig.dev
+        .set_dirty_log(Some(DirtyLogArea {
+            memory: Arc::clone(&log),
+        }))
+        .unwrap();
+
+    let heads = rig.exchange(&frames(&[64, 1500, 64, 200], 2));
+    for h in &heads {
+        let a = rig.rx.buf_addr(*h);
+        assert!(dirty(&log, a), "RX buffer {h} at {a:#x} was written");
+    }
+    assert!(dirty(&log, rx_used), "RX used ring");
+    assert!(dirty(&log, tx_used), "TX used ring");
+    // The device only reads TX buffers and descriptor tables.
+    let tx_bufs = rig.tx.buf_addr(0)..rig.tx.buf_addr(QSIZE - 1) + BUF;
+    for a in tx_bufs.step_by(4096) {
+        assert!(!dirty(&log, a), "TX buffer page {a:#x} is clean");
+    }
+    assert!(!dirty(&log, rig.rx.desc) && !dirty(&log, rig.tx.desc));
+
+    // Logging off: nothing more is marked.
+    rig.dev.set_dirty_log(None).unwrap();
+    log.as_volatile_slice()
+        .write_slice(&vec![0u8; log.size()], 0)
+        .unwrap();
+    rig.exchange(&frames(&[64, 1500], 3));
+    let bytes = log.size();
+    let mut all = vec![0u8; bytes];
+    log.as_volatile_slice().read_slice(&mut all, 0).unwrap();
+    assert!(
+        all.iter().all(|b| *b == 0),
+        "no page logged after logging stopped"
+    );
 }

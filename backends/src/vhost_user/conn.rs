@@ -5,6 +5,7 @@
 //! interleave.
 
 use std::io::{Read, Write};
+use std::os::unix::io::RawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -12,12 +13,14 @@ use std::time::Duration;
 use vhost::vhost_user::message::VhostUserHeaderFlag;
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::VhostBackend;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::features::{bits, wanted_protocol};
 use super::LOG;
 
 pub(crate) type VuResult<T> = std::result::Result<T, vhost::Error>;
 
+const SET_LOG_BASE: u32 = 6;
 const SET_STATUS: u32 = 39;
 const GET_STATUS: u32 = 40;
 const HDR_VERSION: u32 = 0x1;
@@ -148,6 +151,39 @@ impl Conn {
         let mut v = [0u8; 8];
         v.copy_from_slice(&buf[12..20]);
         Ok(u64::from_le_bytes(v))
+    }
+
+    /// SET_LOG_BASE with the log as a shared-memory fd (LOG_SHMFD). Written
+    /// here because the crate expects the reply to carry the log region, and
+    /// DPDK answers with an empty body (what QEMU expects); both are taken.
+    pub(crate) fn set_log_base(&mut self, fd: RawFd, size: u64, offset: u64) -> VuResult<()> {
+        let mut msg = Vec::with_capacity(28);
+        msg.extend_from_slice(&SET_LOG_BASE.to_le_bytes());
+        msg.extend_from_slice(&HDR_VERSION.to_le_bytes());
+        msg.extend_from_slice(&16u32.to_le_bytes());
+        msg.extend_from_slice(&size.to_le_bytes());
+        msg.extend_from_slice(&offset.to_le_bytes());
+        let sent = self
+            .raw
+            .send_with_fd(&msg[..], fd)
+            .map_err(|e| io_error(std::io::Error::from_raw_os_error(e.errno())))?;
+        if sent != msg.len() {
+            return Err(vhost::Error::VhostUserProtocol(
+                vhost::vhost_user::Error::PartialMessage,
+            ));
+        }
+        let mut hdr = [0u8; 12];
+        self.raw.read_exact(&mut hdr).map_err(io_error)?;
+        let word = |i: usize| u32::from_le_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
+        let size = word(8) as usize;
+        if word(0) != SET_LOG_BASE || word(4) & HDR_REPLY == 0 || size > 16 {
+            return Err(vhost::Error::VhostUserProtocol(
+                vhost::vhost_user::Error::InvalidMessage,
+            ));
+        }
+        let mut body = [0u8; 16];
+        self.raw.read_exact(&mut body[..size]).map_err(io_error)?;
+        Ok(())
     }
 
     pub(crate) fn set_status(&mut self, status: u8) -> VuResult<()> {

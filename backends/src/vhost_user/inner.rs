@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::conn::{is_broken, Conn, VuResult};
 use super::features::{bits, config_bytes, relay_features, status, wire_features, CONFIG_SIZE};
 use super::memtable::{placeholder, MemTable};
-use super::{VhostUserOptions, LOG};
+use super::{DirtyLogArea, VhostUserOptions, LOG};
 use crate::{BackendError, DmaRegion, Result, VringAddrs};
 
 const BUSY: &str = "the queue is running (disable it or suspend the device first)";
@@ -39,6 +39,8 @@ pub(crate) struct Ring {
     /// The device went away while it had the ring; its position is the used
     /// index in ring memory (what the device last published).
     pub(crate) lost: bool,
+    /// Where the device logs its used-ring writes while dirty logging is on.
+    pub(crate) log_addr: Option<u64>,
 }
 
 fn ring_sizes(num: u16) -> (u64, u64, u64) {
@@ -71,6 +73,8 @@ pub(crate) struct Inner {
     dummy_call: Arc<EventFd>,
     /// Wakes the reconnect thread.
     pub(crate) wake: Arc<EventFd>,
+    /// The dirty log the device writes, while logging is on.
+    pub(crate) log: Option<DirtyLogArea>,
 }
 
 impl Inner {
@@ -115,6 +119,7 @@ impl Inner {
             config,
             dummy_call: Arc::new(EventFd::new(EFD_NONBLOCK)?),
             wake,
+            log: None,
         })
     }
 
@@ -209,15 +214,7 @@ impl Inner {
             .clone()
             .unwrap_or_else(|| Arc::clone(&self.dummy_call));
         let base = r.base;
-        let cfg = VringConfigData {
-            queue_max_size: num,
-            queue_size: num,
-            flags: 0,
-            desc_table_addr: a.desc,
-            used_ring_addr: a.used,
-            avail_ring_addr: a.avail,
-            log_addr: None,
-        };
+        let cfg = self.vring_config(num, a, r.log_addr);
         let done = self.io("ring set-up", |c| {
             c.fe.set_vring_num(q, num)?;
             c.fe.set_vring_base(q, base)?;
@@ -232,6 +229,103 @@ impl Inner {
         if done.is_some() {
             self.rings[q].armed = true;
             log::debug!(target: LOG, "queue {q} armed: num {num} base {base}");
+        }
+        Ok(())
+    }
+
+    /// SET_VRING_ADDR contents; the used ring is logged while dirty logging
+    /// is on and the caller gave a log address.
+    fn vring_config(&self, num: u16, a: VringAddrs, log_addr: Option<u64>) -> VringConfigData {
+        let log_addr = log_addr.filter(|_| self.log.is_some());
+        VringConfigData {
+            queue_max_size: num,
+            queue_size: num,
+            flags: u32::from(log_addr.is_some()), // VHOST_VRING_F_LOG
+            desc_table_addr: a.desc,
+            used_ring_addr: a.used,
+            avail_ring_addr: a.avail,
+            log_addr,
+        }
+    }
+
+    /// SET_FEATURES contents: LOG_ALL is on exactly while dirty logging is.
+    fn wire(&self, acked: u64) -> u64 {
+        let mut w = wire_features(acked, self.device_offer);
+        if self.log.is_some() {
+            w |= self.device_offer & bits::F_LOG_ALL;
+        }
+        w
+    }
+
+    /// Re-sends the addresses of every ring the device has (to switch used
+    /// ring logging on or off).
+    fn resend_addrs(&mut self) -> Result<()> {
+        for q in 0..self.rings.len() {
+            let r = &self.rings[q];
+            let (true, Some(num), Some(a)) = (r.armed, r.num, r.addrs) else {
+                continue;
+            };
+            let cfg = self.vring_config(num, a, r.log_addr);
+            self.io("SET_VRING_ADDR", |c| c.fe.set_vring_addr(q, &cfg))?;
+        }
+        Ok(())
+    }
+
+    fn send_log_base(&mut self) -> Result<()> {
+        let Some(log) = &self.log else {
+            return Ok(());
+        };
+        let Some(fo) = log.memory.file_offset() else {
+            return Err(BackendError::Device(
+                "the dirty log must be fd-backed".into(),
+            ));
+        };
+        let (fd, size, off) = (
+            std::os::unix::io::AsRawFd::as_raw_fd(fo.file()),
+            log.memory.size() as u64,
+            fo.start(),
+        );
+        self.io("SET_LOG_BASE", |c| c.set_log_base(fd, size, off))?;
+        Ok(())
+    }
+
+    pub(crate) fn set_dirty_log(&mut self, log: Option<DirtyLogArea>) -> Result<()> {
+        if !super::features::device_logs_dirty_pages(self.device_offer, self.proto) {
+            return Err(BackendError::Unsupported("dirty logging by the device"));
+        }
+        if let Some(l) = &log {
+            if l.memory.file_offset().is_none() || l.memory.size() == 0 {
+                return Err(BackendError::Device(
+                    "the dirty log must be a non-empty fd-backed region".into(),
+                ));
+            }
+        }
+        let starting = log.is_some();
+        self.log = log;
+        // Order as QEMU: the log, then LOG_ALL, then the rings' log flags;
+        // stopping clears LOG_ALL first. With REPLY_ACK the device has
+        // switched logs / stopped logging when this returns.
+        if starting {
+            self.send_log_base()?;
+        }
+        if let Some(f) = self.features {
+            let wire = self.wire(f);
+            self.io("SET_FEATURES", |c| c.fe.set_features(wire))?;
+        }
+        self.resend_addrs()
+    }
+
+    pub(crate) fn set_vring_log_addr(&mut self, q: usize, addr: Option<u64>) -> Result<()> {
+        let r = &mut self.rings[q];
+        if r.log_addr == addr {
+            return Ok(());
+        }
+        r.log_addr = addr;
+        if let (true, Some(num), Some(a)) = (r.armed, r.num, r.addrs) {
+            if self.log.is_some() {
+                let cfg = self.vring_config(num, a, addr);
+                self.io("SET_VRING_ADDR", |c| c.fe.set_vring_addr(q, &cfg))?;
+            }
         }
         Ok(())
     }
@@ -347,7 +441,7 @@ impl Inner {
             });
         }
         self.features = Some(f);
-        let wire = wire_features(f, self.device_offer);
+        let wire = self.wire(f);
         self.io("SET_FEATURES", |c| c.fe.set_features(wire))?;
         Ok(())
     }
@@ -635,8 +729,9 @@ impl Inner {
     }
 
     fn replay_state(&mut self) -> Result<()> {
+        self.send_log_base()?;
         if let Some(f) = self.features {
-            let wire = wire_features(f, self.device_offer);
+            let wire = self.wire(f);
             self.io("SET_FEATURES", |c| c.fe.set_features(wire))?;
         }
         if self.status & !status::DRIVER_OK != 0 {

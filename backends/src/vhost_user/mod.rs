@@ -51,7 +51,13 @@
 //!   twice. A device completing out of order would need INFLIGHT_SHMFD,
 //!   which is not implemented.
 //! - Dirty logging: [`DeviceBackend::has_dirty_log`] says whether the device
-//!   offers LOG_ALL with LOG_SHMFD; forwarding the log is not implemented yet.
+//!   offers LOG_ALL with LOG_SHMFD. Then [`VhostUserNet::set_dirty_log`]
+//!   hands the device a log (SET_LOG_BASE with the fd, LOG_ALL in the
+//!   features) and [`VhostUserNet::set_vring_log_addr`] names the address it
+//!   logs for each used ring (VHOST_VRING_F_LOG), so passthrough can stay on
+//!   during a migration. The device logs by its addresses, our IOVAs: the
+//!   log is a guest-physical log only where IOVA = GPA. Not in the
+//!   `DeviceBackend` trait yet (inherent methods).
 //!
 //! DPDK 22.11 net_vhost (testpmd), as found by the tests in
 //! `tests/vhost_user_dpdk.rs` and in DPDK's lib/vhost/vhost_user.c:
@@ -93,6 +99,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use vm_memory::MmapRegion;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::{BackendError, DeviceBackend, DmaRegion, IovaRange, Result, VringAddrs};
@@ -129,6 +136,15 @@ impl Default for VhostUserOptions {
             reply_timeout: Duration::from_secs(5),
         }
     }
+}
+
+/// A dirty-page bitmap the device writes itself: bit n (LSB first in each
+/// byte) set means the device wrote page n (4 KiB) of its address space.
+/// Shared with the device, so it must be fd-backed; the region's file offset
+/// becomes the log's mmap offset.
+#[derive(Clone, Debug)]
+pub struct DirtyLogArea {
+    pub memory: Arc<MmapRegion>,
 }
 
 /// A vhost-user virtio-net device. Dropping it stops the reconnect thread and
@@ -206,6 +222,20 @@ impl VhostUserNet {
     /// The vhost-user protocol features negotiated on the first connection.
     pub fn protocol_features(&self) -> u64 {
         self.shared.lock().proto.bits()
+    }
+
+    /// Starts (`Some`) or stops (`None`) dirty logging by the device. A new
+    /// log replaces the old one: with REPLY_ACK the device no longer writes
+    /// the old log when this returns. Replayed after a reconnect.
+    pub fn set_dirty_log(&mut self, log: Option<DirtyLogArea>) -> Result<()> {
+        self.shared.lock().set_dirty_log(log)
+    }
+
+    /// The address the device logs as written when it updates ring `queue`'s
+    /// used ring (vhost's log_guest_addr; the used ring's guest-physical
+    /// address in passthrough), or `None` to not log it.
+    pub fn set_vring_log_addr(&mut self, queue: usize, addr: Option<u64>) -> Result<()> {
+        self.with_queue(queue, |i| i.set_vring_log_addr(queue, addr))
     }
 
     fn with_queue<R>(&self, q: usize, f: impl FnOnce(&mut Inner) -> Result<R>) -> Result<R> {

@@ -19,6 +19,7 @@ pub const GET_FEATURES: u32 = 1;
 pub const SET_FEATURES: u32 = 2;
 pub const SET_OWNER: u32 = 3;
 pub const SET_MEM_TABLE: u32 = 5;
+pub const SET_LOG_BASE: u32 = 6;
 pub const SET_VRING_NUM: u32 = 8;
 pub const SET_VRING_ADDR: u32 = 9;
 pub const SET_VRING_BASE: u32 = 10;
@@ -276,6 +277,11 @@ fn serve(
             }
             GET_STATUS => {
                 reply(&mut sock, req, &u64::from(s.status).to_le_bytes());
+                true
+            }
+            SET_LOG_BASE => {
+                // As DPDK: an empty reply, whatever the flags.
+                reply(&mut sock, req, &[]);
                 true
             }
             SET_VRING_BASE => {

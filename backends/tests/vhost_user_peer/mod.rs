@@ -304,11 +304,13 @@ impl VuRig {
     /// Posts one RX buffer per packet, sends the packets, and checks that
     /// each comes back whole and in order (testpmd io/macswap forwarding on
     /// one port sends it back to the same port).
-    pub fn exchange(&mut self, pkts: &[Vec<u8>]) {
+    /// Returns the RX heads that received the packets.
+    pub fn exchange(&mut self, pkts: &[Vec<u8>]) -> Vec<u16> {
         let rx_heads: Vec<u16> = pkts.iter().map(|_| self.rx.add_rx(1, 2048)).collect();
         self.rx.submit(&rx_heads);
         self.send(pkts);
         self.expect_rx(&rx_heads, pkts);
+        rx_heads
     }
 
     pub fn send(&mut self, pkts: &[Vec<u8>]) {
