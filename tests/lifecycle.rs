@@ -385,3 +385,40 @@ fn sigterm_under_traffic_exits_0() {
         "socket files left behind"
     );
 }
+
+/// At the default log level a normal session (traffic, switches, a VMM
+/// reconnect, QMP) writes nothing to stderr.
+#[test]
+fn quiet_when_all_is_well() {
+    let mut d = Daemon::spawn(&["--log-level", "warn", "--queues", "2"]);
+    let mut q = Qmp::connect_ready(&d.qmp);
+    for round in 0..2 {
+        let mut vmm = Vmm::start(&d.socket, VmmConfig::pairs(2));
+        pump(&mut vmm.pairs, Until::Frames(200)).unwrap();
+        assert_eq!(
+            q.enable_shadow("net0", true),
+            serde_json::json!({"return": {}})
+        );
+        pump(&mut vmm.pairs, Until::Frames(400)).unwrap();
+        assert_eq!(
+            q.enable_shadow("net0", false),
+            serde_json::json!({"return": {}})
+        );
+        pump(&mut vmm.pairs, Until::Frames(600)).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        vmm.check_final_bases();
+    }
+    let st = d.terminate();
+    assert_eq!(st.and_then(|s| s.code()), Some(0));
+    assert_eq!(d.stderr(), "", "stderr of a healthy session");
+}
+
+/// --shadow auto (the default) is passthrough until dirty logging starts.
+#[test]
+fn default_shadow_policy_is_passthrough() {
+    let d = Daemon::spawn(&[]);
+    let mut vmm = Vmm::start(&d.socket, VmmConfig::default());
+    pump(&mut vmm.pairs, Until::Frames(100)).unwrap();
+    let mut q = Qmp::connect_ready(&d.qmp);
+    let dev = q.query("net0");
+    assert_eq!(dev["mode"], "passthrough", "{dev}");
+}
