@@ -90,6 +90,9 @@ impl Transfer {
         fd: File,
         work: impl FnOnce(File, &AtomicBool) -> Done + Send + 'static,
     ) -> Result<Self, TransferError> {
+        // O_NONBLOCK is shared with other holders of this open file; the VMM
+        // closes its copy of our pipe end after sending it (QEMU does), so
+        // only we see the flag.
         set_nonblocking(&fd).map_err(TransferError::Fd)?;
         let cancel = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
