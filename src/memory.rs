@@ -29,6 +29,13 @@ pub enum MemoryError {
         size: u64,
         err: vm_memory::mmap::MmapRegionError,
     },
+    #[error("memory region GPA {gpa:#x} size {size:#x} at file offset {offset:#x}: the file has only {file_len:#x} bytes")]
+    FileTooSmall {
+        gpa: u64,
+        size: u64,
+        offset: u64,
+        file_len: u64,
+    },
     #[error("cannot inspect memory region fd: {0}")]
     Fd(std::io::Error),
     #[error("no memory region at GPA {gpa:#x} size {size:#x}")]
@@ -84,6 +91,21 @@ impl GuestRegion {
         desc.check()?;
         let meta = file.metadata().map_err(MemoryError::Fd)?;
         let file_id = (meta.dev(), meta.ino());
+        // Touching a shared mapping past the end of its file raises SIGBUS:
+        // refuse a region the file cannot back (memfd, tmpfs, hugetlbfs all
+        // report their size).
+        let too_small = match desc.mmap_offset.checked_add(desc.size) {
+            Some(end) => end > meta.len(),
+            None => true,
+        };
+        if meta.is_file() && too_small {
+            return Err(MemoryError::FileTooSmall {
+                gpa: desc.gpa,
+                size: desc.size,
+                offset: desc.mmap_offset,
+                file_len: meta.len(),
+            });
+        }
         let mmap = MmapRegion::from_file(
             FileOffset::new(file, desc.mmap_offset),
             desc.size as usize, // checked to fit by desc.check()
@@ -296,6 +318,16 @@ pub(crate) mod tests {
         assert!(matches!(
             GuestRegion::map(bad, memfd(0x1000)),
             Err(MemoryError::BadRegion { .. })
+        ));
+        let past_end = RegionDesc {
+            gpa: 0,
+            size: 0x2000,
+            user_addr: 0,
+            mmap_offset: 0x1000,
+        };
+        assert!(matches!(
+            GuestRegion::map(past_end, memfd(0x2000)),
+            Err(MemoryError::FileTooSmall { .. })
         ));
         let empty = RegionDesc { size: 0, ..bad };
         assert!(GuestRegion::map(empty, memfd(0x1000)).is_err());
