@@ -452,3 +452,25 @@ fn renegotiation_after_stop_resets_the_backend_first() {
     dev.set_features(fewer).unwrap();
     assert!(fake.ops().is_empty());
 }
+
+#[test]
+fn unchanged_ring_addresses_do_not_restart_a_running_ring() {
+    let (mut dev, fake) = negotiated(false);
+    let _fds = start_all(&mut dev, &fake);
+    let ring = 0x4000;
+    let (d, u, a) = (
+        UADDR + ring + DESC,
+        UADDR + ring + USED,
+        UADDR + ring + AVAIL,
+    );
+    dev.set_vring_addr(1, d, u, a, Some(ring + USED)).unwrap();
+    assert!(fake.ops().is_empty());
+    // Moved rings restart on the new addresses.
+    dev.set_vring_addr(1, d + 0x10000, u, a, None).unwrap();
+    let ops = fake.ops();
+    assert_eq!(ops.first(), Some(&Op::Enable(1, false)));
+    assert!(ops
+        .iter()
+        .any(|o| matches!(o, Op::Addr(1, x) if x.desc == ring + DESC + 0x10000)));
+    assert_eq!(ops.last(), Some(&Op::Enable(1, true)));
+}

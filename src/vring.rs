@@ -51,14 +51,24 @@ impl Device {
         let desc = tr("descriptor", desc, dl)?;
         let avail = tr("avail", avail, al)?;
         let used = tr("used", used, ul)?;
-        self.vrings[q].addrs = Some(RingGpas {
+        let new = RingGpas {
             desc,
             avail,
             used,
             log: log.unwrap_or(used),
-        });
-        if self.vrings[q].running.is_running() {
-            // New addresses for a running ring: restart it on them.
+        };
+        let old = self.vrings[q].addrs.replace(new);
+        // A running ring restarts on new addresses. QEMU re-sends unchanged
+        // ones to toggle the log flag; only the SVQ uses the log address.
+        let restart = match (&self.vrings[q].running, old) {
+            (Running::Stopped, _) => false,
+            (_, None) => true,
+            (Running::Passthrough, Some(o)) => {
+                (o.desc, o.avail, o.used) != (new.desc, new.avail, new.used)
+            }
+            (Running::Shadow(_), Some(o)) => o != new,
+        };
+        if restart {
             self.stop_ring(q);
             self.try_start(q)?;
         }
