@@ -187,3 +187,37 @@ fn device_config_space() {
     let mut vmm = Vmm::start(&d.socket, VmmConfig::pairs(3));
     pump(&mut vmm.pairs, Until::Frames(100)).unwrap();
 }
+
+/// A mode switch requested while the VMM has its rings stopped (between
+/// GET_VRING_BASE and the restart) either is refused or takes effect; the
+/// restarted rings work in whatever mode the daemon then reports.
+#[test]
+fn switch_while_rings_are_stopped() {
+    let d = Daemon::spawn(&["--shadow", "off", "--queues", "2"]);
+    let mut vmm = Vmm::start(&d.socket, VmmConfig::pairs(2));
+    let mut q = Qmp::connect_ready(&d.qmp);
+    let mut target = 0;
+    for (round, enable) in [true, false, true, false].into_iter().enumerate() {
+        target += 200;
+        pump(&mut vmm.pairs, Until::Frames(target))
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let bases = vmm.get_vring_bases();
+        let r = q.enable_shadow("net0", enable);
+        let before = q.query("net0");
+        for (qi, base) in bases.iter().enumerate() {
+            vmm.restart_queue(qi, *base as u16)
+                .unwrap_or_else(|e| panic!("round {round}: restart {qi}: {e}"));
+        }
+        target += 200;
+        pump(&mut vmm.pairs, Until::Frames(target))
+            .unwrap_or_else(|e| panic!("round {round} after restart ({r}, {before}): {e}"));
+        let dev = q.query("net0");
+        if r == json!({"return": {}}) {
+            let mode = if enable { "shadow" } else { "passthrough" };
+            assert_eq!(dev["mode"], mode, "round {round}: {dev}");
+        } else {
+            assert!(r["error"]["desc"].is_string(), "round {round}: {r}");
+        }
+    }
+    vmm.check_final_bases();
+}
