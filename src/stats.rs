@@ -45,10 +45,14 @@ impl QueueStats {
         self.used_idx.store(s.guest_used_idx, Relaxed);
         self.in_flight
             .store(s.in_flight.saturating_add(s.parked), Relaxed);
-        self.relayed
-            .store(self.relayed_base.load(Relaxed) + s.relayed, Relaxed);
-        self.errors
-            .store(self.errors_base.load(Relaxed) + s.errors, Relaxed);
+        self.relayed.store(
+            self.relayed_base.load(Relaxed).saturating_add(s.relayed),
+            Relaxed,
+        );
+        self.errors.store(
+            self.errors_base.load(Relaxed).saturating_add(s.errors),
+            Relaxed,
+        );
         if s.broken.is_some() {
             self.set_broken(s.broken.clone());
         }
