@@ -7,7 +7,7 @@ mod vhost_user_peer;
 
 use std::sync::Arc;
 
-use backends::vhost_user::DirtyLogArea;
+use backends::vhost_user::{DirtyLogArea, VhostUserNet, VhostUserOptions};
 use backends::{BackendError, DeviceBackend, DmaRegion, VringAddrs};
 use sim_driver::*;
 use vhost_user_peer::*;
@@ -377,4 +377,45 @@ fn the_device_logs_the_pages_it_writes_while_logging_is_on() {
         all.iter().all(|b| *b == 0),
         "no page logged after logging stopped"
     );
+}
+
+#[test]
+fn listening_for_a_device_that_connects_and_comes_back() {
+    if !peers_available() {
+        return;
+    }
+    let _serial = serial();
+    let dir = TempDir::new("client");
+    let sock = dir.0.join("relay.sock");
+    let mut pmd = Testpmd::start_client(&sock, &dir.0, "io", "c1");
+    let dev = VhostUserNet::connect_with(
+        &sock,
+        VhostUserOptions {
+            listen: true,
+            accept_timeout: PEER_TIMEOUT,
+            ..VhostUserOptions::default()
+        },
+    )
+    .expect("testpmd connects to the listening backend");
+    let mut rig = VuRig::on(dev, 0x4000_0000, 1);
+    pmd.wait_forwarding();
+    rig.exchange(&frames(&[64, 1500, 64], 1));
+
+    let log = pmd.stop();
+    assert_eq!(final_count(&log, "RX"), Some(3), "{log}");
+    wait_until("the backend to see the disconnect", || {
+        !rig.dev.is_connected()
+    });
+    assert!(sock.exists(), "the backend keeps listening");
+    let mut pmd = Testpmd::start_client(&sock, &dir.0, "io", "c2");
+    wait_until("the device to come back", || {
+        rig.dev.connection_generation() == 2
+    });
+    pmd.wait_forwarding();
+    rig.exchange(&frames(&[64; 16], 2));
+
+    drop(rig);
+    assert!(!sock.exists(), "the socket goes with the backend");
+    let log = pmd.stop();
+    assert_eq!(final_count(&log, "RX"), Some(16), "{log}");
 }

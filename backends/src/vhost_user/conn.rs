@@ -73,6 +73,13 @@ impl Conn {
         let sock = UnixStream::connect(path).map_err(|e| {
             vhost::Error::VhostUserProtocol(vhost::vhost_user::Error::SocketConnect(e))
         })?;
+        Self::negotiate(sock, pairs, timeout)
+    }
+
+    /// Negotiates on a connection the device made (listening mode) or we
+    /// made.
+    pub(crate) fn negotiate(sock: UnixStream, pairs: u16, timeout: Duration) -> VuResult<Conn> {
+        sock.set_nonblocking(false).map_err(io_error)?;
         // A device that stops answering must not hold the relay forever: a
         // timed-out read is a broken connection, and we reconnect.
         sock.set_read_timeout(Some(timeout)).map_err(io_error)?;
@@ -106,8 +113,8 @@ impl Conn {
                 "the device does not offer MQ but more than one queue pair was asked for",
             ));
         }
-        log::debug!(target: LOG, "connected to {}: features {offered:#x}, protocol {:#x}",
-            path.display(), proto.bits());
+        log::debug!(target: LOG, "negotiated: features {offered:#x}, protocol {:#x}",
+            proto.bits());
         Ok(Conn {
             fe,
             raw,

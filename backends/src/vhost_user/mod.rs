@@ -34,9 +34,13 @@
 //! - Features: what the device offers minus PROTOCOL_FEATURES, IN_ORDER,
 //!   RING_PACKED, ACCESS_PLATFORM and the control-queue family (see
 //!   `features.rs`); MQ only with more than one pair.
+//! - Connecting or listening: by default we connect to a device that
+//!   listens; with [`VhostUserOptions::listen`] we listen and the device
+//!   connects (net_vhost `client=1`, OVS-DPDK `dpdkvhostuserclient`).
 //! - Reconnect: a thread watches the socket; when the device goes away it
-//!   reconnects with backoff (100 ms doubling to 2 s), negotiates again and
-//!   replays features, status, memory table and rings.
+//!   reconnects with backoff (100 ms doubling to 2 s), or in listening mode
+//!   waits for the device to connect again, negotiates again and replays
+//!   features, status, dirty log, memory table and rings.
 //!   [`VhostUserNet::connection_generation`] counts connections. While the
 //!   device is away every operation is recorded and answered from local
 //!   state (nothing is lost, the daemon's VMM is not disturbed); a ring the
@@ -83,6 +87,12 @@
 //! - No CONFIG, no CONFIGURE_MEM_SLOTS; offers STATUS, REPLY_ACK, MQ,
 //!   LOG_SHMFD (with LOG_ALL); the relay sees features 0x1_3c01_e7eb
 //!   (with the synthesized MAC/STATUS/MTU).
+//! - SET_LOG_BASE is answered with an empty reply (what QEMU expects); the
+//!   vhost crate's `set_log_base` wants the log region back and fails, so
+//!   the message is written in `conn.rs`.
+//! - testpmd drains its RX queues when forwarding starts: a device that
+//!   connects to us (client=1) can be ready before that, and packets sent in
+//!   between are dropped. The tests wait for forwarding to start.
 //! - GET_VRING_BASE waits for the forwarding core to leave the ring, and
 //!   every burst completes before its call returns, so the base read after
 //!   `suspend` equals the used index in memory (checked for every queue).
@@ -93,6 +103,9 @@ mod inner;
 mod memtable;
 mod monitor;
 
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -124,6 +137,14 @@ pub struct VhostUserOptions {
     /// A device that takes longer than this to answer a request is treated
     /// as gone (and reconnected).
     pub reply_timeout: Duration,
+    /// Listen on the path and let the device connect (DPDK net_vhost with
+    /// `client=1`, OVS-DPDK `dpdkvhostuserclient` ports), instead of
+    /// connecting to a device that listens. A device that goes away is
+    /// waited for on the same socket.
+    pub listen: bool,
+    /// Listening mode: how long `connect_with` waits for the device's first
+    /// connection.
+    pub accept_timeout: Duration,
 }
 
 impl Default for VhostUserOptions {
@@ -134,6 +155,8 @@ impl Default for VhostUserOptions {
             mtu: 1500,
             max_queue_size: 32768,
             reply_timeout: Duration::from_secs(5),
+            listen: false,
+            accept_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -182,10 +205,33 @@ impl VhostUserNet {
                 opts.queue_pairs
             )));
         }
-        let conn = Conn::open(path, opts.queue_pairs, opts.reply_timeout).map_err(|e| {
-            BackendError::Device(format!("vhost-user device {}: {e}", path.display()))
-        })?;
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        let listener = if opts.listen {
+            Some(listen_on(path)?)
+        } else {
+            None
+        };
+        let conn = match &listener {
+            None => Conn::open(path, opts.queue_pairs, opts.reply_timeout),
+            Some(l) => {
+                let ready = monitor::wait(
+                    &wake,
+                    Some((l.as_raw_fd(), libc::POLLIN)),
+                    Some(opts.accept_timeout),
+                );
+                if !ready {
+                    let _ = std::fs::remove_file(path);
+                    return Err(BackendError::Device(format!(
+                        "vhost-user: no device connected to {} within {:?}",
+                        path.display(),
+                        opts.accept_timeout
+                    )));
+                }
+                let (sock, _) = l.accept()?;
+                Conn::negotiate(sock, opts.queue_pairs, opts.reply_timeout)
+            }
+        }
+        .map_err(|e| BackendError::Device(format!("vhost-user device {}: {e}", path.display())))?;
         let inner = Inner::new(path.to_path_buf(), opts.clone(), conn, Arc::clone(&wake))?;
         let features = inner.relay_features();
         let dirty_log = features::device_logs_dirty_pages(inner.device_offer, inner.proto);
@@ -193,6 +239,7 @@ impl VhostUserNet {
             inner: std::sync::Mutex::new(inner),
             wake,
             stop: AtomicBool::new(false),
+            listener,
         });
         let s = Arc::clone(&shared);
         let monitor = std::thread::Builder::new()
@@ -348,5 +395,26 @@ impl Drop for VhostUserNet {
                 log::error!(target: LOG, "the vhost-user reconnect thread panicked");
             }
         }
+        if self.shared.listener.is_some() {
+            let _ = std::fs::remove_file(&self.shared.lock().path);
+        }
     }
+}
+
+/// Binds the listening socket, replacing a stale socket file (one nobody
+/// listens on) but nothing else.
+fn listen_on(path: &Path) -> Result<UnixListener> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        let stale = meta.file_type().is_socket() && UnixStream::connect(path).is_err();
+        if !stale {
+            return Err(BackendError::Device(format!(
+                "vhost-user: {} exists and is not a stale socket",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let l = UnixListener::bind(path)?;
+    l.set_nonblocking(true)?;
+    Ok(l)
 }

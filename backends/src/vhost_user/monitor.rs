@@ -1,12 +1,14 @@
 //! The reconnect thread: watches the device socket for a hang-up and, while
-//! the device is away, reconnects with backoff (100 ms doubling to 2 s) and
-//! replays the local state.
+//! the device is away, gets a new connection and replays the local state.
+//! Connecting mode retries with backoff (100 ms doubling to 2 s); listening
+//! mode waits for the device to connect again.
 //!
 //! A thread rather than "reconnect on the next operation": in passthrough the
 //! daemon makes no backend calls while traffic flows, so nobody else would
 //! notice that the device restarted.
 
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -24,6 +26,8 @@ pub(crate) struct Shared {
     pub(crate) inner: Mutex<Inner>,
     pub(crate) wake: Arc<EventFd>,
     pub(crate) stop: AtomicBool,
+    /// Listening mode: the device connects to us.
+    pub(crate) listener: Option<UnixListener>,
 }
 
 impl Shared {
@@ -34,13 +38,10 @@ impl Shared {
     }
 }
 
-/// Waits until `wake` or `sock` (if any) is ready, or `timeout` passes.
-/// Returns whether the socket hung up.
-fn wait(
-    wake: &EventFd,
-    sock: Option<&std::os::unix::net::UnixStream>,
-    timeout: Option<Duration>,
-) -> bool {
+/// Waits until `wake` or `fd` (for `events`) is ready, or `timeout` passes.
+/// Returns whether `fd` reported one of `events` or a hang-up/error.
+pub(crate) fn wait(wake: &EventFd, fd: Option<(RawFd, i16)>, timeout: Option<Duration>) -> bool {
+    let (fd, events) = fd.unwrap_or((-1, 0));
     let mut fds = [
         libc::pollfd {
             fd: wake.as_raw_fd(),
@@ -48,10 +49,8 @@ fn wait(
             revents: 0,
         },
         libc::pollfd {
-            fd: sock.map_or(-1, |s| s.as_raw_fd()),
-            // Replies arriving for a request in progress are not ours to
-            // see: only ask for the peer closing.
-            events: libc::POLLRDHUP,
+            fd,
+            events,
             revents: 0,
         },
     ];
@@ -65,7 +64,42 @@ fn wait(
     if fds[0].revents & libc::POLLIN != 0 {
         let _ = wake.read();
     }
-    sock.is_some() && fds[1].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+    fd >= 0 && fds[1].revents & (events | libc::POLLHUP | libc::POLLERR) != 0
+}
+
+/// One attempt at a new connection, negotiated, without the state lock: a
+/// slow device must not block the relay's calls.
+fn new_connection(shared: &Shared, backoff: Duration) -> Option<crate::Result<Conn>> {
+    let (path, pairs, timeout) = {
+        let inner = shared.lock();
+        if inner.conn.is_some() {
+            return None;
+        }
+        (
+            inner.path.clone(),
+            inner.opts.queue_pairs,
+            inner.opts.reply_timeout,
+        )
+    };
+    let to_err = |e: vhost::Error| crate::BackendError::Device(e.to_string());
+    match &shared.listener {
+        None => {
+            wait(&shared.wake, None, Some(backoff));
+            if shared.stop.load(Ordering::Acquire) {
+                return None;
+            }
+            Some(Conn::open(&path, pairs, timeout).map_err(to_err))
+        }
+        Some(l) => {
+            if !wait(&shared.wake, Some((l.as_raw_fd(), libc::POLLIN)), None) {
+                return None;
+            }
+            match l.accept() {
+                Ok((sock, _)) => Some(Conn::negotiate(sock, pairs, timeout).map_err(to_err)),
+                Err(e) => Some(Err(e.into())),
+            }
+        }
+    }
 }
 
 pub(crate) fn run(shared: Arc<Shared>) {
@@ -84,7 +118,13 @@ pub(crate) fn run(shared: Arc<Shared>) {
         match watched {
             Some((Ok(sock), generation)) => {
                 backoff = BACKOFF_FIRST;
-                if wait(&shared.wake, Some(&sock), None) {
+                // Replies arriving for a request in progress are not ours
+                // to see: only ask for the peer closing.
+                if wait(
+                    &shared.wake,
+                    Some((sock.as_raw_fd(), libc::POLLRDHUP)),
+                    None,
+                ) {
                     let mut inner = shared.lock();
                     if inner.generation == generation {
                         inner.lost_connection("the device closed the connection");
@@ -95,35 +135,20 @@ pub(crate) fn run(shared: Arc<Shared>) {
                 log::warn!(target: LOG, "cannot watch the device socket: {e}");
                 wait(&shared.wake, None, Some(BACKOFF_MAX));
             }
-            None => {
-                wait(&shared.wake, None, Some(backoff));
-                if shared.stop.load(Ordering::Acquire) {
-                    return;
-                }
-                let (path, pairs, timeout) = {
-                    let inner = shared.lock();
-                    if inner.conn.is_some() {
-                        continue;
-                    }
-                    (
-                        inner.path.clone(),
-                        inner.opts.queue_pairs,
-                        inner.opts.reply_timeout,
-                    )
-                };
-                // Connecting and negotiating happen without the lock: a slow
-                // device must not block the relay's calls.
-                let res = Conn::open(&path, pairs, timeout)
-                    .map_err(|e| crate::BackendError::Device(e.to_string()))
-                    .and_then(|conn| shared.lock().replay(conn));
-                match res {
+            None => match new_connection(&shared, backoff) {
+                None => {}
+                Some(res) => match res.and_then(|conn| shared.lock().replay(conn)) {
                     Ok(()) => backoff = BACKOFF_FIRST,
                     Err(e) => {
-                        log::debug!(target: LOG, "reconnecting to {}: {e}", path.display());
+                        log::debug!(target: LOG, "reconnecting: {e}");
+                        if shared.listener.is_some() {
+                            // Connecting mode waits before its next try.
+                            wait(&shared.wake, None, Some(backoff));
+                        }
                         backoff = (backoff * 2).min(BACKOFF_MAX);
                     }
-                }
-            }
+                },
+            },
         }
     }
 }

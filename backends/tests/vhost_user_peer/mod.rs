@@ -78,40 +78,8 @@ impl Testpmd {
     /// As `start`, with `queues` queue pairs on the port (one forwarding
     /// stream per queue: RX queue k goes back out on TX queue k).
     pub fn start_mq(sock: &Path, dir: &Path, mode: &str, tag: &str, queues: u16) -> Testpmd {
-        let prefix = format!("svqvu{}{tag}", std::process::id());
-        let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{prefix}"));
         let _ = std::fs::remove_file(sock);
-        let log = dir.join(format!("testpmd-{tag}.log"));
-        let out = File::create(&log).unwrap();
-        let child = Command::new("timeout")
-            .args(["-s", "KILL", "120", "dpdk-testpmd"])
-            .args(["--lcores", "0@0,1@0", "--no-huge", "-m", "256", "--no-pci"])
-            .args(["--file-prefix", &prefix])
-            .arg("--vdev")
-            .arg(format!(
-                "net_vhost0,iface={},queues={queues}",
-                sock.display()
-            ))
-            .args([
-                "--",
-                "--total-num-mbufs=8192",
-                "--stats-period",
-                "1",
-                "--auto-start",
-            ])
-            .arg(format!("--forward-mode={mode}"))
-            .arg(format!("--rxq={queues}"))
-            .arg(format!("--txq={queues}"))
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("spawning dpdk-testpmd");
-        let mut t = Testpmd {
-            child: Some(child),
-            log,
-            prefix,
-        };
+        let mut t = Self::spawn(sock, dir, mode, tag, queues, false);
         let deadline = Instant::now() + PEER_TIMEOUT;
         loop {
             if std::os::unix::net::UnixStream::connect(sock).is_ok() {
@@ -132,7 +100,60 @@ impl Testpmd {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+        t.wait_forwarding();
         t
+    }
+
+    /// testpmd whose net_vhost port connects to `sock` (`client=1`) and
+    /// reconnects about once a second; nothing to wait for here.
+    pub fn start_client(sock: &Path, dir: &Path, mode: &str, tag: &str) -> Testpmd {
+        Self::spawn(sock, dir, mode, tag, 1, true)
+    }
+
+    fn spawn(sock: &Path, dir: &Path, mode: &str, tag: &str, queues: u16, client: bool) -> Testpmd {
+        let prefix = format!("svqvu{}{tag}", std::process::id());
+        let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{prefix}"));
+        let log = dir.join(format!("testpmd-{tag}.log"));
+        let out = File::create(&log).unwrap();
+        let child = Command::new("timeout")
+            .args(["-s", "KILL", "120", "dpdk-testpmd"])
+            .args(["--lcores", "0@0,1@0", "--no-huge", "-m", "256", "--no-pci"])
+            .args(["--file-prefix", &prefix])
+            .arg("--vdev")
+            .arg(format!(
+                "net_vhost0,iface={},queues={queues}{}",
+                sock.display(),
+                if client { ",client=1" } else { "" }
+            ))
+            .args([
+                "--",
+                "--total-num-mbufs=8192",
+                "--stats-period",
+                "1",
+                "--auto-start",
+            ])
+            .arg(format!("--forward-mode={mode}"))
+            .arg(format!("--rxq={queues}"))
+            .arg(format!("--txq={queues}"))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawning dpdk-testpmd");
+        Testpmd {
+            child: Some(child),
+            log,
+            prefix,
+        }
+    }
+
+    /// Waits until forwarding runs. testpmd drains (and drops) what its
+    /// queues hold when forwarding starts, so packets sent before are lost;
+    /// a device that connects to us can be ready before that.
+    pub fn wait_forwarding(&self) {
+        wait_until("testpmd to start forwarding", || {
+            self.output().contains("forwards packets on")
+        });
     }
 
     pub fn output(&self) -> String {
@@ -168,7 +189,25 @@ impl Testpmd {
 
 impl Drop for Testpmd {
     fn drop(&mut self) {
-        self.stop();
+        let log = self.stop();
+        if std::thread::panicking() {
+            // The device's side of a failure, minus the statistics screens.
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| {
+                    !l.trim().is_empty()
+                        && !l.contains("pps")
+                        && !l.contains("###")
+                        && !l.contains("[2J")
+                        && !l.contains("Port statistics")
+                        && !l.contains("Throughput")
+                        && !l.contains("-errors:")
+                        && !l.contains("-nombuf:")
+                })
+                .collect();
+            let tail = &lines[lines.len().saturating_sub(120)..];
+            eprintln!("---- testpmd log (tail) ----\n{}", tail.join("\n"));
+        }
     }
 }
 
@@ -213,7 +252,12 @@ impl VuRig {
     }
 
     pub fn with_pairs(sock: &Path, iova: u64, pairs: u16) -> VuRig {
-        let mut dev = VhostUserNet::connect(sock, pairs).expect("connecting to testpmd");
+        let dev = VhostUserNet::connect(sock, pairs).expect("connecting to testpmd");
+        Self::on(dev, iova, pairs)
+    }
+
+    /// Drives an already connected device.
+    pub fn on(mut dev: VhostUserNet, iova: u64, pairs: u16) -> VuRig {
         assert_eq!(dev.kind(), "vhost-user");
         let nq = 2 * usize::from(pairs);
         assert_eq!(dev.num_queues(), nq);
