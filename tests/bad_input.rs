@@ -248,12 +248,13 @@ fn bad_ring_addr(d: &mut Daemon, shadow: bool, patch: impl Fn(&mut vhost::VringC
             vmm.setup_queue(1).ok();
         }
         let mut q = Qmp::connect_ready(&d.qmp);
-        let dev = q.query("net0");
-        let qi = common::qmp::queue_info(&dev, 0);
-        assert!(
-            !qi["broken"].is_null() || common::qmp::u64_field(qi, "errors") > 0,
-            "ring outside guest memory accepted and not reported: {dev}"
-        );
+        common::qmp::query_until(&mut q, "net0", |dev| {
+            let qi = common::qmp::queue_info(dev, 0);
+            if qi["broken"].is_null() && common::qmp::u64_field(qi, "errors") == 0 {
+                return Err("ring outside guest memory accepted and not reported".into());
+            }
+            Ok(())
+        });
     }
     assert_new_error_logged(d, logged, "ring outside guest memory");
     drop(vmm);
@@ -309,18 +310,20 @@ fn broken_guest_ring(shadow: &str, corrupt: fn(&mut SplitRing, u64)) {
     pump(&mut vmm.pairs[..1], Until::Frames(400))
         .unwrap_or_else(|e| panic!("pair 0 after pair 1 broke: {e}"));
     let mut q = Qmp::connect_ready(&d.qmp);
-    let dev = q.query("net0");
-    if shadow == "on" {
-        let qi = common::qmp::queue_info(&dev, 3);
-        assert!(
-            !qi["broken"].is_null(),
-            "shadow: the bad chain on queue 3 must break it: {dev}"
-        );
+    let dev = if shadow == "on" {
+        let dev = common::qmp::query_until(&mut q, "net0", |dev| {
+            if common::qmp::queue_info(dev, 3)["broken"].is_null() {
+                return Err("shadow: the bad chain on queue 3 must break it".into());
+            }
+            Ok(())
+        });
         let q0 = common::qmp::queue_info(&dev, 1);
         assert!(q0["broken"].is_null(), "queue 1 must stay healthy: {dev}");
+        dev
     } else {
-        eprintln!("passthrough view after the bad chain: {dev}");
-    }
+        q.query("net0")
+    };
+    eprintln!("view after the bad chain: {dev}");
     // Either way the daemon says what happened to which queue.
     assert_logged(&d, &["queue 3"]);
     drop(vmm);

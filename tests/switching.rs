@@ -82,6 +82,22 @@ fn switch_under_traffic(pairs: u16, switches: usize, driver: DriverOpts) {
     } else {
         "passthrough"
     };
+    // Quiescent: once the reported indexes caught up with the driver's, the
+    // counters published with them are final too (queried once more).
+    let pairs_ref = &vmm.pairs;
+    common::qmp::query_until(&mut q, "net0", |dev| {
+        if dev["mode"] != "shadow" {
+            return Ok(());
+        }
+        for p in pairs_ref {
+            for (j, io) in [&p.rx, &p.tx].into_iter().enumerate() {
+                let qi = queue_info(dev, io.index as u64);
+                common::qmp::quiescent_queue(qi, &io.ring, j == 1)
+                    .map_err(|e| format!("queue {}: {e}", io.index))?;
+            }
+        }
+        Ok(())
+    });
     let dev = q.query("net0");
     assert_eq!(dev["mode"], final_mode, "{dev}");
     let mut relayed_before = Vec::new();
@@ -120,22 +136,27 @@ fn switch_under_traffic(pairs: u16, switches: usize, driver: DriverOpts) {
         .collect();
     let target = start.iter().max().unwrap() + 300;
     pump(&mut vmm.pairs, Until::Frames(target)).unwrap_or_else(|e| panic!("shadow phase: {e}"));
-    let dev = q.query("net0");
-    assert_eq!(dev["mode"], "shadow", "{dev}");
-    for (k, p) in vmm.pairs.iter().enumerate() {
-        let frames = target - start[k];
-        for (j, io) in [&p.rx, &p.tx].into_iter().enumerate() {
-            let qi = queue_info(&dev, io.index as u64);
-            let n = io.ring.total_used - used_before[2 * k + j];
-            assert_eq!(
-                u64_field(qi, "relayed") - relayed_before[2 * k + j],
-                n,
-                "queue {}: relayed delta over {frames} frames ({n} buffers): {qi}",
-                io.index
-            );
-            common::qmp::check_quiescent_queue(qi, &io.ring, j == 1);
+    let pairs_ref = &vmm.pairs;
+    let dev = common::qmp::query_until(&mut q, "net0", |dev| {
+        for (k, p) in pairs_ref.iter().enumerate() {
+            let frames = target - start[k];
+            for (j, io) in [&p.rx, &p.tx].into_iter().enumerate() {
+                let qi = queue_info(dev, io.index as u64);
+                let n = io.ring.total_used - used_before[2 * k + j];
+                let delta = u64_field(qi, "relayed").checked_sub(relayed_before[2 * k + j]);
+                if delta != Some(n) {
+                    return Err(format!(
+                        "queue {}: relayed delta {delta:?} over {frames} frames ({n} buffers)",
+                        io.index
+                    ));
+                }
+                common::qmp::quiescent_queue(qi, &io.ring, j == 1)
+                    .map_err(|e| format!("queue {}: {e}", io.index))?;
+            }
         }
-    }
+        Ok(())
+    });
+    assert_eq!(dev["mode"], "shadow", "{dev}");
 
     // Back to passthrough: traffic still flows, and the bases the VMM reads
     // at the end match the driver's view.

@@ -178,24 +178,62 @@ pub fn u64_field(v: &Value, key: &str) -> u64 {
 /// traffic is quiescent. TX: the relay saw exactly what the driver published.
 /// RX: the relay may not have taken every posted buffer yet, but what it
 /// took and did not complete is its in-flight count.
-pub fn check_quiescent_queue(qi: &Value, ring: &super::ring::SplitRing, is_tx: bool) {
+pub fn quiescent_queue(
+    qi: &Value,
+    ring: &super::ring::SplitRing,
+    is_tx: bool,
+) -> Result<(), String> {
     let avail = u64_field(qi, "avail_idx") as u16;
     let used = u64_field(qi, "used_idx") as u16;
     let in_flight = u64_field(qi, "in_flight");
-    assert_eq!(used, ring.last_used, "used_idx vs the driver's: {qi}");
-    assert_eq!(
-        avail.wrapping_sub(used) as u64,
-        in_flight,
-        "avail_idx - used_idx vs in_flight: {qi}"
-    );
+    let fail = |what: String| Err(format!("{what}: {qi}"));
+    if used != ring.last_used {
+        return fail(format!(
+            "used_idx {used} vs the driver's {}",
+            ring.last_used
+        ));
+    }
+    if avail.wrapping_sub(used) as u64 != in_flight {
+        return fail(format!(
+            "avail_idx {avail} - used_idx {used} vs in_flight {in_flight}"
+        ));
+    }
     if is_tx {
-        assert_eq!(avail, ring.avail_idx, "TX avail_idx vs published: {qi}");
-        assert_eq!(in_flight, 0, "TX in flight while quiescent: {qi}");
-    } else {
-        assert!(
-            in_flight <= ring.num_inflight() as u64,
-            "RX in_flight {in_flight} > {} buffers posted: {qi}",
+        if avail != ring.avail_idx {
+            return fail(format!(
+                "TX avail_idx {avail} vs published {}",
+                ring.avail_idx
+            ));
+        }
+        if in_flight != 0 {
+            return fail("TX in flight while quiescent".into());
+        }
+    } else if in_flight > ring.num_inflight() as u64 {
+        return fail(format!(
+            "RX in_flight {in_flight} > {} buffers posted",
             ring.num_inflight()
-        );
+        ));
+    }
+    Ok(())
+}
+
+pub fn check_quiescent_queue(qi: &Value, ring: &super::ring::SplitRing, is_tx: bool) {
+    if let Err(e) = quiescent_queue(qi, ring, is_tx) {
+        panic!("{e}");
+    }
+}
+
+/// The daemon publishes a queue's counters once its worker finished a batch,
+/// which can be just after the guest already saw the completions: re-query
+/// (bounded) until `check` passes, and fail with its last complaint.
+pub fn query_until(q: &mut Qmp, name: &str, check: impl Fn(&Value) -> Result<(), String>) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let dev = q.query(name);
+        match check(&dev) {
+            Ok(()) => return dev,
+            Err(e) if Instant::now() >= deadline => panic!("{e}\n(device: {dev})"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
     }
 }
