@@ -243,7 +243,7 @@ impl VhostUserNet {
         });
         let s = Arc::clone(&shared);
         let monitor = std::thread::Builder::new()
-            .name("vhost-user-reconnect".into())
+            .name("vu-reconnect".into())
             .spawn(move || monitor::run(s))?;
         Ok(VhostUserNet {
             shared,
