@@ -4,18 +4,20 @@
 //! addresses; its split-ring `Descriptor` is the descriptor layout. Chains
 //! are walked here rather than with its `DescriptorChain` iterator, which
 //! ends silently on a bad descriptor: the relay must tell a malformed chain
-//! from a short one. Each ring is resolved to one bounds-checked
-//! `VolatileSlice` per call ([`RingView`]) instead of a guest-memory region
-//! lookup per access, which is most of the cost of relaying a descriptor.
+//! from a short one. Each ring is resolved once per call to a host pointer
+//! whose bounds and alignment are checked then ([`RingView`]); each access is
+//! then a masked index and one load or store, instead of a region lookup or a
+//! bounds-checked reference per access, which dominated the cost of relaying
+//! a descriptor.
 
-use std::sync::atomic::{fence, Ordering};
+use std::marker::PhantomData;
+use std::sync::atomic::{fence, AtomicU16, AtomicU32, Ordering};
 
 use virtio_bindings::bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, VolatileMemory,
-    VolatileSlice,
 };
 
 use crate::shadow_ring::need_event;
@@ -30,10 +32,79 @@ pub(crate) struct GuestSeg {
 }
 
 /// The guest rings resolved in the current guest memory, for one call.
+///
+/// Invariant (established by [`GuestSide::view`], relied on by every
+/// accessor): `desc` points at `16 * q` bytes, `avail` at `6 + 2 * q` bytes
+/// and `used` at `6 + 8 * q` bytes of one guest memory region, where
+/// `q = mask + 1` is the queue size; `desc` is aligned for `Descriptor`,
+/// `avail` for u16 and `used` for u32; the memory stays mapped for `'m`
+/// because `mem` is borrowed for `'m`. Accessors mask ring positions with
+/// `mask`, so every offset they form is inside those bounds.
 pub(crate) struct RingView<'m> {
-    desc: VolatileSlice<'m, ()>,
-    avail: VolatileSlice<'m, ()>,
-    used: VolatileSlice<'m, ()>,
+    desc: *const Descriptor,
+    avail: *mut u8,
+    used: *mut u8,
+    mask: u16,
+    _mem: PhantomData<&'m GuestMemoryMmap>,
+}
+
+impl RingView<'_> {
+    #[inline]
+    fn q(&self) -> usize {
+        self.mask as usize + 1
+    }
+
+    /// u16 ring field at byte offset `off` of the avail ring.
+    #[inline]
+    fn avail_u16(&self, off: usize) -> &AtomicU16 {
+        debug_assert!(off + 2 <= 6 + 2 * self.q() && off.is_multiple_of(2));
+        // SAFETY: callers pass an even off with off + 2 <= 6 + 2 * q (flags,
+        // idx, a masked ring slot or used_event), inside the avail bytes of
+        // the struct invariant; `avail` is u16-aligned, so is avail + off.
+        // The guest accesses these fields concurrently: atomics are the
+        // virtio memory model's access for them.
+        unsafe { AtomicU16::from_ptr(self.avail.add(off).cast()) }
+    }
+
+    /// u16 field at byte offset `off` of the used ring (flags, idx,
+    /// avail_event).
+    #[inline]
+    fn used_u16(&self, off: usize) -> &AtomicU16 {
+        debug_assert!(off + 2 <= 6 + 8 * self.q() && off.is_multiple_of(2));
+        // SAFETY: as in `avail_u16`, within the used bytes (`used` is
+        // u32-aligned, off is even).
+        unsafe { AtomicU16::from_ptr(self.used.add(off).cast()) }
+    }
+
+    #[inline]
+    fn used_u32(&self, off: usize) -> &AtomicU32 {
+        debug_assert!(off + 4 <= 6 + 8 * self.q() && off.is_multiple_of(4));
+        // SAFETY: callers pass off = 4 + 8 * slot (+ 4) with slot masked, a
+        // multiple of 4 inside the used ring entries of the invariant.
+        unsafe { AtomicU32::from_ptr(self.used.add(off).cast()) }
+    }
+
+    #[inline]
+    fn avail_idx(&self) -> u16 {
+        // Acquire: ring slots and descriptors are read after the index.
+        u16::from_le(self.avail_u16(2).load(Ordering::Acquire))
+    }
+
+    #[inline]
+    fn avail_slot(&self, pos: u16) -> u16 {
+        let off = 4 + 2 * (pos & self.mask) as usize;
+        u16::from_le(self.avail_u16(off).load(Ordering::Relaxed))
+    }
+
+    /// Descriptor `idx` of the table (masked; callers check `idx < q`).
+    #[inline]
+    fn desc(&self, idx: u16) -> Descriptor {
+        // SAFETY: (idx & mask) < q, so the 16 bytes read are inside the
+        // descriptor table of the invariant, and `desc` is aligned. A
+        // volatile read (as vm-memory's `VolatileRef::load`) because the
+        // guest owns this memory; every field is validated after the copy.
+        unsafe { self.desc.add((idx & self.mask) as usize).read_volatile() }
+    }
 }
 
 pub(crate) struct GuestSide {
@@ -118,14 +189,24 @@ impl GuestSide {
     /// Resolve the three rings; each must lie inside one memory region.
     pub fn view<'m>(&self, mem: &'m GuestMemoryMmap) -> Result<RingView<'m>, SvqError> {
         let q = self.size as usize;
-        let slice = |what, addr: u64, len: usize| {
+        // get_slice checks that the whole ring is inside one region; the
+        // alignment check keeps the accessors' atomics and reads aligned
+        // even if a region's host mapping were oddly placed.
+        let ptr = |what, addr: u64, len: usize, align: usize| {
             mem.get_slice(GuestAddress(addr), len)
-                .map_err(|_| SvqError::GuestRingAccess { what, addr })
+                .ok()
+                .map(|s| s.ptr_guard_mut().as_ptr())
+                .filter(|p| (*p as usize).is_multiple_of(align))
+                .ok_or(SvqError::GuestRingAccess { what, addr })
         };
+        let desc_align = std::mem::align_of::<Descriptor>();
         Ok(RingView {
-            avail: slice("avail ring", self.ring.avail, 6 + 2 * q)?,
-            desc: slice("descriptor table", self.ring.desc, 16 * q)?,
-            used: slice("used ring", self.ring.used, 6 + 8 * q)?,
+            avail: ptr("avail ring", self.ring.avail, 6 + 2 * q, 2)?,
+            desc: ptr("descriptor table", self.ring.desc, 16 * q, desc_align)?.cast(),
+            used: ptr("used ring", self.ring.used, 6 + 8 * q, 4)?,
+            // size is a power of two (checked in new).
+            mask: self.size - 1,
+            _mem: PhantomData,
         })
     }
 
@@ -148,14 +229,7 @@ impl GuestSide {
     }
 
     pub fn avail_idx(&self, v: &RingView) -> Result<u16, SvqError> {
-        // Acquire: ring slots and descriptors are read after the index.
-        v.avail
-            .load::<u16>(2, Ordering::Acquire)
-            .map(u16::from_le)
-            .map_err(|_| SvqError::GuestRingAccess {
-                what: "avail idx",
-                addr: self.ring.avail.wrapping_add(2),
-            })
+        Ok(v.avail_idx())
     }
 
     /// Chains available and not yet popped; the guest may not be more than a
@@ -175,16 +249,7 @@ impl GuestSide {
 
     /// Head index in the avail slot of `next_avail`.
     pub fn read_head(&self, v: &RingView) -> Result<u16, SvqError> {
-        let off = 4 + 2 * (self.next_avail() % self.size) as usize;
-        let head = v
-            .avail
-            .get_ref::<u16>(off)
-            .map(|r| r.load())
-            .map(u16::from_le)
-            .map_err(|_| SvqError::GuestRingAccess {
-                what: "avail ring entry",
-                addr: self.ring.avail.wrapping_add(off as u64),
-            })?;
+        let head = v.avail_slot(self.next_avail());
         if head >= self.size {
             return Err(SvqError::BadHeadIndex {
                 head,
@@ -214,15 +279,8 @@ impl GuestSide {
                 return Err(SvqError::DescriptorLoop { head, index: idx });
             }
             *stamp = self.direct_gen;
-            let off = 16 * idx as usize;
-            let desc: Descriptor = v
-                .desc
-                .get_ref::<Descriptor>(off)
-                .map(|r| r.load())
-                .map_err(|_| SvqError::GuestRingAccess {
-                    what: "descriptor",
-                    addr: self.ring.desc.wrapping_add(off as u64),
-                })?;
+            // idx < size: the head was checked, and so is every next.
+            let desc = v.desc(idx);
             if desc.refers_to_indirect_table() {
                 self.walk_indirect(mem, head, &desc, out, &mut count, &mut seen_write)?;
             } else {
@@ -326,24 +384,14 @@ impl GuestSide {
     /// Write a used entry; returns the used idx the entry was written at.
     pub fn add_used(&mut self, v: &RingView, head: u16, len: u32) -> Result<u16, SvqError> {
         let at = self.next_used();
-        let off = 4 + 8 * (at % self.size) as usize;
-        let err = |off: usize| SvqError::GuestRingAccess {
-            what: "used ring",
-            addr: self.ring.used.wrapping_add(off as u64),
-        };
-        v.used
-            .get_ref::<u32>(off)
-            .map(|r| r.store(u32::to_le(head as u32)))
-            .map_err(|_| err(off))?;
-        v.used
-            .get_ref::<u32>(off + 4)
-            .map(|r| r.store(u32::to_le(len)))
-            .map_err(|_| err(off))?;
+        let off = 4 + 8 * (at & v.mask) as usize;
+        v.used_u32(off)
+            .store(u32::to_le(head as u32), Ordering::Relaxed);
+        v.used_u32(off + 4)
+            .store(u32::to_le(len), Ordering::Relaxed);
         let next = at.wrapping_add(1);
         // Release: the entry is visible before the index that covers it.
-        v.used
-            .store(u16::to_le(next), 2, Ordering::Release)
-            .map_err(|_| err(2))?;
+        v.used_u16(2).store(u16::to_le(next), Ordering::Release);
         self.queue.set_next_used(next);
         Ok(at)
     }
@@ -351,7 +399,7 @@ impl GuestSide {
     /// GPA ranges (for the dirty log) of the used entry at `at` and of the
     /// used idx.
     pub fn used_entry_log(&self, at: u16) -> (u64, u64) {
-        let slot = (at % self.size) as u64;
+        let slot = (at & (self.size - 1)) as u64;
         (self.ring.used_log.wrapping_add(4 + 8 * slot), 8)
     }
 
@@ -374,24 +422,10 @@ impl GuestSide {
         fence(Ordering::SeqCst);
         if self.event_idx {
             let off = 4 + 2 * self.size as usize;
-            let used_event: u16 = v
-                .avail
-                .load(off, Ordering::Relaxed)
-                .map(u16::from_le)
-                .map_err(|_| SvqError::GuestRingAccess {
-                    what: "used_event",
-                    addr: self.ring.avail.wrapping_add(off as u64),
-                })?;
+            let used_event = u16::from_le(v.avail_u16(off).load(Ordering::Relaxed));
             Ok(need_event(used_event, new, old))
         } else {
-            let flags: u16 = v
-                .avail
-                .load(0, Ordering::Relaxed)
-                .map(u16::from_le)
-                .map_err(|_| SvqError::GuestRingAccess {
-                    what: "avail flags",
-                    addr: self.ring.avail,
-                })?;
+            let flags = u16::from_le(v.avail_u16(0).load(Ordering::Relaxed));
             Ok(flags & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
         }
     }
@@ -403,12 +437,8 @@ impl GuestSide {
             return Ok(false);
         }
         let off = 4 + 8 * self.size as usize;
-        v.used
-            .store(u16::to_le(self.next_avail()), off, Ordering::Relaxed)
-            .map_err(|_| SvqError::GuestRingAccess {
-                what: "avail_event",
-                addr: self.ring.used.wrapping_add(off as u64),
-            })?;
+        v.used_u16(off)
+            .store(u16::to_le(self.next_avail()), Ordering::Relaxed);
         // avail_event must be visible before we re-read avail idx.
         fence(Ordering::SeqCst);
         Ok(self.avail_idx(v)? != self.next_avail())

@@ -13,10 +13,10 @@
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::sync::Arc;
 
-use vm_memory::{AtomicAccess, ByteValued, Bytes, FileOffset, MmapRegion, VolatileMemory};
+use vm_memory::{ByteValued, FileOffset, MmapRegion};
 
 use crate::SvqError;
 
@@ -123,38 +123,62 @@ impl ShadowMem {
         self.region.as_ptr() as u64 + offset as u64
     }
 
-    // Single volatile accesses through a bounds-checked reference: much
-    // cheaper than the byte-copy path of `Bytes::read_obj`/`write_obj`.
+    /// Pointer to a `T` at `offset`, if all its bytes are inside the region
+    /// and it is aligned for `T`. A compare and a mask: this runs several
+    /// times per relayed descriptor, and vm-memory's `get_ref` + `store`
+    /// path costs a few dozen instructions and an out-of-line call there.
+    #[inline]
+    fn at<T>(&self, offset: usize) -> Result<*mut T, SvqError> {
+        let inside = offset
+            .checked_add(std::mem::size_of::<T>())
+            .is_some_and(|end| end <= self.region.size());
+        if !inside {
+            return Err(SvqError::ShadowAccess { offset });
+        }
+        // SAFETY: offset + size_of::<T>() <= region size, checked above, so
+        // the result stays inside the one mapping `region` owns.
+        let p = unsafe { self.region.as_ptr().add(offset) }.cast::<T>();
+        if !p.is_aligned() {
+            return Err(SvqError::ShadowAccess { offset });
+        }
+        Ok(p)
+    }
+
+    /// Volatile write of a plain-data value (descriptors).
+    #[inline]
     pub fn write_obj<T: ByteValued>(&self, offset: usize, val: T) -> Result<(), SvqError> {
-        self.region
-            .get_ref::<T>(offset)
-            .map(|r| r.store(val))
-            .map_err(|_| SvqError::ShadowAccess { offset })
+        let p = self.at::<T>(offset)?;
+        // SAFETY: `at` checked that p is aligned and its size_of::<T>() bytes
+        // lie inside the mapping, which lives as long as `self.region`. The
+        // device only reads these bytes, so a volatile write (as vm-memory's
+        // own `VolatileRef::store` does) is the right access.
+        unsafe { p.write_volatile(val) };
+        Ok(())
     }
 
-    pub fn read_obj<T: ByteValued>(&self, offset: usize) -> Result<T, SvqError> {
-        self.region
-            .get_ref::<T>(offset)
-            .map(|r| r.load())
-            .map_err(|_| SvqError::ShadowAccess { offset })
+    /// Atomic store of a ring field the device reads concurrently.
+    #[inline]
+    pub fn store_u16(&self, offset: usize, val: u16, order: Ordering) -> Result<(), SvqError> {
+        let p = self.at::<u16>(offset)?;
+        // SAFETY: p is aligned and inside the live mapping (`at`); every
+        // access this process makes to ring fields is atomic, and the device
+        // is the other party of the virtio memory model for them.
+        unsafe { AtomicU16::from_ptr(p) }.store(val, order);
+        Ok(())
     }
 
-    pub fn store<T: AtomicAccess>(
-        &self,
-        offset: usize,
-        val: T,
-        order: Ordering,
-    ) -> Result<(), SvqError> {
-        self.region
-            .as_volatile_slice()
-            .store(val, offset, order)
-            .map_err(|_| SvqError::ShadowAccess { offset })
+    /// Atomic load of a ring field the device writes concurrently.
+    #[inline]
+    pub fn load_u16(&self, offset: usize, order: Ordering) -> Result<u16, SvqError> {
+        let p = self.at::<u16>(offset)?;
+        // SAFETY: as in `store_u16`.
+        Ok(unsafe { AtomicU16::from_ptr(p) }.load(order))
     }
 
-    pub fn load<T: AtomicAccess>(&self, offset: usize, order: Ordering) -> Result<T, SvqError> {
-        self.region
-            .as_volatile_slice()
-            .load(offset, order)
-            .map_err(|_| SvqError::ShadowAccess { offset })
+    #[inline]
+    pub fn load_u32(&self, offset: usize, order: Ordering) -> Result<u32, SvqError> {
+        let p = self.at::<u32>(offset)?;
+        // SAFETY: as in `store_u16`.
+        Ok(unsafe { AtomicU32::from_ptr(p) }.load(order))
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use virtio_bindings::bindings::virtio_ring::{
     VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
 };
-use virtio_queue::desc::split::{Descriptor, VirtqUsedElem};
+use virtio_queue::desc::split::Descriptor;
 use vm_memory::MmapRegion;
 
 use crate::memory::{ShadowLayout, ShadowMem};
@@ -35,6 +35,9 @@ pub(crate) struct ShadowRing {
     mem: ShadowMem,
     layout: ShadowLayout,
     size: u16,
+    /// `size - 1`: ring positions wrap with a mask (size is a power of two,
+    /// checked by the SVQ); `%` by a runtime u16 is a division.
+    mask: u16,
     event_idx: bool,
     /// Private copy of each descriptor's `next` link, and the free list.
     next: Vec<u16>,
@@ -59,6 +62,7 @@ impl ShadowRing {
             mem,
             layout,
             size,
+            mask: size.wrapping_sub(1),
             event_idx: device_event_idx,
             next,
             free_head: 0,
@@ -112,7 +116,7 @@ impl ShadowRing {
     }
 
     pub fn slot_head(&self, avail_pos: u16) -> u16 {
-        self.avail_slots[(avail_pos % self.size) as usize]
+        self.avail_slots[(avail_pos & self.mask) as usize]
     }
 
     fn flags(seg: &ShadowSeg, has_next: bool) -> u16 {
@@ -131,9 +135,9 @@ impl ShadowRing {
     }
 
     fn push_avail(&mut self, head: u16) -> Result<(), SvqError> {
-        let slot = self.avail_idx % self.size;
+        let slot = self.avail_idx & self.mask;
         self.avail_slots[slot as usize] = head;
-        self.mem.store(
+        self.mem.store_u16(
             self.layout.avail + 4 + 2 * slot as usize,
             u16::to_le(head),
             Ordering::Relaxed,
@@ -224,17 +228,17 @@ impl ShadowRing {
         }
         // Descriptors and ring slots must be visible before the index.
         self.mem
-            .store(self.layout.avail + 2, u16::to_le(new), Ordering::Release)?;
+            .store_u16(self.layout.avail + 2, u16::to_le(new), Ordering::Release)?;
         self.published = new;
         // The index store must be visible before we read the device's
         // suppression state, or we could miss the device re-enabling kicks.
         fence(Ordering::SeqCst);
         if self.event_idx {
             let off = self.layout.used + 4 + 8 * self.size as usize;
-            let avail_event = u16::from_le(self.mem.load(off, Ordering::Relaxed)?);
+            let avail_event = u16::from_le(self.mem.load_u16(off, Ordering::Relaxed)?);
             Ok(need_event(avail_event, new, old))
         } else {
-            let flags = u16::from_le(self.mem.load(self.layout.used, Ordering::Relaxed)?);
+            let flags = u16::from_le(self.mem.load_u16(self.layout.used, Ordering::Relaxed)?);
             Ok(flags & VRING_USED_F_NO_NOTIFY as u16 == 0)
         }
     }
@@ -243,22 +247,17 @@ impl ShadowRing {
     pub fn used_idx(&self) -> Result<u16, SvqError> {
         // Acquire: used entries are read after the index that covers them.
         Ok(u16::from_le(
-            self.mem.load(self.layout.used + 2, Ordering::Acquire)?,
+            self.mem.load_u16(self.layout.used + 2, Ordering::Acquire)?,
         ))
     }
 
     /// Read the used entry at `last_used` and advance past it.
     pub fn pop_used(&mut self) -> Result<(u32, u32), SvqError> {
-        let slot = (self.last_used % self.size) as usize;
-        let e: VirtqUsedElem = self.mem.read_obj(self.layout.used + 4 + 8 * slot)?;
-        // VirtqUsedElem has no getters; it is two little-endian u32s.
-        let raw: [u8; 8] = vm_memory::ByteValued::as_slice(&e)
-            .try_into()
-            .map_err(|_| SvqError::ShadowAccess {
-                offset: self.layout.used + 4 + 8 * slot,
-            })?;
-        let id = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
-        let len = u32::from_le_bytes([raw[4], raw[5], raw[6], raw[7]]);
+        let off = self.layout.used + 4 + 8 * (self.last_used & self.mask) as usize;
+        // Relaxed: the Acquire load of used idx that covered this entry
+        // orders these reads after the device's writes.
+        let id = u32::from_le(self.mem.load_u32(off, Ordering::Relaxed)?);
+        let len = u32::from_le(self.mem.load_u32(off + 4, Ordering::Relaxed)?);
         self.last_used = self.last_used.wrapping_add(1);
         Ok((id, len))
     }
@@ -272,7 +271,7 @@ impl ShadowRing {
         }
         let off = self.layout.avail + 4 + 2 * self.size as usize;
         self.mem
-            .store(off, u16::to_le(self.last_used), Ordering::Relaxed)?;
+            .store_u16(off, u16::to_le(self.last_used), Ordering::Relaxed)?;
         // used_event must be visible before we re-read used idx.
         fence(Ordering::SeqCst);
         Ok(self.used_idx()? != self.last_used)
