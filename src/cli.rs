@@ -20,7 +20,8 @@ pub struct Args {
     /// Connect to a VMM that listens on --socket-path (and reconnect).
     #[arg(long)]
     pub client: bool,
-    /// Device backend: sim | sim:loopback | tap:IFNAME.
+    /// Device backend: sim | sim:loopback | tap:IFNAME | vhost-user:PATH |
+    /// vhost-user-server:PATH | vdpa:/dev/vhost-vdpa-N.
     #[arg(long, value_name = "SPEC", default_value = "sim")]
     pub backend: String,
     /// Device id used by QMP.
@@ -58,6 +59,15 @@ pub enum Listen {
 pub enum BackendSpec {
     SimLoopback,
     Tap(String),
+    /// A vhost-user device: connect to its socket (`listen: false`), or
+    /// listen on the path and let the device connect (`vhost-user-server:`,
+    /// DPDK net_vhost `client=1`, OVS-DPDK `dpdkvhostuserclient`).
+    VhostUser {
+        path: PathBuf,
+        listen: bool,
+    },
+    /// A kernel vhost-vdpa character device.
+    Vdpa(PathBuf),
 }
 
 impl std::fmt::Display for BackendSpec {
@@ -65,6 +75,14 @@ impl std::fmt::Display for BackendSpec {
         match self {
             BackendSpec::SimLoopback => f.write_str("sim:loopback"),
             BackendSpec::Tap(ifname) => write!(f, "tap:{ifname}"),
+            BackendSpec::VhostUser {
+                path,
+                listen: false,
+            } => write!(f, "vhost-user:{}", path.display()),
+            BackendSpec::VhostUser { path, listen: true } => {
+                write!(f, "vhost-user-server:{}", path.display())
+            }
+            BackendSpec::Vdpa(path) => write!(f, "vdpa:{}", path.display()),
         }
     }
 }
@@ -74,6 +92,8 @@ impl BackendSpec {
         match self {
             BackendSpec::SimLoopback => "sim",
             BackendSpec::Tap(_) => "tap",
+            BackendSpec::VhostUser { .. } => "vhost-user",
+            BackendSpec::Vdpa(_) => "vdpa",
         }
     }
 }
@@ -118,9 +138,9 @@ pub enum ConfigError {
     ClientNeedsPath,
     #[error("--fd {0}: not a valid file descriptor number")]
     BadFd(i64),
-    #[error("--backend {0}: not supported yet")]
-    BackendNotSupported(String),
-    #[error("--backend {0}: unknown backend (expected sim, sim:loopback or tap:IFNAME)")]
+    #[error("--backend {0}: a path is required")]
+    BackendNoPath(String),
+    #[error("--backend {0}: unknown backend (expected sim, sim:loopback, tap:IFNAME, vhost-user:PATH, vhost-user-server:PATH or vdpa:PATH)")]
     BadBackend(String),
     #[error("--backend {0}: tap interface name must be 1..=15 bytes without '/' or spaces")]
     BadTapName(String),
@@ -153,8 +173,27 @@ fn parse_backend(spec: &str) -> Result<BackendSpec, ConfigError> {
             Err(ConfigError::BadTapName(spec.to_string()))
         };
     }
-    if spec.starts_with("vhost-user:") || spec.starts_with("vdpa:") {
-        return Err(ConfigError::BackendNotSupported(spec.to_string()));
+    let path_of = |rest: &str| {
+        if rest.is_empty() || rest.contains('\0') {
+            Err(ConfigError::BackendNoPath(spec.to_string()))
+        } else {
+            Ok(PathBuf::from(rest))
+        }
+    };
+    if let Some(rest) = spec.strip_prefix("vhost-user:") {
+        return Ok(BackendSpec::VhostUser {
+            path: path_of(rest)?,
+            listen: false,
+        });
+    }
+    if let Some(rest) = spec.strip_prefix("vhost-user-server:") {
+        return Ok(BackendSpec::VhostUser {
+            path: path_of(rest)?,
+            listen: true,
+        });
+    }
+    if let Some(rest) = spec.strip_prefix("vdpa:") {
+        return Ok(BackendSpec::Vdpa(path_of(rest)?));
     }
     Err(ConfigError::BadBackend(spec.to_string()))
 }
@@ -337,12 +376,16 @@ mod tests {
         assert_eq!(p(&["--log-level", "loud"]), Err(BadLogLevel("loud".into())));
         assert_eq!(p(&["--name", ""]), Err(EmptyName));
         assert_eq!(
-            p(&["--backend", "vdpa:/dev/vhost-vdpa-0"]),
-            Err(BackendNotSupported("vdpa:/dev/vhost-vdpa-0".into()))
+            p(&["--backend", "vdpa:"]),
+            Err(BackendNoPath("vdpa:".into()))
         );
         assert_eq!(
-            p(&["--backend", "vhost-user:/x"]),
-            Err(BackendNotSupported("vhost-user:/x".into()))
+            p(&["--backend", "vhost-user:"]),
+            Err(BackendNoPath("vhost-user:".into()))
+        );
+        assert_eq!(
+            p(&["--backend", "vhost-user-server:"]),
+            Err(BackendNoPath("vhost-user-server:".into()))
         );
         assert_eq!(p(&["--backend", "foo"]), Err(BadBackend("foo".into())));
         assert_eq!(p(&["--backend", "tap:"]), Err(BadTapName("tap:".into())));
@@ -353,6 +396,38 @@ mod tests {
         assert_eq!(
             p(&["--backend", "tap:0123456789abcdef"]),
             Err(BadTapName("tap:0123456789abcdef".into()))
+        );
+    }
+
+    #[test]
+    fn device_backends() {
+        let b = |spec: &str| run(&["--socket-path", "/s", "--backend", spec]).backend;
+        let vu = b("vhost-user:/run/dev.sock");
+        assert_eq!(
+            vu,
+            BackendSpec::VhostUser {
+                path: "/run/dev.sock".into(),
+                listen: false
+            }
+        );
+        assert_eq!(
+            (vu.kind(), vu.to_string().as_str()),
+            ("vhost-user", "vhost-user:/run/dev.sock")
+        );
+        let srv = b("vhost-user-server:rel.sock");
+        assert_eq!(
+            srv,
+            BackendSpec::VhostUser {
+                path: "rel.sock".into(),
+                listen: true
+            }
+        );
+        assert_eq!(srv.to_string(), "vhost-user-server:rel.sock");
+        let vdpa = b("vdpa:/dev/vhost-vdpa-0");
+        assert_eq!(vdpa, BackendSpec::Vdpa("/dev/vhost-vdpa-0".into()));
+        assert_eq!(
+            (vdpa.kind(), vdpa.to_string().as_str()),
+            ("vdpa", "vdpa:/dev/vhost-vdpa-0")
         );
     }
 
