@@ -5,7 +5,7 @@
 use crate::shadow_ring::ShadowSeg;
 
 /// A guest chain popped, validated and translated.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Chain {
     pub guest_head: u16,
     /// Pop order, to report in-flight heads in order.
@@ -17,9 +17,16 @@ pub(crate) struct Chain {
     pub segs: Vec<ShadowSeg>,
 }
 
-#[derive(Debug)]
+/// A chain on the shadow ring: what completing it needs (its segments
+/// were written to the ring and are not kept).
+#[derive(Debug, Default)]
 pub(crate) struct InFlight {
-    pub chain: Chain,
+    pub guest_head: u16,
+    /// Pop order, to report in-flight heads in order.
+    pub seq: u64,
+    /// Device-writable guest ranges (GPA, len) in chain order.
+    pub writable: Vec<(u64, u32)>,
+    pub writable_len: u64,
     /// Shadow descriptors it occupies.
     pub ndescs: u16,
     pub table: Option<u16>,
@@ -27,15 +34,21 @@ pub(crate) struct InFlight {
     pub avail_pos: u16,
 }
 
+/// In-flight chains by shadow head. The slots are allocated once and their
+/// vectors reused: placing a chain swaps its `writable` vector with the
+/// slot's dead one, and completing it only clears `live`, so the relay moves
+/// no chain and allocates nothing per descriptor.
 pub(crate) struct InFlightTable {
-    slots: Vec<Option<InFlight>>,
+    slots: Vec<InFlight>,
+    live: Vec<bool>,
     count: usize,
 }
 
 impl InFlightTable {
     pub fn new(shadow_size: u16) -> Self {
         InFlightTable {
-            slots: (0..shadow_size).map(|_| None).collect(),
+            slots: (0..shadow_size).map(|_| InFlight::default()).collect(),
+            live: vec![false; shadow_size as usize],
             count: 0,
         }
     }
@@ -44,24 +57,51 @@ impl InFlightTable {
         self.count
     }
 
-    pub fn insert(&mut self, head: u16, entry: InFlight) {
-        if let Some(slot) = self.slots.get_mut(head as usize) {
-            if slot.replace(entry).is_none() {
+    /// Make `chain` the in-flight chain of `head`; `chain` gets the slot's
+    /// previous (dead) `writable` vector back for reuse.
+    pub fn insert(
+        &mut self,
+        head: u16,
+        chain: &mut Chain,
+        ndescs: u16,
+        table: Option<u16>,
+        avail_pos: u16,
+    ) {
+        let h = head as usize;
+        if let (Some(slot), Some(live)) = (self.slots.get_mut(h), self.live.get_mut(h)) {
+            slot.guest_head = chain.guest_head;
+            slot.seq = chain.seq;
+            slot.writable_len = chain.writable_len;
+            std::mem::swap(&mut slot.writable, &mut chain.writable);
+            slot.ndescs = ndescs;
+            slot.table = table;
+            slot.avail_pos = avail_pos;
+            if !std::mem::replace(live, true) {
                 self.count += 1;
             }
         }
     }
 
     pub fn get(&self, head: u32) -> Option<&InFlight> {
-        self.slots.get(head as usize).and_then(|s| s.as_ref())
+        let h = head as usize;
+        match self.live.get(h) {
+            Some(true) => self.slots.get(h),
+            _ => None,
+        }
     }
 
-    pub fn remove(&mut self, head: u32) -> Option<InFlight> {
-        let e = self.slots.get_mut(head as usize)?.take();
-        if e.is_some() {
-            self.count -= 1;
+    /// Mark `head` completed; its data stays readable through the returned
+    /// reference until the slot is reused.
+    pub fn remove(&mut self, head: u32) -> Option<&InFlight> {
+        let h = head as usize;
+        match self.live.get_mut(h) {
+            Some(live) if *live => {
+                *live = false;
+                self.count -= 1;
+                self.slots.get(h)
+            }
+            _ => None,
         }
-        e
     }
 
     /// Guest heads still in flight, in pop order.
@@ -69,8 +109,9 @@ impl InFlightTable {
         let mut v: Vec<(u64, u16)> = self
             .slots
             .iter()
-            .flatten()
-            .map(|e| (e.chain.seq, e.chain.guest_head))
+            .zip(&self.live)
+            .filter(|(_, live)| **live)
+            .map(|(e, _)| (e.seq, e.guest_head))
             .collect();
         v.sort_unstable();
         v.into_iter().map(|(_, h)| h).collect()

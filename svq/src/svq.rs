@@ -7,7 +7,7 @@ use iova::{AddrSpace, IovaTree, Segment};
 use vm_memory::{GuestMemoryMmap, MmapRegion};
 
 use crate::guest::{GuestSeg, GuestSide, RingView};
-use crate::inflight::{Chain, InFlight, InFlightTable};
+use crate::inflight::{Chain, InFlightTable};
 use crate::memory::ShadowLayout;
 use crate::shadow_ring::{ShadowRing, ShadowSeg};
 use crate::{
@@ -16,9 +16,6 @@ use crate::{
 };
 
 const LOG: &str = "svq";
-
-/// The vectors of a completed chain, kept for the next one.
-type SpareVecs = (Vec<ShadowSeg>, Vec<(u64, u32)>);
 
 pub struct ShadowVirtqueue {
     cfg: SvqConfig,
@@ -43,7 +40,10 @@ pub struct ShadowVirtqueue {
     // Scratch buffers reused across chains.
     guest_segs: Vec<GuestSeg>,
     iova_segs: Vec<Segment>,
-    spare: Vec<SpareVecs>,
+    /// The chain being popped and placed. Placing it swaps its vectors with
+    /// the in-flight slot's, so no chain is moved or allocated per
+    /// descriptor.
+    cur: Chain,
 }
 
 impl ShadowVirtqueue {
@@ -84,7 +84,7 @@ impl ShadowVirtqueue {
             errors: 0,
             guest_segs: Vec::new(),
             iova_segs: Vec::new(),
-            spare: Vec::new(),
+            cur: Chain::default(),
         })
     }
 
@@ -255,17 +255,18 @@ impl ShadowVirtqueue {
             });
         }
         let max = match self.inflight.get(id) {
-            Some(e) => e.chain.writable_len,
+            Some(e) => e.writable_len,
             None => return Err(SvqError::UsedIdNotInFlight { id }),
         };
         if len as u64 > max {
             return Err(SvqError::UsedLenTooBig { id, len, max });
         }
+        // The chain is read in place in its slot: no move, no allocation.
         let Some(entry) = self.inflight.remove(id) else {
             return Err(SvqError::UsedIdNotInFlight { id });
         };
         self.shadow.free_chain(id as u16, entry.ndescs, entry.table);
-        let chain = entry.chain;
+        let chain = entry;
         // Written data first, so the log never lags the used entry that
         // makes it visible to the guest.
         let mut left = len as u64;
@@ -279,24 +280,18 @@ impl ShadowVirtqueue {
             }
             left -= n;
         }
-        let at = self.guest.add_used(v, chain.guest_head, len)?;
+        let guest_head = chain.guest_head;
+        let at = self.guest.add_used(v, guest_head, len)?;
         let (gpa, l) = self.guest.used_entry_log(at);
         log.mark(gpa, l);
         let (gpa, l) = self.guest.used_idx_log();
         log.mark(gpa, l);
-        if let Some(b) = self.guest_busy.get_mut(chain.guest_head as usize) {
+        if let Some(b) = self.guest_busy.get_mut(guest_head as usize) {
             *b = false;
         }
-        self.recycle(chain);
         self.relayed += 1;
         self.bytes_written += len as u64;
         Ok(())
-    }
-
-    fn recycle(&mut self, chain: Chain) {
-        if self.spare.len() < self.cfg.queue_size as usize {
-            self.spare.push((chain.segs, chain.writable));
-        }
     }
 
     /// Place parked chains, then pop new guest chains until the guest ring
@@ -321,21 +316,19 @@ impl ShadowVirtqueue {
         iova: &IovaTree,
     ) -> Result<(), SvqError> {
         while let Some(chain) = self.parked.pop_front() {
-            match self.try_place(chain, iova)? {
-                None => {}
-                Some(chain) => {
-                    self.parked.push_front(chain);
-                    return Ok(());
-                }
+            self.cur = chain;
+            if !self.place_cur(iova)? {
+                self.parked.push_front(std::mem::take(&mut self.cur));
+                return Ok(());
             }
         }
         loop {
             let pending = self.guest.pending(v)?;
             for _ in 0..pending {
-                let chain = self.pop(mem, v, iova)?;
-                if let Some(chain) = self.try_place(chain, iova)? {
-                    log::debug!(target: LOG, "shadow ring full, parking head {}", chain.guest_head);
-                    self.parked.push_back(chain);
+                self.pop(mem, v, iova)?;
+                if !self.place_cur(iova)? {
+                    log::debug!(target: LOG, "shadow ring full, parking head {}", self.cur.guest_head);
+                    self.parked.push_back(std::mem::take(&mut self.cur));
                     return Ok(());
                 }
             }
@@ -347,39 +340,39 @@ impl ShadowVirtqueue {
         }
     }
 
-    /// Pop the chain at the guest's next avail index: read, validate and
-    /// translate it, and only then advance the guest index.
+    /// Pop the chain at the guest's next avail index into `cur`: read,
+    /// validate and translate it, and only then advance the guest index.
     fn pop(
         &mut self,
         mem: &GuestMemoryMmap,
         v: &RingView,
         iova: &IovaTree,
-    ) -> Result<Chain, SvqError> {
+    ) -> Result<(), SvqError> {
         let head = self.guest.read_head(v)?;
         if self.guest_busy.get(head as usize).copied().unwrap_or(false) {
             return Err(SvqError::HeadAlreadyInFlight { head });
         }
         let mut guest_segs = std::mem::take(&mut self.guest_segs);
         let r = self.guest.walk(mem, v, head, &mut guest_segs);
-        let chain = r.and_then(|()| self.translate(head, &guest_segs, iova));
+        let r = r.and_then(|()| self.translate(head, &guest_segs, iova));
         self.guest_segs = guest_segs;
-        let chain = chain?;
+        r?;
         self.guest.advance();
         if let Some(b) = self.guest_busy.get_mut(head as usize) {
             *b = true;
         }
-        Ok(chain)
+        Ok(())
     }
 
+    /// Translate `guest_segs` into `cur`, reusing its vectors.
     fn translate(
         &mut self,
         head: u16,
         guest_segs: &[GuestSeg],
         iova: &IovaTree,
-    ) -> Result<Chain, SvqError> {
-        // Reuse the vectors of a completed chain: no allocation per chain
-        // once the queue has warmed up.
-        let (mut segs, mut writable) = self.spare.pop().unwrap_or_default();
+    ) -> Result<(), SvqError> {
+        let segs = &mut self.cur.segs;
+        let writable = &mut self.cur.writable;
         segs.clear();
         writable.clear();
         let mut writable_len = 0u64;
@@ -436,63 +429,48 @@ impl ShadowVirtqueue {
             }
         }
         self.seq += 1;
-        Ok(Chain {
-            guest_head: head,
-            seq: self.seq,
-            writable,
-            writable_len,
-            segs,
-        })
+        self.cur.guest_head = head;
+        self.cur.seq = self.seq;
+        self.cur.writable_len = writable_len;
+        Ok(())
     }
 
-    /// Put a chain on the shadow ring (unpublished). Gives the chain back
-    /// when there is no room yet.
-    fn try_place(&mut self, chain: Chain, iova: &IovaTree) -> Result<Option<Chain>, SvqError> {
-        let n = chain.segs.len();
+    /// Put `cur` on the shadow ring (unpublished). `Ok(false)`: no room
+    /// yet, `cur` is unchanged.
+    fn place_cur(&mut self, iova: &IovaTree) -> Result<bool, SvqError> {
+        let n = self.cur.segs.len();
         if n <= self.cfg.shadow_size as usize {
             if (self.shadow.num_free() as usize) < n {
-                return Ok(Some(chain));
+                return Ok(false);
             }
             let avail_pos = self.shadow.avail_idx();
-            let head = self.shadow.add_direct(&chain.segs)?;
-            self.inflight.insert(
-                head,
-                InFlight {
-                    chain,
-                    ndescs: n as u16,
-                    table: None,
-                    avail_pos,
-                },
-            );
-            return Ok(None);
+            let head = self.shadow.add_direct(&self.cur.segs)?;
+            self.inflight
+                .insert(head, &mut self.cur, n as u16, None, avail_pos);
+            return Ok(true);
         }
         let Some(table) = self.shadow.next_free_table() else {
-            return Ok(Some(chain));
+            return Ok(false);
         };
         if self.shadow.num_free() == 0 {
-            return Ok(Some(chain));
+            return Ok(false);
         }
         let hva = self.shadow.table_hva(table);
         let table_iova = match iova.translate_contiguous(AddrSpace::Host, hva, (n * 16) as u64) {
             Ok(t) => t,
             Err(source) => {
                 // Keep the chain so that stop() can still rewind over it.
-                self.parked.push_front(chain);
+                self.parked.push_front(std::mem::take(&mut self.cur));
                 return Err(SvqError::ShadowTranslation { hva, source });
             }
         };
         let avail_pos = self.shadow.avail_idx();
-        let head = self.shadow.add_indirect(&chain.segs, table, table_iova)?;
-        self.inflight.insert(
-            head,
-            InFlight {
-                chain,
-                ndescs: 1,
-                table: Some(table),
-                avail_pos,
-            },
-        );
-        Ok(None)
+        let head = self
+            .shadow
+            .add_indirect(&self.cur.segs, table, table_iova)?;
+        self.inflight
+            .insert(head, &mut self.cur, 1, Some(table), avail_pos);
+        Ok(true)
     }
 
     /// Stop relaying. `device_next_avail` is the device's vring base on the
@@ -530,7 +508,7 @@ impl ShadowVirtqueue {
             let head = self.shadow.slot_head(device_next_avail.wrapping_add(i));
             if let Some(e) = self.inflight.remove(head as u32) {
                 self.shadow.free_chain(head, e.ndescs, e.table);
-                if let Some(b) = self.guest_busy.get_mut(e.chain.guest_head as usize) {
+                if let Some(b) = self.guest_busy.get_mut(e.guest_head as usize) {
                     *b = false;
                 }
             }
