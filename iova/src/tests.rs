@@ -343,3 +343,66 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// Many mappings over a wide, uneven span (the lookup's bucket table is
+    /// used above a few mappings): `find` agrees with a linear scan for
+    /// addresses in, between, before and after the mappings, also after
+    /// removals.
+    #[test]
+    fn find_agrees_with_a_scan_over_many_mappings(
+        gaps in prop::collection::vec(
+            (prop_oneof![0u64..1 << 14, 0u64..1 << 24, 0u64..1 << 40], 1u64..1 << 30),
+            1..600,
+        ),
+        probes in prop::collection::vec((any::<u64>(), any::<prop::sample::Index>(), 0u64..1 << 30), 1..200),
+        unmap_every in 2usize..9,
+    ) {
+        let mut t = IovaTree::new(0, u64::MAX).unwrap();
+        let mut maps: Vec<(u64, u64)> = Vec::new();
+        let mut at = 0u64;
+        for (n, (gap, size)) in gaps.into_iter().enumerate() {
+            let Some(addr) = at.checked_add(gap) else { break };
+            if addr.checked_add(size).is_none() { break; }
+            let space = if n % 3 == 0 { AddrSpace::Host } else { AddrSpace::Guest };
+            if t.map(space, addr, size).is_ok() && space == AddrSpace::Guest {
+                maps.push((addr, size));
+            }
+            at = addr + size;
+        }
+        let check = |t: &IovaTree, maps: &[(u64, u64)], addr: u64| -> std::result::Result<(), TestCaseError> {
+            let want = maps.iter().find(|&&(a, s)| addr >= a && addr - a < s).copied();
+            let got = t.find(AddrSpace::Guest, addr).map(|m| (m.addr, m.size));
+            prop_assert_eq!(got, want, "find({:#x})", addr);
+            let mut out = Vec::new();
+            let r = t.translate(AddrSpace::Guest, addr, 1, &mut out);
+            prop_assert_eq!(r.is_ok(), want.is_some());
+            Ok(())
+        };
+        for round in 0..2 {
+            for (raw, pick, off) in &probes {
+                check(&t, &maps, *raw)?;
+                if !maps.is_empty() {
+                    let (a, s) = maps[pick.index(maps.len())];
+                    check(&t, &maps, a)?;
+                    check(&t, &maps, a + s - 1)?;
+                    check(&t, &maps, a.saturating_sub(*off))?;
+                    check(&t, &maps, (a + s - 1).saturating_add(*off))?;
+                }
+            }
+            if round == 0 {
+                let mut i = 0;
+                maps.retain(|&(a, _)| {
+                    i += 1;
+                    if i % unmap_every == 0 {
+                        t.unmap(AddrSpace::Guest, a).unwrap();
+                        false
+                    } else {
+                        true
+                    }
+                });
+            }
+        }
+    }
+}
