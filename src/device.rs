@@ -176,6 +176,8 @@ pub struct Device {
     pub(crate) shadow: bool,
     pub(crate) workers: Vec<WorkerHandle>,
     pub(crate) stats: Vec<Arc<QueueStats>>,
+    /// Shadow-ring memory of all queues, mapped once (see arena.rs).
+    pub(crate) shadow_arena: Option<crate::arena::ShadowArena>,
 }
 
 impl Device {
@@ -217,6 +219,7 @@ impl Device {
             stats: (0..num_queues)
                 .map(|_| Arc::new(QueueStats::default()))
                 .collect(),
+            shadow_arena: None,
         })
     }
 

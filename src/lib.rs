@@ -2,6 +2,7 @@
 //! a device backend, either directly (passthrough) or through shadow
 //! virtqueues (see shared/DESIGN.md).
 
+mod arena;
 pub mod backend;
 pub mod cli;
 pub mod device;

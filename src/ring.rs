@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use backends::{DmaRegion, VringAddrs};
+use backends::VringAddrs;
 use iova::AddrSpace;
 use svq::{GuestRing, NoDirtyLog, RingIndexes, ShadowVirtqueue, SvqConfig};
 use vm_memory::{Bytes, GuestAddress};
@@ -143,38 +143,30 @@ impl Device {
         let num = v.num;
         let shadow_size = num.min(self.backend.max_queue_size());
         let svq_err = |source| DeviceError::Svq { queue: q, source };
-        let svq = ShadowVirtqueue::new(
-            SvqConfig {
-                queue_size: num,
-                shadow_size,
-                guest_features: self.acked_features.unwrap_or(0),
-                device_features: self.device_features(),
-            },
-            GuestRing {
-                desc: a.desc,
-                avail: a.avail,
-                used: a.used,
-                used_log: a.log,
-            },
-            idx,
-        )
-        .map_err(svq_err)?;
+        let cfg = SvqConfig {
+            queue_size: num,
+            shadow_size,
+            guest_features: self.acked_features.unwrap_or(0),
+            device_features: self.device_features(),
+        };
+        // In the shared shadow area, already mapped in the tree and device.
+        let slot = self.shadow_slot(q, ShadowVirtqueue::shadow_memory_size(&cfg))?;
+        let ring = GuestRing {
+            desc: a.desc,
+            avail: a.avail,
+            used: a.used,
+            used_log: a.log,
+        };
+        let svq = ShadowVirtqueue::with_shadow_memory(cfg, ring, idx, slot).map_err(svq_err)?;
         let mem = svq.shadow_memory();
         let hva = mem.as_ptr() as u64;
-        let size = mem.size() as u64;
-        let mapping = self.tree.map(AddrSpace::Host, hva, size)?;
-        if let Err(e) = self.backend.dma_map(DmaRegion {
-            iova: mapping.iova,
-            memory: mem.clone(),
-            readonly: false,
-        }) {
-            let _ = self.tree.unmap(AddrSpace::Host, hva);
-            return Err(e.into());
-        }
+        let iova = self
+            .tree
+            .translate_contiguous(AddrSpace::Host, hva, mem.size() as u64)?;
         let res = ShadowRes {
             mem,
             hva,
-            iova: mapping.iova,
+            iova,
             dev_kick: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(backends::BackendError::Io)?),
             dev_call: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(backends::BackendError::Io)?),
         };
@@ -238,6 +230,9 @@ impl Device {
     }
 
     fn unmap_shadow(&mut self, res: &ShadowRes) {
+        if self.in_shadow_arena(res.hva) {
+            return;
+        }
         if let Err(e) = self.backend.dma_unmap(res.iova, res.mem.size() as u64) {
             log::warn!(target: LOG, "{}: unmapping shadow memory: {e}", self.name);
         }

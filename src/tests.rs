@@ -352,7 +352,8 @@ fn switching_suspends_and_swaps_rings_and_eventfds() {
         // Shadow rings are daemon memory, placed outside guest memory.
         assert!(a.desc >= MEM);
     }
-    assert_eq!(ops.iter().filter(|o| matches!(o, Op::Map(..))).count(), 4);
+    // All shadow rings live in one shared area, mapped once.
+    assert_eq!(ops.iter().filter(|o| matches!(o, Op::Map(..))).count(), 1);
     let qv = dev.query();
     assert_eq!(qv["mode"], "shadow");
     assert_eq!(qv["queues"][2]["mode"], "shadow");
@@ -371,7 +372,8 @@ fn switching_suspends_and_swaps_rings_and_eventfds() {
         assert!(ops.contains(&Op::Kick(q, fds[q].0)));
         assert!(ops.contains(&Op::Call(q, Some(fds[q].1))));
     }
-    assert_eq!(ops.iter().filter(|o| matches!(o, Op::Unmap(..))).count(), 4);
+    // The shared shadow area stays mapped for the next switch.
+    assert_eq!(ops.iter().filter(|o| matches!(o, Op::Unmap(..))).count(), 0);
     assert_eq!(dev.query()["queues"][0]["mode"], "passthrough");
 }
 
@@ -380,11 +382,12 @@ fn shadow_start_and_get_vring_base() {
     let (mut dev, fake) = negotiated(true);
     let _fds = start_all(&mut dev, &fake);
     assert_eq!(dev.query()["queues"][3]["mode"], "shadow");
-    // GET_VRING_BASE in shadow: the SVQ's avail index, shadow memory released.
+    // GET_VRING_BASE in shadow: the SVQ's avail index; the shared shadow
+    // area stays mapped.
     assert_eq!(dev.get_vring_base(3).unwrap(), 6);
     let ops = fake.ops();
     assert_eq!(ops.first(), Some(&Op::Enable(3, false)));
-    assert!(matches!(ops.last(), Some(Op::Unmap(..))));
+    assert!(!ops.iter().any(|o| matches!(o, Op::Unmap(..))), "{ops:?}");
 }
 
 #[test]

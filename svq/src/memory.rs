@@ -115,6 +115,26 @@ impl ShadowMem {
         })
     }
 
+    /// Shadow memory the caller allocated (e.g. one slice of an area shared
+    /// by all queues, so a vhost-user device sees one memory region instead
+    /// of one per queue). Needs `size` bytes at a page-aligned address;
+    /// zeroed here, as a fresh memfd would be.
+    pub fn from_region(region: Arc<MmapRegion>, size: usize) -> Result<Self, SvqError> {
+        if region.size() < size || !(region.as_ptr() as usize).is_multiple_of(PAGE) {
+            return Err(SvqError::ShadowMemory(format!(
+                "provided memory at {:p}+{:#x} is not page aligned or smaller than {size:#x}",
+                region.as_ptr(),
+                region.size()
+            )));
+        }
+        // SAFETY: the region is a live mapping of at least `size` bytes
+        // (checked above; MmapRegion guarantees its own range), and no
+        // device has been given a ring in it yet, so nothing else accesses
+        // these bytes while they are cleared.
+        unsafe { std::ptr::write_bytes(region.as_ptr(), 0, size) };
+        Ok(ShadowMem { region })
+    }
+
     pub fn region(&self) -> &Arc<MmapRegion> {
         &self.region
     }

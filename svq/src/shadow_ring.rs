@@ -79,6 +79,11 @@ impl ShadowRing {
         self.mem.region()
     }
 
+    /// Moves a ring nothing has been written to yet onto other memory.
+    pub fn use_memory(&mut self, mem: ShadowMem) {
+        self.mem = mem;
+    }
+
     pub fn layout(&self) -> &ShadowLayout {
         &self.layout
     }

@@ -8,7 +8,7 @@ use vm_memory::{GuestMemoryMmap, MmapRegion};
 
 use crate::guest::{GuestSeg, GuestSide, RingView};
 use crate::inflight::{Chain, InFlightTable};
-use crate::memory::ShadowLayout;
+use crate::memory::{ShadowLayout, ShadowMem};
 use crate::shadow_ring::{ShadowRing, ShadowSeg};
 use crate::{
     CallOutcome, DirtyLog, GuestRing, RingIndexes, ShadowRingAddrs, StopState, SvqConfig, SvqError,
@@ -51,6 +51,36 @@ impl ShadowVirtqueue {
     /// ring starts at index 0 on both avail and used: give the device vring
     /// base 0 for it.
     pub fn new(cfg: SvqConfig, guest: GuestRing, start: RingIndexes) -> Result<Self, SvqError> {
+        Self::build(cfg, guest, start, None)
+    }
+
+    /// As [`new`](Self::new), with the shadow rings and indirect tables in
+    /// memory the caller provides: at least [`shadow_memory_size`] bytes at
+    /// a page-aligned address, not used by anything else while the queue
+    /// lives. [`shadow_memory`](Self::shadow_memory) then returns `memory`.
+    ///
+    /// [`shadow_memory_size`]: Self::shadow_memory_size
+    pub fn with_shadow_memory(
+        cfg: SvqConfig,
+        guest: GuestRing,
+        start: RingIndexes,
+        memory: Arc<MmapRegion>,
+    ) -> Result<Self, SvqError> {
+        Self::build(cfg, guest, start, Some(memory))
+    }
+
+    /// Bytes of shadow memory a queue with `cfg` needs.
+    pub fn shadow_memory_size(cfg: &SvqConfig) -> usize {
+        let device_indirect = cfg.device_features & F_INDIRECT_DESC != 0;
+        ShadowLayout::new(cfg.shadow_size, cfg.queue_size, device_indirect).total
+    }
+
+    fn build(
+        cfg: SvqConfig,
+        guest: GuestRing,
+        start: RingIndexes,
+        memory: Option<Arc<MmapRegion>>,
+    ) -> Result<Self, SvqError> {
         let s = cfg.shadow_size;
         if s == 0 || !s.is_power_of_two() || s > 32768 {
             return Err(SvqError::InvalidShadowSize(s));
@@ -60,7 +90,10 @@ impl ShadowVirtqueue {
         let device_indirect = cfg.device_features & F_INDIRECT_DESC != 0;
         let guest_side = GuestSide::new(cfg.queue_size, guest, start, guest_event_idx)?;
         let layout = ShadowLayout::new(s, cfg.queue_size, device_indirect);
-        let shadow = ShadowRing::new(layout, device_event_idx)?;
+        let mut shadow = ShadowRing::new(layout, device_event_idx)?;
+        if let Some(m) = memory {
+            shadow.use_memory(ShadowMem::from_region(m, layout.total)?);
+        }
         log::debug!(
             target: LOG,
             "new SVQ: queue size {} shadow size {} start avail {} used {} shadow memory {:#x} bytes",
