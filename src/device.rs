@@ -17,6 +17,8 @@ use vm_memory::{GuestMemoryMmap, MmapRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::{GuestRegion, MemoryError, MemoryTable};
+use crate::migration::control::{Migration, MigrationError, F_LOG_ALL};
+use crate::migration::dirty_log::DirtyLogReader;
 use crate::stats::QueueStats;
 use crate::worker::{WorkerError, WorkerHandle};
 
@@ -90,6 +92,13 @@ pub enum DeviceError {
     Worker(#[from] WorkerError),
     #[error("Device is not started")]
     NotStarted,
+    #[error("migration: {0}")]
+    Migration(#[from] MigrationError),
+    #[error("queue {queue}: cannot start while the device state is {state}")]
+    MigrationBusy {
+        queue: usize,
+        state: crate::migration::state::MigState,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, DeviceError>;
@@ -141,6 +150,9 @@ pub(crate) struct Vring {
     /// SET_VRING_ENABLE state (only meaningful with protocol features).
     pub enabled: bool,
     pub running: Running,
+    /// Guest heads the device took and never completed when the ring last
+    /// stopped (shadow mode only; the device state snapshot reports them).
+    pub in_flight: Vec<u16>,
 }
 
 impl Vring {
@@ -154,6 +166,7 @@ impl Vring {
             call: None,
             enabled: false,
             running: Running::Stopped,
+            in_flight: Vec::new(),
         }
     }
 }
@@ -176,6 +189,22 @@ pub struct Device {
     pub(crate) shadow: bool,
     pub(crate) workers: Vec<WorkerHandle>,
     pub(crate) stats: Vec<Arc<QueueStats>>,
+    /// Dirty logging, device state transfer, in-flight region.
+    pub(crate) migration: Migration,
+    /// The control thread's writer of the dirty log (final used entries
+    /// written while a shadowed ring stops). Never pinned across a swap.
+    pub(crate) ctl_log: DirtyLogReader,
+    /// `--shadow auto`: dirty logging switches the data path to shadow.
+    pub(crate) auto_shadow: bool,
+    /// Shadow mode was entered because dirty logging started (and is left
+    /// when it stops).
+    pub(crate) logging_shadow: bool,
+    /// The backend logs dirty pages itself (forwarding on).
+    pub(crate) log_forwarded: bool,
+    /// The latest SET_LOG_BASE mapped for a backend that logs by itself.
+    pub(crate) log_area: Option<backends::DirtyLogArea>,
+    /// Mode changes made by vhost-user messages, for QMP events.
+    pub(crate) mode_events: Vec<bool>,
     /// Shadow-ring memory of all queues, mapped once (see arena.rs).
     pub(crate) shadow_arena: Option<crate::arena::ShadowArena>,
 }
@@ -199,9 +228,11 @@ impl Device {
             }
             .into());
         }
+        let migration = Migration::new(crate::migration::postcopy::offer());
         let workers = (0..pairs)
-            .map(WorkerHandle::spawn)
+            .map(|p| WorkerHandle::spawn_logged(p, migration.dirty_log().reader()))
             .collect::<std::result::Result<Vec<_>, _>>()?;
+        let ctl_log = migration.dirty_log().reader();
         Ok(Device {
             name: name.to_string(),
             max_queue_size: max_queue_size.min(backend.max_queue_size()),
@@ -219,8 +250,29 @@ impl Device {
             stats: (0..num_queues)
                 .map(|_| Arc::new(QueueStats::default()))
                 .collect(),
+            migration,
+            ctl_log,
+            auto_shadow: false,
+            logging_shadow: false,
+            log_forwarded: false,
+            log_area: None,
+            mode_events: Vec::new(),
             shadow_arena: None,
         })
+    }
+
+    /// `--shadow auto`: switch to shadow while the VMM logs dirty pages.
+    pub fn set_auto_shadow(&mut self, on: bool) {
+        self.auto_shadow = on;
+    }
+
+    /// Mode changes caused by vhost-user messages since the last call.
+    pub fn take_mode_events(&mut self) -> Vec<bool> {
+        std::mem::take(&mut self.mode_events)
+    }
+
+    pub fn migration(&self) -> &Migration {
+        &self.migration
     }
 
     pub fn name(&self) -> &str {
@@ -254,9 +306,13 @@ impl Device {
 
     // --- features -----------------------------------------------------------
 
+    /// LOG_ALL is always offered: the SVQ logs what the device writes (and a
+    /// backend that logs by itself gets the log forwarded).
     pub fn offered_features(&self) -> u64 {
         let transport_ok = svq::SUPPORTED_FEATURES | !TRANSPORT_MASK;
-        (self.backend.device_features() & RELAY_FEATURES & transport_ok) | F_PROTOCOL_FEATURES
+        (self.backend.device_features() & RELAY_FEATURES & transport_ok)
+            | F_PROTOCOL_FEATURES
+            | F_LOG_ALL
     }
 
     pub fn set_features(&mut self, acked: u64) -> Result<()> {
@@ -264,11 +320,18 @@ impl Device {
         if acked & !offered != 0 {
             return Err(DeviceError::BadFeatures { acked, offered });
         }
+        let old = self.acked_features;
         self.acked_features = Some(acked);
         // Rings already running keep the features they started with; the
-        // backend gets the new set when the next ring starts.
+        // backend gets the new set when the next ring starts. LOG_ALL is a
+        // vhost bit, not a device feature: toggling it alone changes nothing
+        // the backend sees.
         if !self.is_started() {
             self.push_backend_features()?;
+        }
+        if let Err(e) = self.set_logging(acked & F_LOG_ALL != 0) {
+            self.acked_features = old;
+            return Err(e);
         }
         Ok(())
     }
@@ -282,7 +345,7 @@ impl Device {
 
     /// Features negotiated with the device: the guest's minus vhost-user bits.
     pub(crate) fn device_features(&self) -> u64 {
-        self.acked_features.unwrap_or(0) & !F_PROTOCOL_FEATURES
+        self.acked_features.unwrap_or(0) & !(F_PROTOCOL_FEATURES | F_LOG_ALL)
     }
 
     pub(crate) fn push_backend_features(&mut self) -> Result<()> {

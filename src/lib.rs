@@ -4,8 +4,11 @@
 
 mod arena;
 pub mod backend;
+pub mod capabilities;
 pub mod cli;
 pub mod device;
+mod devstate;
+mod dirty;
 pub mod memory;
 pub mod migration;
 pub mod qmp;

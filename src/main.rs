@@ -35,7 +35,10 @@ fn main() -> ExitCode {
         .init();
     match cfg.command {
         Command::PrintCapabilities => {
-            println!("{}", capabilities_json());
+            println!(
+                "{}",
+                svq_relay::capabilities::with_migration(&capabilities_json())
+            );
             ExitCode::SUCCESS
         }
         Command::Run(run) => match svq_relay::server::run(run) {

@@ -59,6 +59,13 @@ fn error(class: &str, desc: impl Into<String>) -> Value {
     json!({"error": {"class": class, "desc": desc.into()}})
 }
 
+/// SHADOW_VQ_CHANGED for device `name`.
+pub fn mode_event(name: &str, enabled: bool) -> Value {
+    json!({"event": "SHADOW_VQ_CHANGED",
+           "data": {"name": name, "enabled": enabled},
+           "timestamp": timestamp()})
+}
+
 fn timestamp() -> Value {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -6,11 +6,12 @@ use std::sync::Arc;
 
 use backends::VringAddrs;
 use iova::AddrSpace;
-use svq::{GuestRing, NoDirtyLog, RingIndexes, ShadowVirtqueue, SvqConfig};
+use svq::{GuestRing, RingIndexes, ShadowVirtqueue, SvqConfig};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{Device, DeviceError, Result, Running, ShadowRes, LOG};
+use crate::migration::state::MigState;
 use crate::worker::Attach;
 
 /// Byte sizes of the three parts of a split ring of `num` entries (with the
@@ -47,6 +48,15 @@ impl Device {
             return Ok(());
         }
         self.check_ring_memory(q)?;
+        // No ring runs while a device state transfer is open or after a
+        // failed load (ERROR until reset).
+        let st = self.migration.state().state();
+        if matches!(st, MigState::Saving | MigState::Resuming | MigState::Error) {
+            return Err(DeviceError::MigrationBusy {
+                queue: q,
+                state: st,
+            });
+        }
         if !self.is_started() {
             self.push_backend_features()?;
         }
@@ -55,9 +65,20 @@ impl Device {
             self.start_shadow(q, RingIndexes { avail, used })
         } else {
             self.start_passthrough(q, avail)
+                .map(|()| self.forward_ring_log(q))
         };
-        if res.is_ok() && self.backend.status() & 4 == 0 {
-            self.backend.set_status(STATUS_DRIVER_OK)?;
+        if res.is_ok() {
+            if !self.vrings[q].in_flight.is_empty() {
+                log::warn!(target: LOG, "{}: queue {q}: {} heads were in flight when it stopped; \
+                    the device does not resubmit them", self.name, self.vrings[q].in_flight.len());
+                self.vrings[q].in_flight.clear();
+            }
+            if let Err(e) = self.migration.state_mut().ring_started() {
+                log::warn!(target: LOG, "{}: queue {q}: {e}", self.name);
+            }
+            if self.backend.status() & 4 == 0 {
+                self.backend.set_status(STATUS_DRIVER_OK)?;
+            }
         }
         res
     }
@@ -284,11 +305,16 @@ impl Device {
         let mem = self.guest_mem.clone();
         let tree = self.tree_snapshot();
         let svq_err = |source| DeviceError::Svq { queue: q, source };
+        // The final used entries are guest writes too: logged like the
+        // worker's (pinned only around the SVQ call, never across a swap).
+        svq.flush_dirty(&self.ctl_log.pin());
         if !svq.is_broken() {
             // The device is quiescent: one pass picks up every used entry.
-            let out = svq
-                .handle_device_call(&mem, &tree, &NoDirtyLog)
-                .map_err(svq_err)?;
+            let out = {
+                let pinned = self.ctl_log.pin();
+                svq.handle_device_call(&mem, &tree, &pinned)
+            }
+            .map_err(svq_err)?;
             if out.notify_guest {
                 if let Some(call) = &self.vrings[q].call {
                     let _ = call.write(1);
@@ -303,7 +329,9 @@ impl Device {
             log::warn!(target: LOG,
                 "{}: queue {q}: {} buffers were taken by the device and never completed",
                 self.name, st.in_flight.len());
+            self.record_in_flight(q, &st.in_flight);
         }
+        self.vrings[q].in_flight = st.in_flight;
         Ok(st.indexes)
     }
 
@@ -346,7 +374,28 @@ impl Device {
         v.used_base = idx.used;
         self.stats[q].set_indexes(idx.avail, idx.used);
         log::debug!(target: LOG, "{}: queue {q} stopped at {}/{}", self.name, idx.avail, idx.used);
+        if !self.is_started() {
+            if let Err(e) = self.migration.state_mut().all_rings_stopped() {
+                log::warn!(target: LOG, "{}: {e}", self.name);
+            }
+        }
         idx.avail
+    }
+
+    /// Heads the device kept when a ring stopped go to the INFLIGHT_SHMFD
+    /// region (when the VMM gave one), so a restarted VMM resubmits them.
+    fn record_in_flight(&mut self, q: usize, heads: &[u16]) {
+        let Some(region) = self.migration.inflight() else {
+            return;
+        };
+        let Some(iq) = u16::try_from(q).ok().and_then(|q| region.queue(q)) else {
+            return;
+        };
+        for (counter, &h) in (iq.next_counter()..).zip(heads) {
+            if let Err(e) = iq.mark(h, counter) {
+                log::warn!(target: LOG, "{}: queue {q}: in-flight region: {e}", self.name);
+            }
+        }
     }
 
     /// Guest ring indexes as they are in guest memory (for query in

@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::cli::{Listen, RunConfig, ShadowPolicy};
 use crate::device::{lock, Device, SharedDevice};
 use crate::qmp::{Qmp, QmpDevice};
-use crate::vhost_user::VuHandler;
+use crate::vhost_user::{ModeListener, VuHandler};
 
 const LOG: &str = "server";
 
@@ -165,11 +165,19 @@ fn wait_readable(fd: Option<RawFd>, sig: &EventFd, timeout: Option<Duration>) ->
 
 /// Serve one VMM connection until it ends. Returns true if a signal asked
 /// the daemon to exit.
-fn serve_connection(stream: UnixStream, device: &SharedDevice, sig: &EventFd) -> bool {
+fn serve_connection(
+    stream: UnixStream,
+    device: &SharedDevice,
+    sig: &EventFd,
+    on_mode: &Option<ModeListener>,
+) -> bool {
     let _ = stream.set_read_timeout(Some(MESSAGE_TIMEOUT));
     // A VMM that stops reading replies must not wedge the main thread.
     let _ = stream.set_write_timeout(Some(MESSAGE_TIMEOUT));
-    let handler = Arc::new(Mutex::new(VuHandler::new(device.clone())));
+    let handler = Arc::new(Mutex::new(VuHandler::with_mode_listener(
+        device.clone(),
+        on_mode.clone(),
+    )));
     let mut conn = BackendReqHandler::from_stream(stream, handler);
     log::info!(target: LOG, "VMM connected");
     let exit = loop {
@@ -191,13 +199,26 @@ fn serve_connection(stream: UnixStream, device: &SharedDevice, sig: &EventFd) ->
         }
     };
     drop(conn);
-    lock(device).disconnect();
+    let events = {
+        let mut d = lock(device);
+        d.disconnect();
+        d.take_mode_events()
+    };
+    if let Some(l) = on_mode {
+        events.into_iter().for_each(|e| l(e));
+    }
     exit
 }
 
-fn start_qmp(path: &Path, device: &SharedDevice) -> Result<(), RunError> {
+/// Starts the QMP server; returns what reports vhost-user-caused mode
+/// changes as SHADOW_VQ_CHANGED events.
+fn start_qmp(path: &Path, device: &SharedDevice) -> Result<ModeListener, RunError> {
     let listener = bind_socket(path)?;
     let qmp = Qmp::new(vec![Arc::new(device.clone()) as Arc<dyn QmpDevice>]);
+    let name = lock(device).name().to_string();
+    let q2 = qmp.clone();
+    let on_mode: ModeListener =
+        Arc::new(move |enabled| q2.broadcast(&crate::qmp::mode_event(&name, enabled)));
     std::thread::Builder::new()
         .name("qmp".into())
         .spawn(move || qmp.serve(listener))
@@ -206,7 +227,7 @@ fn start_qmp(path: &Path, device: &SharedDevice) -> Result<(), RunError> {
             source,
         })?;
     log::info!(target: LOG, "QMP listening on {}", path.display());
-    Ok(())
+    Ok(on_mode)
 }
 
 /// Run the daemon until SIGTERM/SIGINT.
@@ -225,14 +246,16 @@ pub fn run(cfg: RunConfig) -> Result<(), RunError> {
         cfg.queue_size,
         cfg.shadow == ShadowPolicy::On,
     )?));
+    lock(&device).set_auto_shadow(cfg.shadow == ShadowPolicy::Auto);
     let sig = crate::signals::install().map_err(RunError::Signals)?;
     let mut cleanup = Cleanup(Vec::new());
+    let mut on_mode = None;
     if let Some(qmp) = &cfg.qmp {
-        start_qmp(qmp, &device)?;
+        on_mode = Some(start_qmp(qmp, &device)?);
         cleanup.0.push(qmp.clone());
     }
     match &cfg.listen {
-        Listen::Path { path, client: true } => run_client(path, &device, &sig),
+        Listen::Path { path, client: true } => run_client(path, &device, &sig, &on_mode),
         Listen::Path {
             path,
             client: false,
@@ -240,19 +263,24 @@ pub fn run(cfg: RunConfig) -> Result<(), RunError> {
             let l = bind_socket(path)?;
             cleanup.0.push(path.clone());
             log::info!(target: LOG, "listening on {}", path.display());
-            run_listener(&l, &device, &sig);
+            run_listener(&l, &device, &sig, &on_mode);
         }
         Listen::Fd(fd) => {
             let l = listener_from_fd(*fd)?;
             log::info!(target: LOG, "listening on fd {fd}");
-            run_listener(&l, &device, &sig);
+            run_listener(&l, &device, &sig, &on_mode);
         }
     }
     log::info!(target: LOG, "exiting on signal");
     Ok(())
 }
 
-fn run_listener(l: &UnixListener, device: &SharedDevice, sig: &EventFd) {
+fn run_listener(
+    l: &UnixListener,
+    device: &SharedDevice,
+    sig: &EventFd,
+    on_mode: &Option<ModeListener>,
+) {
     loop {
         match wait_readable(Some(l.as_raw_fd()), sig, None) {
             Wait::Signal => return,
@@ -261,7 +289,7 @@ fn run_listener(l: &UnixListener, device: &SharedDevice, sig: &EventFd) {
         }
         match l.accept() {
             Ok((stream, _)) => {
-                if serve_connection(stream, device, sig) {
+                if serve_connection(stream, device, sig, on_mode) {
                     return;
                 }
             }
@@ -277,7 +305,7 @@ fn run_listener(l: &UnixListener, device: &SharedDevice, sig: &EventFd) {
 
 /// --client: connect to the VMM's socket, and again (with backoff) whenever
 /// the connection ends or cannot be made.
-fn run_client(path: &Path, device: &SharedDevice, sig: &EventFd) {
+fn run_client(path: &Path, device: &SharedDevice, sig: &EventFd, on_mode: &Option<ModeListener>) {
     let mut delay = BACKOFF_MIN;
     let mut logged = false;
     loop {
@@ -286,7 +314,7 @@ fn run_client(path: &Path, device: &SharedDevice, sig: &EventFd) {
                 log::info!(target: LOG, "connected to {}", path.display());
                 logged = false;
                 let since = std::time::Instant::now();
-                if serve_connection(stream, device, sig) {
+                if serve_connection(stream, device, sig, on_mode) {
                     return;
                 }
                 // A VMM that accepts and drops connections at once must not

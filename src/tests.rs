@@ -10,6 +10,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{Device, DeviceError, F_PROTOCOL_FEATURES, RELAY_FEATURES};
 use crate::memory::tests::region;
+use crate::migration::control::F_LOG_ALL;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Op {
@@ -190,7 +191,8 @@ fn negotiated(shadow: bool) -> (Device, Fake) {
     let offered = dev.offered_features();
     assert_eq!(offered & (1 << 35), 0, "IN_ORDER offered");
     assert_ne!(offered & F_PROTOCOL_FEATURES, 0);
-    dev.set_features(offered).unwrap();
+    // LOG_ALL is a migration request, not part of a plain negotiation.
+    dev.set_features(offered & !F_LOG_ALL).unwrap();
     dev.set_mem_table(vec![region(0, MEM, UADDR)]).unwrap();
     (dev, fake)
 }
@@ -202,7 +204,7 @@ fn features_and_memory_reach_the_backend() {
     assert_eq!(
         ops,
         vec![
-            Op::Features(dev.offered_features() & !F_PROTOCOL_FEATURES),
+            Op::Features(dev.offered_features() & !(F_PROTOCOL_FEATURES | F_LOG_ALL)),
             Op::Map(0, MEM)
         ]
     );
@@ -445,7 +447,7 @@ fn renegotiation_after_stop_resets_the_backend_first() {
         dev.get_vring_base(q).unwrap();
     }
     fake.ops();
-    let fewer = dev.offered_features() & !(1 << 29); // no EVENT_IDX
+    let fewer = dev.offered_features() & !(1 << 29) & !F_LOG_ALL; // no EVENT_IDX
     dev.set_features(fewer).unwrap();
     assert_eq!(
         fake.ops(),

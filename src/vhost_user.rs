@@ -15,6 +15,7 @@
 
 use std::fs::File;
 use std::os::unix::io::{FromRawFd, IntoRawFd};
+use std::sync::Arc;
 
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
@@ -26,13 +27,15 @@ use vhost::vhost_user::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::device::{lock, DeviceError, SharedDevice};
+use crate::device::{lock, Device, DeviceError, SharedDevice};
 use crate::memory::{GuestRegion, RegionDesc, MAX_MEM_SLOTS};
 
 const LOG: &str = "vhost-user";
 
-/// Protocol features offered. STATUS is not: vhost 0.18's dispatcher does not
-/// route SET_STATUS/GET_STATUS to the handler.
+/// Protocol features offered besides the migration ones. STATUS is not:
+/// vhost 0.18's dispatcher does not route SET_STATUS/GET_STATUS to the
+/// handler (a VMM therefore never sends SET_STATUS(0) before
+/// GET_VRING_BASE; RESET_OWNER and a disconnect keep the ring state).
 pub fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
@@ -40,13 +43,49 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
 }
 
+/// Everything offered: the above plus LOG_SHMFD, DEVICE_STATE and
+/// INFLIGHT_SHMFD. PAGEFAULT never: the POSTCOPY_* messages are not
+/// dispatched (see `migration::postcopy::offer`).
+pub fn offered_protocol_features(dev: &Device) -> VhostUserProtocolFeatures {
+    (protocol_features() | dev.migration().protocol_features())
+        - VhostUserProtocolFeatures::PAGEFAULT
+}
+
+/// Called with the mode after every change vhost-user messages caused
+/// (SET_FEATURES with or without LOG_ALL, a loaded state, a disconnect).
+pub type ModeListener = Arc<dyn Fn(bool) + Send + Sync>;
+
 pub struct VuHandler {
     device: SharedDevice,
+    on_mode: Option<ModeListener>,
 }
 
 impl VuHandler {
     pub fn new(device: SharedDevice) -> Self {
-        VuHandler { device }
+        VuHandler {
+            device,
+            on_mode: None,
+        }
+    }
+
+    pub fn with_mode_listener(device: SharedDevice, on_mode: Option<ModeListener>) -> Self {
+        VuHandler { device, on_mode }
+    }
+
+    /// Run `f` on the locked device, then report mode changes (outside the
+    /// lock: the listener writes to QMP sockets).
+    fn with_device<T>(&self, f: impl FnOnce(&mut Device) -> T) -> T {
+        let (r, events) = {
+            let mut d = lock(&self.device);
+            let r = f(&mut d);
+            (r, d.take_mode_events())
+        };
+        if let Some(l) = &self.on_mode {
+            for e in events {
+                l(e);
+            }
+        }
+        r
     }
 }
 
@@ -84,12 +123,12 @@ impl VhostUserBackendReqHandlerMut for VuHandler {
     }
 
     fn reset_owner(&mut self) -> VuResult<()> {
-        lock(&self.device).disconnect();
+        self.with_device(|d| d.disconnect());
         Ok(())
     }
 
     fn reset_device(&mut self) -> VuResult<()> {
-        lock(&self.device).disconnect();
+        self.with_device(|d| d.disconnect());
         Ok(())
     }
 
@@ -98,8 +137,7 @@ impl VhostUserBackendReqHandlerMut for VuHandler {
     }
 
     fn set_features(&mut self, features: u64) -> VuResult<()> {
-        lock(&self.device)
-            .set_features(features)
+        self.with_device(|d| d.set_features(features))
             .map_err(|e| fail("SET_FEATURES", e))
     }
 
@@ -179,11 +217,11 @@ impl VhostUserBackendReqHandlerMut for VuHandler {
     }
 
     fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
-        Ok(protocol_features())
+        Ok(offered_protocol_features(&lock(&self.device)))
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
-        let offered = protocol_features().bits();
+        let offered = offered_protocol_features(&lock(&self.device)).bits();
         if features & !offered != 0 {
             log::error!(target: LOG, "SET_PROTOCOL_FEATURES {features:#x}: not offered ({offered:#x})");
             return Err(VuError::InvalidParam);
@@ -234,12 +272,20 @@ impl VhostUserBackendReqHandlerMut for VuHandler {
         Err(unsupported("GET_SHARED_OBJECT"))
     }
 
-    fn get_inflight_fd(&mut self, _i: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
-        Err(unsupported("GET_INFLIGHT_FD"))
+    fn get_inflight_fd(&mut self, i: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
+        let mut d = lock(&self.device);
+        let (queues, size) = (d.num_queues() as u16, d.max_queue_size);
+        d.migration
+            .get_inflight_fd(i, queues, size)
+            .map_err(|e| fail("GET_INFLIGHT_FD", e.into()))
     }
 
-    fn set_inflight_fd(&mut self, _i: &VhostUserInflight, _file: File) -> VuResult<()> {
-        Err(unsupported("SET_INFLIGHT_FD"))
+    fn set_inflight_fd(&mut self, i: &VhostUserInflight, file: File) -> VuResult<()> {
+        let mut d = lock(&self.device);
+        let (queues, size) = (d.num_queues() as u16, d.max_queue_size);
+        d.migration
+            .set_inflight_fd(i, &file, queues, size)
+            .map_err(|e| fail("SET_INFLIGHT_FD", e.into()))
     }
 
     fn get_max_mem_slots(&mut self) -> VuResult<u64> {
@@ -266,24 +312,48 @@ impl VhostUserBackendReqHandlerMut for VuHandler {
             .map_err(|e| fail("REM_MEM_REG", e))
     }
 
+    /// The VMM only sees a failure code for these two (vhost 0.18 turns a
+    /// handler error into 0x101 / 1 and keeps the connection): the log line
+    /// names the problem.
     fn set_device_state_fd(
         &mut self,
-        _d: VhostTransferStateDirection,
-        _p: VhostTransferStatePhase,
-        _fd: File,
+        direction: VhostTransferStateDirection,
+        phase: VhostTransferStatePhase,
+        fd: File,
     ) -> VuResult<Option<File>> {
-        Err(unsupported("SET_DEVICE_STATE_FD"))
+        let mut d = lock(&self.device);
+        let limits = d.state_limits(offered_protocol_features(&d).bits());
+        // The snapshot is taken first (the closure cannot borrow the device
+        // while `migration` is borrowed mutably); only a SAVE uses it.
+        let snap = match direction {
+            VhostTransferStateDirection::SAVE => d.snapshot_state(),
+            VhostTransferStateDirection::LOAD => Err("not a save".into()),
+        };
+        d.migration
+            .set_device_state_fd(direction, phase, fd, limits, || snap)
+            .map_err(|e| fail("SET_DEVICE_STATE_FD", e.into()))
     }
 
     fn check_device_state(&mut self) -> VuResult<()> {
-        Err(unsupported("CHECK_DEVICE_STATE"))
+        self.with_device(|d| {
+            let mut migration = std::mem::replace(
+                &mut d.migration,
+                crate::migration::control::Migration::placeholder(),
+            );
+            let r = migration.check_device_state(|st| d.apply_state(st));
+            d.migration = migration;
+            r
+        })
+        .map_err(|e| fail("CHECK_DEVICE_STATE", e.into()))
     }
 
     fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {
         Err(unsupported("GET_SHMEM_CONFIG"))
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
-        Err(unsupported("SET_LOG_BASE"))
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VuResult<()> {
+        lock(&self.device)
+            .set_log_base(file, log.mmap_size, log.mmap_offset)
+            .map_err(|e| fail("SET_LOG_BASE", e))
     }
 }

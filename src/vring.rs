@@ -71,6 +71,10 @@ impl Device {
         if restart {
             self.stop_ring(q);
             self.try_start(q)?;
+        } else if matches!(self.vrings[q].running, Running::Passthrough)
+            && old.is_some_and(|o| o.log != new.log)
+        {
+            self.forward_ring_log(q);
         }
         Ok(())
     }
@@ -158,6 +162,17 @@ impl Device {
         if let Err(e) = self.backend.set_status(0) {
             log::warn!(target: LOG, "{}: device reset: {e}", self.name);
         }
+        // A migration in progress is abandoned: logging stops, the mode
+        // dirty logging chose is undone (every ring is stopped already).
+        if std::mem::take(&mut self.logging_shadow) && self.shadow {
+            self.shadow = false;
+            self.mode_events.push(false);
+        }
+        if std::mem::take(&mut self.log_forwarded) {
+            let _ = self.backend.set_dirty_log(None);
+        }
+        self.log_area = None;
+        self.migration.reset();
         self.backend_features = None;
         self.acked_features = None;
         self.protocol_features = 0;

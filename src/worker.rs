@@ -11,11 +11,12 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use iova::IovaTree;
-use svq::{NoDirtyLog, ShadowVirtqueue, SvqError};
+use svq::{ShadowVirtqueue, SvqError};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::migration::dirty_log::{DirtyLogReader, SharedDirtyLog};
 use crate::stats::QueueStats;
 
 const LOG: &str = "worker";
@@ -75,7 +76,14 @@ pub struct WorkerHandle {
 }
 
 impl WorkerHandle {
+    /// A worker whose marks go nowhere (benches, tests).
     pub fn spawn(pair: usize) -> Result<Self, WorkerError> {
+        Self::spawn_logged(pair, SharedDirtyLog::new().reader())
+    }
+
+    /// `log`: this worker's handle on the device's dirty log; it marks every
+    /// guest page its SVQs (and the device through them) write.
+    pub fn spawn_logged(pair: usize, log: DirtyLogReader) -> Result<Self, WorkerError> {
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(WorkerError::Spawn)?);
         let epoll = Epoll::new().map_err(WorkerError::Spawn)?;
         epoll
@@ -92,6 +100,7 @@ impl WorkerHandle {
             wake: wake.clone(),
             rx,
             slots: [None, None],
+            log,
         };
         let thread = std::thread::Builder::new()
             .name(format!("svq-pair{pair}"))
@@ -191,6 +200,9 @@ struct Worker {
     wake: Arc<EventFd>,
     rx: Receiver<(Request, Sender<Reply>)>,
     slots: [Option<Slot>; 2],
+    /// Pinned only around one SVQ call (never across epoll_wait), so a log
+    /// swap never waits for an idle worker.
+    log: DirtyLogReader,
 }
 
 impl Worker {
@@ -317,13 +329,19 @@ impl Worker {
     }
 
     fn guest_kick(&mut self, slot: usize) {
-        let Some(Some(s)) = self.slots.get_mut(slot) else {
+        let Worker { slots, log, .. } = self;
+        let Some(Some(s)) = slots.get_mut(slot) else {
             return;
         };
         if s.broken {
             return;
         }
-        let res = s.a.svq.handle_guest_kick(&s.a.mem, &s.a.tree);
+        // Under EVENT_IDX the SVQ writes avail_event into guest memory.
+        let res = {
+            let pinned = log.pin();
+            s.a.svq
+                .handle_guest_kick_logged(&s.a.mem, &s.a.tree, &pinned)
+        };
         match res {
             Ok(kick) => {
                 if kick {
@@ -336,13 +354,18 @@ impl Worker {
     }
 
     fn device_call(&mut self, slot: usize) {
-        let Some(Some(s)) = self.slots.get_mut(slot) else {
+        let Worker { slots, log, .. } = self;
+        let Some(Some(s)) = slots.get_mut(slot) else {
             return;
         };
         if s.broken {
             return;
         }
-        match s.a.svq.handle_device_call(&s.a.mem, &s.a.tree, &NoDirtyLog) {
+        let res = {
+            let pinned = log.pin();
+            s.a.svq.handle_device_call(&s.a.mem, &s.a.tree, &pinned)
+        };
+        match res {
             Ok(out) => {
                 if out.notify_guest {
                     if let Some(call) = &s.a.guest_call {

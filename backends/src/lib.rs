@@ -106,6 +106,15 @@ impl DmaRegion {
     }
 }
 
+/// A dirty-page bitmap the device writes itself: bit n (LSB first in each
+/// byte) set means the device wrote page n (4 KiB) of its address space.
+/// Shared with the device, so it must be fd-backed; the region's file offset
+/// becomes the log's mmap offset.
+#[derive(Clone, Debug)]
+pub struct DirtyLogArea {
+    pub memory: Arc<MmapRegion>,
+}
+
 /// The vhost-like operations the relay needs from a device.
 ///
 /// Queue indexes count data queues the virtio-net way: RX of pair k is 2k,
@@ -170,5 +179,17 @@ pub trait DeviceBackend: Send {
     /// stay on during migration).
     fn has_dirty_log(&self) -> bool {
         false
+    }
+
+    /// Start (Some) or stop (None) the device's own dirty logging into `log`
+    /// (only when [`has_dirty_log`](Self::has_dirty_log)).
+    fn set_dirty_log(&mut self, _log: Option<DirtyLogArea>) -> Result<()> {
+        Err(BackendError::Unsupported("dirty logging by the device"))
+    }
+
+    /// Where the device logs its used-ring writes of `queue` (a page in the
+    /// log's address space), or None to not log them.
+    fn set_vring_log_addr(&mut self, _queue: usize, _addr: Option<u64>) -> Result<()> {
+        Err(BackendError::Unsupported("dirty logging by the device"))
     }
 }

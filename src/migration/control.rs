@@ -60,7 +60,9 @@ impl Migration {
     /// `postcopy`: the result of [`super::postcopy::probe`] taken at start.
     pub fn new(postcopy: Result<PostcopySupport, String>) -> Self {
         if let Err(why) = &postcopy {
-            log::warn!(target: LOG, "postcopy (PAGEFAULT) not offered: {why}");
+            // Info, not warn: a missing optional feature is not a fault, and
+            // a healthy daemon is silent at the default level.
+            log::info!(target: LOG, "postcopy (PAGEFAULT) not offered: {why}");
         }
         Migration {
             state: MigrationState::new(),
@@ -70,6 +72,20 @@ impl Migration {
             transfer: None,
             inflight: None,
             postcopy,
+        }
+    }
+
+    /// A stand-in while the real one is taken out of its owner for a call
+    /// that also needs the owner (no probe, no log line).
+    pub fn placeholder() -> Self {
+        Migration {
+            state: MigrationState::new(),
+            log: SharedDirtyLog::new(),
+            log_base: None,
+            log_all: false,
+            transfer: None,
+            inflight: None,
+            postcopy: Err(String::new()),
         }
     }
 
@@ -84,6 +100,16 @@ impl Migration {
     /// The handle workers take readers from.
     pub fn dirty_log(&self) -> &SharedDirtyLog {
         &self.log
+    }
+
+    /// Whether the VMM asked for logging (VHOST_F_LOG_ALL acked).
+    pub fn log_all(&self) -> bool {
+        self.log_all
+    }
+
+    /// The latest SET_LOG_BASE.
+    pub fn log_base(&self) -> Option<&Arc<DirtyBitmap>> {
+        self.log_base.as_ref()
     }
 
     pub fn logging(&self) -> bool {
@@ -190,12 +216,13 @@ impl Migration {
     }
 
     /// CHECK_DEVICE_STATE. For a LOAD, `apply` gets the checked state; it
-    /// must apply all of it or report failure (the device then goes to
-    /// ERROR, since it may be half applied). A stream that failed to load
-    /// leaves the device as it was (STOPPED).
+    /// must apply all of it or report failure: `Failure::Recoverable` when
+    /// it refused before changing anything (the device stays STOPPED),
+    /// `Failure::Fatal` when it may be half applied (ERROR). A stream that
+    /// failed to load leaves the device as it was (STOPPED).
     pub fn check_device_state(
         &mut self,
-        apply: impl FnOnce(DeviceState) -> Result<(), String>,
+        apply: impl FnOnce(DeviceState) -> Result<(), (Failure, String)>,
     ) -> Result<(), MigrationError> {
         let Some(t) = self.transfer.take() else {
             // No transfer object: either none was started (refused by the
@@ -215,7 +242,7 @@ impl Migration {
                 log::info!(target: LOG, "device state saved ({bytes} bytes)");
                 Ok(())
             }
-            Ok(Outcome::Loaded(state)) => apply(*state).map_err(|why| (Failure::Fatal, why)),
+            Ok(Outcome::Loaded(state)) => apply(*state),
             Err(e) => Err((Failure::Recoverable, e.to_string())),
         };
         self.state.check_device_state(outcome)?;
@@ -417,7 +444,7 @@ mod tests {
         vmm_w.write_all(&state().to_bytes().unwrap()).unwrap();
         drop(vmm_w);
         let e = dst
-            .check_device_state(|_| Err("backend refused the vring base".into()))
+            .check_device_state(|_| Err((Failure::Fatal, "backend refused the vring base".into())))
             .unwrap_err()
             .to_string();
         assert!(e.contains("backend refused the vring base"), "{e}");

@@ -5,6 +5,7 @@
 
 pub mod daemon;
 pub mod mem;
+pub mod migrate;
 pub mod net;
 pub mod packet;
 pub mod qmp;

@@ -66,6 +66,10 @@ pub struct SplitRing {
     /// Used entries sure to come, as of the next pop_used (None: every
     /// chain in flight, as for TX; RX buffers wait for frames).
     pub coming: Option<usize>,
+    /// When set, every guest range the device wrote and the driver saw in
+    /// a used entry (written bytes of the chain, the used entry, used idx)
+    /// is appended as `(gpa, len)`: what a dirty log must cover.
+    pub written: Option<Vec<(u64, u64)>>,
 }
 
 /// Bytes needed by the three parts of a split ring of `size` entries.
@@ -107,6 +111,7 @@ impl SplitRing {
             kicked_idx: 0,
             irq_batch: 0,
             coming: None,
+            written: None,
         }
     }
 
@@ -333,6 +338,19 @@ impl SplitRing {
                 ));
             }
             self.free.extend(f.descs.iter().rev());
+            if let Some(w) = self.written.as_mut() {
+                w.push((slot, 8));
+                w.push((self.used.0 + 2, 2));
+                let mut left = len as u64;
+                for sg in f.segs.iter().filter(|sg| sg.write) {
+                    if left == 0 {
+                        break;
+                    }
+                    let n = left.min(sg.len as u64);
+                    w.push((sg.addr.0, n));
+                    left -= n;
+                }
+            }
             out.push(Used {
                 head: id as u16,
                 len,

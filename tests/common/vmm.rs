@@ -95,7 +95,12 @@ impl Vmm {
     /// Connects, negotiates, maps memory, sets up and starts every queue,
     /// and posts RX buffers.
     pub fn start(path: &Path, cfg: VmmConfig) -> Vmm {
-        let mut v = Vmm::negotiate(connect_stream(path), cfg);
+        Vmm::start_with(path, cfg, VhostUserProtocolFeatures::empty())
+    }
+
+    /// `start`, also negotiating the protocol features in `extra`.
+    pub fn start_with(path: &Path, cfg: VmmConfig, extra: VhostUserProtocolFeatures) -> Vmm {
+        let mut v = Vmm::negotiate_with(connect_stream(path), cfg, extra);
         v.set_mem_table().expect("SET_MEM_TABLE");
         for q in 0..2 * v.cfg.pairs as usize {
             v.setup_queue(q)
@@ -107,6 +112,15 @@ impl Vmm {
     /// SET_OWNER, features, protocol features, queue count, SET_FEATURES.
     /// Allocates the guest rings (not yet given to the daemon).
     pub fn negotiate(stream: UnixStream, cfg: VmmConfig) -> Vmm {
+        Vmm::negotiate_with(stream, cfg, VhostUserProtocolFeatures::empty())
+    }
+
+    /// `negotiate`, also negotiating the protocol features in `extra`.
+    pub fn negotiate_with(
+        stream: UnixStream,
+        cfg: VmmConfig,
+        extra: VhostUserProtocolFeatures,
+    ) -> Vmm {
         let raw = stream.try_clone().expect("clone socket");
         let mut fe = Frontend::from_stream(stream, 2 * cfg.pairs as u64);
         fe.set_owner().expect("SET_OWNER");
@@ -145,6 +159,7 @@ impl Vmm {
         if cfg.mem_slots {
             want_proto |= VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
         }
+        want_proto |= extra;
         assert!(
             offered_proto.contains(want_proto),
             "protocol features {offered_proto:?} lack some of {want_proto:?}"

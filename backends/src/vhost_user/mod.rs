@@ -112,7 +112,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use vm_memory::MmapRegion;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::{BackendError, DeviceBackend, DmaRegion, IovaRange, Result, VringAddrs};
@@ -161,14 +160,7 @@ impl Default for VhostUserOptions {
     }
 }
 
-/// A dirty-page bitmap the device writes itself: bit n (LSB first in each
-/// byte) set means the device wrote page n (4 KiB) of its address space.
-/// Shared with the device, so it must be fd-backed; the region's file offset
-/// becomes the log's mmap offset.
-#[derive(Clone, Debug)]
-pub struct DirtyLogArea {
-    pub memory: Arc<MmapRegion>,
-}
+pub use crate::DirtyLogArea;
 
 /// A vhost-user virtio-net device. Dropping it stops the reconnect thread and
 /// closes the connection (the device then stops its rings).
@@ -383,6 +375,14 @@ impl DeviceBackend for VhostUserNet {
 
     fn has_dirty_log(&self) -> bool {
         self.dirty_log
+    }
+
+    fn set_dirty_log(&mut self, log: Option<DirtyLogArea>) -> Result<()> {
+        VhostUserNet::set_dirty_log(self, log)
+    }
+
+    fn set_vring_log_addr(&mut self, queue: usize, addr: Option<u64>) -> Result<()> {
+        VhostUserNet::set_vring_log_addr(self, queue, addr)
     }
 }
 

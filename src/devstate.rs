@@ -1,0 +1,153 @@
+//! The device model as migration state (DESIGN.md "Live migration"):
+//! what SET_DEVICE_STATE_FD(SAVE) writes and CHECK_DEVICE_STATE after a LOAD
+//! applies. Canonical form: guest indexes and features only, never host
+//! addresses.
+
+use crate::device::{Device, F_PROTOCOL_FEATURES};
+use crate::migration::control::F_LOG_ALL;
+use crate::migration::state::Failure;
+use crate::migration::stream::{
+    DeviceState, Features, Limits, NicState, RelayMode, RxMode, VlanFilter, VringState,
+};
+
+/// virtio_net_config offsets.
+const CFG_MAC: u32 = 0;
+const CFG_MTU: u32 = 10;
+
+impl Device {
+    /// What a LOAD into this device may contain.
+    pub(crate) fn state_limits(&self, protocol_offered: u64) -> Limits {
+        Limits {
+            queue_count: self.num_queues() as u16,
+            max_queue_size: self.max_queue_size,
+            features: self.offered_features(),
+            protocol_features: protocol_offered,
+        }
+    }
+
+    fn read_mac_mtu(&self) -> ([u8; 6], u16) {
+        let mut mac = [0u8; 6];
+        let mut mtu = [0u8; 2];
+        let size = self.backend.config_size() as u32;
+        if size >= CFG_MAC + 6 {
+            let _ = self.backend.get_config(CFG_MAC, &mut mac);
+        }
+        if size >= CFG_MTU + 2 {
+            let _ = self.backend.get_config(CFG_MTU, &mut mtu);
+        }
+        (mac, u16::from_le_bytes(mtu))
+    }
+
+    /// The state to save. Runs with every ring stopped (the state machine
+    /// allows SAVING from STOPPED only), so `base`/`used_base`/`in_flight`
+    /// are where the destination continues.
+    pub(crate) fn snapshot_state(&self) -> Result<DeviceState, String> {
+        if self.is_started() {
+            return Err("rings are still running (GET_VRING_BASE first)".into());
+        }
+        let (mac, mtu) = self.read_mac_mtu();
+        Ok(DeviceState {
+            features: Features {
+                virtio: self.acked_features.unwrap_or(0),
+                protocol: self.protocol_features,
+            },
+            mode: if self.shadow {
+                RelayMode::Shadow
+            } else {
+                RelayMode::Passthrough
+            },
+            nic: NicState {
+                mac,
+                mtu,
+                queue_pairs: self.queue_pairs as u16,
+                // The control queue is not relayed yet: the defaults a
+                // freshly reset virtio-net device has.
+                rx_mode: RxMode::default(),
+                vlans: VlanFilter::default(),
+            },
+            vrings: self
+                .vrings
+                .iter()
+                .map(|v| VringState {
+                    size: v.num,
+                    next_avail: v.base,
+                    used_idx: v.used_base,
+                    enabled: v.enabled,
+                    in_flight: v.in_flight.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+        })
+    }
+
+    /// Apply a loaded, validated state. Everything that could make it fail
+    /// is checked first: a refusal leaves the device exactly as it was.
+    pub(crate) fn apply_state(&mut self, st: DeviceState) -> Result<(), (Failure, String)> {
+        let refuse = |why: String| Err((Failure::Recoverable, why));
+        if self.is_started() {
+            return refuse("rings are running on the destination".into());
+        }
+        // LOG_ALL and the vhost-user bit describe the source's session, not
+        // the device.
+        let vhost_bits = F_LOG_ALL | F_PROTOCOL_FEATURES;
+        if let Some(acked) = self.acked_features {
+            if acked & !vhost_bits != st.features.virtio & !vhost_bits {
+                return refuse(format!(
+                    "negotiated features {:#x} differ from the saved {:#x}",
+                    acked & !vhost_bits,
+                    st.features.virtio & !vhost_bits
+                ));
+            }
+        }
+        if st.vrings.len() != self.num_queues() {
+            return refuse(format!(
+                "{} vring records for {} queues",
+                st.vrings.len(),
+                self.num_queues()
+            ));
+        }
+        for (q, (v, s)) in self.vrings.iter().zip(&st.vrings).enumerate() {
+            if v.num != 0 && s.size != 0 && v.num != s.size {
+                return refuse(format!(
+                    "queue {q}: saved size {} but SET_VRING_NUM gave {}",
+                    s.size, v.num
+                ));
+            }
+        }
+        let (mac, mtu) = self.read_mac_mtu();
+        if st.nic.mtu != mtu {
+            return refuse(format!("saved MTU {} but the device has {mtu}", st.nic.mtu));
+        }
+        if usize::from(st.nic.queue_pairs) > self.queue_pairs {
+            return refuse(format!(
+                "saved {} queue pairs but the device has {}",
+                st.nic.queue_pairs, self.queue_pairs
+            ));
+        }
+        if st.nic.mac != mac {
+            self.backend
+                .set_config(CFG_MAC, &st.nic.mac)
+                .map_err(|e| (Failure::Recoverable, format!("setting the saved MAC: {e}")))?;
+        }
+        for (q, s) in st.vrings.iter().enumerate() {
+            let v = &mut self.vrings[q];
+            if s.size != 0 && v.num == 0 {
+                v.num = s.size;
+            }
+            v.base = s.next_avail;
+            v.used_base = s.used_idx;
+            v.in_flight = s.in_flight.clone();
+            self.stats[q].set_indexes(s.next_avail, s.used_idx);
+        }
+        // Under --shadow auto the mode follows this side's dirty logging;
+        // otherwise the destination continues in the source's mode.
+        let shadow = st.mode == RelayMode::Shadow;
+        if !self.auto_shadow && self.shadow != shadow {
+            self.shadow = shadow;
+            self.mode_events.push(shadow);
+        }
+        log::info!(target: crate::device::LOG, "{}: device state loaded ({} queues)",
+            self.name, st.vrings.len());
+        Ok(())
+    }
+}
