@@ -10,14 +10,15 @@
 //! bounds-checked reference per access, which dominated the cost of relaying
 //! a descriptor.
 
-use std::marker::PhantomData;
+use std::cell::Cell;
 use std::sync::atomic::{fence, AtomicU16, AtomicU32, Ordering};
 
 use virtio_bindings::bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, VolatileMemory,
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    VolatileMemory,
 };
 
 use crate::shadow_ring::need_event;
@@ -45,10 +46,39 @@ pub(crate) struct RingView<'m> {
     avail: *mut u8,
     used: *mut u8,
     mask: u16,
-    _mem: PhantomData<&'m GuestMemoryMmap>,
+    mem: &'m GuestMemoryMmap,
+    /// The region the last buffer was found in: buffers of one call are
+    /// usually in the same region, and checking it is cheaper than a lookup.
+    hint: Cell<Option<&'m GuestRegionMmap>>,
 }
 
-impl RingView<'_> {
+impl<'m> RingView<'m> {
+    /// Is `[addr, addr + len)` guest memory? Empty ranges are never
+    /// accessed and always pass; a range over several adjacent regions takes
+    /// the general path.
+    #[inline]
+    fn contains(&self, addr: u64, len: u32) -> bool {
+        if len == 0 {
+            return true;
+        }
+        let Some(last) = addr.checked_add(len as u64 - 1) else {
+            return false;
+        };
+        if let Some(r) = self.hint.get() {
+            if addr >= r.start_addr().0 && last <= r.last_addr().0 {
+                return true;
+            }
+        }
+        match self.mem.find_region(GuestAddress(addr)) {
+            Some(r) if last <= r.last_addr().0 => {
+                self.hint.set(Some(r));
+                true
+            }
+            Some(_) => self.mem.check_range(GuestAddress(addr), len as usize),
+            None => false,
+        }
+    }
+
     #[inline]
     fn q(&self) -> usize {
         self.mask as usize + 1
@@ -189,12 +219,15 @@ impl GuestSide {
     /// Resolve the three rings; each must lie inside one memory region.
     pub fn view<'m>(&self, mem: &'m GuestMemoryMmap) -> Result<RingView<'m>, SvqError> {
         let q = self.size as usize;
-        // get_slice checks that the whole ring is inside one region; the
-        // alignment check keeps the accessors' atomics and reads aligned
-        // even if a region's host mapping were oddly placed.
+        // The rings normally share a region: look it up once. get_slice
+        // checks that the whole ring is inside one region; the alignment
+        // check keeps the accessors' atomics and reads aligned even if a
+        // region's host mapping were oddly placed.
+        let region = mem.find_region(GuestAddress(self.ring.desc));
         let ptr = |what, addr: u64, len: usize, align: usize| {
-            mem.get_slice(GuestAddress(addr), len)
-                .ok()
+            region
+                .and_then(|r| r.get_slice(r.to_region_addr(GuestAddress(addr))?, len).ok())
+                .or_else(|| mem.get_slice(GuestAddress(addr), len).ok())
                 .map(|s| s.ptr_guard_mut().as_ptr())
                 .filter(|p| (*p as usize).is_multiple_of(align))
                 .ok_or(SvqError::GuestRingAccess { what, addr })
@@ -206,7 +239,8 @@ impl GuestSide {
             used: ptr("used ring", self.ring.used, 6 + 8 * q, 4)?,
             // size is a power of two (checked in new).
             mask: self.size - 1,
-            _mem: PhantomData,
+            mem,
+            hint: Cell::new(region),
         })
     }
 
@@ -282,13 +316,13 @@ impl GuestSide {
             // idx < size: the head was checked, and so is every next.
             let desc = v.desc(idx);
             if desc.refers_to_indirect_table() {
-                self.walk_indirect(mem, head, &desc, out, &mut count, &mut seen_write)?;
+                self.walk_indirect(mem, v, head, &desc, out, &mut count, &mut seen_write)?;
             } else {
                 count += 1;
                 if count > max {
                     return Err(SvqError::ChainTooLong { head, max });
                 }
-                push_seg(mem, head, &desc, out, &mut seen_write)?;
+                push_seg(v, head, &desc, out, &mut seen_write)?;
             }
             if !desc.has_next() {
                 return Ok(());
@@ -306,9 +340,11 @@ impl GuestSide {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn walk_indirect(
         &mut self,
         mem: &GuestMemoryMmap,
+        v: &RingView,
         head: u16,
         desc: &Descriptor,
         out: &mut Vec<GuestSeg>,
@@ -328,7 +364,7 @@ impl GuestSide {
         if entries > max {
             return Err(SvqError::IndirectTooLong { head, entries, max });
         }
-        if !in_memory(mem, table, len) {
+        if !v.contains(table, len) {
             return Err(SvqError::IndirectOutsideMemory {
                 head,
                 addr: table,
@@ -364,7 +400,7 @@ impl GuestSide {
             if *count > max {
                 return Err(SvqError::ChainTooLong { head, max });
             }
-            push_seg(mem, head, &d, out, seen_write)?;
+            push_seg(v, head, &d, out, seen_write)?;
             if !d.has_next() {
                 return Ok(());
             }
@@ -445,8 +481,9 @@ impl GuestSide {
     }
 }
 
+#[inline(always)]
 fn push_seg(
-    mem: &GuestMemoryMmap,
+    v: &RingView,
     head: u16,
     d: &Descriptor,
     out: &mut Vec<GuestSeg>,
@@ -454,7 +491,7 @@ fn push_seg(
 ) -> Result<(), SvqError> {
     let addr = d.addr().0;
     let len = d.len();
-    if !in_memory(mem, addr, len) {
+    if !v.contains(addr, len) {
         return Err(SvqError::DescOutsideMemory { head, addr, len });
     }
     let write = d.is_write_only();
@@ -464,21 +501,4 @@ fn push_seg(
     *seen_write |= write;
     out.push(GuestSeg { addr, len, write });
     Ok(())
-}
-
-/// Is `[addr, addr + len)` guest memory? One region lookup in the common
-/// case; a range over several adjacent regions takes the general path.
-/// Empty ranges are never accessed and always pass.
-fn in_memory(mem: &GuestMemoryMmap, addr: u64, len: u32) -> bool {
-    if len == 0 {
-        return true;
-    }
-    let Some(last) = addr.checked_add(len as u64 - 1) else {
-        return false;
-    };
-    match mem.find_region(GuestAddress(addr)) {
-        Some(r) if last <= r.last_addr().0 => true,
-        Some(_) => mem.check_range(GuestAddress(addr), len as usize),
-        None => false,
-    }
 }
