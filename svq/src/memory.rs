@@ -139,6 +139,14 @@ impl ShadowMem {
         &self.region
     }
 
+    pub fn base(&self) -> *mut u8 {
+        self.region.as_ptr()
+    }
+
+    pub fn size(&self) -> usize {
+        self.region.size()
+    }
+
     pub fn hva(&self, offset: usize) -> u64 {
         self.region.as_ptr() as u64 + offset as u64
     }

@@ -5,7 +5,7 @@
 //! shadow memory is only written, except the used ring and the device's
 //! notification fields, which are the device's to write.
 
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{fence, AtomicU16, Ordering};
 use std::sync::Arc;
 
 use virtio_bindings::bindings::virtio_ring::{
@@ -57,6 +57,22 @@ impl ShadowRing {
     pub fn new(layout: ShadowLayout, device_event_idx: bool) -> Result<Self, SvqError> {
         let size = layout.shadow_size;
         let mem = ShadowMem::new(layout.total)?;
+        // The descriptor table and avail ring are written through pointers
+        // (`desc_ptr`, `avail_slot`) whose bounds rest on this check.
+        let s = size as usize;
+        let fits = |off: usize, len: usize| off.checked_add(len).is_some_and(|e| e <= mem.size());
+        let aligned = (mem.base() as usize).is_multiple_of(16)
+            && layout.desc.is_multiple_of(16)
+            && layout.avail.is_multiple_of(2);
+        if !size.is_power_of_two()
+            || !aligned
+            || !fits(layout.desc, 16 * s)
+            || !fits(layout.avail, 6 + 2 * s)
+        {
+            return Err(SvqError::ShadowMemory(format!(
+                "bad shadow layout {layout:?}"
+            )));
+        }
         let next = (1..=size).map(|i| if i == size { 0 } else { i }).collect();
         Ok(ShadowRing {
             mem,
@@ -135,40 +151,62 @@ impl ShadowRing {
         f
     }
 
-    fn desc_offset(&self, i: u16) -> usize {
-        self.layout.desc + i as usize * 16
+    /// Shadow descriptor `i` (masked).
+    #[inline]
+    fn desc_ptr(&self, i: u16) -> *mut Descriptor {
+        let i = (i & self.mask) as usize;
+        // SAFETY: new() checked desc + 16 * size <= mapping size with a
+        // 16-aligned base and offset, and i < size: the result points at a
+        // whole, aligned descriptor inside the mapping `mem` keeps alive.
+        unsafe {
+            self.mem
+                .base()
+                .add(self.layout.desc)
+                .cast::<Descriptor>()
+                .add(i)
+        }
     }
 
-    fn push_avail(&mut self, head: u16) -> Result<(), SvqError> {
+    /// The avail ring slot `slot` (masked).
+    #[inline]
+    fn avail_slot(&self, slot: u16) -> &AtomicU16 {
+        let off = self.layout.avail + 4 + 2 * (slot & self.mask) as usize;
+        // SAFETY: new() checked avail + 6 + 2 * size <= mapping size with an
+        // even offset from an aligned base; slot < size after the mask. The
+        // device reads the slots concurrently, hence an atomic.
+        unsafe { AtomicU16::from_ptr(self.mem.base().add(off).cast()) }
+    }
+
+    #[inline]
+    fn push_avail(&mut self, head: u16) {
         let slot = self.avail_idx & self.mask;
         self.avail_slots[slot as usize] = head;
-        self.mem.store_u16(
-            self.layout.avail + 4 + 2 * slot as usize,
-            u16::to_le(head),
-            Ordering::Relaxed,
-        )?;
+        self.avail_slot(slot)
+            .store(u16::to_le(head), Ordering::Relaxed);
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        Ok(())
     }
 
     /// Write a chain into free descriptors; the caller checked `num_free`.
-    pub fn add_direct(&mut self, segs: &[ShadowSeg]) -> Result<u16, SvqError> {
+    pub fn add_direct(&mut self, segs: &[ShadowSeg]) -> u16 {
         debug_assert!(!segs.is_empty() && segs.len() <= self.num_free as usize);
         let head = self.free_head;
         let mut cur = head;
+        let n = segs.len();
         for (i, seg) in segs.iter().enumerate() {
-            let last = i + 1 == segs.len();
-            let next = self.next[cur as usize];
+            let last = i + 1 == n;
+            let next = self.next[(cur & self.mask) as usize];
             let d = Descriptor::new(seg.iova, seg.len, Self::flags(seg, !last), next);
-            self.mem.write_obj(self.desc_offset(cur), d)?;
+            // SAFETY: desc_ptr points at a whole descriptor in the mapping;
+            // the device only reads it, as vm-memory's VolatileRef::store.
+            unsafe { self.desc_ptr(cur).write_volatile(d) };
             if !last {
                 cur = next;
             }
         }
-        self.free_head = self.next[cur as usize];
-        self.num_free -= segs.len() as u16;
-        self.push_avail(head)?;
-        Ok(head)
+        self.free_head = self.next[(cur & self.mask) as usize];
+        self.num_free -= n as u16;
+        self.push_avail(head);
+        head
     }
 
     /// Write a chain into an indirect table at `table_iova` and one shadow
@@ -195,10 +233,11 @@ impl ShadowRing {
             VRING_DESC_F_INDIRECT as u16,
             0,
         );
-        self.mem.write_obj(self.desc_offset(head), d)?;
+        // SAFETY: as in add_direct.
+        unsafe { self.desc_ptr(head).write_volatile(d) };
         self.free_head = self.next[head as usize];
         self.num_free -= 1;
-        self.push_avail(head)?;
+        self.push_avail(head);
         Ok(head)
     }
 

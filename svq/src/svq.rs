@@ -477,7 +477,7 @@ impl ShadowVirtqueue {
                 return Ok(false);
             }
             let avail_pos = self.shadow.avail_idx();
-            let head = self.shadow.add_direct(&self.cur.segs)?;
+            let head = self.shadow.add_direct(&self.cur.segs);
             self.inflight
                 .insert(head, &mut self.cur, n as u16, None, avail_pos);
             return Ok(true);
