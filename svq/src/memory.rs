@@ -13,7 +13,7 @@
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
-use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 
 use vm_memory::{ByteValued, FileOffset, MmapRegion};
@@ -201,12 +201,5 @@ impl ShadowMem {
         let p = self.at::<u16>(offset)?;
         // SAFETY: as in `store_u16`.
         Ok(unsafe { AtomicU16::from_ptr(p) }.load(order))
-    }
-
-    #[inline]
-    pub fn load_u32(&self, offset: usize, order: Ordering) -> Result<u32, SvqError> {
-        let p = self.at::<u32>(offset)?;
-        // SAFETY: as in `store_u16`.
-        Ok(unsafe { AtomicU32::from_ptr(p) }.load(order))
     }
 }

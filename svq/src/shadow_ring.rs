@@ -5,7 +5,7 @@
 //! shadow memory is only written, except the used ring and the device's
 //! notification fields, which are the device's to write.
 
-use std::sync::atomic::{fence, AtomicU16, Ordering};
+use std::sync::atomic::{fence, AtomicU16, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use virtio_bindings::bindings::virtio_ring::{
@@ -57,8 +57,9 @@ impl ShadowRing {
     pub fn new(layout: ShadowLayout, device_event_idx: bool) -> Result<Self, SvqError> {
         let size = layout.shadow_size;
         let mem = ShadowMem::new(layout.total)?;
-        // The descriptor table and avail ring are written through pointers
-        // (`desc_ptr`, `avail_slot`) whose bounds rest on this check.
+        // The descriptor table, avail ring and used entries are accessed
+        // through pointers (`desc_ptr`, `avail_slot`, `pop_used`) whose
+        // bounds rest on this check.
         let s = size as usize;
         let fits = |off: usize, len: usize| off.checked_add(len).is_some_and(|e| e <= mem.size());
         let aligned = (mem.base() as usize).is_multiple_of(16)
@@ -68,6 +69,8 @@ impl ShadowRing {
             || !aligned
             || !fits(layout.desc, 16 * s)
             || !fits(layout.avail, 6 + 2 * s)
+            || !fits(layout.used, 6 + 8 * s)
+            || !layout.used.is_multiple_of(4)
         {
             return Err(SvqError::ShadowMemory(format!(
                 "bad shadow layout {layout:?}"
@@ -296,14 +299,22 @@ impl ShadowRing {
     }
 
     /// Read the used entry at `last_used` and advance past it.
-    pub fn pop_used(&mut self) -> Result<(u32, u32), SvqError> {
+    pub fn pop_used(&mut self) -> (u32, u32) {
         let off = self.layout.used + 4 + 8 * (self.last_used & self.mask) as usize;
+        // SAFETY: new() checked used + 6 + 8 * size <= mapping size with a
+        // 4-aligned offset from an aligned base, and the slot is masked, so
+        // both u32s are inside the mapping and aligned. The device writes
+        // them concurrently, hence atomics.
+        let (id, len) = unsafe {
+            let p = self.mem.base().add(off).cast::<u32>();
+            (AtomicU32::from_ptr(p), AtomicU32::from_ptr(p.add(1)))
+        };
         // Relaxed: the Acquire load of used idx that covered this entry
         // orders these reads after the device's writes.
-        let id = u32::from_le(self.mem.load_u32(off, Ordering::Relaxed)?);
-        let len = u32::from_le(self.mem.load_u32(off + 4, Ordering::Relaxed)?);
+        let id = u32::from_le(id.load(Ordering::Relaxed));
+        let len = u32::from_le(len.load(Ordering::Relaxed));
         self.last_used = self.last_used.wrapping_add(1);
-        Ok((id, len))
+        (id, len)
     }
 
     /// Ask for an interrupt at the next used entry (EVENT_IDX only; without

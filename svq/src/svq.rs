@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use iova::{AddrSpace, IovaTree, Segment};
+use iova::{AddrSpace, IovaTree, Mapping, Segment};
 use vm_memory::{GuestMemoryMmap, MmapRegion};
 
 use crate::guest::{GuestSeg, GuestSide, RingView};
@@ -40,6 +40,10 @@ pub struct ShadowVirtqueue {
     // Scratch buffers reused across chains.
     guest_segs: Vec<GuestSeg>,
     iova_segs: Vec<Segment>,
+    /// The guest mapping the last buffer translated through, valid for one
+    /// handler call only (the tree is borrowed immutably for the call, and
+    /// may change between calls): reset by `relay`.
+    last_map: Option<Mapping>,
     /// The chain being popped and placed. Placing it swaps its vectors with
     /// the in-flight slot's, so no chain is moved or allocated per
     /// descriptor.
@@ -117,6 +121,7 @@ impl ShadowVirtqueue {
             errors: 0,
             guest_segs: Vec::new(),
             iova_segs: Vec::new(),
+            last_map: None,
             cur: Chain::default(),
         })
     }
@@ -279,7 +284,7 @@ impl ShadowVirtqueue {
     }
 
     fn complete_one(&mut self, v: &RingView, log: &dyn DirtyLog) -> Result<(), SvqError> {
-        let (id, len) = self.shadow.pop_used()?;
+        let (id, len) = self.shadow.pop_used();
         let size = self.cfg.shadow_size;
         if id >= size as u32 {
             return Err(SvqError::BadUsedId {
@@ -335,7 +340,9 @@ impl ShadowVirtqueue {
         v: &RingView,
         iova: &IovaTree,
     ) -> Result<bool, SvqError> {
+        self.last_map = None;
         let r = self.relay_inner(mem, v, iova);
+        self.last_map = None;
         // Publish what was placed even when a later chain failed, so the
         // good ones are not held back from the device.
         let kick = self.shadow.publish()?;
@@ -417,6 +424,26 @@ impl ShadowVirtqueue {
             if g.len == 0 {
                 // Nothing for the device to access; leaving it out keeps the
                 // shadow chain free of addresses that may not translate.
+                continue;
+            }
+            // Nearly every buffer lies inside one mapping, usually the one
+            // the previous buffer used: no tree lookup, no segment list.
+            let inside = |m: &Mapping| {
+                g.addr >= m.addr
+                    && g.addr <= m.last_addr()
+                    && m.last_addr() - g.addr >= g.len as u64 - 1
+            };
+            let hit = match self.last_map {
+                Some(m) if inside(&m) => Some(m),
+                _ => iova.find(AddrSpace::Guest, g.addr).copied().filter(inside),
+            };
+            if let Some(m) = hit {
+                self.last_map = Some(m);
+                segs.push(ShadowSeg {
+                    iova: m.iova + (g.addr - m.addr),
+                    len: g.len,
+                    write: g.write,
+                });
                 continue;
             }
             self.iova_segs.clear();
