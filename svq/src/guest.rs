@@ -340,7 +340,11 @@ impl GuestSide {
         }
     }
 
+    // Out of line: indirect chains are rare, and inlined this path made
+    // the direct walk spill most of its registers.
     #[allow(clippy::too_many_arguments)]
+    #[cold]
+    #[inline(never)]
     fn walk_indirect(
         &mut self,
         mem: &GuestMemoryMmap,
