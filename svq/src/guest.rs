@@ -148,6 +148,21 @@ pub(crate) struct GuestSide {
     indirect_stamp: Vec<u32>,
     direct_gen: u32,
     indirect_gen: u32,
+    /// Where the three rings sat at the last `view`: offsets inside the
+    /// region holding the descriptor table, keyed by that region's guest
+    /// start and size. Offsets and bounds depend only on those, so when the
+    /// region found next time has the same key they are still exact, and
+    /// `view` skips three bounds-checked slice lookups.
+    ring_offsets: Cell<Option<RingOffsets>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RingOffsets {
+    region_start: u64,
+    region_size: usize,
+    desc: usize,
+    avail: usize,
+    used: usize,
 }
 
 fn bump(gen: &mut u32, stamps: &mut [u32]) {
@@ -213,6 +228,7 @@ impl GuestSide {
             indirect_stamp: vec![0; size as usize],
             direct_gen: 0,
             indirect_gen: 0,
+            ring_offsets: Cell::new(None),
         })
     }
 
@@ -224,6 +240,30 @@ impl GuestSide {
         // check keeps the accessors' atomics and reads aligned even if a
         // region's host mapping were oddly placed.
         let region = mem.find_region(GuestAddress(self.ring.desc));
+        let desc_align = std::mem::align_of::<Descriptor>();
+        if let Some(r) = region {
+            if let Some(o) = self.ring_offsets_in(r.start_addr().0, r.size()) {
+                let base = r.as_ptr();
+                // SAFETY: ring_offsets_in checked each offset plus its ring
+                // length against this region's size, so each pointer is
+                // inside the mapping, which `mem` keeps for 'm.
+                let (desc, avail, used) =
+                    unsafe { (base.add(o.desc), base.add(o.avail), base.add(o.used)) };
+                let aligned = (desc as usize).is_multiple_of(desc_align)
+                    && (avail as usize).is_multiple_of(2)
+                    && (used as usize).is_multiple_of(4);
+                if aligned {
+                    return Ok(RingView {
+                        desc: desc.cast(),
+                        avail,
+                        used,
+                        mask: self.size - 1,
+                        mem,
+                        hint: Cell::new(region),
+                    });
+                }
+            }
+        }
         let ptr = |what, addr: u64, len: usize, align: usize| {
             region
                 .and_then(|r| r.get_slice(r.to_region_addr(GuestAddress(addr))?, len).ok())
@@ -232,7 +272,6 @@ impl GuestSide {
                 .filter(|p| (*p as usize).is_multiple_of(align))
                 .ok_or(SvqError::GuestRingAccess { what, addr })
         };
-        let desc_align = std::mem::align_of::<Descriptor>();
         Ok(RingView {
             avail: ptr("avail ring", self.ring.avail, 6 + 2 * q, 2)?,
             desc: ptr("descriptor table", self.ring.desc, 16 * q, desc_align)?.cast(),
@@ -242,6 +281,31 @@ impl GuestSide {
             mem,
             hint: Cell::new(region),
         })
+    }
+
+    /// Offsets of the rings in the region `[start, start + size)` holding
+    /// the descriptor table, if all three rings lie inside it; cached by
+    /// region start and size.
+    fn ring_offsets_in(&self, start: u64, size: usize) -> Option<RingOffsets> {
+        if let Some(o) = self.ring_offsets.get() {
+            if o.region_start == start && o.region_size == size {
+                return Some(o);
+            }
+        }
+        let q = self.size as usize;
+        let off = |addr: u64, len: usize| {
+            let o = usize::try_from(addr.checked_sub(start)?).ok()?;
+            (o.checked_add(len)? <= size).then_some(o)
+        };
+        let o = RingOffsets {
+            region_start: start,
+            region_size: size,
+            desc: off(self.ring.desc, 16 * q)?,
+            avail: off(self.ring.avail, 6 + 2 * q)?,
+            used: off(self.ring.used, 6 + 8 * q)?,
+        };
+        self.ring_offsets.set(Some(o));
+        Some(o)
     }
 
     pub fn next_avail(&self) -> u16 {
