@@ -180,6 +180,22 @@ impl ShadowRing {
         unsafe { AtomicU16::from_ptr(self.mem.base().add(off).cast()) }
     }
 
+    /// Write shadow descriptor `i` as two aligned 8-byte stores.
+    #[inline]
+    fn write_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let p = self.desc_ptr(i).cast::<u64>();
+        // len, flags, next in their little-endian layout (virtio 1.x).
+        let tail = len as u64 | (flags as u64) << 32 | (next as u64) << 48;
+        // SAFETY: desc_ptr points at a whole 16-aligned descriptor inside
+        // the mapping, so both u64s are in bounds and aligned. The device
+        // only reads descriptors, and only after the avail idx Release
+        // store; volatile as vm-memory's own VolatileRef::store.
+        unsafe {
+            p.write_volatile(addr.to_le());
+            p.add(1).write_volatile(tail.to_le());
+        }
+    }
+
     #[inline]
     fn push_avail(&mut self, head: u16) {
         let slot = self.avail_idx & self.mask;
@@ -196,17 +212,12 @@ impl ShadowRing {
         let mut cur = head;
         let n = segs.len();
         for (i, seg) in segs.iter().enumerate() {
-            let last = i + 1 == n;
             let next = self.next[(cur & self.mask) as usize];
-            let d = Descriptor::new(seg.iova, seg.len, Self::flags(seg, !last), next);
-            // SAFETY: desc_ptr points at a whole descriptor in the mapping;
-            // the device only reads it, as vm-memory's VolatileRef::store.
-            unsafe { self.desc_ptr(cur).write_volatile(d) };
-            if !last {
-                cur = next;
-            }
+            self.write_desc(cur, seg.iova, seg.len, Self::flags(seg, i + 1 < n), next);
+            cur = next;
         }
-        self.free_head = self.next[(cur & self.mask) as usize];
+        // cur is now the free-list successor of the chain's last descriptor.
+        self.free_head = cur;
         self.num_free -= n as u16;
         self.push_avail(head);
         head
@@ -230,14 +241,13 @@ impl ShadowRing {
         }
         self.free_tables.retain(|&t| t != table);
         let head = self.free_head;
-        let d = Descriptor::new(
+        self.write_desc(
+            head,
             table_iova,
             (segs.len() * 16) as u32,
             VRING_DESC_F_INDIRECT as u16,
             0,
         );
-        // SAFETY: as in add_direct.
-        unsafe { self.desc_ptr(head).write_volatile(d) };
         self.free_head = self.next[head as usize];
         self.num_free -= 1;
         self.push_avail(head);
