@@ -207,6 +207,8 @@ pub struct Device {
     pub(crate) mode_events: Vec<bool>,
     /// Shadow-ring memory of all queues, mapped once (see arena.rs).
     pub(crate) shadow_arena: Option<crate::arena::ShadowArena>,
+    /// MAC and queue pairs the VMM negotiated, for backends with a CVQ.
+    pub(crate) net_ctrl: crate::netctrl::NetCtrl,
 }
 
 impl Device {
@@ -258,6 +260,7 @@ impl Device {
             log_area: None,
             mode_events: Vec::new(),
             shadow_arena: None,
+            net_ctrl: Default::default(),
         })
     }
 
@@ -389,7 +392,9 @@ impl Device {
                 max,
             });
         }
-        Ok(self.backend.set_config(offset, data)?)
+        self.backend.set_config(offset, data)?;
+        self.net_ctrl_config_written(offset, data);
+        Ok(())
     }
 
     // --- guest memory -------------------------------------------------------

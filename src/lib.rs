@@ -11,6 +11,7 @@ mod devstate;
 mod dirty;
 pub mod memory;
 pub mod migration;
+mod netctrl;
 pub mod qmp;
 mod ring;
 pub mod server;

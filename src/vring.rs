@@ -137,6 +137,7 @@ impl Device {
     pub fn set_vring_enable(&mut self, index: u32, enable: bool) -> Result<()> {
         let q = self.check_queue(index.into())?;
         self.vrings[q].enabled = enable;
+        self.sync_net_ctrl();
         if enable {
             self.try_start(q)
         } else {

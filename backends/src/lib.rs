@@ -192,4 +192,14 @@ pub trait DeviceBackend: Send {
     fn set_vring_log_addr(&mut self, _queue: usize, _addr: Option<u64>) -> Result<()> {
         Err(BackendError::Unsupported("dirty logging by the device"))
     }
+
+    /// Program the receive-side state the VMM's driver negotiated (MAC,
+    /// active queue pairs, RX mode) into a device whose control queue the
+    /// daemon drives (vDPA). Devices that take it from the rings and config
+    /// space alone (the software NIC, a vhost-user device) do not need it.
+    fn apply_net_ctrl(&mut self, _state: &vdpa::NetCtrlState) -> Result<()> {
+        Err(BackendError::Unsupported(
+            "programming the NIC control state",
+        ))
+    }
 }

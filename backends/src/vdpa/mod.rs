@@ -1071,6 +1071,10 @@ impl DeviceBackend for VdpaNet {
         self.suspended = false;
         Ok(())
     }
+
+    fn apply_net_ctrl(&mut self, state: &NetCtrlState) -> Result<()> {
+        self.apply_net_state(state)
+    }
 }
 
 #[cfg(test)]
