@@ -31,6 +31,32 @@ pub(crate) fn need_event(event: u16, new: u16, old: u16) -> bool {
     new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
 }
 
+/// The descriptor table, avail ring and used entries are accessed through
+/// pointers (`desc_ptr`, `avail_slot`, `pop_used`) whose bounds and
+/// alignment rest on this check of every memory the ring is given.
+fn check_layout(mem: &ShadowMem, layout: &ShadowLayout) -> Result<(), SvqError> {
+    let size = layout.shadow_size;
+    let s = size as usize;
+    let fits = |off: usize, len: usize| off.checked_add(len).is_some_and(|e| e <= mem.size());
+    let aligned = (mem.base() as usize).is_multiple_of(16)
+        && layout.desc.is_multiple_of(16)
+        && layout.avail.is_multiple_of(2)
+        && layout.used.is_multiple_of(4);
+    if !size.is_power_of_two()
+        || !aligned
+        || !fits(layout.desc, 16 * s)
+        || !fits(layout.avail, 6 + 2 * s)
+        || !fits(layout.used, 6 + 8 * s)
+    {
+        return Err(SvqError::ShadowMemory(format!(
+            "bad shadow layout {layout:?} for {:#x} bytes at {:p}",
+            mem.size(),
+            mem.base()
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) struct ShadowRing {
     mem: ShadowMem,
     layout: ShadowLayout,
@@ -57,25 +83,7 @@ impl ShadowRing {
     pub fn new(layout: ShadowLayout, device_event_idx: bool) -> Result<Self, SvqError> {
         let size = layout.shadow_size;
         let mem = ShadowMem::new(layout.total)?;
-        // The descriptor table, avail ring and used entries are accessed
-        // through pointers (`desc_ptr`, `avail_slot`, `pop_used`) whose
-        // bounds rest on this check.
-        let s = size as usize;
-        let fits = |off: usize, len: usize| off.checked_add(len).is_some_and(|e| e <= mem.size());
-        let aligned = (mem.base() as usize).is_multiple_of(16)
-            && layout.desc.is_multiple_of(16)
-            && layout.avail.is_multiple_of(2);
-        if !size.is_power_of_two()
-            || !aligned
-            || !fits(layout.desc, 16 * s)
-            || !fits(layout.avail, 6 + 2 * s)
-            || !fits(layout.used, 6 + 8 * s)
-            || !layout.used.is_multiple_of(4)
-        {
-            return Err(SvqError::ShadowMemory(format!(
-                "bad shadow layout {layout:?}"
-            )));
-        }
+        check_layout(&mem, &layout)?;
         let next = (1..=size).map(|i| if i == size { 0 } else { i }).collect();
         Ok(ShadowRing {
             mem,
@@ -99,8 +107,10 @@ impl ShadowRing {
     }
 
     /// Moves a ring nothing has been written to yet onto other memory.
-    pub fn use_memory(&mut self, mem: ShadowMem) {
+    pub fn use_memory(&mut self, mem: ShadowMem) -> Result<(), SvqError> {
+        check_layout(&mem, &self.layout)?;
         self.mem = mem;
+        Ok(())
     }
 
     pub fn layout(&self) -> &ShadowLayout {

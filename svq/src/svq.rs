@@ -96,7 +96,7 @@ impl ShadowVirtqueue {
         let layout = ShadowLayout::new(s, cfg.queue_size, device_indirect);
         let mut shadow = ShadowRing::new(layout, device_event_idx)?;
         if let Some(m) = memory {
-            shadow.use_memory(ShadowMem::from_region(m, layout.total)?);
+            shadow.use_memory(ShadowMem::from_region(m, layout.total)?)?;
         }
         log::debug!(
             target: LOG,
