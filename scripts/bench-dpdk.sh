@@ -33,7 +33,12 @@ WORK=$(mktemp -d /tmp/svq-bench.XXXXXX)
 PIDS=()
 PREFIXES=()
 cleanup() {
-    for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill -KILL "$p" 2>/dev/null || true; done
+    # testpmd runs under `timeout`: kill the child first, or it outlives it.
+    for p in "${PIDS[@]:-}"; do
+        [ -n "$p" ] || continue
+        pkill -KILL -P "$p" 2>/dev/null || true
+        kill -KILL "$p" 2>/dev/null || true
+    done
     for p in "${PREFIXES[@]:-}"; do [ -n "$p" ] && rm -rf "/var/run/dpdk/$p"; done
     rm -rf "$WORK"
 }
@@ -54,6 +59,7 @@ stop() { # PID (SIGINT, bounded wait, then KILL)
     local i
     kill -INT "$1" 2>/dev/null || return 0
     for ((i = 0; i < 100; i++)); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
+    pkill -KILL -P "$1" 2>/dev/null || true
     kill -KILL "$1" 2>/dev/null || true
     wait "$1" 2>/dev/null || true
 }

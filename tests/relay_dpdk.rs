@@ -24,6 +24,7 @@
 mod common;
 
 use std::fs::File;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -123,7 +124,11 @@ impl Pmd {
         let log = dir.join(format!("{prefix}.log"));
         let out = File::create(&log).unwrap();
         let q = pairs.to_string();
+        // `timeout` bounds a testpmd the test never stops; its own process
+        // group lets Drop kill testpmd with it (killing `timeout` alone
+        // would leave testpmd running).
         let mut cmd = Command::new("timeout");
+        cmd.process_group(0);
         cmd.args(["-s", "KILL", "120", TESTPMD])
             .args(["--lcores", lcores, "--no-huge", "-m", "256", "--no-pci"])
             .args(["--file-prefix", &prefix, "--vdev", vdev, "--"])
@@ -199,6 +204,7 @@ impl Pmd {
         };
         signal(child.id(), libc::SIGINT);
         if wait_timeout(&mut child, PEER_TIMEOUT).is_none() {
+            signal_group(child.id(), libc::SIGKILL);
             let _ = child.kill();
             let _ = child.wait();
             panic!(
@@ -223,6 +229,8 @@ impl Pmd {
 impl Drop for Pmd {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            // The whole group: `timeout` and testpmd.
+            signal_group(c.id(), libc::SIGKILL);
             let _ = c.kill();
             let _ = c.wait();
             if std::thread::panicking() {
@@ -230,6 +238,16 @@ impl Drop for Pmd {
             }
         }
         let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{}", self.prefix));
+    }
+}
+
+/// Sends `sig` to the process group `pgid` (a child spawned as the leader
+/// of its own group).
+fn signal_group(pgid: u32, sig: libc::c_int) {
+    if let Ok(pgid) = libc::pid_t::try_from(pgid) {
+        // SAFETY: kill takes no pointers; a negative pid names the group our
+        // unreaped child leads, so it cannot have been reused.
+        unsafe { libc::kill(-pgid, sig) };
     }
 }
 
