@@ -433,14 +433,19 @@ impl ShadowVirtqueue {
                     && g.addr <= m.last_addr()
                     && m.last_addr() - g.addr >= g.len as u64 - 1
             };
-            let hit = match self.last_map {
-                Some(m) if inside(&m) => Some(m),
-                _ => iova.find(AddrSpace::Guest, g.addr).copied().filter(inside),
+            let hit = match &self.last_map {
+                Some(m) if inside(m) => Some(m.iova + (g.addr - m.addr)),
+                _ => match iova.find(AddrSpace::Guest, g.addr).filter(|m| inside(m)) {
+                    Some(m) => {
+                        self.last_map = Some(*m);
+                        Some(m.iova + (g.addr - m.addr))
+                    }
+                    None => None,
+                },
             };
-            if let Some(m) = hit {
-                self.last_map = Some(m);
+            if let Some(at) = hit {
                 segs.push(ShadowSeg {
-                    iova: m.iova + (g.addr - m.addr),
+                    iova: at,
                     len: g.len,
                     write: g.write,
                 });
