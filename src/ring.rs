@@ -12,7 +12,14 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{Device, DeviceError, Result, Running, ShadowRes, LOG};
 use crate::migration::state::MigState;
-use crate::worker::Attach;
+use crate::worker::{Attach, PendingReply};
+
+/// A shadowed queue handed to its worker, answer pending.
+pub(crate) struct ShadowStart {
+    res: ShadowRes,
+    pending: PendingReply,
+    idx: RingIndexes,
+}
 
 /// Byte sizes of the three parts of a split ring of `num` entries (with the
 /// event-index fields).
@@ -157,6 +164,12 @@ impl Device {
     /// An SVQ relays the guest ring; the device gets the shadow ring at base 0
     /// and the daemon's own eventfds.
     pub(crate) fn start_shadow(&mut self, q: usize, idx: RingIndexes) -> Result<()> {
+        let started = self.start_shadow_begin(q, idx)?;
+        self.start_shadow_finish(q, started)
+    }
+
+    /// Everything up to handing the SVQ to the worker (not waited for).
+    pub(crate) fn start_shadow_begin(&mut self, q: usize, idx: RingIndexes) -> Result<ShadowStart> {
         let v = &self.vrings[q];
         let a = v.addrs.ok_or(DeviceError::NoMemTable { queue: q })?;
         let guest_kick = v.kick.clone().ok_or(DeviceError::NotStarted)?;
@@ -194,7 +207,7 @@ impl Device {
         let r = self.program_shadow(q, &svq, shadow_size, &res);
         let r = r.and_then(|()| {
             self.workers[q / 2]
-                .attach(Attach {
+                .attach_begin(Attach {
                     queue: q,
                     svq: Box::new(svq),
                     guest_kick,
@@ -208,6 +221,19 @@ impl Device {
                 .map_err(DeviceError::from)
         });
         match r {
+            Ok(pending) => Ok(ShadowStart { res, pending, idx }),
+            Err(e) => {
+                let _ = self.backend.set_vring_enable(q, false);
+                self.unmap_shadow(&res);
+                Err(e)
+            }
+        }
+    }
+
+    /// Wait until the worker relays the queue.
+    pub(crate) fn start_shadow_finish(&mut self, q: usize, s: ShadowStart) -> Result<()> {
+        let ShadowStart { res, pending, idx } = s;
+        match pending.wait() {
             Ok(()) => {
                 log::debug!(target: LOG, "{}: queue {q} started in shadow at {}/{}", self.name, idx.avail, idx.used);
                 self.vrings[q].running = Running::Shadow(res);
@@ -216,7 +242,7 @@ impl Device {
             Err(e) => {
                 let _ = self.backend.set_vring_enable(q, false);
                 self.unmap_shadow(&res);
-                Err(e)
+                Err(e.into())
             }
         }
     }

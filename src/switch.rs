@@ -9,6 +9,7 @@
 use svq::RingIndexes;
 
 use crate::device::{Device, DeviceError, Result, Running, LOG};
+use crate::ring::ShadowStart;
 
 impl Device {
     /// Put every queue in shadow (`true`) or passthrough mode. Returns whether
@@ -32,16 +33,32 @@ impl Device {
         }
         self.backend.suspend()?;
         let mut first_err = None;
-        for q in to_switch {
-            let r = if enable {
-                self.passthrough_to_shadow(q)
-            } else {
-                self.shadow_to_passthrough(q)
-            };
-            if let Err(e) = r {
-                log::error!(target: LOG, "{}: queue {q}: switching to {}: {e}",
-                    self.name, if enable { "shadow" } else { "passthrough" });
-                first_err.get_or_insert(e);
+        let name = self.name.clone();
+        let mut log_err = |q: usize, e: DeviceError| {
+            log::error!(target: LOG, "{name}: queue {q}: switching to {}: {e}",
+                if enable { "shadow" } else { "passthrough" });
+            first_err.get_or_insert(e);
+        };
+        if enable {
+            // Every queue goes to its worker before the first answer is
+            // awaited: the workers take them over in parallel.
+            let mut started = Vec::with_capacity(to_switch.len());
+            for q in to_switch {
+                match self.passthrough_to_shadow_begin(q) {
+                    Ok(s) => started.push((q, s)),
+                    Err(e) => log_err(q, e),
+                }
+            }
+            for (q, s) in started {
+                if let Err(e) = self.passthrough_to_shadow_finish(q, s) {
+                    log_err(q, e);
+                }
+            }
+        } else {
+            for q in to_switch {
+                if let Err(e) = self.shadow_to_passthrough(q) {
+                    log_err(q, e);
+                }
             }
         }
         if let Err(e) = self.backend.resume() {
@@ -58,7 +75,7 @@ impl Device {
         }
     }
 
-    fn passthrough_to_shadow(&mut self, q: usize) -> Result<()> {
+    fn passthrough_to_shadow_begin(&mut self, q: usize) -> Result<(u16, ShadowStart)> {
         // Suspended: next avail == used idx of the guest ring.
         let base = self.backend.vring_base(q)?;
         self.vrings[q].running = Running::Stopped;
@@ -68,14 +85,27 @@ impl Device {
             avail: base,
             used: base,
         };
-        if let Err(e) = self.start_shadow(q, idx) {
-            // Keep the queue alive in the mode it was in.
-            if let Err(e2) = self.start_passthrough(q, base) {
-                log::error!(target: LOG, "{}: queue {q}: restarting passthrough: {e2}", self.name);
+        match self.start_shadow_begin(q, idx) {
+            Ok(s) => Ok((base, s)),
+            Err(e) => {
+                self.restart_passthrough(q, base);
+                Err(e)
             }
-            return Err(e);
         }
-        Ok(())
+    }
+
+    fn passthrough_to_shadow_finish(&mut self, q: usize, s: (u16, ShadowStart)) -> Result<()> {
+        let (base, s) = s;
+        self.start_shadow_finish(q, s).inspect_err(|_| {
+            self.restart_passthrough(q, base);
+        })
+    }
+
+    /// Keep the queue alive in the mode it was in.
+    fn restart_passthrough(&mut self, q: usize, base: u16) {
+        if let Err(e2) = self.start_passthrough(q, base) {
+            log::error!(target: LOG, "{}: queue {q}: restarting passthrough: {e2}", self.name);
+        }
     }
 
     fn shadow_to_passthrough(&mut self, q: usize) -> Result<()> {

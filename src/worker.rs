@@ -67,6 +67,31 @@ enum Reply {
     Failed(String),
 }
 
+/// A request sent to a worker and not yet answered.
+pub struct PendingReply {
+    pair: usize,
+    rx: Receiver<Reply>,
+}
+
+impl PendingReply {
+    /// Wait (bounded by [`ACK_TIMEOUT`]) for the worker to apply it.
+    pub fn wait(self) -> Result<(), WorkerError> {
+        self.wait_reply().map(|_| ())
+    }
+
+    fn wait_reply(self) -> Result<Reply, WorkerError> {
+        match self.rx.recv_timeout(ACK_TIMEOUT) {
+            Ok(Reply::Failed(why)) => Err(WorkerError::Refused {
+                pair: self.pair,
+                why,
+            }),
+            Ok(r) => Ok(r),
+            Err(RecvTimeoutError::Timeout) => Err(WorkerError::Timeout(self.pair)),
+            Err(RecvTimeoutError::Disconnected) => Err(WorkerError::Gone(self.pair)),
+        }
+    }
+}
+
 /// The control thread's end of a worker.
 pub struct WorkerHandle {
     pair: usize,
@@ -115,6 +140,10 @@ impl WorkerHandle {
     }
 
     fn request(&self, req: Request) -> Result<Reply, WorkerError> {
+        self.send_request(req)?.wait_reply()
+    }
+
+    fn send_request(&self, req: Request) -> Result<PendingReply, WorkerError> {
         let (rtx, rrx) = mpsc::channel();
         self.tx
             .send((req, rtx))
@@ -122,20 +151,23 @@ impl WorkerHandle {
         self.wake
             .write(1)
             .map_err(|_| WorkerError::Gone(self.pair))?;
-        match rrx.recv_timeout(ACK_TIMEOUT) {
-            Ok(Reply::Failed(why)) => Err(WorkerError::Refused {
-                pair: self.pair,
-                why,
-            }),
-            Ok(r) => Ok(r),
-            Err(RecvTimeoutError::Timeout) => Err(WorkerError::Timeout(self.pair)),
-            Err(RecvTimeoutError::Disconnected) => Err(WorkerError::Gone(self.pair)),
-        }
+        Ok(PendingReply {
+            pair: self.pair,
+            rx: rrx,
+        })
     }
 
     /// Hand a queue to the worker; it relays from the moment this returns.
     pub fn attach(&self, a: Attach) -> Result<(), WorkerError> {
-        self.request(Request::Attach(Box::new(a))).map(|_| ())
+        self.attach_begin(a)?.wait()
+    }
+
+    /// `attach` in two steps, so a mode switch hands every queue to its
+    /// worker before waiting for the first answer (the workers apply them
+    /// in parallel; the switch blackout does not add one thread round trip
+    /// per queue).
+    pub fn attach_begin(&self, a: Attach) -> Result<PendingReply, WorkerError> {
+        self.send_request(Request::Attach(Box::new(a)))
     }
 
     /// Take a queue back: the worker stops polling its eventfds and returns
@@ -240,7 +272,21 @@ impl Worker {
                     let _ = reply.send(Reply::Done);
                     return false;
                 }
-                Request::Attach(a) => self.attach(*a),
+                Request::Attach(a) => {
+                    let slot = a.queue % 2;
+                    let r = self.attach(*a);
+                    if matches!(r, Reply::Done) {
+                        // Answer first: looking at the ring is data-path
+                        // work and needs not lengthen a switch blackout.
+                        let _ = reply.send(r);
+                        // The guest may have made buffers available (and
+                        // its kick been consumed by the device) before the
+                        // switch: look at the ring once now.
+                        self.guest_kick(slot);
+                        continue;
+                    }
+                    r
+                }
                 Request::Detach(q) => self.detach(q),
                 Request::Memory(mem, tree) => {
                     for s in self.slots.iter_mut().flatten() {
@@ -283,9 +329,6 @@ impl Worker {
         }
         a.stats.begin_svq();
         self.slots[slot] = Some(Slot { a, broken: false });
-        // The guest may have made buffers available (and its kick been consumed
-        // by the device) before the switch: look at the ring once now.
-        self.guest_kick(slot);
         Reply::Done
     }
 
