@@ -5,6 +5,7 @@
 #   guest: testpmd virtio-user, txonly --txpkts=SIZE   (CPU 1: --lcores 0@1,1@1)
 #   device: testpmd net_vhost, rxonly                    (CPU 0: --lcores 0@0,1@0)
 #   direct:      guest -> device socket
+#   direct-no-in-order: the same with virtio-user in_order=0 (what the relay negotiates)
 #   passthrough: guest -> svq-relay --shadow off --backend vhost-user:DEV -> device
 #   shadow:      guest -> svq-relay --shadow on  --backend vhost-user:DEV -> device
 #
@@ -15,14 +16,18 @@
 # direct at the same packet size.
 #
 # Usage: scripts/bench-dpdk.sh            (env: ROUNDS=3 WINDOW=5 WARMUP=2
-#        SIZES="64 1500" RELAY=target/release/svq-relay)
+#        SIZES="64 1500" MODES="direct direct-no-in-order passthrough shadow"
+#        RELAY=target/release/svq-relay)
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
 WINDOW=${WINDOW:-5}
 WARMUP=${WARMUP:-2}
 SIZES=${SIZES:-"64 1500"}
-MODES="direct passthrough shadow"
+# direct-no-in-order: direct with virtio-user's in_order=0, the feature set
+# the relay negotiates (it never offers IN_ORDER), to tell the cost of the
+# features from the cost of the relay.
+MODES=${MODES:-"direct direct-no-in-order passthrough shadow"}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RELAY=${RELAY:-${CARGO_TARGET_DIR:-$ROOT/target}/release/svq-relay}
 
@@ -91,8 +96,9 @@ one() { # MODE SIZE -> sets RESULT (pps); not in a subshell, so the EXIT trap se
     testpmd "svqb-d-$tag" 0@0,1@0 "net_vhost0,iface=$dev_sock,queues=1" rxonly "$dir/device.log"
     local dev_pid=$LAST_PID
     wait_for "$dir/device.log" "forwards packets on" 30
-    local guest_sock=$dev_sock
-    if [ "$mode" != direct ]; then
+    local guest_sock=$dev_sock vdev_opts=""
+    [ "$mode" = direct-no-in-order ] && vdev_opts=",in_order=0"
+    if [ "${mode#direct}" = "$mode" ]; then
         local shadow=off
         [ "$mode" = shadow ] && shadow=on
         "$RELAY" --socket-path "$vm_sock" --backend "vhost-user:$dev_sock" --shadow "$shadow" \
@@ -103,7 +109,7 @@ one() { # MODE SIZE -> sets RESULT (pps); not in a subshell, so the EXIT trap se
         [ -S "$vm_sock" ] || { echo "bench-dpdk: relay did not start:" >&2; cat "$dir/relay.log" >&2; return 1; }
         guest_sock=$vm_sock
     fi
-    testpmd "svqb-g-$tag" 0@1,1@1 "net_virtio_user0,path=$guest_sock,queues=1" txonly \
+    testpmd "svqb-g-$tag" 0@1,1@1 "net_virtio_user0,path=$guest_sock,queues=1$vdev_opts" txonly \
         "$dir/guest.log" --txpkts="$size"
     local guest_pid=$LAST_PID
     wait_for "$dir/guest.log" "forwards packets on" 30
@@ -133,19 +139,22 @@ for ((r = 1; r <= ROUNDS; r++)); do
             one "$mode" "$size"
             pps=$RESULT
             RESULTS[$mode,$size]="${RESULTS[$mode,$size]:-} $pps"
-            printf "round %d  %5s B  %-11s %12s pps\n" "$r" "$size" "$mode" "$pps" >&2
+            printf "round %d  %5s B  %-18s %12s pps\n" "$r" "$size" "$mode" "$pps" >&2
         done
     done
 done
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else printf "%d\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
-printf "\n| size | mode | pps per round | median pps | vs direct |\n|---|---|---|---|---|\n"
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.0f%%", 100 * a / b; else print "n/a" }'; }
+
+printf "\n| size | mode | pps per round | median pps | vs direct | vs direct-no-in-order |\n|---|---|---|---|---|---|\n"
 for size in $SIZES; do
-    direct=$(echo "${RESULTS[direct,$size]}" | median)
+    direct=$(echo "${RESULTS[direct,$size]:-}" | median)
+    noio=$(echo "${RESULTS[direct-no-in-order,$size]:-}" | median)
     for mode in $MODES; do
         m=$(echo "${RESULTS[$mode,$size]}" | median)
-        ratio=$(awk -v a="$m" -v b="$direct" 'BEGIN { if (b > 0) printf "%.0f%%", 100 * a / b; else print "n/a" }')
-        printf "| %s B | %s | %s | %s | %s |\n" "$size" "$mode" "$(echo ${RESULTS[$mode,$size]} | sed 's/ / \/ /g')" "$m" "$ratio"
+        printf "| %s B | %s | %s | %s | %s | %s |\n" "$size" "$mode" \
+            "$(echo ${RESULTS[$mode,$size]} | sed 's/ / \/ /g')" "$m" "$(ratio "$m" "$direct")" "$(ratio "$m" "$noio")"
     done
 done

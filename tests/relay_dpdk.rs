@@ -98,6 +98,13 @@ impl Pmd {
         p
     }
 
+    /// The device connecting to the daemon (`client=1`; net_vhost retries
+    /// about once a second until the socket exists).
+    fn device_client(dir: &Path, sock: &Path) -> Pmd {
+        let vdev = format!("net_vhost0,iface={},queues=1,client=1", sock.display());
+        Pmd::spawn("device", dir, "0@0,1@0", &vdev, 1, false)
+    }
+
     /// The guest: virtio-user on the daemon's socket, with `--tx-first`.
     fn guest(dir: &Path, sock: &Path, pairs: u16) -> Pmd {
         let vdev = format!("net_virtio_user0,path={},queues={pairs}", sock.display());
@@ -451,4 +458,46 @@ fn relay_dpdk_device_restart() {
         "errors in the daemon log:\n{}",
         d.stderr()
     );
+}
+
+/// `--backend vhost-user-server:PATH`: the daemon listens and the device
+/// (net_vhost `client=1`, like an OVS-DPDK `dpdkvhostuserclient` port)
+/// connects; the daemon serves the VMM once the device is there.
+#[test]
+fn relay_dpdk_device_connects_to_the_daemon() {
+    require_testpmd!();
+    let _g = serial();
+    let dir = tempdir();
+    let dev_sock = dir.path().join("dev.sock");
+    let work = tempdir();
+    let args: Vec<String> = [
+        "--socket-path",
+        &work.path().join("vu.sock").display().to_string(),
+        "--qmp",
+        &work.path().join("qmp.sock").display().to_string(),
+        "--backend",
+        &format!("vhost-user-server:{}", dev_sock.display()),
+        "--shadow",
+        "on",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let d = Daemon::spawn_custom(work, &args);
+    let mut device = Pmd::device_client(dir.path(), &dev_sock);
+    // The daemon opens its VMM socket only once the device is connected.
+    d.wait_ready(true);
+    // testpmd drops what its queues hold when forwarding starts: the guest's
+    // burst must come after that.
+    device.wait_log("forwards packets on");
+    let mut guest = Pmd::guest(dir.path(), &d.socket, 1);
+    device.wait_traffic(Counts::default(), 2000, "device connected to the daemon");
+    let g = guest.stop();
+    let mut qmp = Qmp::connect_ready(&d.qmp);
+    let dev = qmp.query("net0");
+    let dv = device.stop();
+    check_ends(g, dv, 1);
+    let r = relayed(&dev);
+    close("relay TX vs guest TX", r.tx, g.tx, SLACK);
+    close("relay RX vs guest RX", r.rx, g.rx, SLACK);
 }
