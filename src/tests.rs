@@ -8,7 +8,7 @@ use backends::{BackendError, DeviceBackend, DmaRegion, IovaRange, VringAddrs};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::device::{Device, DeviceError, F_PROTOCOL_FEATURES, RELAY_FEATURES};
+use crate::device::{Device, DeviceError, Running, F_PROTOCOL_FEATURES, RELAY_FEATURES};
 use crate::memory::tests::region;
 use crate::migration::control::F_LOG_ALL;
 
@@ -26,6 +26,8 @@ enum Op {
     Enable(usize, bool),
     Suspend,
     Resume,
+    DirtyLog(bool),
+    LogAddr(usize, Option<u64>),
 }
 
 #[derive(Default)]
@@ -35,6 +37,8 @@ struct FakeState {
     /// move it to simulate device progress).
     bases: [u16; 4],
     status: u8,
+    /// The device logs dirty pages itself.
+    logs: bool,
 }
 
 #[derive(Clone, Default)]
@@ -144,6 +148,17 @@ impl DeviceBackend for Fake {
     }
     fn resume(&mut self) -> backends::Result<()> {
         self.push(Op::Resume);
+        Ok(())
+    }
+    fn has_dirty_log(&self) -> bool {
+        self.0.lock().unwrap().logs
+    }
+    fn set_dirty_log(&mut self, log: Option<backends::DirtyLogArea>) -> backends::Result<()> {
+        self.push(Op::DirtyLog(log.is_some()));
+        Ok(())
+    }
+    fn set_vring_log_addr(&mut self, q: usize, addr: Option<u64>) -> backends::Result<()> {
+        self.push(Op::LogAddr(q, addr));
         Ok(())
     }
 }
@@ -478,4 +493,103 @@ fn unchanged_ring_addresses_do_not_restart_a_running_ring() {
         .iter()
         .any(|o| matches!(o, Op::Addr(1, x) if x.desc == ring + DESC + 0x10000)));
     assert_eq!(ops.last(), Some(&Op::Enable(1, true)));
+}
+
+fn set_log(dev: &mut Device) {
+    // SAFETY: valid NUL-terminated name, not retained.
+    let fd = unsafe { libc::memfd_create(c"log".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: a fresh fd owned by nobody else.
+    let f = unsafe { <std::fs::File as std::os::unix::io::FromRawFd>::from_raw_fd(fd) };
+    f.set_len(64).unwrap();
+    dev.set_log_base(f, 64, 0).unwrap();
+}
+
+/// --shadow auto: LOG_ALL switches every running queue to shadow before
+/// SET_FEATURES returns, and back when cleared; each change is reported.
+#[test]
+fn log_all_switches_to_shadow_under_auto() {
+    let (mut dev, fake) = negotiated(false);
+    dev.set_auto_shadow(true);
+    start_all(&mut dev, &fake);
+    set_log(&mut dev);
+    let acked = dev.acked_features.unwrap();
+    dev.set_features(acked | F_LOG_ALL).unwrap();
+    assert!(dev.shadow());
+    assert!(dev.migration.logging());
+    assert_eq!(dev.take_mode_events(), vec![true]);
+    assert!((0..4).all(|q| matches!(dev.vrings[q].running, Running::Shadow(_))));
+    assert!(!fake.ops().iter().any(|o| matches!(o, Op::DirtyLog(_))));
+    // Same features again: nothing changes.
+    dev.set_features(acked | F_LOG_ALL).unwrap();
+    assert!(dev.take_mode_events().is_empty());
+    dev.set_features(acked).unwrap();
+    assert!(!dev.shadow());
+    assert!(!dev.migration.logging());
+    assert_eq!(dev.take_mode_events(), vec![false]);
+    assert!((0..4).all(|q| matches!(dev.vrings[q].running, Running::Passthrough)));
+}
+
+/// Without --shadow auto the mode does not follow LOG_ALL.
+#[test]
+fn log_all_without_auto_keeps_the_mode() {
+    let (mut dev, fake) = negotiated(false);
+    start_all(&mut dev, &fake);
+    let acked = dev.acked_features.unwrap();
+    dev.set_features(acked | F_LOG_ALL).unwrap();
+    assert!(!dev.shadow());
+    assert!(dev.take_mode_events().is_empty());
+}
+
+/// A backend that logs by itself gets the log and the used-ring log
+/// addresses; passthrough stays.
+#[test]
+fn a_logging_backend_gets_the_log_forwarded() {
+    let (mut dev, fake) = negotiated(false);
+    fake.0.lock().unwrap().logs = true;
+    dev.set_auto_shadow(true);
+    start_all(&mut dev, &fake);
+    let acked = dev.acked_features.unwrap();
+    // LOG_ALL before SET_LOG_BASE: forwarded once the log arrives.
+    dev.set_features(acked | F_LOG_ALL).unwrap();
+    assert!(!dev.shadow());
+    assert!(fake.ops().is_empty());
+    set_log(&mut dev);
+    let ops = fake.ops();
+    assert_eq!(ops[0], Op::DirtyLog(true));
+    for q in 0..4usize {
+        let used = q as u64 * 0x4000 + USED;
+        assert!(ops.contains(&Op::LogAddr(q, Some(used))), "{ops:?}");
+    }
+    // A second log replaces the first at the device too.
+    set_log(&mut dev);
+    assert_eq!(fake.ops()[0], Op::DirtyLog(true));
+    dev.set_features(acked).unwrap();
+    assert_eq!(fake.ops(), vec![Op::DirtyLog(false)]);
+    assert!(dev.take_mode_events().is_empty());
+}
+
+/// A failed device-state load (features differ) changes nothing; a good
+/// one sets the ring indexes the VMM then continues from.
+#[test]
+fn device_state_snapshot_and_apply() {
+    let (mut dev, fake) = negotiated(true);
+    start_all(&mut dev, &fake);
+    for q in 0..4 {
+        dev.get_vring_base(q).unwrap();
+    }
+    let snap = dev.snapshot_state().unwrap();
+    assert_eq!(snap.vrings.len(), 4);
+    assert_eq!(snap.vrings[2].next_avail, 5);
+    assert_eq!(snap.mode, crate::migration::stream::RelayMode::Shadow);
+
+    let (mut dst, _f2) = negotiated(false);
+    let mut other = snap.clone();
+    other.features.virtio &= !(1 << 29);
+    assert!(dst.apply_state(other).is_err());
+    assert_eq!(dst.vrings[2].base, 0);
+    dst.apply_state(snap).unwrap();
+    assert_eq!((dst.vrings[2].base, dst.vrings[2].used_base), (5, 5));
+    // Not --shadow auto: the destination continues in the source's mode.
+    assert!(dst.shadow());
 }

@@ -375,3 +375,28 @@ fn print_capabilities_says_why_postcopy_is_off() {
         "{v}"
     );
 }
+
+/// INFLIGHT_SHMFD: the daemon allocates the region on GET_INFLIGHT_FD and
+/// maps one handed back with SET_INFLIGHT_FD (as after a VMM restart); a
+/// geometry it cannot hold is refused.
+#[test]
+fn inflight_region_round_trip() {
+    use vhost::vhost_user::message::VhostUserInflight;
+    use vhost::vhost_user::VhostUserFrontend;
+    let d = Daemon::spawn(&[]);
+    let mut vmm = Vmm::start_with(&d.socket, VmmConfig::default(), migration_proto());
+    let (reply, file) = vmm
+        .fe
+        .get_inflight_fd(&VhostUserInflight::new(0, 0, 2, 256))
+        .expect("GET_INFLIGHT_FD");
+    assert!(reply.mmap_size > 0);
+    assert_eq!((reply.num_queues, reply.queue_size), (2, 256));
+    assert!(file.metadata().unwrap().len() >= reply.mmap_size);
+    vmm.fe
+        .set_inflight_fd(&reply, std::os::fd::AsRawFd::as_raw_fd(&file))
+        .expect("SET_INFLIGHT_FD");
+    assert!(vmm
+        .fe
+        .get_inflight_fd(&VhostUserInflight::new(0, 0, 9, 256))
+        .is_err());
+}
