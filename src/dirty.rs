@@ -32,11 +32,15 @@ impl Device {
                 return Ok(());
             }
             if self.auto_shadow {
-                if let Err(e) = self.switch_for_logging(true) {
-                    let _ = self.migration.set_log_all(false);
-                    return Err(e);
+                match self.switch_for_logging(true) {
+                    // Only a switch made for logging is undone when it
+                    // stops (an operator's shadow mode stays).
+                    Ok(changed) => self.logging_shadow = changed,
+                    Err(e) => {
+                        let _ = self.migration.set_log_all(false);
+                        return Err(e);
+                    }
                 }
-                self.logging_shadow = true;
             } else if !self.shadow {
                 log::warn!(target: LOG, "{}: dirty logging requested in passthrough with \
                     --shadow off and a device that cannot log: pages the device writes \
@@ -54,7 +58,7 @@ impl Device {
         Ok(())
     }
 
-    fn switch_for_logging(&mut self, enable: bool) -> Result<()> {
+    fn switch_for_logging(&mut self, enable: bool) -> Result<bool> {
         let changed = if self.is_started() {
             self.set_shadow(enable)?
         } else {
@@ -65,7 +69,7 @@ impl Device {
         if changed {
             self.mode_events.push(enable);
         }
-        Ok(())
+        Ok(changed)
     }
 
     /// The backend can log, passthrough is on, and the device's IOVA of

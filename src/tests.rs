@@ -593,3 +593,17 @@ fn device_state_snapshot_and_apply() {
     // Not --shadow auto: the destination continues in the source's mode.
     assert!(dst.shadow());
 }
+
+/// Shadow mode the operator chose stays when logging stops.
+#[test]
+fn log_all_off_keeps_an_operator_chosen_shadow() {
+    let (mut dev, fake) = negotiated(false);
+    dev.set_auto_shadow(true);
+    start_all(&mut dev, &fake);
+    assert!(dev.set_shadow(true).unwrap());
+    let acked = dev.acked_features.unwrap();
+    dev.set_features(acked | F_LOG_ALL).unwrap();
+    dev.set_features(acked).unwrap();
+    assert!(dev.shadow());
+    assert!(dev.take_mode_events().is_empty());
+}
