@@ -17,7 +17,7 @@ use common::migrate::{
     load_state, migration_proto, pages_of, save_state, set_log_base, Log, F_LOG_ALL,
 };
 use common::qmp::{queue_info, u64_field};
-use common::{pump, Daemon, Qmp, Until, Vmm, VmmConfig};
+use common::{pump, Daemon, DriverOpts, Qmp, Until, Vmm, VmmConfig};
 use svq_relay::migration::stream::{
     DeviceState, Features, NicState, RelayMode, RxMode, VlanFilter, VringState,
 };
@@ -51,11 +51,16 @@ fn wait_mode_event(q: &mut Qmp, enabled: bool) {
 }
 
 fn migrate(pairs: u16, swaps: usize) {
+    migrate_with(pairs, swaps, DriverOpts::default());
+}
+
+fn migrate_with(pairs: u16, swaps: usize, driver: DriverOpts) {
     let queues = 2 * pairs as usize;
     let src = Daemon::spawn(&["--queues", &pairs.to_string()]);
     let mut qmp = Qmp::connect_ready(&src.qmp);
     let cfg = VmmConfig {
         pairs,
+        driver,
         ..Default::default()
     };
     let mut vmm = Vmm::start_with(&src.socket, cfg, migration_proto());
@@ -171,6 +176,23 @@ fn migrate_one_pair_with_log_swaps() {
 #[test]
 fn migrate_two_pairs_with_log_swaps() {
     migrate(2, 3);
+}
+
+/// EVENT_IDX (the SVQ writes avail_event into guest memory), indirect
+/// tables, small RX buffers (frames over several merged buffers).
+#[test]
+fn migrate_event_idx_indirect_merged_rx() {
+    migrate_with(
+        1,
+        3,
+        DriverOpts {
+            event_idx: true,
+            indirect: true,
+            rx_buf_size: 512,
+            irq_batch: 4,
+            ..Default::default()
+        },
+    );
 }
 
 /// LOG_ALL cleared (migration cancelled): every queue back in passthrough,
