@@ -8,7 +8,8 @@ use std::io::{Read, Write};
 use std::os::unix::io::RawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::VhostUserHeaderFlag;
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
@@ -35,6 +36,90 @@ pub(crate) struct Conn {
     pub(crate) offered: u64,
     /// Protocol features both sides agreed on.
     pub(crate) proto: VhostUserProtocolFeatures,
+    watchdog: Watchdog,
+}
+
+/// Bounds every request by the reply timeout. SO_RCVTIMEO alone does not:
+/// the vhost crate treats the timed-out read (EAGAIN) as a transient error
+/// and reads again, forever. While a request is in progress the watchdog
+/// thread shuts the socket down once the deadline passes; the blocked read
+/// then ends with an error that marks the connection broken (reconnect).
+struct Watchdog {
+    shared: Arc<WatchShared>,
+    timeout: Duration,
+}
+
+struct WatchShared {
+    /// Deadline of the request in progress; `Err(())` tells the thread to exit.
+    deadline: Mutex<Result<Option<Instant>, ()>>,
+    cv: Condvar,
+    /// Set when the watchdog shut the socket down.
+    fired: std::sync::atomic::AtomicBool,
+}
+
+impl Watchdog {
+    fn start(sock: UnixStream, timeout: Duration) -> std::io::Result<Watchdog> {
+        let shared = Arc::new(WatchShared {
+            deadline: Mutex::new(Ok(None)),
+            cv: Condvar::new(),
+            fired: std::sync::atomic::AtomicBool::new(false),
+        });
+        let s = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("vu-watchdog".into())
+            .spawn(move || watch(&s, &sock))?;
+        Ok(Watchdog { shared, timeout })
+    }
+
+    fn fired(&self) -> bool {
+        self.shared.fired.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn set(&self, deadline: Option<Instant>) {
+        let mut d = self
+            .shared
+            .deadline
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if d.is_ok() {
+            *d = Ok(deadline);
+        }
+        self.shared.cv.notify_one();
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        *self
+            .shared
+            .deadline
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Err(());
+        self.shared.cv.notify_one();
+    }
+}
+
+fn watch(s: &WatchShared, sock: &UnixStream) {
+    let mut d = s.deadline.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        d = match *d {
+            Err(()) => return,
+            Ok(None) => s.cv.wait(d).unwrap_or_else(|e| e.into_inner()),
+            Ok(Some(at)) => {
+                let now = Instant::now();
+                if now >= at {
+                    log::debug!(target: LOG, "the device did not answer in time; shutting the connection down");
+                    s.fired.store(true, std::sync::atomic::Ordering::Release);
+                    let _ = sock.shutdown(std::net::Shutdown::Both);
+                    *d = Ok(None);
+                    continue;
+                }
+                s.cv.wait_timeout(d, at - now)
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|e| e.into_inner().0)
+            }
+        };
+    }
 }
 
 /// Is the connection unusable after this error (so the device must be
@@ -79,12 +164,58 @@ impl Conn {
     /// Negotiates on a connection the device made (listening mode) or we
     /// made.
     pub(crate) fn negotiate(sock: UnixStream, pairs: u16, timeout: Duration) -> VuResult<Conn> {
+        let watchdog =
+            Watchdog::start(sock.try_clone().map_err(io_error)?, timeout).map_err(io_error)?;
+        Self::negotiate_bounded(sock, pairs, watchdog).map_err(|(e, w)| {
+            if w.fired() {
+                io_error(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {timeout:?}"),
+                ))
+            } else {
+                e
+            }
+        })
+    }
+
+    fn negotiate_bounded(
+        sock: UnixStream,
+        pairs: u16,
+        watchdog: Watchdog,
+    ) -> Result<Conn, (vhost::Error, Watchdog)> {
+        let timeout = watchdog.timeout;
+        watchdog.set(Some(Instant::now() + timeout));
+        match Self::negotiate_inner(sock, pairs, timeout) {
+            Ok((fe, raw, offered, proto)) => {
+                watchdog.set(None);
+                Ok(Conn {
+                    fe,
+                    raw,
+                    offered,
+                    proto,
+                    watchdog,
+                })
+            }
+            Err(e) => Err((e, watchdog)),
+        }
+    }
+
+    fn negotiate_inner(
+        sock: UnixStream,
+        pairs: u16,
+        timeout: Duration,
+    ) -> VuResult<(Frontend, UnixStream, u64, VhostUserProtocolFeatures)> {
         sock.set_nonblocking(false).map_err(io_error)?;
-        // A device that stops answering must not hold the relay forever: a
-        // timed-out read is a broken connection, and we reconnect.
+        // A device that stops answering must not hold the relay forever:
+        // the timeouts bound writes; reads are bounded by the Watchdog (the
+        // crate retries a timed-out read), and a broken connection is
+        // reconnected.
         sock.set_read_timeout(Some(timeout)).map_err(io_error)?;
         sock.set_write_timeout(Some(timeout)).map_err(io_error)?;
         let raw = sock.try_clone().map_err(io_error)?;
+        let watchdog =
+            Watchdog::start(sock.try_clone().map_err(io_error)?, timeout).map_err(io_error)?;
+        watchdog.set(Some(Instant::now() + timeout));
         let queues = 2 * u64::from(pairs);
         let mut fe = Frontend::from_stream(sock, queues);
         fe.set_owner()?;
@@ -115,12 +246,23 @@ impl Conn {
         }
         log::debug!(target: LOG, "negotiated: features {offered:#x}, protocol {:#x}",
             proto.bits());
-        Ok(Conn {
-            fe,
-            raw,
-            offered,
-            proto,
-        })
+        Ok((fe, raw, offered, proto))
+    }
+
+    /// Whether the last exchange ended because the device did not answer
+    /// within the reply timeout.
+    pub(crate) fn timed_out(&self) -> Option<Duration> {
+        self.watchdog.fired().then_some(self.watchdog.timeout)
+    }
+
+    /// Runs one exchange with the device under the reply timeout (see
+    /// [`Watchdog`]).
+    pub(crate) fn bounded<T>(&mut self, f: impl FnOnce(&mut Conn) -> T) -> T {
+        self.watchdog
+            .set(Some(Instant::now() + self.watchdog.timeout));
+        let r = f(self);
+        self.watchdog.set(None);
+        r
     }
 
     pub(crate) fn has(&self, f: VhostUserProtocolFeatures) -> bool {

@@ -89,13 +89,14 @@ impl Inner {
         let mut config = config_bytes(mac, opts.queue_pairs, opts.mtu);
         if device_config {
             let (_, payload) = conn
-                .fe
-                .get_config(
-                    0,
-                    CONFIG_SIZE as u32,
-                    VhostUserConfigFlags::empty(),
-                    &[0u8; CONFIG_SIZE],
-                )
+                .bounded(|c| {
+                    c.fe.get_config(
+                        0,
+                        CONFIG_SIZE as u32,
+                        VhostUserConfigFlags::empty(),
+                        &[0u8; CONFIG_SIZE],
+                    )
+                })
                 .map_err(|e| BackendError::Device(format!("vhost-user GET_CONFIG: {e}")))?;
             config.copy_from_slice(&payload[..CONFIG_SIZE]);
         }
@@ -138,10 +139,14 @@ impl Inner {
         let Some(conn) = self.conn.as_mut() else {
             return Ok(None);
         };
-        match f(conn) {
+        match conn.bounded(f) {
             Ok(v) => Ok(Some(v)),
             Err(e) if is_broken(&e) => {
-                self.lost_connection(&format!("{what}: {e}"));
+                let why = match conn.timed_out() {
+                    Some(t) => format!("{what}: no answer within {t:?}"),
+                    None => format!("{what}: {e}"),
+                };
+                self.lost_connection(&why);
                 Ok(None)
             }
             Err(e) => Err(BackendError::Device(format!(
