@@ -94,6 +94,8 @@ pub enum DeviceError {
     NotStarted,
     #[error("migration: {0}")]
     Migration(#[from] MigrationError),
+    #[error("postcopy: {0}")]
+    Postcopy(String),
     #[error("queue {queue}: cannot start while the device state is {state}")]
     MigrationBusy {
         queue: usize,
@@ -209,6 +211,8 @@ pub struct Device {
     pub(crate) shadow_arena: Option<crate::arena::ShadowArena>,
     /// MAC and queue pairs the VMM negotiated, for backends with a CVQ.
     pub(crate) net_ctrl: crate::netctrl::NetCtrl,
+    /// POSTCOPY_ADVISE .. END.
+    pub(crate) postcopy: Option<crate::postcopy::PostcopySession>,
 }
 
 impl Device {
@@ -259,6 +263,7 @@ impl Device {
             log_forwarded: false,
             log_area: None,
             mode_events: Vec::new(),
+            postcopy: None,
             shadow_arena: None,
             net_ctrl: Default::default(),
         })

@@ -12,6 +12,7 @@ mod dirty;
 pub mod memory;
 pub mod migration;
 mod netctrl;
+mod postcopy;
 pub mod qmp;
 mod ring;
 pub mod server;

@@ -43,12 +43,11 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
 }
 
-/// Everything offered: the above plus LOG_SHMFD, DEVICE_STATE and
-/// INFLIGHT_SHMFD. PAGEFAULT never: the POSTCOPY_* messages are not
-/// dispatched (see `migration::postcopy::offer`).
+/// Everything offered: the above plus LOG_SHMFD, DEVICE_STATE,
+/// INFLIGHT_SHMFD, and PAGEFAULT when the host passed the postcopy check
+/// (`migration::postcopy::offer`).
 pub fn offered_protocol_features(dev: &Device) -> VhostUserProtocolFeatures {
-    (protocol_features() | dev.migration().protocol_features())
-        - VhostUserProtocolFeatures::PAGEFAULT
+    protocol_features() | dev.migration().protocol_features()
 }
 
 /// Called with the mode after every change vhost-user messages caused
@@ -145,7 +144,7 @@ impl VhostUserBackendReqHandlerMut for VuHandler {
         &mut self,
         ctx: &[VhostUserMemoryRegion],
         files: Vec<File>,
-        _postcopy: Option<bool>,
+        postcopy: Option<bool>,
     ) -> VuResult<Option<Vec<u64>>> {
         let regions = ctx
             .iter()
@@ -153,9 +152,16 @@ impl VhostUserBackendReqHandlerMut for VuHandler {
             .map(|(r, f)| GuestRegion::map(region_desc(r), f))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| fail("SET_MEM_TABLE", e.into()))?;
-        lock(&self.device)
-            .set_mem_table(regions)
+        let mut d = lock(&self.device);
+        d.set_mem_table(regions)
             .map_err(|e| fail("SET_MEM_TABLE", e))?;
+        if postcopy == Some(true) {
+            let gpas: Vec<u64> = ctx.iter().map(|r| r.guest_phys_addr).collect();
+            return d
+                .postcopy_register(&gpas)
+                .map(Some)
+                .map_err(|e| fail("SET_MEM_TABLE (postcopy)", e));
+        }
         Ok(None)
     }
 
@@ -296,14 +302,42 @@ impl VhostUserBackendReqHandlerMut for VuHandler {
         &mut self,
         region: &VhostUserSingleMemoryRegion,
         fd: File,
-        _postcopy: Option<bool>,
+        postcopy: Option<bool>,
     ) -> VuResult<Option<u64>> {
         let r =
             GuestRegion::map(region_desc(region), fd).map_err(|e| fail("ADD_MEM_REG", e.into()))?;
-        lock(&self.device)
-            .add_mem_region(r)
-            .map_err(|e| fail("ADD_MEM_REG", e))?;
+        let mut d = lock(&self.device);
+        d.add_mem_region(r).map_err(|e| fail("ADD_MEM_REG", e))?;
+        if postcopy == Some(true) {
+            return d
+                .postcopy_register(&[region.guest_phys_addr])
+                .map(|a| a.first().copied())
+                .map_err(|e| fail("ADD_MEM_REG (postcopy)", e));
+        }
         Ok(None)
+    }
+
+    fn postcopy_advice(&mut self) -> VuResult<File> {
+        lock(&self.device)
+            .postcopy_advise()
+            .map_err(|e| fail("POSTCOPY_ADVISE", e))
+    }
+
+    fn postcopy_listen(&mut self) -> VuResult<()> {
+        lock(&self.device)
+            .postcopy_listen()
+            .map_err(|e| fail("POSTCOPY_LISTEN", e))
+    }
+
+    fn postcopy_end(&mut self) -> VuResult<()> {
+        lock(&self.device)
+            .postcopy_end()
+            .map_err(|e| fail("POSTCOPY_END", e))
+    }
+
+    /// The VMM acknowledged the region addresses sent while listening.
+    fn postcopy_ack_mem_regions(&mut self) -> VuResult<()> {
+        Ok(())
     }
 
     fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VuResult<()> {

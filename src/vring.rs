@@ -173,6 +173,7 @@ impl Device {
             let _ = self.backend.set_dirty_log(None);
         }
         self.log_area = None;
+        self.postcopy = None;
         self.migration.reset();
         self.backend_features = None;
         self.acked_features = None;

@@ -105,27 +105,13 @@ pub fn postcopy_support() -> Result<(), String> {
     probe().map(|_| ())
 }
 
-/// Whether the daemon offers PAGEFAULT: the host must pass [`probe`] AND
-/// the vhost crate must dispatch POSTCOPY_ADVISE/LISTEN/END to the handler.
-/// vhost 0.18 compiles that dispatch only with its `postcopy` cargo feature,
-/// which this workspace does not enable (the handlers are not implemented
-/// either), so this is always `Err` naming both parts. Probed once per
-/// process.
+/// Whether the daemon offers PAGEFAULT: the host must pass [`probe`]
+/// (vhost 0.18 dispatches POSTCOPY_* with its `postcopy` feature, which the
+/// workspace enables). Probed once per process.
 pub fn offer() -> Result<PostcopySupport, String> {
     static RESULT: std::sync::OnceLock<Result<PostcopySupport, String>> =
         std::sync::OnceLock::new();
-    RESULT
-        .get_or_init(|| {
-            let host = match probe() {
-                Ok(_) => "the host passes the userfaultfd check".to_string(),
-                Err(why) => format!("host check failed: {why}"),
-            };
-            Err(format!(
-                "POSTCOPY_ADVISE/LISTEN/END are not handled (vhost 0.18 is built without its \
-                 postcopy dispatch); {host}"
-            ))
-        })
-        .clone()
+    RESULT.get_or_init(probe).clone()
 }
 
 /// The check, with what it found.
@@ -235,7 +221,7 @@ fn userfaultfd(flags: libc::c_int) -> Result<OwnedFd, std::io::Error> {
 /// userfaultfd(O_CLOEXEC | O_NONBLOCK); when that is not permitted
 /// (vm.unprivileged_userfaultfd = 0 without CAP_SYS_PTRACE), again with
 /// UFFD_USER_MODE_ONLY.
-fn open_userfaultfd() -> Result<(OwnedFd, bool), String> {
+pub(crate) fn open_userfaultfd() -> Result<(OwnedFd, bool), String> {
     let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
     match userfaultfd(flags) {
         Ok(fd) => Ok((fd, false)),
