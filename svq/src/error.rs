@@ -68,6 +68,10 @@ pub enum SvqError {
     IndirectOutsideMemory { head: u16, addr: u64, len: u32 },
     #[error("chain {head}: device-readable descriptor after a device-writable one")]
     ReadableAfterWritable { head: u16 },
+    #[error(
+        "chain {head}: {writable} device-writable bytes, fewer than the {min} this queue requires"
+    )]
+    TooFewWritableBytes { head: u16, writable: u64, min: u32 },
     #[error("chain {head}: GPA {gpa:#x}+{len:#x} has no IOVA: {source}")]
     Translation {
         head: u16,

@@ -33,6 +33,8 @@ pub struct ShadowVirtqueue {
     stopped: bool,
     /// avail_event was written and not yet reported to a dirty log.
     avail_event_dirty: bool,
+    /// Device-writable bytes every guest chain must offer (0: no check).
+    min_writable: u32,
     seq: u64,
     relayed: u64,
     bytes_written: u64,
@@ -115,6 +117,7 @@ impl ShadowVirtqueue {
             broken: None,
             stopped: false,
             avail_event_dirty: false,
+            min_writable: 0,
             seq: 0,
             relayed: 0,
             bytes_written: 0,
@@ -128,6 +131,25 @@ impl ShadowVirtqueue {
 
     pub fn config(&self) -> SvqConfig {
         self.cfg
+    }
+
+    /// Require every guest chain popped from now on to offer at least
+    /// `bytes` device-writable bytes; a chain with fewer breaks the queue
+    /// with [`SvqError::TooFewWritableBytes`] and is left on the guest ring.
+    /// 0 (the default) checks nothing.
+    ///
+    /// The SVQ does not know the device class, so the caller sets it: for a
+    /// virtio-net receive queue, the size of the virtio-net header (12 bytes
+    /// with VERSION_1 or MRG_RXBUF, else 10), which the device must always be
+    /// able to write (virtio 1.2, 5.1.6.3.1 and 5.1.6.4). Otherwise such a
+    /// chain is relayed and the device waits on it forever.
+    pub fn set_min_writable(&mut self, bytes: u32) {
+        self.min_writable = bytes;
+    }
+
+    /// The minimum set by [`set_min_writable`](Self::set_min_writable).
+    pub fn min_writable(&self) -> u32 {
+        self.min_writable
     }
 
     /// Memory holding the shadow rings and indirect tables (memfd-backed,
@@ -394,12 +416,34 @@ impl ShadowVirtqueue {
         }
         let mut guest_segs = std::mem::take(&mut self.guest_segs);
         let r = self.guest.walk(mem, v, head, &mut guest_segs);
+        let r = r.and_then(|()| self.check_writable(head, &guest_segs));
         let r = r.and_then(|()| self.translate(head, &guest_segs, iova));
         self.guest_segs = guest_segs;
         r?;
         self.guest.advance();
         if let Some(b) = self.guest_busy.get_mut(head as usize) {
             *b = true;
+        }
+        Ok(())
+    }
+
+    /// Checked before translation: a chain the device could never use is
+    /// the more telling error, whatever its addresses.
+    fn check_writable(&self, head: u16, guest_segs: &[GuestSeg]) -> Result<(), SvqError> {
+        if self.min_writable == 0 {
+            return Ok(());
+        }
+        let writable: u64 = guest_segs
+            .iter()
+            .filter(|g| g.write)
+            .map(|g| u64::from(g.len))
+            .sum();
+        if writable < u64::from(self.min_writable) {
+            return Err(SvqError::TooFewWritableBytes {
+                head,
+                writable,
+                min: self.min_writable,
+            });
         }
         Ok(())
     }

@@ -9,7 +9,7 @@ use virtio_bindings::bindings::virtio_ring::{
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::harness::{self, DESC_GPA, MEM_END, REGION_B, TABLE_BASE};
+use super::harness::{self, FakeDevice, DESC_GPA, MEM_END, REGION_B, TABLE_BASE};
 use super::{Fixture, F_INDIRECT};
 use crate::{GuestRing, RingIndexes, ShadowVirtqueue, SvqConfig, SvqError};
 
@@ -254,6 +254,77 @@ fn readable_after_writable() {
     expect_guest_error(&mut f, |e| {
         *e == SvqError::ReadableAfterWritable { head: 0 }
     });
+}
+
+/// A virtio-net RX queue requires room for the 12-byte header.
+const NET_HDR: u32 = 12;
+
+#[test]
+fn chain_with_no_writable_descriptor_under_min_writable() {
+    let mut f = Fixture::new(16, 16, 0, 0);
+    f.svq.set_min_writable(NET_HDR);
+    desc(&f, DESC_GPA, 0, BUF, 2048, 0, 0);
+    f.drv.publish_head(&f.mem, 0);
+    let e = expect_guest_error(&mut f, |e| {
+        *e == SvqError::TooFewWritableBytes {
+            head: 0,
+            writable: 0,
+            min: NET_HDR,
+        }
+    });
+    assert_eq!(
+        e.to_string(),
+        "chain 0: 0 device-writable bytes, fewer than the 12 this queue requires"
+    );
+    assert_eq!(f.dev.avail_idx(), 0, "nothing reached the device");
+}
+
+#[test]
+fn writable_bytes_short_of_min_across_an_indirect_table() {
+    // 4 + 7 = 11 writable bytes behind a readable one, one byte short.
+    let mut f = Fixture::new(16, 16, F_INDIRECT, F_INDIRECT);
+    f.svq.set_min_writable(NET_HDR);
+    desc(&f, TABLE_BASE, 0, BUF, 64, NEXT, 1);
+    desc(&f, TABLE_BASE, 1, BUF + 64, 4, WRITE | NEXT, 2);
+    desc(&f, TABLE_BASE, 2, BUF + 68, 7, WRITE, 0);
+    desc(&f, DESC_GPA, 0, TABLE_BASE, 48, INDIRECT, 0);
+    f.drv.publish_head(&f.mem, 0);
+    expect_guest_error(&mut f, |e| {
+        *e == SvqError::TooFewWritableBytes {
+            head: 0,
+            writable: 11,
+            min: NET_HDR,
+        }
+    });
+}
+
+#[test]
+fn chain_short_of_min_writable_after_good_ones() {
+    // The good chains before it still reach the device; only the short one
+    // stays on the guest ring.
+    let mut f = Fixture::new(16, 16, 0, 0);
+    f.svq.set_min_writable(NET_HDR);
+    let good = f.add(&[(NET_HDR, true)], false);
+    let short = f.add(&[(NET_HDR - 1, true)], false);
+    let e = f.kick().unwrap_err();
+    assert_eq!(
+        e,
+        SvqError::TooFewWritableBytes {
+            head: short,
+            writable: u64::from(NET_HDR - 1),
+            min: NET_HDR,
+        }
+    );
+    assert_eq!(f.dev.take_all(&f.tree), 1);
+    assert_eq!(
+        FakeDevice::gpa(&f.tree, f.dev.taken[0].segs[0].0),
+        f.drv.outstanding[&good].bufs[0].gpa
+    );
+    assert_eq!(f.svq.stats().guest_avail_idx, 1);
+    assert_broken(&mut f, &e);
+    let st = f.svq.stop(&f.mem, f.dev.last_avail).unwrap();
+    assert_eq!(st.indexes, RingIndexes { avail: 1, used: 0 });
+    assert_eq!(st.in_flight, vec![good]);
 }
 
 #[test]

@@ -422,6 +422,32 @@ fn chain_of_only_empty_buffers_still_reaches_the_device() {
     assert_eq!((u[0].1, u[0].2), (head, 0));
 }
 
+#[test]
+fn min_writable_is_off_by_default_and_counts_every_writable_byte() {
+    // Default: a chain the device may only read is relayed as it is.
+    let mut f = Fixture::new(16, 16, 0, 0);
+    assert_eq!(f.svq.min_writable(), 0);
+    f.add(&[(64, false)], false);
+    assert!(f.kick().unwrap());
+    assert_eq!(f.dev.take_all(&f.tree), 1);
+
+    // Exactly the minimum, split over two descriptors behind a readable
+    // one, passes and is relayed whole.
+    let mut f = Fixture::new(16, 16, 0, 0);
+    f.svq.set_min_writable(12);
+    assert_eq!(f.svq.min_writable(), 12);
+    let head = f.add(&[(64, false), (5, true), (7, true)], false);
+    assert!(f.kick().unwrap());
+    assert_eq!(f.dev.take_all(&f.tree), 1);
+    let segs: Vec<(u32, bool)> = f.dev.taken[0].segs.iter().map(|s| (s.1, s.2)).collect();
+    assert_eq!(segs, vec![(64, false), (5, true), (7, true)]);
+    f.dev.complete(0, 12, 0x5a, &f.mem, &f.tree);
+    f.call().unwrap();
+    let u = f.drv.collect(&f.mem);
+    assert_eq!((u[0].1, u[0].2), (head, 12));
+    assert!(!f.svq.is_broken());
+}
+
 /// Rough cost of the relay (guest pop → shadow → used → guest), for the
 /// README; prints, asserts nothing about time. Run with
 /// `cargo test -p svq --release -- --ignored --nocapture relay_cost`.
