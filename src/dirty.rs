@@ -28,8 +28,15 @@ impl Device {
             // The log first, so the switch below logs from its first write.
             self.migration.set_log_all(true)?;
             if self.can_forward_log() {
-                self.forward_log()?;
-                return Ok(());
+                match self.forward_log() {
+                    Ok(()) => return Ok(()),
+                    Err(e) => {
+                        // The SVQs can log instead.
+                        self.stop_forwarding();
+                        log::warn!(target: LOG, "{}: the device refused the dirty log ({e}); \
+                            logging in shadow mode instead", self.name);
+                    }
+                }
             }
             if self.auto_shadow {
                 match self.switch_for_logging(true) {
@@ -125,7 +132,14 @@ impl Device {
                 memory: Arc::new(region),
             });
             if self.log_forwarded {
-                self.forward_log()?;
+                if let Err(e) = self.forward_log() {
+                    self.log_forwarded = false;
+                    log::warn!(target: LOG, "{}: the device refused the dirty log ({e}); \
+                        logging in shadow mode instead", self.name);
+                    if self.auto_shadow {
+                        self.logging_shadow = self.switch_for_logging(true)?;
+                    }
+                }
             }
         }
         Ok(())

@@ -39,6 +39,8 @@ struct FakeState {
     status: u8,
     /// The device logs dirty pages itself.
     logs: bool,
+    /// ... but refuses the log it is given.
+    refuse_log: bool,
 }
 
 #[derive(Clone, Default)]
@@ -154,6 +156,9 @@ impl DeviceBackend for Fake {
         self.0.lock().unwrap().logs
     }
     fn set_dirty_log(&mut self, log: Option<backends::DirtyLogArea>) -> backends::Result<()> {
+        if log.is_some() && self.0.lock().unwrap().refuse_log {
+            return Err(BackendError::Device("no".into()));
+        }
         self.push(Op::DirtyLog(log.is_some()));
         Ok(())
     }
@@ -606,4 +611,46 @@ fn log_all_off_keeps_an_operator_chosen_shadow() {
     dev.set_features(acked).unwrap();
     assert!(dev.shadow());
     assert!(dev.take_mode_events().is_empty());
+}
+
+/// A device that claims to log but refuses the log: the SVQs log instead.
+#[test]
+fn a_refused_log_falls_back_to_shadow() {
+    let (mut dev, fake) = negotiated(false);
+    {
+        let mut st = fake.0.lock().unwrap();
+        st.logs = true;
+        st.refuse_log = true;
+    }
+    dev.set_auto_shadow(true);
+    start_all(&mut dev, &fake);
+    set_log(&mut dev);
+    let acked = dev.acked_features.unwrap();
+    dev.set_features(acked | F_LOG_ALL).unwrap();
+    assert!(dev.shadow());
+    assert_eq!(dev.take_mode_events(), vec![true]);
+    dev.set_features(acked).unwrap();
+    assert!(!dev.shadow());
+    assert!(!dev.migration.logging());
+}
+
+/// The same when the log arrives after LOG_ALL (forwarding was pending).
+#[test]
+fn a_refused_late_log_falls_back_to_shadow() {
+    let (mut dev, fake) = negotiated(false);
+    {
+        let mut st = fake.0.lock().unwrap();
+        st.logs = true;
+        st.refuse_log = true;
+    }
+    dev.set_auto_shadow(true);
+    start_all(&mut dev, &fake);
+    let acked = dev.acked_features.unwrap();
+    dev.set_features(acked | F_LOG_ALL).unwrap();
+    assert!(!dev.shadow());
+    set_log(&mut dev);
+    assert!(dev.shadow());
+    assert!(dev.migration.logging());
+    dev.set_features(acked).unwrap();
+    assert!(!dev.shadow());
 }
