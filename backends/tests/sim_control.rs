@@ -499,6 +499,78 @@ fn unmapped_rx_buffer_breaks_rx_and_holds_tx() {
     loop_one(&mut rig, 2, 3, 2);
 }
 
+/// RX chains posted by `post` leave no room for the virtio-net header: a
+/// malformed ring, not a lack of room. RX breaks at the first packet
+/// (nothing written, nothing used, the chains given back), TX is held, the
+/// other pair keeps working, and a reconfigured RX takes the held packet.
+fn rx_chain_without_room_for_header(
+    features: u64,
+    post: impl FnOnce(&mut DriverQueue) -> Vec<u16>,
+) {
+    use vm_memory::{Bytes, GuestAddress};
+    let mut rig = Rig::new(2, features | F_MQ, 64);
+    let q = &mut rig.queues[RX];
+    let area = GuestAddress(q.buf_addr(0));
+    q.mem.write_slice(&[0xab; 2 * BUF as usize], area).unwrap();
+    let heads = post(q);
+    q.submit(&heads);
+    let p = packet(64, 1);
+    let t = rig.queues[TX].add_tx(&p, 1);
+    rig.queues[TX].submit(&[t]);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !rig.sim.queue_stats(RX).unwrap().broken {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "RX never marked broken"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    rig.sync(TX);
+    let rx = rig.sim.queue_stats(RX).unwrap();
+    assert_eq!((rx.errors, rx.packets, rx.dropped), (1, 0, 0));
+    assert_eq!(rig.queues[RX].used_idx(), 0, "no RX chain completed");
+    assert_eq!(rig.sim.vring_base(RX).unwrap(), 0, "RX chains given back");
+    assert_eq!(rig.queues[TX].used_idx(), 0, "TX is held, not lost");
+    let mut back = vec![0u8; 2 * BUF as usize];
+    rig.queues[RX].mem.read_slice(&mut back, area).unwrap();
+    assert!(back.iter().all(|&b| b == 0xab), "RX buffers written");
+    loop_one(&mut rig, 2, 3, 2);
+    assert!(!rig.sim.queue_stats(3).unwrap().broken);
+
+    // A relay that fixes the ring and restarts RX gets the held packet.
+    rig.sim.set_vring_enable(RX, false).unwrap();
+    rig.queues[RX].renew();
+    rig.sim.set_vring_base(RX, 0).unwrap();
+    rig.sim.set_vring_enable(RX, true).unwrap();
+    let h = rig.queues[RX].add_rx(1, 2048);
+    rig.queues[RX].submit(&[h]);
+    assert_eq!(rig.queues[RX].wait_used(1), vec![(h, 76)]);
+    assert_bytes(
+        &rig.queues[RX].read_rx(h, 76, 2048),
+        &expected_rx(&p, 1),
+        "held packet",
+    );
+    assert_eq!(rig.queues[TX].wait_used(1), vec![(t, 0)]);
+    assert!(!rig.sim.queue_stats(RX).unwrap().broken);
+}
+
+#[test]
+fn read_only_rx_chain_breaks_rx_and_holds_tx() {
+    rx_chain_without_room_for_header(F_VERSION_1, |q| {
+        q.write_desc(0, q.buf_addr(0), 2048, 0, 0);
+        vec![0]
+    });
+}
+
+#[test]
+fn rx_chain_shorter_than_the_header_is_not_merged() {
+    // Without the check it would be gathered as a merged buffer in front of
+    // the valid chain behind it.
+    rx_chain_without_room_for_header(F_VERSION_1 | F_MRG_RXBUF, |q| {
+        vec![q.add_rx(1, HDR as u32 - 1), q.add_rx(1, 2048)]
+    });
+}
+
 #[test]
 fn rings_outside_the_iotlb_hold_the_queue_until_mapped() {
     let mut rig = Rig::new(2, F_VERSION_1 | F_MQ, 64);

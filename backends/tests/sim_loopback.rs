@@ -77,6 +77,15 @@ fn mergeable_rx_buffers_span_several_chains() {
 }
 
 #[test]
+fn merged_rx_chains_of_exactly_the_header_size_are_valid() {
+    let mut rig = Rig::new(1, F_VERSION_1 | F_MRG_RXBUF, 256);
+    // 12 + 20 bytes over 12-byte chains: 3 buffers, the first one only the
+    // header.
+    send_and_check(&mut rig, &[packet(20, 3)], 1, HDR as u32);
+    assert!(!rig.sim.queue_stats(RX).unwrap().broken);
+}
+
+#[test]
 fn without_mrg_a_packet_too_big_for_one_chain_is_dropped_and_counted() {
     let mut rig = Rig::new(1, F_VERSION_1, 64);
     let rx_head = rig.queues[RX].add_rx(1, 256);

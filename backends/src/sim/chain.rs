@@ -29,6 +29,12 @@ pub(crate) enum ChainError {
     ReadOnly { head: u16, addr: u64, len: u32 },
     #[error("chain {head} has a device-readable buffer after a device-writable one")]
     ReadAfterWrite { head: u16 },
+    #[error("RX chain {head} has {writable} device-writable bytes, too few for the {need}-byte virtio-net header")]
+    NoRoomForHeader {
+        head: u16,
+        writable: u64,
+        need: usize,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]

@@ -27,12 +27,17 @@
 //!   afterwards: read it before resetting) but keeps IOVA mappings and the
 //!   kick/call eventfds.
 //! - A malformed ring (descriptor loop, bad index, buffer outside the IOTLB,
-//!   write into a read-only mapping, avail index running ahead) stops only its
-//!   own queue: the offending chain is given back (not completed), an error is
-//!   logged with target "sim", and [`SimQueueStats::broken`] is set until the
-//!   queue is reconfigured (num/addr/base set, enable, reset). Ring areas
-//!   outside the IOTLB hold the queue the same way, but only until a dma_map
-//!   makes them reachable.
+//!   write into a read-only mapping, avail index running ahead, an RX chain
+//!   too small for the virtio-net header) stops only its own queue: the
+//!   offending chain is given back (not completed), an error is logged with
+//!   target "sim", and [`SimQueueStats::broken`] is set until the queue is
+//!   reconfigured (num/addr/base set, enable, reset). Ring areas outside the
+//!   IOTLB hold the queue the same way, but only until a dma_map makes them
+//!   reachable.
+//! - An RX chain must have at least the header's size (12 bytes with
+//!   VERSION_1 or MRG_RXBUF, else 10) of device-writable bytes; it is checked
+//!   when a packet reaches it. A smaller one (a read-only chain too) is not
+//!   "no room", which would hold TX forever, nor merged as an empty buffer.
 //! - MQ is offered with more than one pair, without CTRL_VQ (no control
 //!   queue): all pairs run. IN_ORDER is never offered.
 //!

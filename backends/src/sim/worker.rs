@@ -506,6 +506,19 @@ fn deliver(rx: &mut Vq, view: &IotlbView, pkt: &[u8], features: u64) -> Deliver 
             };
             seen = seen.wrapping_add(1);
             match chain::walk(view, dc) {
+                // The device must always be able to write the header (a
+                // driver MUST with MRG_RXBUF; without it a smaller chain
+                // holds no packet either). Such a chain is a malformed ring,
+                // not a lack of room: waiting would wait forever, and with
+                // MRG_RXBUF it would be merged as an empty buffer.
+                Ok(c) if c.write_len < hdr_len as u64 => {
+                    error = Some(chain::ChainError::NoRoomForHeader {
+                        head: c.head,
+                        writable: c.write_len,
+                        need: hdr_len,
+                    });
+                    break Some(Deliver::Broken);
+                }
                 Ok(c) => {
                     if !mrg && c.write_len < pkt.len() as u64 {
                         break Some(Deliver::Dropped);
