@@ -82,6 +82,18 @@ fn migrate_with(pairs: u16, swaps: usize, driver: DriverOpts) {
         .expect("SET_FEATURES +LOG_ALL");
     assert_mode(&mut qmp, "shadow", queues);
     wait_mode_event(&mut qmp, true);
+    // As QEMU does right after (vhost_dev_set_log): every running ring's
+    // addresses again, now with VHOST_VRING_F_LOG and the used ring's GPA.
+    for q in 0..queues {
+        let mut c = vmm.vring_config(q);
+        let p = &vmm.pairs[q / 2];
+        let ring = if q % 2 == 0 { &p.rx.ring } else { &p.tx.ring };
+        c.flags = 1;
+        c.log_addr = Some(ring.used.0);
+        vmm.fe
+            .set_vring_addr(q, &c)
+            .unwrap_or_else(|e| panic!("SET_VRING_ADDR {q} with F_LOG: {e}"));
+    }
 
     // During: dirty-sync passes (one SET_LOG_BASE each) under traffic.
     let stop = Arc::new(AtomicBool::new(false));
