@@ -410,6 +410,9 @@ impl Worker {
         };
         match res {
             Ok(out) => {
+                // Counters first: a guest that sees the completion and asks
+                // query-shadow-vq right away must find it counted.
+                s.a.stats.publish(&s.a.svq.stats());
                 if out.notify_guest {
                     if let Some(call) = &s.a.guest_call {
                         if let Err(e) = call.write(1) {
@@ -420,7 +423,6 @@ impl Worker {
                 if out.kick_device {
                     Self::kick_device(s);
                 }
-                s.a.stats.publish(&s.a.svq.stats());
             }
             Err(e) => self.fail(slot, e),
         }
