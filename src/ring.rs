@@ -29,6 +29,24 @@ pub(crate) fn ring_sizes(num: u16) -> (u64, u64, u64) {
 }
 
 /// virtio status bits the backend gets when the first ring starts.
+/// Even data queues receive (RX of pair k is 2k). The control queue is not
+/// relayed, so no even index is anything else.
+fn is_rx_queue(q: usize) -> bool {
+    q % 2 == 0
+}
+
+/// Size of `struct virtio_net_hdr` for the negotiated features: 12 bytes with
+/// VERSION_1 or MRG_RXBUF (num_buffers present), 10 bytes otherwise.
+fn net_header_len(features: u64) -> u32 {
+    use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+    use virtio_bindings::bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+    if features & ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MRG_RXBUF)) != 0 {
+        12
+    } else {
+        10
+    }
+}
+
 const STATUS_DRIVER_OK: u8 = 1 | 2 | 8 | 4; // ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK
 
 impl Device {
@@ -191,7 +209,13 @@ impl Device {
             used: a.used,
             used_log: a.log,
         };
-        let svq = ShadowVirtqueue::with_shadow_memory(cfg, ring, idx, slot).map_err(svq_err)?;
+        let mut svq = ShadowVirtqueue::with_shadow_memory(cfg, ring, idx, slot).map_err(svq_err)?;
+        if is_rx_queue(q) {
+            // A receive buffer must hold at least the virtio-net header
+            // (virtio 1.2, 5.1.6.3.1); one that cannot would leave the device
+            // waiting for room forever.
+            svq.set_min_writable(net_header_len(cfg.guest_features));
+        }
         let mem = svq.shadow_memory();
         let hva = mem.as_ptr() as u64;
         let iova = self
