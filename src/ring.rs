@@ -32,7 +32,7 @@ pub(crate) fn ring_sizes(num: u16) -> (u64, u64, u64) {
 /// Even data queues receive (RX of pair k is 2k). The control queue is not
 /// relayed, so no even index is anything else.
 fn is_rx_queue(q: usize) -> bool {
-    q % 2 == 0
+    q.is_multiple_of(2)
 }
 
 /// Size of `struct virtio_net_hdr` for the negotiated features: 12 bytes with
