@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub mod sim;
 pub mod vdpa;
 pub mod vhost_user;
+mod virtio_bits;
 
 /// Errors a device backend reports. The daemon turns them into log lines and
 /// vhost-user / QMP errors; none of them is fatal to the process.
@@ -70,6 +71,30 @@ pub type Result<T> = std::result::Result<T, BackendError>;
 pub struct IovaRange {
     pub first: u64,
     pub last: u64,
+}
+
+impl IovaRange {
+    /// Checks that a non-empty `region` lies wholly inside the window and
+    /// returns the last IOVA it covers.
+    pub fn check(&self, region: &DmaRegion) -> Result<u64> {
+        let out_of_range = BackendError::IovaOutOfRange {
+            iova: region.iova,
+            size: region.size(),
+            first: self.first,
+            last: self.last,
+        };
+        match region.last() {
+            Some(last)
+                if region.size() > 0
+                    && self.first <= self.last
+                    && region.iova >= self.first
+                    && last <= self.last =>
+            {
+                Ok(last)
+            }
+            _ => Err(out_of_range),
+        }
+    }
 }
 
 /// Ring addresses, as IOVAs in the device's address space.

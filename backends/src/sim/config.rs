@@ -1,23 +1,8 @@
 //! Feature bits and the virtio-net config space the sim presents.
 
-/// Virtio feature bit numbers the sim deals with (virtio 1.2, 5.1.3 and 6).
-pub(crate) mod bits {
-    pub const NET_F_MTU: u64 = 1 << 3;
-    pub const NET_F_MAC: u64 = 1 << 5;
-    pub const NET_F_MRG_RXBUF: u64 = 1 << 15;
-    pub const NET_F_STATUS: u64 = 1 << 16;
-    pub const NET_F_MQ: u64 = 1 << 22;
-    pub const F_ANY_LAYOUT: u64 = 1 << 27;
-    pub const RING_F_INDIRECT_DESC: u64 = 1 << 28;
-    pub const RING_F_EVENT_IDX: u64 = 1 << 29;
-    pub const F_VERSION_1: u64 = 1 << 32;
-}
+pub(crate) use crate::virtio_bits::bits;
 
-/// Device status bits (VIRTIO_CONFIG_S_*).
-pub(crate) mod status {
-    pub const FEATURES_OK: u8 = 8;
-    pub const DRIVER_OK: u8 = 4;
-}
+pub(crate) use crate::virtio_bits::status;
 
 const VIRTIO_NET_S_LINK_UP: u16 = 1;
 

@@ -72,19 +72,7 @@ impl IotlbView {
 impl Iotlb {
     pub(crate) fn map(&mut self, region: DmaRegion) -> Result<()> {
         let size = region.size();
-        let out_of_range = BackendError::IovaOutOfRange {
-            iova: region.iova,
-            size,
-            first: IOVA_RANGE.first,
-            last: IOVA_RANGE.last,
-        };
-        let last = match region.last() {
-            Some(last) if size > 0 => last,
-            _ => return Err(out_of_range),
-        };
-        if region.iova.checked_sub(IOVA_RANGE.first).is_none() || last > IOVA_RANGE.last {
-            return Err(out_of_range);
-        }
+        let last = IOVA_RANGE.check(&region)?;
         // The mapping starting at or before `last` with the highest start is
         // the only one that can overlap from below; anything starting inside
         // the new range overlaps too and also starts at or before `last`.

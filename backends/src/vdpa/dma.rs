@@ -29,19 +29,7 @@ impl DmaTable {
         pending: &[DmaRegion],
     ) -> Result<()> {
         let size = region.size();
-        let out_of_range = BackendError::IovaOutOfRange {
-            iova: region.iova,
-            size,
-            first: range.first,
-            last: range.last,
-        };
-        let last = match region.last() {
-            Some(last) if size > 0 => last,
-            _ => return Err(out_of_range),
-        };
-        if region.iova < range.first || last > range.last || range.first > range.last {
-            return Err(out_of_range);
-        }
+        let last = range.check(region)?;
         let uaddr = region.memory.as_ptr() as u64;
         if (uaddr ^ region.iova) & PAGE_MASK != 0 {
             return Err(BackendError::InvalidState {

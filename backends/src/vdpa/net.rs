@@ -1,28 +1,8 @@
 //! virtio-net definitions the vDPA backend needs (virtio 1.2, 5.1).
 
-/// Feature bits.
-pub(crate) mod bits {
-    pub const NET_F_MAC: u64 = 1 << 5;
-    pub const NET_F_STATUS: u64 = 1 << 16;
-    pub const NET_F_CTRL_VQ: u64 = 1 << 17;
-    pub const NET_F_CTRL_RX: u64 = 1 << 18;
-    pub const NET_F_CTRL_VLAN: u64 = 1 << 19;
-    pub const NET_F_CTRL_RX_EXTRA: u64 = 1 << 20;
-    pub const NET_F_GUEST_ANNOUNCE: u64 = 1 << 21;
-    pub const NET_F_MQ: u64 = 1 << 22;
-    pub const NET_F_CTRL_MAC_ADDR: u64 = 1 << 23;
-    pub const NET_F_MTU: u64 = 1 << 3;
-    pub const F_LOG_ALL: u64 = 1 << 26;
-    pub const F_ACCESS_PLATFORM: u64 = 1 << 33;
-}
+pub(crate) use crate::virtio_bits::bits;
 
-/// Device status bits (VIRTIO_CONFIG_S_*).
-pub(crate) mod status {
-    pub const ACKNOWLEDGE: u8 = 1;
-    pub const DRIVER: u8 = 2;
-    pub const DRIVER_OK: u8 = 4;
-    pub const FEATURES_OK: u8 = 8;
-}
+pub(crate) use crate::virtio_bits::status;
 
 /// VIRTIO_ID_NET
 pub(crate) const VIRTIO_ID_NET: u32 = 1;

@@ -4,35 +4,9 @@
 
 use vhost::vhost_user::VhostUserProtocolFeatures;
 
-/// Virtio / vhost feature bit masks used here.
-pub(crate) mod bits {
-    pub const NET_F_CTRL_GUEST_OFFLOADS: u64 = 1 << 2;
-    pub const NET_F_MTU: u64 = 1 << 3;
-    pub const NET_F_MAC: u64 = 1 << 5;
-    pub const NET_F_STATUS: u64 = 1 << 16;
-    pub const NET_F_CTRL_VQ: u64 = 1 << 17;
-    pub const NET_F_CTRL_RX: u64 = 1 << 18;
-    pub const NET_F_CTRL_VLAN: u64 = 1 << 19;
-    pub const NET_F_CTRL_RX_EXTRA: u64 = 1 << 20;
-    pub const NET_F_GUEST_ANNOUNCE: u64 = 1 << 21;
-    pub const NET_F_MQ: u64 = 1 << 22;
-    pub const NET_F_CTRL_MAC_ADDR: u64 = 1 << 23;
-    pub const F_LOG_ALL: u64 = 1 << 26;
-    pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
-    pub const F_ACCESS_PLATFORM: u64 = 1 << 33;
-    pub const F_RING_PACKED: u64 = 1 << 34;
-    pub const F_IN_ORDER: u64 = 1 << 35;
-    pub const F_NOTIFICATION_DATA: u64 = 1 << 38;
-    pub const F_RING_RESET: u64 = 1 << 40;
-    pub const NET_F_HASH_REPORT: u64 = 1 << 57;
-    pub const NET_F_RSS: u64 = 1 << 60;
-}
+pub(crate) use crate::virtio_bits::bits;
 
-/// Device status bits (VIRTIO_CONFIG_S_*).
-pub(crate) mod status {
-    pub const FEATURES_OK: u8 = 8;
-    pub const DRIVER_OK: u8 = 4;
-}
+pub(crate) use crate::virtio_bits::status;
 
 /// Bits the relay never passes on, whatever the device offers:
 /// - PROTOCOL_FEATURES is vhost-user plumbing between us and the device.
