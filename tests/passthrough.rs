@@ -6,25 +6,6 @@ mod common;
 use common::scenario::loopback;
 use common::DriverOpts;
 
-fn no_mrg() -> DriverOpts {
-    DriverOpts {
-        mrg_rxbuf: false,
-        ..Default::default()
-    }
-}
-
-/// EVENT_IDX notification suppression, INDIRECT tables, and RX buffers of
-/// 512 bytes so most frames span several merged buffers.
-fn all_features() -> DriverOpts {
-    DriverOpts {
-        mrg_rxbuf: true,
-        event_idx: true,
-        indirect: true,
-        rx_buf_size: 512,
-        ..Default::default()
-    }
-}
-
 #[test]
 fn passthrough_one_pair() {
     loopback("off", 1, DriverOpts::default(), 2000);
@@ -37,12 +18,12 @@ fn passthrough_four_pairs() {
 
 #[test]
 fn passthrough_one_pair_without_mrg_rxbuf() {
-    loopback("off", 1, no_mrg(), 500);
+    loopback("off", 1, DriverOpts::no_mrg(), 500);
 }
 
 #[test]
 fn passthrough_event_idx_indirect_merged_rx_buffers() {
-    loopback("off", 2, all_features(), 1500);
+    loopback("off", 2, DriverOpts::all_features(), 1500);
 }
 
 #[test]
@@ -52,7 +33,7 @@ fn passthrough_event_idx_without_mrg_rxbuf() {
         1,
         DriverOpts {
             event_idx: true,
-            ..no_mrg()
+            ..DriverOpts::no_mrg()
         },
         1000,
     );

@@ -7,25 +7,6 @@ mod common;
 use common::scenario::loopback;
 use common::DriverOpts;
 
-fn no_mrg() -> DriverOpts {
-    DriverOpts {
-        mrg_rxbuf: false,
-        ..Default::default()
-    }
-}
-
-/// EVENT_IDX notification suppression, INDIRECT tables, and RX buffers of
-/// 512 bytes so most frames span several merged buffers.
-fn all_features() -> DriverOpts {
-    DriverOpts {
-        mrg_rxbuf: true,
-        event_idx: true,
-        indirect: true,
-        rx_buf_size: 512,
-        ..Default::default()
-    }
-}
-
 #[test]
 fn shadow_one_pair() {
     loopback("on", 1, DriverOpts::default(), 2000);
@@ -38,12 +19,12 @@ fn shadow_four_pairs() {
 
 #[test]
 fn shadow_one_pair_without_mrg_rxbuf() {
-    loopback("on", 1, no_mrg(), 500);
+    loopback("on", 1, DriverOpts::no_mrg(), 500);
 }
 
 #[test]
 fn shadow_event_idx_indirect_merged_rx_buffers() {
-    loopback("on", 2, all_features(), 1500);
+    loopback("on", 2, DriverOpts::all_features(), 1500);
 }
 
 #[test]
@@ -53,7 +34,7 @@ fn shadow_event_idx_without_mrg_rxbuf() {
         1,
         DriverOpts {
             event_idx: true,
-            ..no_mrg()
+            ..DriverOpts::no_mrg()
         },
         1000,
     );

@@ -78,6 +78,29 @@ impl Default for DriverOpts {
     }
 }
 
+#[allow(dead_code)] // each test binary uses its own subset
+impl DriverOpts {
+    /// Without MRG_RXBUF: every frame must fit one RX chain.
+    pub fn no_mrg() -> Self {
+        DriverOpts {
+            mrg_rxbuf: false,
+            ..Default::default()
+        }
+    }
+
+    /// EVENT_IDX notification suppression, INDIRECT tables, and RX buffers of
+    /// 512 bytes so most frames span several merged buffers.
+    pub fn all_features() -> Self {
+        DriverOpts {
+            mrg_rxbuf: true,
+            event_idx: true,
+            indirect: true,
+            rx_buf_size: 512,
+            ..Default::default()
+        }
+    }
+}
+
 /// `total` bytes at `addr` as `n` segments (fewer if there are fewer bytes).
 fn split(addr: GuestAddress, total: u32, n: u16, write: bool) -> Vec<Seg> {
     let n = (n as u32).clamp(1, total);
