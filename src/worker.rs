@@ -577,4 +577,96 @@ mod tests {
         // Detached: kicks no longer reach it; a second detach is refused.
         assert!(matches!(w.detach(0), Err(WorkerError::Refused { .. })));
     }
+
+    /// A ring taken over from a polling device in passthrough (DPDK
+    /// net_vhost leaves VRING_USED_F_NO_NOTIFY in the guest used flags): a
+    /// chain the guest adds after the take-over pass must still reach the
+    /// shadow ring, with a driver that kicks only when the flags allow it,
+    /// as virtio drivers do. The device never signals here, so nothing but
+    /// a guest kick can relay the second chain.
+    #[test]
+    fn guest_kicks_again_after_taking_over_a_polled_ring() {
+        use vm_memory::VolatileMemory;
+        let table = MemoryTable::from_regions(vec![region(0, 0x10_0000, 0x7000_0000)]).unwrap();
+        let mem = Arc::new(table.guest_memory());
+        let mut tree = IovaTree::new(0, (1 << 40) - 1).unwrap();
+        tree.map(AddrSpace::Guest, 0, 0x10_0000).unwrap();
+        let (desc, avail, used) = (0x1000u64, 0x2000u64, 0x3000u64);
+        // Two 64-byte device-writable buffers, heads 0 and 1.
+        for h in 0..2u64 {
+            mem.write_obj(0x10000 + 0x100 * h, GuestAddress(desc + 16 * h))
+                .unwrap();
+            mem.write_obj(64u32, GuestAddress(desc + 16 * h + 8))
+                .unwrap();
+            mem.write_obj(2u16, GuestAddress(desc + 16 * h + 12))
+                .unwrap(); // WRITE
+        }
+        // Left by the device in passthrough; head 0 was available before
+        // the switch (its kick went to the device).
+        mem.write_obj(1u16, GuestAddress(used)).unwrap(); // NO_NOTIFY
+        mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap();
+        mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+        let svq = ShadowVirtqueue::new(
+            SvqConfig {
+                queue_size: 16,
+                shadow_size: 16,
+                guest_features: VERSION_1,
+                device_features: VERSION_1,
+            },
+            GuestRing {
+                desc,
+                avail,
+                used,
+                used_log: used,
+            },
+            RingIndexes::default(),
+        )
+        .unwrap();
+        let shadow = svq.shadow_memory();
+        tree.map(
+            AddrSpace::Host,
+            shadow.as_ptr() as u64,
+            shadow.size() as u64,
+        )
+        .unwrap();
+        let avail_off = svq.shadow_ring_hva().avail - shadow.as_ptr() as u64;
+        let shadow_avail_idx = || {
+            let v: u16 = shadow
+                .as_volatile_slice()
+                .read_obj(avail_off as usize + 2)
+                .unwrap();
+            v
+        };
+
+        let w = WorkerHandle::spawn(0).unwrap();
+        let ev = || Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let (guest_kick, dev_kick, dev_call) = (ev(), ev(), ev());
+        w.attach(Attach {
+            queue: 0,
+            svq: Box::new(svq),
+            guest_kick: guest_kick.clone(),
+            guest_call: None,
+            dev_kick: dev_kick.clone(),
+            dev_call,
+            mem: mem.clone(),
+            tree: Arc::new(tree),
+            stats: Arc::new(QueueStats::default()),
+        })
+        .unwrap();
+        // The take-over pass relayed head 0.
+        assert!(wait_readable(&dev_kick));
+        dev_kick.read().unwrap();
+        assert_eq!(shadow_avail_idx(), 1);
+
+        // The guest adds head 1 and kicks if the device side asks for it.
+        mem.write_obj(1u16, GuestAddress(avail + 6)).unwrap();
+        mem.write_obj(2u16, GuestAddress(avail + 2)).unwrap();
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let flags: u16 = mem.read_obj(GuestAddress(used)).unwrap();
+        assert_eq!(flags & 1, 0, "the SVQ does not poll: it must ask for kicks");
+        guest_kick.write(1).unwrap();
+        assert!(wait_readable(&dev_kick), "head 1 never reached the device");
+        assert_eq!(shadow_avail_idx(), 2);
+        let _ = w.detach(0).unwrap();
+    }
 }

@@ -13,7 +13,7 @@
 use std::cell::Cell;
 use std::sync::atomic::{fence, AtomicU16, AtomicU32, Ordering};
 
-use virtio_bindings::bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
+use virtio_bindings::bindings::virtio_ring::{VRING_AVAIL_F_NO_INTERRUPT, VRING_USED_F_NO_NOTIFY};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{
@@ -154,6 +154,13 @@ pub(crate) struct GuestSide {
     /// region found next time has the same key they are still exact, and
     /// `view` skips three bounds-checked slice lookups.
     ring_offsets: Cell<Option<RingOffsets>>,
+    /// Without EVENT_IDX: the used flags were checked (NO_NOTIFY cleared)
+    /// since the SVQ took the ring. Until then they hold whatever the
+    /// previous owner left, e.g. VRING_USED_F_NO_NOTIFY from a polling
+    /// device in passthrough.
+    kicks_asked: bool,
+    /// `rearm` cleared NO_NOTIFY and the write was not yet reported.
+    flags_written: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -229,6 +236,8 @@ impl GuestSide {
             direct_gen: 0,
             indirect_gen: 0,
             ring_offsets: Cell::new(None),
+            kicks_asked: false,
+            flags_written: false,
         })
     }
 
@@ -534,18 +543,46 @@ impl GuestSide {
         }
     }
 
-    /// Under EVENT_IDX, ask the guest to kick for the next chain after
-    /// `next_avail`. Returns true when chains arrived meanwhile.
+    /// Ask the guest to kick for the next chain after `next_avail`: under
+    /// EVENT_IDX by writing avail_event; without it by clearing the used
+    /// flags once (a device that polled the ring before the SVQ took it over
+    /// may have left VRING_USED_F_NO_NOTIFY there, and the SVQ does not poll:
+    /// the guest would never kick again). Returns true when chains arrived
+    /// meanwhile.
     pub fn rearm(&mut self, v: &RingView) -> Result<bool, SvqError> {
-        if !self.event_idx {
+        if self.event_idx {
+            let off = 4 + 8 * self.size as usize;
+            v.used_u16(off)
+                .store(u16::to_le(self.next_avail()), Ordering::Relaxed);
+        } else if !self.kicks_asked {
+            self.kicks_asked = true;
+            let no_notify = VRING_USED_F_NO_NOTIFY as u16;
+            let flags = u16::from_le(v.used_u16(0).load(Ordering::Relaxed));
+            if flags & no_notify == 0 {
+                return Ok(false);
+            }
+            v.used_u16(0)
+                .store(u16::to_le(flags & !no_notify), Ordering::Relaxed);
+            self.flags_written = true;
+        } else {
             return Ok(false);
         }
-        let off = 4 + 8 * self.size as usize;
-        v.used_u16(off)
-            .store(u16::to_le(self.next_avail()), Ordering::Relaxed);
-        // avail_event must be visible before we re-read avail idx.
+        // The store must be visible before we re-read avail idx, or a chain
+        // the guest added without kicking (it still saw the old value) would
+        // wait for the next kick.
         fence(Ordering::SeqCst);
         Ok(self.avail_idx(v)? != self.next_avail())
+    }
+
+    /// Whether `rearm` wrote the used flags since the last call (reported to
+    /// the dirty log like avail_event).
+    pub fn take_flags_written(&mut self) -> bool {
+        std::mem::take(&mut self.flags_written)
+    }
+
+    /// GPA range (for the dirty log) of the used ring's flags.
+    pub fn used_flags_log(&self) -> (u64, u64) {
+        (self.ring.used_log, 2)
     }
 }
 

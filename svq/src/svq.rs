@@ -33,6 +33,8 @@ pub struct ShadowVirtqueue {
     stopped: bool,
     /// avail_event was written and not yet reported to a dirty log.
     avail_event_dirty: bool,
+    /// The guest used flags were written and not yet reported to a dirty log.
+    used_flags_dirty: bool,
     /// Device-writable bytes every guest chain must offer (0: no check).
     min_writable: u32,
     seq: u64,
@@ -117,6 +119,7 @@ impl ShadowVirtqueue {
             broken: None,
             stopped: false,
             avail_event_dirty: false,
+            used_flags_dirty: false,
             min_writable: 0,
             seq: 0,
             relayed: 0,
@@ -230,7 +233,7 @@ impl ShadowVirtqueue {
     }
 
     /// As `handle_guest_kick`, also reporting the guest ring fields the SVQ
-    /// wrote (avail_event under EVENT_IDX) to `log`.
+    /// wrote (avail_event under EVENT_IDX, the used flags) to `log`.
     pub fn handle_guest_kick_logged(
         &mut self,
         mem: &GuestMemoryMmap,
@@ -242,12 +245,17 @@ impl ShadowVirtqueue {
         r
     }
 
-    /// Report guest ring fields written since the last report (avail_event).
+    /// Report guest ring fields written since the last report (avail_event,
+    /// the used flags).
     /// `handle_device_call` does this itself; call it before the final log
     /// sync of a migration.
     pub fn flush_dirty(&mut self, log: &dyn DirtyLog) {
         if std::mem::take(&mut self.avail_event_dirty) {
             let (gpa, len) = self.guest.avail_event_log();
+            log.mark(gpa, len);
+        }
+        if std::mem::take(&mut self.used_flags_dirty) {
+            let (gpa, len) = self.guest.used_flags_log();
             log.mark(gpa, len);
         }
     }
@@ -394,9 +402,12 @@ impl ShadowVirtqueue {
                     return Ok(());
                 }
             }
-            // rearm writes avail_event under guest EVENT_IDX.
+            // rearm writes avail_event under guest EVENT_IDX, and without
+            // it clears a NO_NOTIFY left by the ring's previous owner once.
             self.avail_event_dirty |= self.guest_event_idx;
-            if !self.guest.rearm(v)? {
+            let more = self.guest.rearm(v)?;
+            self.used_flags_dirty |= self.guest.take_flags_written();
+            if !more {
                 return Ok(());
             }
         }

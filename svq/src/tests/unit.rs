@@ -503,3 +503,45 @@ fn relay_cost() {
         base.as_nanos() as f64 / n
     );
 }
+
+/// A polling device that had the guest ring in passthrough leaves
+/// VRING_USED_F_NO_NOTIFY in its used flags (DPDK net_vhost does). The SVQ
+/// taking the ring over does not poll: its first pass must clear the flag
+/// (and log the write), or a driver honouring it never kicks again and new
+/// chains wait for an unrelated device call.
+#[test]
+fn takeover_clears_no_notify_left_by_a_polling_device() {
+    let start = RingIndexes { avail: 7, used: 7 };
+    let mut f = Fixture::with_start(16, 16, 0, 0, start);
+    f.drv.set_avail_idx(&f.mem, 7);
+    f.mem
+        .write_obj(u16::to_le(1), GuestAddress(USED_GPA)) // NO_NOTIFY
+        .unwrap();
+    // The take-over pass, with nothing available yet.
+    let kick = f
+        .svq
+        .handle_guest_kick_logged(&f.mem, &f.tree, &f.log)
+        .unwrap();
+    assert!(!kick);
+    assert_eq!(f.drv.used_flags(&f.mem), 0, "the guest must kick again");
+    assert!(f.log.covers(USED_GPA, 2), "the flags write is logged");
+    // A chain added after that comes with a kick and is relayed.
+    f.add(&[(8, true)], false);
+    assert!(f.kick().unwrap());
+    assert_eq!(f.dev.take_all(&f.tree), 1);
+}
+
+/// Under EVENT_IDX the driver ignores the used flags: the SVQ asks for
+/// kicks through avail_event only and leaves the flags alone.
+#[test]
+fn takeover_with_event_idx_asks_through_avail_event() {
+    let start = RingIndexes { avail: 7, used: 7 };
+    let mut f = Fixture::with_start(16, 16, F_EVENT_IDX, 0, start);
+    f.drv.set_avail_idx(&f.mem, 7);
+    f.mem
+        .write_obj(u16::to_le(1), GuestAddress(USED_GPA))
+        .unwrap();
+    f.kick().unwrap();
+    assert_eq!(f.drv.used_flags(&f.mem), 1);
+    assert_eq!(f.drv.avail_event(&f.mem), 7);
+}
