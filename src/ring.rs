@@ -93,7 +93,9 @@ impl Device {
                 .map(|()| self.forward_ring_log(q))
         };
         if res.is_ok() {
-            if !self.vrings[q].in_flight.is_empty() {
+            // In shadow mode with an in-flight region they were resubmitted.
+            let resubmitted = self.shadow && self.migration.inflight().is_some();
+            if !self.vrings[q].in_flight.is_empty() && !resubmitted {
                 log::warn!(target: LOG, "{}: queue {q}: {} heads were in flight when it stopped; \
                     the device does not resubmit them", self.name, self.vrings[q].in_flight.len());
                 self.vrings[q].in_flight.clear();
@@ -181,13 +183,62 @@ impl Device {
 
     /// An SVQ relays the guest ring; the device gets the shadow ring at base 0
     /// and the daemon's own eventfds.
+    /// Heads the INFLIGHT_SHMFD region holds for `q` (a restarted VMM or
+    /// daemon) are resubmitted before any new avail entry.
     pub(crate) fn start_shadow(&mut self, q: usize, idx: RingIndexes) -> Result<()> {
-        let started = self.start_shadow_begin(q, idx)?;
+        let (idx, heads) = self.inflight_to_resubmit(q, idx);
+        let started = self.start_shadow_with(q, idx, &heads)?;
         self.start_shadow_finish(q, started)
+    }
+
+    /// The heads to resubmit on `q`, oldest first, and where the guest ring
+    /// continues: at the guest used idx plus the heads in flight (as
+    /// libvhost-user does), since a VMM that lost the back-end sets the
+    /// vring base to the used idx and the in-flight heads sit before it.
+    fn inflight_to_resubmit(&self, q: usize, idx: RingIndexes) -> (RingIndexes, Vec<u16>) {
+        let Some(region) = self.migration.inflight() else {
+            return (idx, Vec::new());
+        };
+        let Some(iq) = u16::try_from(q).ok().and_then(|q| region.queue(q)) else {
+            return (idx, Vec::new());
+        };
+        if iq.version() == 0 {
+            return (idx, Vec::new());
+        }
+        let Some((_, used)) = self.read_guest_indexes(q) else {
+            return (idx, Vec::new());
+        };
+        let heads = match iq.recover(used) {
+            Ok(h) => h,
+            Err(e) => {
+                log::warn!(target: LOG, "{}: queue {q}: in-flight region: {e}", self.name);
+                return (idx, Vec::new());
+            }
+        };
+        if heads.is_empty() {
+            return (idx, heads);
+        }
+        let avail = used.wrapping_add(heads.len() as u16);
+        if idx.avail != avail && idx.avail != used {
+            log::warn!(target: LOG, "{}: queue {q}: vring base {} is neither the used idx {used} nor \
+                {avail} past the {} heads in flight; continuing at {avail}", self.name, idx.avail, heads.len());
+        }
+        log::info!(target: LOG, "{}: queue {q}: resubmitting {} heads in flight", self.name, heads.len());
+        (RingIndexes { avail, used }, heads)
     }
 
     /// Everything up to handing the SVQ to the worker (not waited for).
     pub(crate) fn start_shadow_begin(&mut self, q: usize, idx: RingIndexes) -> Result<ShadowStart> {
+        self.start_shadow_with(q, idx, &[])
+    }
+
+    /// As `start_shadow_begin`, relaying `resubmit` (guest heads) first.
+    fn start_shadow_with(
+        &mut self,
+        q: usize,
+        idx: RingIndexes,
+        resubmit: &[u16],
+    ) -> Result<ShadowStart> {
         let v = &self.vrings[q];
         let a = v.addrs.ok_or(DeviceError::NoMemTable { queue: q })?;
         let guest_kick = v.kick.clone().ok_or(DeviceError::NotStarted)?;
@@ -216,6 +267,13 @@ impl Device {
             // waiting for room forever.
             svq.set_min_writable(net_header_len(cfg.guest_features));
         }
+        if let Some(log) = self.inflight_log(q, resubmit.is_empty()) {
+            svq.set_inflight_log(Box::new(log));
+        }
+        // Before the device gets the shadow ring: it starts with them.
+        let kick_resubmitted = svq
+            .resubmit(resubmit, &self.guest_mem, &self.tree)
+            .map_err(svq_err)?;
         let mem = svq.shadow_memory();
         let hva = mem.as_ptr() as u64;
         let iova = self
@@ -244,6 +302,11 @@ impl Device {
                 })
                 .map_err(DeviceError::from)
         });
+        if r.is_ok() && kick_resubmitted {
+            if let Err(e) = res.dev_kick.write(1) {
+                log::warn!(target: LOG, "{}: queue {q}: kick after resubmitting: {e}", self.name);
+            }
+        }
         match r {
             Ok(pending) => Ok(ShadowStart { res, pending, idx }),
             Err(e) => {
@@ -430,6 +493,33 @@ impl Device {
             }
         }
         idx.avail
+    }
+
+    /// The SVQ's hook on `q`'s part of the INFLIGHT_SHMFD region. With
+    /// `clear_stale`, heads still marked there are cleared first: they are
+    /// left from an earlier shadow period that a passthrough device took
+    /// over, and would otherwise be resubmitted after a later restart.
+    /// Passthrough rings are not tracked: the device owns the ring there
+    /// (a vhost-user device would need its own INFLIGHT_SHMFD; sim and vdpa
+    /// have none).
+    fn inflight_log(
+        &self,
+        q: usize,
+        clear_stale: bool,
+    ) -> Option<crate::migration::inflight_log::RegionLog> {
+        let region = self.migration.inflight()?;
+        let q16 = u16::try_from(q).ok()?;
+        let iq = region.queue(q16)?;
+        if clear_stale {
+            let stale = iq.resubmit_list();
+            if !stale.is_empty() {
+                log::debug!(target: LOG, "{}: queue {q}: clearing {} stale in-flight heads", self.name, stale.len());
+                if let Err(e) = iq.commit_batch(&stale, iq.used_idx()) {
+                    log::warn!(target: LOG, "{}: queue {q}: in-flight region: {e}", self.name);
+                }
+            }
+        }
+        crate::migration::inflight_log::RegionLog::new(region, q16)
     }
 
     /// Heads the device kept when a ring stopped go to the INFLIGHT_SHMFD

@@ -8,6 +8,7 @@
 pub mod control;
 pub mod dirty_log;
 pub mod inflight;
+pub mod inflight_log;
 mod mapping;
 pub mod postcopy;
 pub mod state;

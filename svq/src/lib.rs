@@ -15,6 +15,7 @@ mod dirty;
 mod error;
 mod guest;
 mod inflight;
+mod inflight_log;
 mod memory;
 mod shadow_ring;
 mod svq;
@@ -24,6 +25,7 @@ mod tests;
 
 pub use dirty::{DirtyLog, NoDirtyLog};
 pub use error::SvqError;
+pub use inflight_log::InflightLog;
 pub use memory::ShadowLayout;
 pub use svq::ShadowVirtqueue;
 

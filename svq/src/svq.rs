@@ -11,11 +11,14 @@ use crate::inflight::{Chain, InFlightTable};
 use crate::memory::{ShadowLayout, ShadowMem};
 use crate::shadow_ring::{ShadowRing, ShadowSeg};
 use crate::{
-    CallOutcome, DirtyLog, GuestRing, RingIndexes, ShadowRingAddrs, StopState, SvqConfig, SvqError,
-    SvqStats, F_EVENT_IDX, F_INDIRECT_DESC,
+    CallOutcome, DirtyLog, GuestRing, InflightLog, RingIndexes, ShadowRingAddrs, StopState,
+    SvqConfig, SvqError, SvqStats, F_EVENT_IDX, F_INDIRECT_DESC,
 };
 
 const LOG: &str = "svq";
+
+#[path = "resubmit.rs"]
+mod resubmit;
 
 pub struct ShadowVirtqueue {
     cfg: SvqConfig,
@@ -52,6 +55,8 @@ pub struct ShadowVirtqueue {
     /// the in-flight slot's, so no chain is moved or allocated per
     /// descriptor.
     cur: Chain,
+    /// Told of every head popped, completed or given back (INFLIGHT_SHMFD).
+    inflight_log: Option<Box<dyn InflightLog>>,
 }
 
 impl ShadowVirtqueue {
@@ -129,6 +134,7 @@ impl ShadowVirtqueue {
             iova_segs: Vec::new(),
             last_map: None,
             cur: Chain::default(),
+            inflight_log: None,
         })
     }
 
@@ -148,6 +154,12 @@ impl ShadowVirtqueue {
     /// chain is relayed and the device waits on it forever.
     pub fn set_min_writable(&mut self, bytes: u32) {
         self.min_writable = bytes;
+    }
+
+    /// Report every guest head popped, completed or given back to `log`
+    /// from now on (the daemon's INFLIGHT_SHMFD region).
+    pub fn set_inflight_log(&mut self, log: Box<dyn InflightLog>) {
+        self.inflight_log = Some(log);
     }
 
     /// The minimum set by [`set_min_writable`](Self::set_min_writable).
@@ -349,7 +361,13 @@ impl ShadowVirtqueue {
             left -= n;
         }
         let guest_head = chain.guest_head;
+        if let Some(l) = &self.inflight_log {
+            l.completing(guest_head);
+        }
         let at = self.guest.add_used(v, guest_head, len)?;
+        if let Some(l) = &self.inflight_log {
+            l.completed(guest_head, self.guest.next_used());
+        }
         let (gpa, l) = self.guest.used_entry_log(at);
         log.mark(gpa, l);
         let (gpa, l) = self.guest.used_idx_log();
@@ -434,6 +452,9 @@ impl ShadowVirtqueue {
         self.guest.advance();
         if let Some(b) = self.guest_busy.get_mut(head as usize) {
             *b = true;
+        }
+        if let Some(l) = &self.inflight_log {
+            l.popped(head);
         }
         Ok(())
     }
@@ -631,6 +652,9 @@ impl ShadowVirtqueue {
                 if let Some(b) = self.guest_busy.get_mut(e.guest_head as usize) {
                     *b = false;
                 }
+                if let Some(l) = &self.inflight_log {
+                    l.returned(e.guest_head);
+                }
             }
         }
         self.shadow.unpublish_to(device_next_avail);
@@ -638,6 +662,9 @@ impl ShadowVirtqueue {
         for c in self.parked.drain(..) {
             if let Some(b) = self.guest_busy.get_mut(c.guest_head as usize) {
                 *b = false;
+            }
+            if let Some(l) = &self.inflight_log {
+                l.returned(c.guest_head);
             }
         }
         self.guest.rewind(rewind as u16);

@@ -1,6 +1,7 @@
 mod adversarial;
 mod harness;
 mod prop;
+mod resubmit;
 mod unit;
 
 use iova::IovaTree;
