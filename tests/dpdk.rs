@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::peers::{testpmd_or_skip, TESTPMD};
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,31 +20,9 @@ use common::qmp::{queue_info, u64_field};
 use common::{Daemon, Qmp};
 use serde_json::{json, Value};
 
-const TESTPMD: &str = "dpdk-testpmd";
 /// testpmd's default burst: --tx-first puts one burst per queue into
 /// circulation, and without drops no more than that is ever in flight.
 const BURST: u64 = 32;
-
-fn testpmd_installed() -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(TESTPMD).is_file()))
-        .unwrap_or(false)
-}
-
-/// Skips the test when testpmd is missing, unless SVQ_RELAY_REQUIRE_PEERS
-/// is set (CI), where a missing peer is a failure.
-macro_rules! require_testpmd {
-    () => {
-        if !testpmd_installed() {
-            assert!(
-                std::env::var_os("SVQ_RELAY_REQUIRE_PEERS").is_none(),
-                "dpdk-testpmd not installed but SVQ_RELAY_REQUIRE_PEERS is set"
-            );
-            eprintln!("skipping: dpdk-testpmd not installed");
-            return;
-        }
-    };
-}
 
 struct TestPmd {
     child: Option<Child>,
@@ -221,7 +201,9 @@ fn parse_testpmd_statistics() {
 
 #[test]
 fn testpmd_passthrough() {
-    require_testpmd!();
+    if !testpmd_or_skip() {
+        return;
+    }
     let d = Daemon::spawn(&["--shadow", "off"]);
     let mut pmd = TestPmd::start(d.dir.path(), &d.socket, 1);
     sleep(Duration::from_secs(2));
@@ -235,7 +217,9 @@ fn testpmd_passthrough() {
 
 #[test]
 fn testpmd_shadow_counters_agree() {
-    require_testpmd!();
+    if !testpmd_or_skip() {
+        return;
+    }
     let d = Daemon::spawn(&["--shadow", "on", "--queues", "2"]);
     let mut pmd = TestPmd::start(d.dir.path(), &d.socket, 2);
     sleep(Duration::from_secs(2));
@@ -272,7 +256,9 @@ fn testpmd_shadow_counters_agree() {
 
 #[test]
 fn testpmd_across_switches() {
-    require_testpmd!();
+    if !testpmd_or_skip() {
+        return;
+    }
     let d = Daemon::spawn(&["--shadow", "off"]);
     let mut pmd = TestPmd::start(d.dir.path(), &d.socket, 1);
     let mut q = Qmp::connect_ready(&d.qmp);
@@ -318,7 +304,9 @@ fn testpmd_across_switches() {
 /// peer), with virtio-user's in-order and mergeable buffers switched off.
 #[test]
 fn testpmd_restart_shadow() {
-    require_testpmd!();
+    if !testpmd_or_skip() {
+        return;
+    }
     let d = Daemon::spawn(&["--shadow", "on"]);
     let mut total_tx = 0;
     for (round, opts) in ["", ",in_order=0,mrg_rxbuf=0"].into_iter().enumerate() {

@@ -10,6 +10,8 @@
 
 mod common;
 
+use common::peers::{testpmd_or_skip, TESTPMD};
+
 use std::fs::File;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -20,14 +22,6 @@ use common::daemon::tempdir;
 use common::migrate::{migration_proto, pages_of, set_log_base, Log, F_LOG_ALL};
 use common::{pump, Daemon, Qmp, Until, Vmm, VmmConfig};
 use vhost::VhostBackend;
-
-const TESTPMD: &str = "dpdk-testpmd";
-
-fn testpmd_installed() -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(TESTPMD).is_file()))
-        .unwrap_or(false)
-}
 
 /// testpmd net_vhost on `sock`, killed with its `timeout` wrapper on drop.
 struct Device {
@@ -91,12 +85,7 @@ impl Drop for Device {
 
 #[test]
 fn log_forwarded_to_testpmd_in_passthrough() {
-    if !testpmd_installed() {
-        assert!(
-            std::env::var_os("SVQ_RELAY_REQUIRE_PEERS").is_none(),
-            "dpdk-testpmd not installed but SVQ_RELAY_REQUIRE_PEERS is set"
-        );
-        eprintln!("skipping: dpdk-testpmd not installed");
+    if !testpmd_or_skip() {
         return;
     }
     let dir = tempdir();

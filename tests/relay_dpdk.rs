@@ -23,6 +23,8 @@
 
 mod common;
 
+use common::peers::{testpmd_or_skip, TESTPMD};
+
 use std::fs::File;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -37,7 +39,6 @@ use common::qmp::u64_field;
 use common::{Daemon, Qmp};
 use serde_json::{json, Value};
 
-const TESTPMD: &str = "dpdk-testpmd";
 /// testpmd's default burst size.
 const BURST: u64 = 32;
 /// What may be between the two ends of one direction per queue pair when the
@@ -52,25 +53,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn testpmd_installed() -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(TESTPMD).is_file()))
-        .unwrap_or(false)
-}
-
-macro_rules! require_testpmd {
-    () => {
-        if !testpmd_installed() {
-            assert!(
-                std::env::var_os("SVQ_RELAY_REQUIRE_PEERS").is_none(),
-                "dpdk-testpmd not installed but SVQ_RELAY_REQUIRE_PEERS is set"
-            );
-            eprintln!("skipping: dpdk-testpmd not installed");
-            return;
-        }
-    };
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -355,7 +337,9 @@ fn parse_counters() {
 
 #[test]
 fn relay_dpdk_passthrough() {
-    require_testpmd!();
+    if !testpmd_or_skip() {
+        return;
+    }
     steady("off", 1);
 }
 
@@ -363,13 +347,17 @@ fn relay_dpdk_passthrough() {
 /// must fit DPDK's eight memory regions (one shared shadow area).
 #[test]
 fn relay_dpdk_shadow_four_pairs() {
-    require_testpmd!();
+    if !testpmd_or_skip() {
+        return;
+    }
     steady("on", 4);
 }
 
 #[test]
 fn relay_dpdk_across_switches() {
-    require_testpmd!();
+    if !testpmd_or_skip() {
+        return;
+    }
     let _g = serial();
     let dir = tempdir();
     let dev_sock = dir.path().join("dev.sock");
@@ -412,7 +400,9 @@ fn relay_dpdk_across_switches() {
 /// when forwarding starts, which may be the burst the guest had circulating.
 #[test]
 fn relay_dpdk_device_restart() {
-    require_testpmd!();
+    if !testpmd_or_skip() {
+        return;
+    }
     let _g = serial();
     let dir = tempdir();
     let dev_sock = dir.path().join("dev.sock");
@@ -465,7 +455,9 @@ fn relay_dpdk_device_restart() {
 /// connects; the daemon serves the VMM once the device is there.
 #[test]
 fn relay_dpdk_device_connects_to_the_daemon() {
-    require_testpmd!();
+    if !testpmd_or_skip() {
+        return;
+    }
     let _g = serial();
     let dir = tempdir();
     let dev_sock = dir.path().join("dev.sock");

@@ -8,6 +8,7 @@ pub mod mem;
 pub mod migrate;
 pub mod net;
 pub mod packet;
+pub mod peers;
 pub mod qmp;
 pub mod raw;
 pub mod ring;
