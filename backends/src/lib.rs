@@ -97,6 +97,16 @@ impl IovaRange {
     }
 }
 
+/// The bytes `[offset, offset + len)` of a config space of `size` bytes, or
+/// the error a config access outside it gets.
+pub(crate) fn config_range(offset: u32, len: usize, size: usize) -> Result<std::ops::Range<usize>> {
+    let start = offset as usize;
+    match start.checked_add(len) {
+        Some(end) if end <= size => Ok(start..end),
+        _ => Err(BackendError::ConfigOutOfRange { offset, len, size }),
+    }
+}
+
 /// Ring addresses, as IOVAs in the device's address space.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VringAddrs {

@@ -779,14 +779,7 @@ impl VdpaNet {
     }
 
     fn config_range(&self, offset: u32, len: usize) -> Result<()> {
-        match (offset as usize).checked_add(len) {
-            Some(end) if end <= self.config_size => Ok(()),
-            _ => Err(BackendError::ConfigOutOfRange {
-                offset,
-                len,
-                size: self.config_size,
-            }),
-        }
+        crate::config_range(offset, len, self.config_size).map(drop)
     }
 }
 

@@ -510,7 +510,7 @@ impl Inner {
     }
 
     pub(crate) fn get_config(&mut self, offset: u32, buf: &mut [u8]) -> Result<()> {
-        let range = config_range(offset, buf.len())?;
+        let range = crate::config_range(offset, buf.len(), CONFIG_SIZE)?;
         if self.device_config {
             let len = buf.len() as u32;
             let zeros = vec![0u8; buf.len()];
@@ -528,7 +528,7 @@ impl Inner {
     }
 
     pub(crate) fn set_config(&mut self, offset: u32, data: &[u8]) -> Result<()> {
-        let range = config_range(offset, data.len())?;
+        let range = crate::config_range(offset, data.len(), CONFIG_SIZE)?;
         if self.device_config {
             self.io("SET_CONFIG", |c| {
                 c.fe.set_config(offset, VhostUserConfigFlags::WRITABLE, data)
@@ -760,17 +760,5 @@ impl Inner {
             self.send_status(self.status)?;
         }
         Ok(())
-    }
-}
-
-fn config_range(offset: u32, len: usize) -> Result<std::ops::Range<usize>> {
-    let start = offset as usize;
-    match start.checked_add(len) {
-        Some(end) if end <= CONFIG_SIZE => Ok(start..end),
-        _ => Err(BackendError::ConfigOutOfRange {
-            offset,
-            len,
-            size: CONFIG_SIZE,
-        }),
     }
 }
