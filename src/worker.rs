@@ -479,22 +479,25 @@ mod tests {
         unsafe { libc::poll(&mut p, 1, 5000) == 1 }
     }
 
-    /// A guest buffer goes guest ring -> worker's SVQ -> shadow ring, the
-    /// test plays the device on the shadow ring, and the completion comes
-    /// back to the guest used ring with a guest interrupt.
-    #[test]
-    fn relays_one_buffer_and_detaches() {
+    /// Where the tests' guest ring of 16 lives.
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+
+    /// 1 MiB of guest memory at GPA 0 mapped at IOVA = GPA, and an SVQ of 16
+    /// on the guest ring at DESC/AVAIL/USED whose shadow memory is mapped in
+    /// the tree. The SVQ reads no guest memory until it is attached, so the
+    /// tests fill the ring afterwards.
+    fn svq_fixture() -> (
+        Arc<GuestMemoryMmap>,
+        IovaTree,
+        ShadowVirtqueue,
+        Arc<vm_memory::MmapRegion>,
+    ) {
         let table = MemoryTable::from_regions(vec![region(0, 0x10_0000, 0x7000_0000)]).unwrap();
         let mem = Arc::new(table.guest_memory());
         let mut tree = IovaTree::new(0, (1 << 40) - 1).unwrap();
         tree.map(AddrSpace::Guest, 0, 0x10_0000).unwrap();
-        // Guest ring of 16: one 64-byte device-writable buffer at 0x10000.
-        let (desc, avail, used) = (0x1000u64, 0x2000u64, 0x3000u64);
-        mem.write_obj(0x10000u64, GuestAddress(desc)).unwrap();
-        mem.write_obj(64u32, GuestAddress(desc + 8)).unwrap();
-        mem.write_obj(2u16, GuestAddress(desc + 12)).unwrap(); // WRITE
-        mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap(); // ring[0] = head 0
-        mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap(); // idx
         let svq = ShadowVirtqueue::new(
             SvqConfig {
                 queue_size: 16,
@@ -503,18 +506,38 @@ mod tests {
                 device_features: VERSION_1,
             },
             GuestRing {
-                desc,
-                avail,
-                used,
-                used_log: used,
+                desc: DESC,
+                avail: AVAIL,
+                used: USED,
+                used_log: USED,
             },
             RingIndexes::default(),
         )
         .unwrap();
         let shadow = svq.shadow_memory();
+        tree.map(
+            AddrSpace::Host,
+            shadow.as_ptr() as u64,
+            shadow.size() as u64,
+        )
+        .unwrap();
+        (mem, tree, svq, shadow)
+    }
+
+    /// A guest buffer goes guest ring -> worker's SVQ -> shadow ring, the
+    /// test plays the device on the shadow ring, and the completion comes
+    /// back to the guest used ring with a guest interrupt.
+    #[test]
+    fn relays_one_buffer_and_detaches() {
+        let (mem, tree, svq, shadow) = svq_fixture();
         let hva = shadow.as_ptr() as u64;
-        tree.map(AddrSpace::Host, hva, shadow.size() as u64)
-            .unwrap();
+        // Guest ring of 16: one 64-byte device-writable buffer at 0x10000.
+        let (desc, avail, used) = (DESC, AVAIL, USED);
+        mem.write_obj(0x10000u64, GuestAddress(desc)).unwrap();
+        mem.write_obj(64u32, GuestAddress(desc + 8)).unwrap();
+        mem.write_obj(2u16, GuestAddress(desc + 12)).unwrap(); // WRITE
+        mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap(); // ring[0] = head 0
+        mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap(); // idx
         let rings = svq.shadow_ring_hva();
 
         let w = WorkerHandle::spawn(0).unwrap();
@@ -587,11 +610,8 @@ mod tests {
     #[test]
     fn guest_kicks_again_after_taking_over_a_polled_ring() {
         use vm_memory::VolatileMemory;
-        let table = MemoryTable::from_regions(vec![region(0, 0x10_0000, 0x7000_0000)]).unwrap();
-        let mem = Arc::new(table.guest_memory());
-        let mut tree = IovaTree::new(0, (1 << 40) - 1).unwrap();
-        tree.map(AddrSpace::Guest, 0, 0x10_0000).unwrap();
-        let (desc, avail, used) = (0x1000u64, 0x2000u64, 0x3000u64);
+        let (mem, tree, svq, shadow) = svq_fixture();
+        let (desc, avail, used) = (DESC, AVAIL, USED);
         // Two 64-byte device-writable buffers, heads 0 and 1.
         for h in 0..2u64 {
             mem.write_obj(0x10000 + 0x100 * h, GuestAddress(desc + 16 * h))
@@ -606,29 +626,6 @@ mod tests {
         mem.write_obj(1u16, GuestAddress(used)).unwrap(); // NO_NOTIFY
         mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap();
         mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
-        let svq = ShadowVirtqueue::new(
-            SvqConfig {
-                queue_size: 16,
-                shadow_size: 16,
-                guest_features: VERSION_1,
-                device_features: VERSION_1,
-            },
-            GuestRing {
-                desc,
-                avail,
-                used,
-                used_log: used,
-            },
-            RingIndexes::default(),
-        )
-        .unwrap();
-        let shadow = svq.shadow_memory();
-        tree.map(
-            AddrSpace::Host,
-            shadow.as_ptr() as u64,
-            shadow.size() as u64,
-        )
-        .unwrap();
         let avail_off = svq.shadow_ring_hva().avail - shadow.as_ptr() as u64;
         let shadow_avail_idx = || {
             let v: u16 = shadow

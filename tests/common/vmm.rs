@@ -232,18 +232,8 @@ impl Vmm {
         if q & 1 == 0 {
             self.pairs[q / 2].post_rx();
         }
-        let size = self.queue(q).ring.size;
         let base = self.queue(q).ring.last_used;
-        let cfg = self.vring_config(q);
-        self.fe.set_vring_num(q, size)?;
-        self.fe.set_vring_addr(q, &cfg)?;
-        self.fe.set_vring_base(q, base)?;
-        self.fe.set_vring_call(q, &self.queue(q).call)?;
-        self.fe.set_vring_kick(q, &self.queue(q).kick)?;
-        self.fe.set_vring_enable(q, true)?;
-        // Buffers may already be waiting.
-        self.queue(q).kick();
-        Ok(())
+        self.restart_queue(q, base)
     }
 
     /// Restarts a stopped queue at `base` (after GET_VRING_BASE), same rings.
@@ -256,6 +246,7 @@ impl Vmm {
         self.fe.set_vring_call(q, &self.queue(q).call)?;
         self.fe.set_vring_kick(q, &self.queue(q).kick)?;
         self.fe.set_vring_enable(q, true)?;
+        // Buffers may already be waiting.
         self.queue(q).kick();
         Ok(())
     }
