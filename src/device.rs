@@ -187,6 +187,9 @@ pub struct Device {
     /// Features the backend was last given (None: not since the last reset).
     pub(crate) backend_features: Option<u64>,
     pub(crate) protocol_features: u64,
+    /// The virtio status the VMM set with SET_STATUS (STATUS protocol
+    /// feature); with that feature negotiated rings start at DRIVER_OK.
+    pub(crate) vmm_status: u8,
     /// Mode the data path is in (or will start in): shadow or passthrough.
     pub(crate) shadow: bool,
     pub(crate) workers: Vec<WorkerHandle>,
@@ -251,6 +254,7 @@ impl Device {
             acked_features: None,
             backend_features: None,
             protocol_features: 0,
+            vmm_status: 0,
             shadow,
             workers,
             stats: (0..num_queues)

@@ -13,6 +13,7 @@ pub mod memory;
 pub mod migration;
 mod netctrl;
 mod postcopy;
+pub mod protocol;
 pub mod qmp;
 mod ring;
 pub mod server;

@@ -65,6 +65,7 @@ impl Device {
             && enabled
             && self.acked_features.is_some()
             && !self.mem.is_empty()
+            && self.driver_ok()
     }
 
     /// Start ring `q` in the device's current mode if it is ready.

@@ -12,11 +12,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::cli::{Listen, RunConfig, ShadowPolicy};
 use crate::device::{lock, Device, SharedDevice};
+use crate::protocol::Session;
 use crate::qmp::{Qmp, QmpDevice};
 use crate::vhost_user::{ModeListener, VuHandler};
 
@@ -174,21 +174,17 @@ fn serve_connection(
     let _ = stream.set_read_timeout(Some(MESSAGE_TIMEOUT));
     // A VMM that stops reading replies must not wedge the main thread.
     let _ = stream.set_write_timeout(Some(MESSAGE_TIMEOUT));
-    let handler = Arc::new(Mutex::new(VuHandler::with_mode_listener(
-        device.clone(),
-        on_mode.clone(),
-    )));
-    let mut conn = BackendReqHandler::from_stream(stream, handler);
+    let mut session = Session::new(VuHandler::new(device.clone(), on_mode.clone()));
     log::info!(target: LOG, "VMM connected");
     let exit = loop {
-        match wait_readable(Some(conn.as_raw_fd()), sig, None) {
+        match wait_readable(Some(stream.as_raw_fd()), sig, None) {
             Wait::Signal => break true,
             Wait::Timeout => continue,
             Wait::Ready => {}
         }
-        match conn.handle_request() {
+        match session.serve_one(&stream) {
             Ok(()) => {}
-            Err(VuError::Disconnected) => {
+            Err(e) if e.is_disconnect() => {
                 log::info!(target: LOG, "VMM disconnected");
                 break false;
             }
@@ -198,7 +194,8 @@ fn serve_connection(
             }
         }
     };
-    drop(conn);
+    drop(session);
+    drop(stream);
     let events = {
         let mut d = lock(device);
         d.disconnect();

@@ -1,46 +1,40 @@
-//! The vhost-user backend toward the VMM.
+//! The device model behind the vhost-user protocol layer
+//! (`crate::protocol`): each request the session accepted becomes a call on
+//! the locked `Device`.
 //!
-//! Built on `vhost::vhost_user::BackendReqHandler` with our own
-//! `VhostUserBackendReqHandlerMut`, not on vhost-user-backend's
-//! `VhostUserDaemon`: that daemon always polls every queue's kick eventfd in
-//! its own epoll loop and owns the vrings, but in passthrough the guest's
-//! kick/call eventfds must go to the device untouched (the daemon is off the
-//! data path), and in shadow mode they belong to our per-pair workers. The
-//! plain message dispatcher lets the device model decide who consumes which
-//! eventfd.
+//! In passthrough the guest's kick/call eventfds go to the device untouched
+//! (the daemon is off the data path); in shadow mode they belong to the
+//! per-pair workers. The device model decides who consumes which eventfd,
+//! which is why this is not vhost-user-backend's `VhostUserDaemon`.
 //!
-//! Every error is logged here with its cause and reported to the VMM (as a
-//! REPLY_ACK failure when negotiated); the connection loop then drops the
-//! connection (as DPDK's vhost library does), the device state stays.
+//! Every request ends in `after_request`, which reports the mode changes it
+//! caused to QMP (outside the device lock).
 
 use std::fs::File;
 use std::os::unix::io::{FromRawFd, IntoRawFd};
 use std::sync::Arc;
 
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
-    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
-    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVringAddrFlags, VhostUserVringState,
-};
-use vhost::vhost_user::{
-    Backend, Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight, VhostUserLog,
+    VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserSingleMemoryRegion,
+    VhostUserVringAddr, VhostUserVringAddrFlags,
 };
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::device::{lock, Device, DeviceError, SharedDevice};
+use crate::device::{lock, Device, SharedDevice};
 use crate::memory::{GuestRegion, RegionDesc, MAX_MEM_SLOTS};
+use crate::protocol::{HandlerResult, RequestHandler};
 
-const LOG: &str = "vhost-user";
-
-/// Protocol features offered besides the migration ones. STATUS is not:
-/// vhost 0.18's dispatcher does not route SET_STATUS/GET_STATUS to the
-/// handler (a VMM therefore never sends SET_STATUS(0) before
-/// GET_VRING_BASE; RESET_OWNER and a disconnect keep the ring state).
+/// Protocol features offered besides the migration ones. CONFIG is not:
+/// QEMU's virtio-net has no use for the back-end's config space (it warns
+/// "supports VHOST_USER_PROTOCOL_F_CONFIG but QEMU does not"); GET_CONFIG
+/// is still answered for frontends that read it anyway.
 pub fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
-        | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::STATUS
+        | VhostUserProtocolFeatures::RESET_DEVICE
 }
 
 /// Everything offered: the above plus LOG_SHMFD, DEVICE_STATE,
@@ -60,42 +54,13 @@ pub struct VuHandler {
 }
 
 impl VuHandler {
-    pub fn new(device: SharedDevice) -> Self {
-        VuHandler {
-            device,
-            on_mode: None,
-        }
-    }
-
-    pub fn with_mode_listener(device: SharedDevice, on_mode: Option<ModeListener>) -> Self {
+    pub fn new(device: SharedDevice, on_mode: Option<ModeListener>) -> Self {
         VuHandler { device, on_mode }
     }
 
-    /// Run `f` on the locked device, then report mode changes (outside the
-    /// lock: the listener writes to QMP sockets).
-    fn with_device<T>(&self, f: impl FnOnce(&mut Device) -> T) -> T {
-        let (r, events) = {
-            let mut d = lock(&self.device);
-            let r = f(&mut d);
-            (r, d.take_mode_events())
-        };
-        if let Some(l) = &self.on_mode {
-            for e in events {
-                l(e);
-            }
-        }
-        r
+    fn dev(&self) -> std::sync::MutexGuard<'_, Device> {
+        lock(&self.device)
     }
-}
-
-fn fail(op: &str, e: DeviceError) -> VuError {
-    log::error!(target: LOG, "{op}: {e}");
-    VuError::ReqHandlerError(std::io::Error::other(e.to_string()))
-}
-
-fn unsupported(op: &'static str) -> VuError {
-    log::error!(target: LOG, "{op} is not supported");
-    VuError::InvalidOperation(op)
 }
 
 /// A received fd as an EventFd.
@@ -116,278 +81,192 @@ fn region_desc(r: &VhostUserMemoryRegion) -> RegionDesc {
     }
 }
 
-impl VhostUserBackendReqHandlerMut for VuHandler {
-    fn set_owner(&mut self) -> VuResult<()> {
+impl RequestHandler for VuHandler {
+    fn features(&mut self) -> u64 {
+        self.dev().offered_features()
+    }
+
+    fn set_features(&mut self, features: u64) -> HandlerResult<()> {
+        Ok(self.dev().set_features(features)?)
+    }
+
+    fn protocol_features(&mut self) -> VhostUserProtocolFeatures {
+        offered_protocol_features(&self.dev())
+    }
+
+    fn set_protocol_features(&mut self, f: VhostUserProtocolFeatures) -> HandlerResult<()> {
+        self.dev().set_protocol_features(f.bits());
         Ok(())
     }
 
-    fn reset_owner(&mut self) -> VuResult<()> {
-        self.with_device(|d| d.disconnect());
+    fn queue_num(&mut self) -> u64 {
+        self.dev().num_queues() as u64
+    }
+
+    fn max_mem_slots(&mut self) -> u64 {
+        MAX_MEM_SLOTS as u64
+    }
+
+    fn set_owner(&mut self) -> HandlerResult<()> {
         Ok(())
     }
 
-    fn reset_device(&mut self) -> VuResult<()> {
-        self.with_device(|d| d.disconnect());
+    fn reset_owner(&mut self) -> HandlerResult<()> {
+        self.dev().disconnect();
         Ok(())
     }
 
-    fn get_features(&mut self) -> VuResult<u64> {
-        Ok(lock(&self.device).offered_features())
-    }
-
-    fn set_features(&mut self, features: u64) -> VuResult<()> {
-        self.with_device(|d| d.set_features(features))
-            .map_err(|e| fail("SET_FEATURES", e))
+    fn reset_device(&mut self) -> HandlerResult<()> {
+        self.dev().disconnect();
+        Ok(())
     }
 
     fn set_mem_table(
         &mut self,
-        ctx: &[VhostUserMemoryRegion],
+        regions: &[VhostUserMemoryRegion],
         files: Vec<File>,
-        postcopy: Option<bool>,
-    ) -> VuResult<Option<Vec<u64>>> {
-        let regions = ctx
+        postcopy: bool,
+    ) -> HandlerResult<Vec<u64>> {
+        let mapped = regions
             .iter()
             .zip(files)
             .map(|(r, f)| GuestRegion::map(region_desc(r), f))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| fail("SET_MEM_TABLE", e.into()))?;
-        let mut d = lock(&self.device);
-        d.set_mem_table(regions)
-            .map_err(|e| fail("SET_MEM_TABLE", e))?;
-        if postcopy == Some(true) {
-            let gpas: Vec<u64> = ctx.iter().map(|r| r.guest_phys_addr).collect();
-            return d
-                .postcopy_register(&gpas)
-                .map(Some)
-                .map_err(|e| fail("SET_MEM_TABLE (postcopy)", e));
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut d = self.dev();
+        d.set_mem_table(mapped)?;
+        if !postcopy {
+            return Ok(Vec::new());
         }
-        Ok(None)
-    }
-
-    fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
-        lock(&self.device)
-            .set_vring_num(index, num)
-            .map_err(|e| fail("SET_VRING_NUM", e))
-    }
-
-    fn set_vring_addr(
-        &mut self,
-        index: u32,
-        flags: VhostUserVringAddrFlags,
-        descriptor: u64,
-        used: u64,
-        available: u64,
-        log: u64,
-    ) -> VuResult<()> {
-        let log = flags
-            .contains(VhostUserVringAddrFlags::VHOST_VRING_F_LOG)
-            .then_some(log);
-        lock(&self.device)
-            .set_vring_addr(index, descriptor, used, available, log)
-            .map_err(|e| fail("SET_VRING_ADDR", e))
-    }
-
-    fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
-        lock(&self.device)
-            .set_vring_base(index, base)
-            .map_err(|e| fail("SET_VRING_BASE", e))
-    }
-
-    fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
-        let base = lock(&self.device)
-            .get_vring_base(index)
-            .map_err(|e| fail("GET_VRING_BASE", e))?;
-        Ok(VhostUserVringState::new(index, base.into()))
-    }
-
-    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
-        lock(&self.device)
-            .set_vring_kick(index, fd.map(eventfd))
-            .map_err(|e| fail("SET_VRING_KICK", e))
-    }
-
-    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
-        lock(&self.device)
-            .set_vring_call(index, fd.map(eventfd))
-            .map_err(|e| fail("SET_VRING_CALL", e))
-    }
-
-    fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> VuResult<()> {
-        // The relay never reports ring errors through this channel; the fd is
-        // closed on drop.
-        lock(&self.device)
-            .check_queue(index.into())
-            .map(|_| ())
-            .map_err(|e| fail("SET_VRING_ERR", e))
-    }
-
-    fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
-        Ok(offered_protocol_features(&lock(&self.device)))
-    }
-
-    fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
-        let offered = offered_protocol_features(&lock(&self.device)).bits();
-        if features & !offered != 0 {
-            log::error!(target: LOG, "SET_PROTOCOL_FEATURES {features:#x}: not offered ({offered:#x})");
-            return Err(VuError::InvalidParam);
-        }
-        lock(&self.device).set_protocol_features(features);
-        Ok(())
-    }
-
-    fn get_queue_num(&mut self) -> VuResult<u64> {
-        Ok(lock(&self.device).num_queues() as u64)
-    }
-
-    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
-        lock(&self.device)
-            .set_vring_enable(index, enable)
-            .map_err(|e| fail("SET_VRING_ENABLE", e))
-    }
-
-    fn get_config(
-        &mut self,
-        offset: u32,
-        size: u32,
-        _flags: VhostUserConfigFlags,
-    ) -> VuResult<Vec<u8>> {
-        lock(&self.device)
-            .get_config(offset, size)
-            .map_err(|e| fail("GET_CONFIG", e))
-    }
-
-    fn set_config(
-        &mut self,
-        offset: u32,
-        buf: &[u8],
-        _flags: VhostUserConfigFlags,
-    ) -> VuResult<()> {
-        lock(&self.device)
-            .set_config(offset, buf)
-            .map_err(|e| fail("SET_CONFIG", e))
-    }
-
-    fn set_backend_req_fd(&mut self, _backend: Backend) {}
-
-    fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VuResult<()> {
-        Err(unsupported("GPU_SET_SOCKET"))
-    }
-
-    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VuResult<File> {
-        Err(unsupported("GET_SHARED_OBJECT"))
-    }
-
-    fn get_inflight_fd(&mut self, i: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
-        let mut d = lock(&self.device);
-        let (queues, size) = (d.num_queues() as u16, d.max_queue_size);
-        d.migration
-            .get_inflight_fd(i, queues, size)
-            .map_err(|e| fail("GET_INFLIGHT_FD", e.into()))
-    }
-
-    fn set_inflight_fd(&mut self, i: &VhostUserInflight, file: File) -> VuResult<()> {
-        let mut d = lock(&self.device);
-        let (queues, size) = (d.num_queues() as u16, d.max_queue_size);
-        d.migration
-            .set_inflight_fd(i, &file, queues, size)
-            .map_err(|e| fail("SET_INFLIGHT_FD", e.into()))
-    }
-
-    fn get_max_mem_slots(&mut self) -> VuResult<u64> {
-        Ok(MAX_MEM_SLOTS as u64)
+        let gpas: Vec<u64> = regions.iter().map(|r| r.guest_phys_addr).collect();
+        Ok(d.postcopy_register(&gpas)?)
     }
 
     fn add_mem_region(
         &mut self,
         region: &VhostUserSingleMemoryRegion,
-        fd: File,
-        postcopy: Option<bool>,
-    ) -> VuResult<Option<u64>> {
-        let r =
-            GuestRegion::map(region_desc(region), fd).map_err(|e| fail("ADD_MEM_REG", e.into()))?;
-        let mut d = lock(&self.device);
-        d.add_mem_region(r).map_err(|e| fail("ADD_MEM_REG", e))?;
-        if postcopy == Some(true) {
-            return d
-                .postcopy_register(&[region.guest_phys_addr])
-                .map(|a| a.first().copied())
-                .map_err(|e| fail("ADD_MEM_REG (postcopy)", e));
+        file: File,
+        postcopy: bool,
+    ) -> HandlerResult<u64> {
+        let r = GuestRegion::map(region_desc(region), file)?;
+        let mut d = self.dev();
+        d.add_mem_region(r)?;
+        if !postcopy {
+            return Ok(0);
         }
-        Ok(None)
+        let bases = d.postcopy_register(&[region.guest_phys_addr])?;
+        Ok(bases.first().copied().unwrap_or_default())
     }
 
-    fn postcopy_advice(&mut self) -> VuResult<File> {
-        lock(&self.device)
-            .postcopy_advise()
-            .map_err(|e| fail("POSTCOPY_ADVISE", e))
+    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> HandlerResult<()> {
+        Ok(self
+            .dev()
+            .remove_mem_region(region.guest_phys_addr, region.memory_size)?)
     }
 
-    fn postcopy_listen(&mut self) -> VuResult<()> {
-        lock(&self.device)
-            .postcopy_listen()
-            .map_err(|e| fail("POSTCOPY_LISTEN", e))
+    fn set_vring_num(&mut self, index: u32, num: u32) -> HandlerResult<()> {
+        Ok(self.dev().set_vring_num(index, num)?)
     }
 
-    fn postcopy_end(&mut self) -> VuResult<()> {
-        lock(&self.device)
-            .postcopy_end()
-            .map_err(|e| fail("POSTCOPY_END", e))
+    fn set_vring_addr(&mut self, a: &VhostUserVringAddr) -> HandlerResult<()> {
+        let log = VhostUserVringAddrFlags::from_bits_truncate(a.flags)
+            .contains(VhostUserVringAddrFlags::VHOST_VRING_F_LOG)
+            .then_some(a.log);
+        Ok(self
+            .dev()
+            .set_vring_addr(a.index, a.descriptor, a.used, a.available, log)?)
     }
 
-    /// The VMM acknowledged the region addresses sent while listening.
-    fn postcopy_ack_mem_regions(&mut self) -> VuResult<()> {
+    fn set_vring_base(&mut self, index: u32, base: u32) -> HandlerResult<()> {
+        Ok(self.dev().set_vring_base(index, base)?)
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> HandlerResult<u32> {
+        Ok(self.dev().get_vring_base(index)?.into())
+    }
+
+    fn set_vring_kick(&mut self, index: u8, file: Option<File>) -> HandlerResult<()> {
+        Ok(self.dev().set_vring_kick(index, file.map(eventfd))?)
+    }
+
+    fn set_vring_call(&mut self, index: u8, file: Option<File>) -> HandlerResult<()> {
+        Ok(self.dev().set_vring_call(index, file.map(eventfd))?)
+    }
+
+    fn set_vring_err(&mut self, index: u8, _file: Option<File>) -> HandlerResult<()> {
+        // The relay never reports ring errors through this channel; the fd is
+        // closed on drop.
+        self.dev().check_queue(index.into())?;
         Ok(())
     }
 
-    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
-        lock(&self.device)
-            .remove_mem_region(region.guest_phys_addr, region.memory_size)
-            .map_err(|e| fail("REM_MEM_REG", e))
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> HandlerResult<()> {
+        Ok(self.dev().set_vring_enable(index, enable)?)
     }
 
-    /// The VMM only sees a failure code for these two (vhost 0.18 turns a
-    /// handler error into 0x101 / 1 and keeps the connection): the log line
-    /// names the problem.
+    fn get_config(&mut self, offset: u32, size: u32) -> HandlerResult<Vec<u8>> {
+        Ok(self.dev().get_config(offset, size)?)
+    }
+
+    fn set_config(&mut self, offset: u32, data: &[u8]) -> HandlerResult<()> {
+        Ok(self.dev().set_config(offset, data)?)
+    }
+
+    fn set_status(&mut self, status: u8) -> HandlerResult<()> {
+        Ok(self.dev().set_status(status)?)
+    }
+
+    fn status(&mut self) -> u8 {
+        self.dev().status()
+    }
+
+    fn get_inflight_fd(
+        &mut self,
+        req: &VhostUserInflight,
+    ) -> HandlerResult<(VhostUserInflight, File)> {
+        Ok(self.dev().get_inflight_fd(req)?)
+    }
+
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> HandlerResult<()> {
+        Ok(self.dev().set_inflight_fd(inflight, &file)?)
+    }
+
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> HandlerResult<()> {
+        Ok(self
+            .dev()
+            .set_log_base(file, log.mmap_size, log.mmap_offset)?)
+    }
+
+    fn postcopy_advise(&mut self) -> HandlerResult<File> {
+        Ok(self.dev().postcopy_advise()?)
+    }
+
+    fn postcopy_listen(&mut self) -> HandlerResult<()> {
+        Ok(self.dev().postcopy_listen()?)
+    }
+
+    fn postcopy_end(&mut self) -> HandlerResult<()> {
+        Ok(self.dev().postcopy_end()?)
+    }
+
     fn set_device_state_fd(
         &mut self,
         direction: VhostTransferStateDirection,
         phase: VhostTransferStatePhase,
-        fd: File,
-    ) -> VuResult<Option<File>> {
-        let mut d = lock(&self.device);
-        let limits = d.state_limits(offered_protocol_features(&d).bits());
-        // The snapshot is taken first (the closure cannot borrow the device
-        // while `migration` is borrowed mutably); only a SAVE uses it.
-        let snap = match direction {
-            VhostTransferStateDirection::SAVE => d.snapshot_state(),
-            VhostTransferStateDirection::LOAD => Err("not a save".into()),
-        };
-        d.migration
-            .set_device_state_fd(direction, phase, fd, limits, || snap)
-            .map_err(|e| fail("SET_DEVICE_STATE_FD", e.into()))
+        file: File,
+    ) -> HandlerResult<Option<File>> {
+        Ok(self.dev().set_device_state_fd(direction, phase, file)?)
     }
 
-    fn check_device_state(&mut self) -> VuResult<()> {
-        self.with_device(|d| {
-            let mut migration = std::mem::replace(
-                &mut d.migration,
-                crate::migration::control::Migration::placeholder(),
-            );
-            let r = migration.check_device_state(|st| d.apply_state(st));
-            d.migration = migration;
-            r
-        })
-        .map_err(|e| fail("CHECK_DEVICE_STATE", e.into()))
+    fn check_device_state(&mut self) -> HandlerResult<()> {
+        Ok(self.dev().check_device_state()?)
     }
 
-    fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {
-        Err(unsupported("GET_SHMEM_CONFIG"))
-    }
-
-    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VuResult<()> {
-        lock(&self.device)
-            .set_log_base(file, log.mmap_size, log.mmap_offset)
-            .map_err(|e| fail("SET_LOG_BASE", e))
+    fn after_request(&mut self) {
+        let events = self.dev().take_mode_events();
+        if let Some(l) = &self.on_mode {
+            for e in events {
+                l(e);
+            }
+        }
     }
 }

@@ -3,10 +3,14 @@
 
 use std::sync::Arc;
 
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{set_nonblocking, Device, DeviceError, Result, RingGpas, Running, LOG};
 use crate::ring::ring_sizes;
+
+/// virtio status bit DRIVER_OK.
+const STATUS_DRIVER_OK: u8 = 4;
 
 impl Device {
     pub fn set_vring_num(&mut self, index: u32, num: u32) -> Result<()> {
@@ -146,6 +150,50 @@ impl Device {
         }
     }
 
+    /// SET_STATUS. 0 resets the device: every ring stops, and its indexes
+    /// stay for GET_VRING_BASE (QEMU 7.2 resets before it reads them; later
+    /// QEMUs after). DRIVER_OK starts every ring that is ready.
+    pub fn set_status(&mut self, status: u8) -> Result<()> {
+        let was_ok = self.vmm_status & STATUS_DRIVER_OK != 0;
+        self.vmm_status = status;
+        if status == 0 {
+            for q in 0..self.num_queues() {
+                if self.vrings[q].running.is_running() {
+                    self.stop_ring(q);
+                }
+            }
+            if self.backend.status() != 0 {
+                self.backend.set_status(0)?;
+            }
+            // The device forgot its features; the next start gives them again.
+            self.backend_features = None;
+            return Ok(());
+        }
+        if status & STATUS_DRIVER_OK == 0 || was_ok {
+            return Ok(());
+        }
+        // One queue failing to start does not keep the others stopped.
+        let mut first_err = None;
+        for q in 0..self.num_queues() {
+            if let Err(e) = self.try_start(q) {
+                log::error!(target: LOG, "{}: queue {q}: start at DRIVER_OK: {e}", self.name);
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// GET_STATUS.
+    pub fn status(&self) -> u8 {
+        self.vmm_status
+    }
+
+    /// Rings may run: DRIVER_OK was set, or the VMM does not use SET_STATUS.
+    pub(crate) fn driver_ok(&self) -> bool {
+        self.protocol_features & VhostUserProtocolFeatures::STATUS.bits() == 0
+            || self.vmm_status & STATUS_DRIVER_OK != 0
+    }
+
     /// The VMM disconnected (or reset the owner): stop every ring, keep the
     /// ring indexes and the mode, drop what belonged to that VMM (eventfds,
     /// memory, negotiated features).
@@ -178,6 +226,7 @@ impl Device {
         self.backend_features = None;
         self.acked_features = None;
         self.protocol_features = 0;
+        self.vmm_status = 0;
         self.clear_memory();
     }
 }

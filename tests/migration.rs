@@ -248,9 +248,9 @@ fn shadow_off_policy_stays_in_passthrough() {
     pump(&mut vmm.pairs, Until::Frames(50)).unwrap();
 }
 
-/// Ring state survives RESET_OWNER until GET_VRING_BASE (SET_STATUS is
-/// not routed by vhost 0.18, so STATUS is not offered; a reset is the way a
-/// VMM resets the device before reading the bases).
+/// Ring state survives RESET_OWNER until GET_VRING_BASE (a VMM without the
+/// STATUS protocol feature resets the device this way before reading the
+/// bases).
 #[test]
 fn ring_state_survives_reset_owner() {
     let d = Daemon::spawn(&["--shadow", "on"]);

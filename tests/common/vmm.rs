@@ -153,9 +153,9 @@ impl Vmm {
             want |= F_MQ;
         }
         let offered_proto = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
-        let mut want_proto = VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIG;
+        // CONFIG is not offered (QEMU's net device has no use for it);
+        // GET_CONFIG is answered all the same.
+        let mut want_proto = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
         if cfg.mem_slots {
             want_proto |= VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
         }
