@@ -1,16 +1,21 @@
 //! What `--print-capabilities` adds to the CLI's `{"type": "net"}`: the
-//! migration support, and why postcopy is not offered.
+//! vhost-user protocol features offered, the migration support, and why
+//! postcopy is not offered.
 
 use serde_json::{json, Value};
 
 /// `base` (the CLI's JSON object) plus `"migration"` and `"postcopy"`.
 pub fn with_migration(base: &str) -> String {
     let mut v: Value = serde_json::from_str(base).unwrap_or_else(|_| json!({"type": "net"}));
-    let postcopy = match crate::migration::postcopy::offer() {
+    let offer = crate::migration::postcopy::offer();
+    let postcopy = match &offer {
         Ok(_) => json!({"supported": true}),
         Err(reason) => json!({"supported": false, "reason": reason}),
     };
+    let offered = crate::vhost_user::protocol_features()
+        | crate::migration::control::Migration::new(offer).protocol_features();
     if let Some(obj) = v.as_object_mut() {
+        obj.insert("protocol-features".into(), json!(protocol_names(offered)));
         obj.insert(
             "migration".into(),
             json!({
@@ -24,6 +29,11 @@ pub fn with_migration(base: &str) -> String {
     v.to_string()
 }
 
+/// The specification's names of the bits in `f`, lowest first.
+pub fn protocol_names(f: vhost::vhost_user::VhostUserProtocolFeatures) -> Vec<String> {
+    f.iter_names().map(|(name, _)| name.to_string()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -33,5 +43,23 @@ mod tests {
         assert_eq!(v["type"], "net");
         let p = &v["postcopy"];
         assert!(p["supported"] == true || p["reason"].as_str().is_some_and(|r| !r.is_empty()));
+        let names: Vec<&str> = v["protocol-features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_str().unwrap())
+            .collect();
+        for want in [
+            "MQ",
+            "REPLY_ACK",
+            "STATUS",
+            "RESET_DEVICE",
+            "LOG_SHMFD",
+            "DEVICE_STATE",
+        ] {
+            assert!(names.contains(&want), "{want} missing from {names:?}");
+        }
+        assert!(!names.contains(&"CONFIG"), "{names:?}");
+        assert_eq!(names.contains(&"PAGEFAULT"), p["supported"] == true);
     }
 }

@@ -83,7 +83,9 @@ impl RequestHandler for Recorder {
         _file: File,
         postcopy: bool,
     ) -> HandlerResult<u64> {
-        self.call(format!("add {:#x} postcopy {postcopy}", { r.guest_phys_addr }))?;
+        self.call(format!("add {:#x} postcopy {postcopy}", {
+            r.guest_phys_addr
+        }))?;
         Ok(0xabc000)
     }
     fn remove_mem_region(&mut self, r: &VhostUserSingleMemoryRegion) -> HandlerResult<()> {

@@ -21,7 +21,20 @@ pub const SET_VRING_BASE: u32 = 10;
 pub const GET_VRING_BASE: u32 = 11;
 pub const SET_VRING_KICK: u32 = 12;
 pub const SET_VRING_CALL: u32 = 13;
+pub const SET_LOG_FD: u32 = 7;
+pub const GET_PROTOCOL_FEATURES: u32 = 15;
+pub const SET_PROTOCOL_FEATURES: u32 = 16;
+pub const GET_QUEUE_NUM: u32 = 17;
 pub const SET_VRING_ENABLE: u32 = 18;
+pub const RESET_DEVICE: u32 = 34;
+pub const SET_STATUS: u32 = 39;
+pub const GET_STATUS: u32 = 40;
+
+/// Protocol feature bits.
+pub const P_MQ: u64 = 1 << 0;
+pub const P_REPLY_ACK: u64 = 1 << 3;
+pub const P_CONFIG: u64 = 1 << 9;
+pub const P_STATUS: u64 = 1 << 16;
 
 pub fn header(req: u32, flags: u32, size: u32) -> Vec<u8> {
     let mut h = Vec::with_capacity(12);
@@ -74,6 +87,23 @@ impl Reply {
             _ => false,
         }
     }
+}
+
+impl Reply {
+    /// The u64 of an 8-byte reply.
+    pub fn u64(&self) -> Option<u64> {
+        match self {
+            Reply::Msg(b) if b.len() == 8 => Some(u64::from_le_bytes(b[..8].try_into().unwrap())),
+            _ => None,
+        }
+    }
+}
+
+/// Sends one message without NEED_REPLY (as QEMU sends most of them).
+pub fn send_plain(s: &UnixStream, req: u32, body: &[u8]) -> std::io::Result<()> {
+    let mut msg = header(req, VERSION, body.len() as u32);
+    msg.extend_from_slice(body);
+    (&*s).write_all(&msg)
 }
 
 pub fn recv(s: &UnixStream, req: u32) -> Reply {

@@ -100,7 +100,12 @@ impl Vmm {
 
     /// `start`, also negotiating the protocol features in `extra`.
     pub fn start_with(path: &Path, cfg: VmmConfig, extra: VhostUserProtocolFeatures) -> Vmm {
-        let mut v = Vmm::negotiate_with(connect_stream(path), cfg, extra);
+        Vmm::start_on(connect_stream(path), cfg, extra)
+    }
+
+    /// `start_with` on a connection that is already open.
+    pub fn start_on(stream: UnixStream, cfg: VmmConfig, extra: VhostUserProtocolFeatures) -> Vmm {
+        let mut v = Vmm::negotiate_with(stream, cfg, extra);
         v.set_mem_table().expect("SET_MEM_TABLE");
         for q in 0..2 * v.cfg.pairs as usize {
             v.setup_queue(q)
