@@ -143,6 +143,76 @@ fn truncated_messages() {
     assert_serves(&mut d, 1);
 }
 
+/// Framing errors the protocol layer catches: reserved flag bits, a memory
+/// table whose fd count does not match its regions, more fds than any
+/// message takes, a vring fd message without its fd. Each ends that
+/// connection with one error line naming it; the next connection works.
+#[test]
+fn framing_errors_end_only_their_connection() {
+    let mut d = Daemon::spawn(&[]);
+    let fds: Vec<_> = (0..33)
+        .map(|_| vmm_sys_util::eventfd::EventFd::new(0).unwrap())
+        .collect();
+    let raw_fds: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    // VhostUserMemory {2 regions} + two 32-byte regions.
+    let mut table = 2u32.to_le_bytes().to_vec();
+    table.extend_from_slice(&[0u8; 4]);
+    for gpa in [0u64, 1 << 30] {
+        for v in [gpa, 1 << 20, 0x7f00_0000_0000 + gpa, 0] {
+            table.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    let cases: Vec<(&str, u32, u32, Vec<u8>, &[i32], &str)> = vec![
+        (
+            "reserved flags",
+            raw::GET_FEATURES,
+            raw::VERSION | 0x100,
+            vec![],
+            &[],
+            "reserved bits",
+        ),
+        (
+            "mem table, 2 regions, 1 fd",
+            raw::SET_MEM_TABLE,
+            raw::VERSION,
+            table,
+            &raw_fds[..1],
+            "SET_MEM_TABLE: 1 file descriptors attached, expected 2",
+        ),
+        (
+            "33 fds",
+            raw::SET_VRING_CALL,
+            raw::VERSION,
+            0u64.to_le_bytes().to_vec(),
+            &raw_fds[..],
+            "more than 32",
+        ),
+        (
+            "kick without its fd",
+            raw::SET_VRING_KICK,
+            raw::VERSION,
+            0u64.to_le_bytes().to_vec(),
+            &[],
+            "SET_VRING_KICK: 0 file descriptors",
+        ),
+    ];
+    for (what, req, flags, body, fds, needle) in cases {
+        let s = connect_stream(&d.socket);
+        let mut msg = raw::header(req, flags, body.len() as u32);
+        msg.extend_from_slice(&body);
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        if fds.is_empty() {
+            (&s).write_all(&msg).unwrap();
+        } else {
+            s.send_with_fds(&[&msg[..]], fds).unwrap();
+        }
+        assert!(raw::wait_closed(&s), "{what}: connection not closed");
+        assert_logged(&d, &["dropping the VMM connection", needle]);
+        d.assert_alive();
+    }
+    assert_serves(&mut d, 1);
+}
+
 #[test]
 fn set_vring_addr_before_set_mem_table() {
     let mut d = Daemon::spawn(&[]);
