@@ -162,7 +162,9 @@ fn framing_errors_end_only_their_connection() {
             table.extend_from_slice(&v.to_le_bytes());
         }
     }
-    let cases: Vec<(&str, u32, u32, Vec<u8>, &[i32], &str)> = vec![
+    /// (what, request, flags, body, fds, what the log line must say)
+    type Case<'a> = (&'a str, u32, u32, Vec<u8>, &'a [i32], &'a str);
+    let cases: Vec<Case> = vec![
         (
             "reserved flags",
             raw::GET_FEATURES,
