@@ -9,6 +9,7 @@ pub mod migrate;
 pub mod net;
 pub mod packet;
 pub mod peers;
+pub mod qemu;
 pub mod qmp;
 pub mod raw;
 pub mod ring;

@@ -1,0 +1,651 @@
+//! Real QEMU guests for the tests: Debian's cloud kernel (Linux 6.1) and an
+//! initramfs built here from busybox-static and the kernel's virtio-net
+//! modules, booted under TCG with `-netdev vhost-user`. The test talks to
+//! the guest's shell over its serial port: `Guest::run` sends one command
+//! and returns its output and exit status.
+//!
+//! Assets come from `scripts/qemu-assets.sh` (run on first use; directory
+//! `SVQ_RELAY_QEMU_ASSETS` or `target/qemu-assets`). QEMU 7.2 is the
+//! system's `qemu-system-x86_64` (it needs `vectors=0` under TCG: MSI-X
+//! without KVM crashes it); QEMU 10 runs from the assets with `-L`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// How long a TCG boot to the shell may take.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+pub const GUEST_MAC: &str = "52:54:00:12:34:56";
+pub const GUEST_IP: &str = "10.0.2.15";
+pub const PEER_IP: &str = "10.0.2.2";
+
+/// Modules virtio-net needs on the cloud kernel, in load order.
+const MODULES: &[&str] = &[
+    "kernel/drivers/virtio/virtio_ring.ko",
+    "kernel/drivers/virtio/virtio.ko",
+    "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
+    "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
+    "kernel/drivers/virtio/virtio_pci.ko",
+    "kernel/net/core/failover.ko",
+    "kernel/drivers/net/net_failover.ko",
+    "kernel/drivers/net/virtio_net.ko",
+];
+
+pub struct Assets {
+    pub kernel: PathBuf,
+    pub modules: PathBuf,
+    pub qemu10: PathBuf,
+    pub qemu10_data: PathBuf,
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The guest assets, fetched once per test binary. None (after printing
+/// why) when they cannot be had and SVQ_RELAY_REQUIRE_PEERS is unset.
+pub fn assets() -> Option<&'static Assets> {
+    static A: OnceLock<Result<Assets, String>> = OnceLock::new();
+    let r = A.get_or_init(|| {
+        let out = Command::new(root().join("scripts/qemu-assets.sh"))
+            .stderr(Stdio::inherit())
+            .output()
+            .map_err(|e| format!("scripts/qemu-assets.sh: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("scripts/qemu-assets.sh failed: {}", out.status));
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let get = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .map(PathBuf::from)
+                .ok_or(format!("qemu-assets.sh printed no {k}="))
+        };
+        Ok(Assets {
+            kernel: get("KERNEL")?,
+            modules: get("MODULES")?,
+            qemu10: get("QEMU10")?,
+            qemu10_data: get("QEMU10_DATA")?,
+        })
+    });
+    match r {
+        Ok(a) => Some(a),
+        Err(e) => {
+            skip_or_fail(e);
+            None
+        }
+    }
+}
+
+fn skip_or_fail(why: &str) {
+    assert!(
+        std::env::var_os("SVQ_RELAY_REQUIRE_PEERS").is_none(),
+        "{why} (SVQ_RELAY_REQUIRE_PEERS is set)"
+    );
+    eprintln!("skipping: {why}");
+}
+
+/// True when QEMU 7.2, busybox and the guest assets are all there.
+pub fn qemu_or_skip() -> bool {
+    for (bin, why) in [
+        ("qemu-system-x86_64", "qemu-system-x86 not installed"),
+        ("/bin/busybox", "busybox-static not installed"),
+    ] {
+        let found = if bin.starts_with('/') {
+            Path::new(bin).exists()
+        } else {
+            Command::new(bin).arg("--version").output().is_ok()
+        };
+        if !found {
+            skip_or_fail(why);
+            return false;
+        }
+    }
+    assets().is_some()
+}
+
+// --- initramfs --------------------------------------------------------------
+
+/// One newc cpio entry.
+fn cpio_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
+    let namesize = name.len() + 1;
+    let fields = [
+        ino,
+        mode,
+        0,
+        0,
+        1,
+        0,
+        data.len() as u32,
+        0,
+        0,
+        0,
+        0,
+        namesize as u32,
+        0,
+    ];
+    out.extend_from_slice(b"070701");
+    for f in fields {
+        out.extend_from_slice(format!("{f:08X}").as_bytes());
+    }
+    out.extend_from_slice(name.as_bytes());
+    out.push(0);
+    while !out.len().is_multiple_of(4) {
+        out.push(0);
+    }
+    out.extend_from_slice(data);
+    while !out.len().is_multiple_of(4) {
+        out.push(0);
+    }
+}
+
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in /lib/svq/*.ko; do insmod "$m" || echo "insmod $m failed"; done
+ip link set lo up
+n=0
+while [ ! -e /sys/class/net/eth0 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+ip addr add $(cat /proc/cmdline | sed -n 's/.*svq.ip=\([^ ]*\).*/\1/p')/24 dev eth0
+ip link set eth0 up
+stty -echo 2>/dev/null
+echo SVQ-GUEST-READY
+while read -r line; do
+  eval "$line"
+  echo "@@END $?"
+done
+"#;
+
+/// Builds the initramfs: busybox, the modules (numbered so the glob loads
+/// them in order), /init.
+pub fn build_initramfs(a: &Assets, path: &Path) {
+    let mut out = Vec::new();
+    let mut ino = 1;
+    let mut add = |out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]| {
+        cpio_entry(out, ino, name, mode, data);
+        ino += 1;
+    };
+    for d in ["bin", "proc", "sys", "dev", "lib", "lib/svq", "tmp"] {
+        add(&mut out, d, 0o040755, &[]);
+    }
+    let busybox = std::fs::read("/bin/busybox").expect("read /bin/busybox");
+    add(&mut out, "bin/busybox", 0o100755, &busybox);
+    add(&mut out, "bin/sh", 0o120777, b"busybox");
+    for (i, m) in MODULES.iter().enumerate() {
+        let data = std::fs::read(a.modules.join(m)).unwrap_or_else(|e| panic!("{m}: {e}"));
+        let base = Path::new(m).file_name().unwrap().to_str().unwrap();
+        add(&mut out, &format!("lib/svq/{i}{base}"), 0o100644, &data);
+    }
+    add(&mut out, "init", 0o100755, INIT.as_bytes());
+    cpio_entry(&mut out, 0, "TRAILER!!!", 0, &[]);
+    std::fs::write(path, out).expect("write initramfs");
+}
+
+// --- QEMU --------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QemuVersion {
+    /// Debian 12's system QEMU.
+    V7,
+    /// bookworm-backports' QEMU 10, from the assets.
+    V10,
+}
+
+#[derive(Clone, Debug)]
+pub struct GuestConfig {
+    pub qemu: QemuVersion,
+    pub mem_mb: u32,
+    pub pairs: u16,
+    pub cpus: u32,
+    pub ip: String,
+    /// `-incoming` URI (a migration destination).
+    pub incoming: Option<String>,
+}
+
+impl Default for GuestConfig {
+    fn default() -> Self {
+        GuestConfig {
+            qemu: QemuVersion::V7,
+            mem_mb: 256,
+            pairs: 1,
+            cpus: 1,
+            ip: GUEST_IP.into(),
+            incoming: None,
+        }
+    }
+}
+
+/// The serial console: everything the guest printed, shared with a reader
+/// thread.
+struct Console {
+    text: Mutex<String>,
+    grew: Condvar,
+}
+
+pub struct Guest {
+    child: Child,
+    pub dir: PathBuf,
+    serial: UnixStream,
+    console: Arc<Console>,
+    pub qmp: QemuQmp,
+    /// Consumed part of the console.
+    seen: usize,
+    next_cmd: u32,
+}
+
+/// The initramfs, built once per test binary.
+fn initramfs_path() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let a = assets().expect("assets");
+            let p = std::env::temp_dir().join(format!("svq-initramfs-{}.cpio", std::process::id()));
+            build_initramfs(a, &p);
+            p
+        })
+        .clone()
+}
+
+impl Guest {
+    /// Starts QEMU with its NIC on the vhost-user socket `vu_sock`, in
+    /// `dir` (serial and QMP sockets go there). A destination (`incoming`)
+    /// does not boot; `wait_ready` it only through `migrated_from`.
+    pub fn start(dir: &Path, vu_sock: &Path, cfg: &GuestConfig) -> Guest {
+        let a = assets().expect("guest assets");
+        let initrd = initramfs_path();
+        let serial_path = dir.join("serial.sock");
+        let _ = std::fs::remove_file(&serial_path);
+        let listener = UnixListener::bind(&serial_path).expect("bind serial socket");
+        let qmp_path = dir.join("qemu-qmp.sock");
+        let (bin, mut extra, vectors): (PathBuf, Vec<String>, &str) = match cfg.qemu {
+            QemuVersion::V7 => ("qemu-system-x86_64".into(), vec![], ",vectors=0"),
+            QemuVersion::V10 => (
+                a.qemu10.clone(),
+                vec!["-L".into(), a.qemu10_data.display().to_string()],
+                "",
+            ),
+        };
+        let mq = if cfg.pairs > 1 {
+            format!(",mq=on,vectors={}", 2 * cfg.pairs + 2)
+        } else {
+            format!(",mq=off{vectors}")
+        };
+        let mq = if cfg.pairs > 1 && cfg.qemu == QemuVersion::V7 {
+            // MSI-X crashes 7.2 under TCG; without vectors MQ still works.
+            ",mq=on,vectors=0".to_string()
+        } else {
+            mq
+        };
+        let mem = format!("{}M", cfg.mem_mb);
+        let mut args: Vec<String> = vec![
+            "-accel",
+            "tcg",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-smp",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
+        args.push(cfg.cpus.to_string());
+        args.extend(["-m".into(), mem.clone()]);
+        args.extend([
+            "-object".into(),
+            format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+            "-numa".into(),
+            "node,memdev=mem".into(),
+            "-kernel".into(),
+            a.kernel.display().to_string(),
+            "-initrd".into(),
+            initrd.display().to_string(),
+            "-append".into(),
+            format!("console=ttyS0 quiet loglevel=1 panic=-1 svq.ip={}", cfg.ip),
+            "-chardev".into(),
+            format!("socket,id=ser0,path={}", serial_path.display()),
+            "-serial".into(),
+            "chardev:ser0".into(),
+            "-chardev".into(),
+            format!("socket,id=vu0,path={}", vu_sock.display()),
+            "-netdev".into(),
+            format!("vhost-user,id=net0,chardev=vu0,queues={}", cfg.pairs),
+            "-device".into(),
+            format!("virtio-net-pci,netdev=net0,mac={GUEST_MAC},romfile={mq}"),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", qmp_path.display()),
+        ]);
+        if let Some(uri) = &cfg.incoming {
+            args.extend(["-incoming".into(), uri.clone()]);
+        }
+        args.append(&mut extra);
+        let child = Command::new(&bin)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(
+                std::fs::File::create(dir.join("qemu.log")).unwrap(),
+            ))
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.join("qemu.err")).unwrap(),
+            ))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+        listener.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let serial = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!(
+                    "QEMU never connected its serial port ({e}): {}",
+                    std::fs::read_to_string(dir.join("qemu.err")).unwrap_or_default()
+                ),
+            }
+        };
+        serial.set_nonblocking(false).unwrap();
+        let console = Arc::new(Console {
+            text: Mutex::new(String::new()),
+            grew: Condvar::new(),
+        });
+        let reader = serial.try_clone().unwrap();
+        let c2 = console.clone();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(reader);
+            let mut buf = Vec::new();
+            while let Ok(n) = r.read_until(b'\n', &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                c2.text
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf));
+                c2.grew.notify_all();
+                buf.clear();
+            }
+        });
+        let qmp = QemuQmp::connect(&qmp_path);
+        Guest {
+            child,
+            dir: dir.to_path_buf(),
+            serial,
+            console,
+            qmp,
+            seen: 0,
+            next_cmd: 0,
+        }
+    }
+
+    /// Everything the guest printed so far (for failure messages).
+    pub fn console(&self) -> String {
+        self.console.text.lock().unwrap().clone()
+    }
+
+    /// Waits for a console line satisfying `f` after what was consumed;
+    /// consumes up to and including it.
+    fn wait_line(&mut self, timeout: Duration, f: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        let mut text = self.console.text.lock().unwrap();
+        loop {
+            let mut pos = self.seen;
+            for line in text[self.seen..].split_inclusive('\n') {
+                if !line.ends_with('\n') {
+                    break;
+                }
+                pos += line.len();
+                if f(line.trim_end()) {
+                    let found = line.trim_end().to_string();
+                    self.seen = pos;
+                    return Some(found);
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            text = self
+                .console
+                .grew
+                .wait_timeout(text, deadline - now)
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// Waits until /init has eth0 configured and its shell listens.
+    pub fn wait_ready(&mut self) {
+        if self
+            .wait_line(BOOT_TIMEOUT, |l| l.contains("SVQ-GUEST-READY"))
+            .is_none()
+        {
+            panic!(
+                "guest did not boot within {BOOT_TIMEOUT:?}; console:\n{}\nqemu: {}",
+                self.console(),
+                std::fs::read_to_string(self.dir.join("qemu.err")).unwrap_or_default()
+            );
+        }
+    }
+
+    /// Runs `cmd` in the guest shell; returns (exit status, output).
+    pub fn run(&mut self, cmd: &str, timeout: Duration) -> (i32, String) {
+        self.next_cmd += 1;
+        let start_mark = format!("@@BEGIN {}", self.next_cmd);
+        let line = format!("echo '{start_mark}'; {cmd}\n");
+        (&self.serial)
+            .write_all(line.as_bytes())
+            .expect("write to the guest console");
+        self.wait_line(timeout, |l| l == start_mark)
+            .unwrap_or_else(|| panic!("guest never started {cmd:?}; console:\n{}", self.console()));
+        let begin = self.seen;
+        let end = self
+            .wait_line(timeout, |l| l.starts_with("@@END "))
+            .unwrap_or_else(|| {
+                panic!(
+                    "guest command {cmd:?} did not finish in {timeout:?}; console:\n{}",
+                    self.console()
+                )
+            });
+        let text = self.console.text.lock().unwrap();
+        let out: String = text[begin..self.seen]
+            .split_inclusive('\n')
+            .filter(|l| !l.starts_with("@@END "))
+            .collect();
+        let rc = end
+            .trim_start_matches("@@END ")
+            .trim()
+            .parse()
+            .unwrap_or(-1);
+        (rc, out)
+    }
+
+    /// `run`, asserting success.
+    pub fn sh(&mut self, cmd: &str) -> String {
+        let (rc, out) = self.run(cmd, Duration::from_secs(120));
+        assert_eq!(rc, 0, "guest: {cmd:?} failed with {rc}:\n{out}");
+        out
+    }
+
+    /// A guest interface counter (/sys/class/net/IF/statistics/NAME).
+    pub fn counter(&mut self, ifname: &str, name: &str) -> u64 {
+        self.sh(&format!("cat /sys/class/net/{ifname}/statistics/{name}"))
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    /// After this QEMU received the guest by migration: the console is the
+    /// destination's from now on (the shell keeps reading from it).
+    pub fn adopt_console_after_migration(&mut self) {
+        self.seen = self.console.text.lock().unwrap().len();
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Parsed busybox ping summary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PingStats {
+    pub sent: u32,
+    pub received: u32,
+}
+
+pub fn parse_ping(out: &str) -> Option<PingStats> {
+    let line = out.lines().find(|l| l.contains("packets transmitted"))?;
+    let nums: Vec<u32> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    Some(PingStats {
+        sent: *nums.first()?,
+        received: *nums.get(1)?,
+    })
+}
+
+// --- QEMU's QMP ----------------------------------------------------------------
+
+pub struct QemuQmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl QemuQmp {
+    fn connect(path: &Path) -> QemuQmp {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let s = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => panic!("QEMU QMP {}: {e}", path.display()),
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut q = QemuQmp {
+            reader: BufReader::new(s.try_clone().unwrap()),
+            writer: s,
+        };
+        q.read(); // greeting
+        q.execute("qmp_capabilities", json!({}));
+        q
+    }
+
+    fn read(&mut self) -> Value {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("QEMU QMP read");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("QEMU QMP {line:?}: {e}"))
+    }
+
+    /// Runs a command; panics on an error reply.
+    pub fn execute(&mut self, cmd: &str, args: Value) -> Value {
+        let msg = json!({"execute": cmd, "arguments": args});
+        writeln!(self.writer, "{msg}").unwrap();
+        loop {
+            let v = self.read();
+            if v.get("event").is_some() {
+                continue;
+            }
+            if let Some(e) = v.get("error") {
+                panic!("QEMU {cmd}: {e}");
+            }
+            return v["return"].clone();
+        }
+    }
+
+    /// Polls query-migrate until completed (or failed: panics).
+    pub fn wait_migrated(&mut self, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let m = self.execute("query-migrate", json!({}));
+            match m["status"].as_str() {
+                Some("completed") => return m,
+                Some("failed") | Some("cancelled") => panic!("migration failed: {m}"),
+                _ => {}
+            }
+            assert!(Instant::now() < deadline, "migration did not complete: {m}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+// --- testpmd icmpecho ------------------------------------------------------
+
+/// DPDK testpmd as a vhost-user device answering ARP and ICMP echo
+/// (`--forward-mode=icmpecho`), listening on `sock`.
+pub struct EchoPmd {
+    child: Child,
+    pub sock: PathBuf,
+    log: PathBuf,
+}
+
+impl EchoPmd {
+    pub fn spawn(dir: &Path, name: &str, pairs: u16) -> EchoPmd {
+        let sock = dir.join(format!("{name}.sock"));
+        let log = dir.join(format!("{name}.log"));
+        let prefix = format!("svq{}{name}", std::process::id());
+        let child = Command::new(super::peers::TESTPMD)
+            .args(["--lcores", "0@0,1@0", "--no-huge", "-m", "256", "--no-pci"])
+            .args(["--file-prefix", &prefix])
+            .arg("--vdev")
+            .arg(format!(
+                "net_vhost0,iface={},queues={pairs}",
+                sock.display()
+            ))
+            .args(["--", "--total-num-mbufs=8192", "--auto-start"])
+            .args(["--forward-mode=icmpecho", "--stats-period", "1"])
+            .arg(format!("--rxq={pairs}"))
+            .arg(format!("--txq={pairs}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn dpdk-testpmd");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !sock.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "testpmd never created {}",
+                sock.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        EchoPmd { child, sock, log }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for EchoPmd {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
