@@ -237,7 +237,16 @@ impl Device {
             }
             .into());
         }
-        let migration = Migration::new(crate::migration::postcopy::offer());
+        let postcopy = if backend.in_process() {
+            crate::migration::postcopy::offer()
+        } else {
+            Err(format!(
+                "the {} device writes guest memory outside this process, \
+                 so pages would appear before QEMU places them",
+                backend.kind()
+            ))
+        };
+        let migration = Migration::new(postcopy);
         let workers = (0..pairs)
             .map(|p| WorkerHandle::spawn_logged(p, migration.dirty_log().reader()))
             .collect::<std::result::Result<Vec<_>, _>>()?;
@@ -427,7 +436,14 @@ impl Device {
         self.replace_memory(table)
     }
 
+    /// ADD_MEM_REG. The same region again is accepted and changes
+    /// nothing: QEMU keeps one memory table per queue pair's vhost device
+    /// and each of them adds every region.
     pub fn add_mem_region(&mut self, region: GuestRegion) -> Result<()> {
+        if self.mem.regions().iter().any(|r| r.desc == region.desc) {
+            log::debug!(target: LOG, "{}: region at GPA {:#x} is already mapped", self.name, region.desc.gpa);
+            return Ok(());
+        }
         let table = self.mem.with_added(region)?;
         self.replace_memory(table)
     }

@@ -450,8 +450,16 @@ fn memory_table_update_keeps_same_regions_mapped() {
     dev.remove_mem_region(0x1000_0000, 0x10000).unwrap();
     assert_eq!(fake.ops(), vec![Op::Unmap(0x1000_0000, 0x10000)]);
     assert!(dev.remove_mem_region(0x1000_0000, 0x10000).is_err());
-    dev.add_mem_region(extra).unwrap();
+    dev.add_mem_region(extra.clone()).unwrap();
     assert_eq!(fake.ops(), vec![Op::Map(0x1000_0000, 0x10000)]);
+    // The same region again (QEMU's second queue pair): nothing changes.
+    dev.add_mem_region(extra).unwrap();
+    assert_eq!(fake.ops(), vec![]);
+    assert_eq!(dev.mem.regions().len(), 2);
+    // An overlapping different one is still refused.
+    assert!(dev
+        .add_mem_region(region(0x1000_0000, 0x20000, UADDR + 0x2000_0000))
+        .is_err());
     // New memory at the same GPA (a different file) replaces the old.
     dev.set_mem_table(vec![region(0, MEM, UADDR)]).unwrap();
     let ops = fake.ops();

@@ -117,8 +117,7 @@ impl RequestHandler for VuHandler {
     }
 
     fn reset_device(&mut self) -> HandlerResult<()> {
-        self.dev().disconnect();
-        Ok(())
+        Ok(self.dev().reset_device()?)
     }
 
     fn set_mem_table(

@@ -183,6 +183,35 @@ impl Device {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// RESET_DEVICE: the device goes back to its initial state (every ring
+    /// stopped and forgotten, features and status cleared) while what
+    /// belongs to the connection stays: the negotiated protocol features,
+    /// the memory table and the call eventfds the VMM already sent (QEMU
+    /// sends SET_VRING_CALL before RESET_DEVICE at initialisation).
+    pub fn reset_device(&mut self) -> Result<()> {
+        for q in 0..self.num_queues() {
+            if self.vrings[q].running.is_running() {
+                self.stop_ring(q);
+            }
+            let v = &mut self.vrings[q];
+            v.kick = None;
+            v.enabled = false;
+            v.addrs = None;
+            v.num = 0;
+            v.base = 0;
+            v.used_base = 0;
+            v.in_flight.clear();
+            self.stats[q].set_indexes(0, 0);
+        }
+        self.vmm_status = 0;
+        self.acked_features = None;
+        if self.backend.status() != 0 {
+            self.backend.set_status(0)?;
+        }
+        self.backend_features = None;
+        Ok(())
+    }
+
     /// GET_STATUS.
     pub fn status(&self) -> u8 {
         self.vmm_status

@@ -153,3 +153,44 @@ fn repeated_features_and_mem_table_while_running() {
         vmm.check_final_bases();
     }
 }
+
+/// RESET_DEVICE (QEMU 10 sends it when it initialises the device) resets
+/// the rings and the status but not the connection: STATUS stays
+/// negotiated, so after the reset the rings again wait for DRIVER_OK.
+#[test]
+fn reset_device_keeps_the_connection_state() {
+    let d = Daemon::spawn(&[]);
+    let mut q = Qmp::connect_ready(&d.qmp);
+    let extra = VhostUserProtocolFeatures::STATUS | VhostUserProtocolFeatures::RESET_DEVICE;
+    let mut vmm = Vmm::start_with(&d.socket, VmmConfig::default(), extra);
+    let s = vmm.raw.try_clone().unwrap();
+    assert_eq!(
+        raw::request(&s, raw::SET_STATUS, &u64b(DRIVER_OK), &[]).u64(),
+        Some(0)
+    );
+    pump(&mut vmm.pairs, Until::Frames(100)).unwrap();
+    let r = raw::request(&s, raw::RESET_DEVICE, &[], &[]);
+    assert_eq!(r.u64(), Some(0), "RESET_DEVICE: {r:?}");
+    assert!(!started(&mut q), "rings still running after RESET_DEVICE");
+    assert_eq!(raw::request(&s, raw::GET_STATUS, &[], &[]).u64(), Some(0));
+    // The frontend initialises the device again, same rings, same memory.
+    vmm.fe.set_features(vmm.acked).unwrap();
+    for qi in 0..2 {
+        let base = if qi == 0 {
+            vmm.pairs[0].rx.ring.last_used
+        } else {
+            vmm.pairs[0].tx.ring.avail_idx
+        };
+        vmm.restart_queue(qi, base).unwrap();
+    }
+    assert!(
+        !started(&mut q),
+        "rings started before DRIVER_OK after the reset"
+    );
+    assert_eq!(
+        raw::request(&s, raw::SET_STATUS, &u64b(DRIVER_OK), &[]).u64(),
+        Some(0)
+    );
+    pump(&mut vmm.pairs, Until::Frames(300)).unwrap();
+    vmm.check_final_bases();
+}

@@ -8,13 +8,119 @@
 
 mod common;
 
-use std::time::Duration;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use common::qemu::{parse_ping, EchoPmd, Guest, GuestConfig, QemuVersion, PEER_IP};
 use common::{peers, Daemon, Qmp};
 
 fn ready() -> bool {
     common::qemu::qemu_or_skip() && peers::testpmd_or_skip()
+}
+
+/// A network namespace holding a bridge with the peer address
+/// (10.0.2.2/24); the software NIC's tap interfaces join the bridge, so
+/// the guest pings the namespace, and a migrated guest reaches it through
+/// the destination daemon's tap.
+pub struct NetNs {
+    name: String,
+}
+
+fn ip(args: &[&str]) {
+    let st = Command::new("ip").args(args).status().expect("run ip");
+    assert!(st.success(), "ip {args:?} failed");
+}
+
+impl NetNs {
+    /// The namespace of this test binary (created once).
+    fn shared() -> Option<&'static NetNs> {
+        static NS: OnceLock<Option<NetNs>> = OnceLock::new();
+        NS.get_or_init(|| {
+            // SAFETY: geteuid has no preconditions.
+            let root = unsafe { libc::geteuid() } == 0;
+            if !root || !std::path::Path::new("/dev/net/tun").exists() {
+                return None;
+            }
+            remove_stale_namespaces();
+            let name = format!("svqns{}", std::process::id());
+            ip(&["netns", "add", &name]);
+            ip(&["-n", &name, "link", "set", "lo", "up"]);
+            ip(&["-n", &name, "link", "add", "br0", "type", "bridge"]);
+            ip(&[
+                "-n",
+                &name,
+                "addr",
+                "add",
+                &format!("{PEER_IP}/24"),
+                "dev",
+                "br0",
+            ]);
+            ip(&["-n", &name, "link", "set", "br0", "up"]);
+            Some(NetNs { name })
+        })
+        .as_ref()
+    }
+
+    fn attach(&self, ifname: &str) {
+        let sys = format!("/sys/class/net/{ifname}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::path::Path::new(&sys).exists() {
+            assert!(Instant::now() < deadline, "tap {ifname} never appeared");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ip(&["link", "set", "dev", ifname, "netns", &self.name]);
+        ip(&["-n", &self.name, "link", "set", ifname, "master", "br0"]);
+        ip(&["-n", &self.name, "link", "set", ifname, "up"]);
+    }
+}
+
+fn tap_ready() -> Option<&'static NetNs> {
+    if !common::qemu::qemu_or_skip() {
+        return None;
+    }
+    let ns = NetNs::shared();
+    if ns.is_none() {
+        assert!(
+            std::env::var_os("SVQ_RELAY_REQUIRE_PEERS").is_none(),
+            "cannot create tap devices and namespaces (root and /dev/net/tun needed)"
+        );
+        eprintln!("skipping: cannot create tap devices and namespaces here");
+    }
+    ns
+}
+
+/// Namespaces left by test binaries that are gone (a static is never
+/// dropped, so each binary's namespace outlives it until the next run).
+fn remove_stale_namespaces() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        if let Some(pid) = name.strip_prefix("svqns") {
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = Command::new("ip").args(["netns", "del", name]).status();
+            }
+        }
+    }
+}
+
+/// A daemon on `--backend tap:IF` with IF joined to `ns`'s bridge.
+fn tap_daemon(flags: &[&str], ns: &NetNs) -> (Daemon, String) {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let ifname = format!(
+        "svqg{}x{}",
+        std::process::id() % 100_000,
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    let be = format!("tap:{ifname}");
+    let mut args: Vec<&str> = flags.to_vec();
+    args.extend(["--backend", &be]);
+    let d = Daemon::spawn(&args);
+    ns.attach(&ifname);
+    (d, ifname)
 }
 
 /// `ping -c N -i INTERVAL` from the guest; returns the summary.
@@ -63,6 +169,19 @@ fn relay_to_testpmd(qemu: QemuVersion, shadow: &str, switches: u32) {
         "--backend",
         &format!("vhost-user:{}", pmd.sock.display()),
     ]);
+    pings_through(qemu, &d, shadow, switches);
+}
+
+/// The software NIC on a tap interface in a namespace the test made.
+fn tap_nic(qemu: QemuVersion, shadow: &str, switches: u32) {
+    let Some(ns) = tap_ready() else {
+        return;
+    };
+    let (d, _ifname) = tap_daemon(&["--shadow", shadow], ns);
+    pings_through(qemu, &d, shadow, switches);
+}
+
+fn pings_through(qemu: QemuVersion, d: &Daemon, shadow: &str, switches: u32) {
     let cfg = GuestConfig {
         qemu,
         ..Default::default()
@@ -116,6 +235,16 @@ fn relay_to_testpmd(qemu: QemuVersion, shadow: &str, switches: u32) {
 }
 
 #[test]
+fn qemu7_tap_passthrough_and_switching() {
+    tap_nic(QemuVersion::V7, "off", 10);
+}
+
+#[test]
+fn qemu10_tap_shadow() {
+    tap_nic(QemuVersion::V10, "on", 0);
+}
+
+#[test]
 fn qemu7_relay_passthrough_and_switching() {
     relay_to_testpmd(QemuVersion::V7, "off", 10);
 }
@@ -133,4 +262,358 @@ fn qemu10_relay_passthrough() {
 #[test]
 fn qemu10_relay_shadow_and_switching() {
     relay_to_testpmd(QemuVersion::V10, "on", 10);
+}
+
+/// `queues=2`, `mq=on`, two vCPUs: the guest driver enables both pairs
+/// (through QEMU's control queue, which turns into SET_VRING_ENABLE), and
+/// pings pinned to each vCPU leave on each pair's TX queue (XPS).
+fn multiqueue(qemu: QemuVersion, shadow: &str) {
+    let Some(ns) = tap_ready() else {
+        return;
+    };
+    let (d, _) = tap_daemon(&["--shadow", shadow, "--queues", "2"], ns);
+    let cfg = GuestConfig {
+        qemu,
+        pairs: 2,
+        cpus: 2,
+        ..Default::default()
+    };
+    let mut g = Guest::start(d.dir.path(), &d.socket, &cfg);
+    g.wait_ready();
+    let mut q = Qmp::connect_ready(&d.qmp);
+    let before = q.query("net0");
+    g.sh(&format!(
+        "for c in 0 1; do taskset -c $c ping -c 50 -i 0.02 -W 5 {PEER_IP} > /tmp/p$c.out 2>&1 & done; wait"
+    ));
+    for c in 0..2 {
+        let out = g.sh(&format!("cat /tmp/p{c}.out"));
+        let s = parse_ping(&out).unwrap_or_else(|| panic!("cpu {c}: no summary:\n{out}"));
+        assert_no_loss(&format!("pinned to cpu {c}"), s, 50);
+    }
+    let after = q.query("net0");
+    for tx in [1u64, 3] {
+        let idx = |v: &serde_json::Value| {
+            common::qmp::u64_field(common::qmp::queue_info(v, tx), "avail_idx")
+        };
+        assert!(
+            idx(&after) >= idx(&before) + 40,
+            "{shadow}: TX queue {tx} carried {} packets: {after}",
+            idx(&after) - idx(&before)
+        );
+    }
+}
+
+#[test]
+fn qemu7_multiqueue_shadow() {
+    multiqueue(QemuVersion::V7, "on");
+}
+
+#[test]
+fn qemu10_multiqueue_passthrough() {
+    multiqueue(QemuVersion::V10, "off");
+}
+
+// --- live migration ---------------------------------------------------------
+
+/// Where each side's vhost-user socket comes from.
+enum Backend {
+    /// QEMU straight to testpmd (the baseline).
+    Direct,
+    /// svq-relay with these flags in front of testpmd.
+    Relay(&'static [&'static str]),
+    /// svq-relay's software NIC on a tap interface in this namespace.
+    Tap(&'static [&'static str], &'static NetNs),
+}
+
+/// One side of a migration: its testpmd, maybe a daemon, and the QEMU.
+struct Side {
+    _pmd: Option<EchoPmd>,
+    daemon: Option<Daemon>,
+    /// The daemon's QMP, connected before the migration (events).
+    qmp: Option<Qmp>,
+    _dir: tempfile::TempDir,
+}
+
+fn side(name: &str, b: &Backend) -> (Side, std::path::PathBuf) {
+    let dir = common::daemon::tempdir();
+    let (pmd, daemon, sock) = match b {
+        Backend::Direct => {
+            let pmd = EchoPmd::spawn(dir.path(), &format!("pmd{name}"), 1);
+            let sock = pmd.sock.clone();
+            (Some(pmd), None, sock)
+        }
+        Backend::Relay(flags) => {
+            let pmd = EchoPmd::spawn(dir.path(), &format!("pmd{name}"), 1);
+            let mut args: Vec<&str> = flags.to_vec();
+            let be = format!("vhost-user:{}", pmd.sock.display());
+            args.extend(["--backend", &be]);
+            let d = Daemon::spawn(&args);
+            let s = d.socket.clone();
+            (Some(pmd), Some(d), s)
+        }
+        Backend::Tap(flags, ns) => {
+            let (d, _) = tap_daemon(flags, ns);
+            let s = d.socket.clone();
+            (None, Some(d), s)
+        }
+    };
+    let qmp = daemon.as_ref().map(|d| Qmp::connect_ready(&d.qmp));
+    (
+        Side {
+            _pmd: pmd,
+            daemon,
+            qmp,
+            _dir: dir,
+        },
+        sock,
+    )
+}
+
+/// Migrates a guest pinging every 50 ms from a QEMU on `b` to another;
+/// returns QEMU's query-migrate and the ping summary read on the
+/// destination. `postcopy`: switch to postcopy once the migration runs.
+fn migrate_pinging(
+    qemu: QemuVersion,
+    b: &Backend,
+    postcopy: bool,
+) -> (serde_json::Value, common::qemu::PingStats, Side, Side) {
+    let (src_side, src_sock) = side("a", b);
+    let (dst_side, dst_sock) = side("b", b);
+    let gdir = common::daemon::tempdir();
+    let src_dir = gdir.path().join("src");
+    let dst_dir = gdir.path().join("dst");
+    std::fs::create_dir_all(&src_dir).unwrap();
+    std::fs::create_dir_all(&dst_dir).unwrap();
+    let mig = format!("unix:{}", gdir.path().join("mig.sock").display());
+    let mut src = Guest::start(
+        &src_dir,
+        &src_sock,
+        &GuestConfig {
+            qemu,
+            ..Default::default()
+        },
+    );
+    src.wait_ready();
+    let mut dst = Guest::start(
+        &dst_dir,
+        &dst_sock,
+        &GuestConfig {
+            qemu,
+            incoming: Some(mig.clone()),
+            ..Default::default()
+        },
+    );
+    assert_no_loss("before migration", ping(&mut src, 5, "0.05"), 5);
+    if postcopy {
+        for g in [&mut src, &mut dst] {
+            g.qmp.execute(
+                "migrate-set-capabilities",
+                serde_json::json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]}),
+            );
+        }
+    }
+    let count = 200;
+    src.sh(&format!(
+        "ping -c {count} -i 0.05 -W 5 {PEER_IP} > /tmp/mig.out 2>&1 & echo $! > /tmp/mig.pid"
+    ));
+    std::thread::sleep(Duration::from_secs(1));
+    src.qmp.execute("migrate", serde_json::json!({"uri": mig}));
+    if postcopy {
+        std::thread::sleep(Duration::from_millis(200));
+        src.qmp
+            .execute("migrate-start-postcopy", serde_json::json!({}));
+    }
+    let m = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        src.qmp.wait_migrated(Duration::from_secs(120))
+    }))
+    .unwrap_or_else(|e| {
+        let logs = |s: &Side| s.daemon.as_ref().map(|d| d.stderr()).unwrap_or_default();
+        panic!(
+            "{}\nsource QEMU: {}\ndestination QEMU: {}\nsource daemon:\n{}\ndestination daemon:\n{}",
+            e.downcast_ref::<String>().cloned().unwrap_or_default(),
+            std::fs::read_to_string(src_dir.join("qemu.err")).unwrap_or_default(),
+            std::fs::read_to_string(dst_dir.join("qemu.err")).unwrap_or_default(),
+            logs(&src_side),
+            logs(&dst_side),
+        )
+    });
+    dst.adopt_console_after_migration();
+    dst.sh("while kill -0 $(cat /tmp/mig.pid) 2>/dev/null; do sleep 0.2; done");
+    let out = dst.sh("cat /tmp/mig.out");
+    let s = parse_ping(&out).unwrap_or_else(|| panic!("no ping summary:\n{out}"));
+    assert_eq!(s.sent, count, "pings sent across the migration");
+    (m, s, src_side, dst_side)
+}
+
+fn assert_clean(side: &Side, what: &str) {
+    if let Some(d) = &side.daemon {
+        let log = d.stderr();
+        let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+        assert!(
+            errors.is_empty(),
+            "{what}: the daemon logged errors: {errors:#?}"
+        );
+    }
+}
+
+fn migration_between_relays(qemu: QemuVersion, flags: &'static [&'static str]) {
+    if !ready() {
+        return;
+    }
+    let (m, s, a, b) = migrate_pinging(qemu, &Backend::Relay(flags), false);
+    assert_eq!(
+        s.received, s.sent,
+        "{flags:?}: {} of {} pings answered across the migration ({m})",
+        s.received, s.sent
+    );
+    assert_clean(&a, "source");
+    assert_clean(&b, "destination");
+}
+
+/// The daemon logs dirty pages itself (shadow mode).
+#[test]
+fn qemu7_migration_between_relays_shadow() {
+    migration_between_relays(QemuVersion::V7, &["--shadow", "on"]);
+}
+
+/// `--shadow auto`: testpmd logs dirty pages itself, the log is forwarded.
+#[test]
+fn qemu10_migration_between_relays_log_forwarded() {
+    migration_between_relays(QemuVersion::V10, &["--shadow", "auto"]);
+}
+
+/// The software NIC: `--shadow auto` switches to shadow for the migration
+/// (the software device cannot log) and the daemon logs every page.
+#[test]
+fn qemu7_migration_on_the_software_nic() {
+    migration_on_the_software_nic(QemuVersion::V7);
+}
+
+/// QEMU 10 also resets the device (RESET_DEVICE) and transfers the device
+/// state through SET_DEVICE_STATE_FD.
+#[test]
+fn qemu10_migration_on_the_software_nic() {
+    migration_on_the_software_nic(QemuVersion::V10);
+}
+
+fn migration_on_the_software_nic(qemu: QemuVersion) {
+    let Some(ns) = tap_ready() else {
+        return;
+    };
+    let (m, s, mut a, b) = migrate_pinging(qemu, &Backend::Tap(&["--shadow", "auto"], ns), false);
+    assert_eq!(
+        s.received, s.sent,
+        "{} of {} pings answered ({m})",
+        s.received, s.sent
+    );
+    let ev = a
+        .qmp
+        .as_mut()
+        .unwrap()
+        .wait_event("SHADOW_VQ_CHANGED", Duration::from_secs(5))
+        .expect("the source never went to shadow for dirty logging");
+    assert_eq!(ev["data"]["enabled"], true, "{ev}");
+    assert_clean(&a, "source");
+    assert_clean(&b, "destination");
+}
+
+/// Postcopy with the VMM that defined it, on the software NIC (the only
+/// backend whose memory accesses the daemon's userfaultfd sees), where the
+/// host supports it.
+#[test]
+fn qemu10_postcopy_on_the_software_nic() {
+    let Some(ns) = tap_ready() else {
+        return;
+    };
+    if let Err(why) = svq_relay::migration::postcopy::offer() {
+        eprintln!("skipping: postcopy: {why}");
+        return;
+    }
+    let (m, s, a, b) = migrate_pinging(
+        QemuVersion::V10,
+        &Backend::Tap(&["--shadow", "auto"], ns),
+        true,
+    );
+    assert_eq!(s.received, s.sent, "postcopy: pings lost ({m})");
+    // The destination daemon went through ADVISE .. END.
+    let log = b.daemon.as_ref().unwrap().stderr();
+    for step in ["postcopy advised", "postcopy ended"] {
+        assert!(
+            log.contains(step),
+            "destination never logged {step:?}:\n{log}"
+        );
+    }
+    assert_clean(&a, "source");
+    assert_clean(&b, "destination");
+}
+
+#[test]
+fn qemu10_tap_passthrough() {
+    tap_nic(QemuVersion::V10, "off", 0);
+}
+
+// --- migration downtime -------------------------------------------------------
+
+fn median(v: &mut [u64]) -> u64 {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+/// Not a test: the migration downtime benchmark (scripts/bench-downtime.sh).
+/// The same guest migrates with testpmd as QEMU's back-end directly, and
+/// through svq-relay in passthrough with the log forwarded to testpmd
+/// (`--shadow auto`) and in shadow (`--shadow on`), interleaved over
+/// ROUNDS rounds; prints QEMU's downtime and total-time medians.
+#[test]
+#[ignore]
+fn downtime_table() {
+    if !ready() {
+        return;
+    }
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    let qemu = match std::env::var("QEMU").as_deref() {
+        Ok("10") => QemuVersion::V10,
+        _ => QemuVersion::V7,
+    };
+    let configs: [(&str, Backend); 3] = [
+        ("direct (testpmd)", Backend::Direct),
+        (
+            "relay passthrough, log forwarded",
+            Backend::Relay(&["--shadow", "auto"]),
+        ),
+        ("relay shadow", Backend::Relay(&["--shadow", "on"])),
+    ];
+    let mut down: Vec<Vec<u64>> = vec![Vec::new(); configs.len()];
+    let mut total: Vec<Vec<u64>> = vec![Vec::new(); configs.len()];
+    for round in 0..rounds {
+        for (i, (name, b)) in configs.iter().enumerate() {
+            let (m, s, _a, _b) = migrate_pinging(qemu, b, false);
+            let (d, t) = (
+                m["downtime"].as_u64().unwrap(),
+                m["total-time"].as_u64().unwrap(),
+            );
+            eprintln!(
+                "round {round} {name}: downtime {d} ms, total {t} ms, pings {}/{}",
+                s.received, s.sent
+            );
+            down[i].push(d);
+            total[i].push(t);
+        }
+    }
+    let base = median(&mut down[0].clone()).max(1);
+    println!(
+        "\n| {qemu:?}, {rounds} rounds | downtime (median) | vs direct | total-time (median) |"
+    );
+    println!("|---|---|---|---|");
+    for (i, (name, _)) in configs.iter().enumerate() {
+        let d = median(&mut down[i]);
+        let t = median(&mut total[i]);
+        println!(
+            "| {name} | {d} ms | {:+} ms | {t} ms |",
+            d as i64 - base as i64
+        );
+    }
 }

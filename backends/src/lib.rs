@@ -164,6 +164,14 @@ pub struct DirtyLogArea {
 pub trait DeviceBackend: Send {
     /// Short name for logs and QMP ("sim", "tap", "vdpa", "vhost-user").
     fn kind(&self) -> &'static str;
+    /// The device reaches guest memory only through this process's
+    /// mappings (a software device). Postcopy needs it: the daemon's
+    /// userfaultfd sees only its own faults, while a separate device (a
+    /// DMA engine, another process) would populate pages QEMU has not
+    /// placed yet.
+    fn in_process(&self) -> bool {
+        false
+    }
     /// Virtio feature bits the device offers.
     fn device_features(&self) -> u64;
     /// Acknowledge the negotiated features (a subset of `device_features`).

@@ -182,6 +182,8 @@ impl<H: RequestHandler> Session<H> {
 
     fn handle(&mut self, msg: Message) -> Result<(Header, Answer), SessionError> {
         let header = msg.header;
+        log::trace!(target: LOG, "{} flags {:#x} size {} fds {}",
+            ReqName(header.request), header.flags, header.size, msg.fds.len());
         let ctx = DecodeContext {
             postcopy_listening: self.postcopy == Postcopy::Listening,
         };

@@ -576,7 +576,9 @@ impl QemuQmp {
             let m = self.execute("query-migrate", json!({}));
             match m["status"].as_str() {
                 Some("completed") => return m,
-                Some("failed") | Some("cancelled") => panic!("migration failed: {m}"),
+                Some("failed") | Some("cancelled") | Some("postcopy-paused") => {
+                    panic!("migration failed: {m}")
+                }
                 _ => {}
             }
             assert!(Instant::now() < deadline, "migration did not complete: {m}");
@@ -599,7 +601,10 @@ impl EchoPmd {
     pub fn spawn(dir: &Path, name: &str, pairs: u16) -> EchoPmd {
         let sock = dir.join(format!("{name}.sock"));
         let log = dir.join(format!("{name}.log"));
-        let prefix = format!("svq{}{name}", std::process::id());
+        // One EAL file prefix per testpmd: tests of one binary run in parallel.
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let prefix = format!("svq{}{name}{n}", std::process::id());
         let child = Command::new(super::peers::TESTPMD)
             .args(["--lcores", "0@0,1@0", "--no-huge", "-m", "256", "--no-pci"])
             .args(["--file-prefix", &prefix])
@@ -617,12 +622,15 @@ impl EchoPmd {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn dpdk-testpmd");
+        let mut child = child;
         let deadline = Instant::now() + Duration::from_secs(30);
         while !sock.exists() {
+            let exited = child.try_wait().ok().flatten();
             assert!(
-                Instant::now() < deadline,
-                "testpmd never created {}",
-                sock.display()
+                Instant::now() < deadline && exited.is_none(),
+                "testpmd never created {} (exit {exited:?}): {}",
+                sock.display(),
+                std::fs::read_to_string(&log).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -242,6 +242,10 @@ impl DeviceBackend for SimNet {
         }
     }
 
+    fn in_process(&self) -> bool {
+        true
+    }
+
     fn device_features(&self) -> u64 {
         self.offered
     }
