@@ -157,17 +157,8 @@ impl Device {
         let was_ok = self.vmm_status & STATUS_DRIVER_OK != 0;
         self.vmm_status = status;
         if status == 0 {
-            for q in 0..self.num_queues() {
-                if self.vrings[q].running.is_running() {
-                    self.stop_ring(q);
-                }
-            }
-            if self.backend.status() != 0 {
-                self.backend.set_status(0)?;
-            }
-            // The device forgot its features; the next start gives them again.
-            self.backend_features = None;
-            return Ok(());
+            self.stop_all_rings();
+            return self.reset_backend();
         }
         if status & STATUS_DRIVER_OK == 0 || was_ok {
             return Ok(());
@@ -189,10 +180,8 @@ impl Device {
     /// the memory table and the call eventfds the VMM already sent (QEMU
     /// sends SET_VRING_CALL before RESET_DEVICE at initialisation).
     pub fn reset_device(&mut self) -> Result<()> {
+        self.stop_all_rings();
         for q in 0..self.num_queues() {
-            if self.vrings[q].running.is_running() {
-                self.stop_ring(q);
-            }
             let v = &mut self.vrings[q];
             v.kick = None;
             v.enabled = false;
@@ -205,6 +194,21 @@ impl Device {
         }
         self.vmm_status = 0;
         self.acked_features = None;
+        self.reset_backend()
+    }
+
+    /// Stops every running ring; each keeps its indexes for GET_VRING_BASE.
+    fn stop_all_rings(&mut self) {
+        for q in 0..self.num_queues() {
+            if self.vrings[q].running.is_running() {
+                self.stop_ring(q);
+            }
+        }
+    }
+
+    /// Resets the device behind the relay; it forgets its features, so the
+    /// next start gives them again.
+    fn reset_backend(&mut self) -> Result<()> {
         if self.backend.status() != 0 {
             self.backend.set_status(0)?;
         }
@@ -227,10 +231,8 @@ impl Device {
     /// ring indexes and the mode, drop what belonged to that VMM (eventfds,
     /// memory, negotiated features).
     pub fn disconnect(&mut self) {
+        self.stop_all_rings();
         for q in 0..self.num_queues() {
-            if self.vrings[q].running.is_running() {
-                self.stop_ring(q);
-            }
             let v = &mut self.vrings[q];
             v.kick = None;
             v.call = None;

@@ -16,6 +16,15 @@ use std::time::{Duration, Instant};
 use common::qemu::{parse_ping, EchoPmd, Guest, GuestConfig, QemuVersion, PEER_IP};
 use common::{peers, Daemon, Qmp};
 
+/// One guest scenario at a time: two TCG guests and their busy-polling
+/// testpmds on two cores starve each other's rings long enough for testpmd
+/// to drop frames it cannot place, which is the machine's limit, not the
+/// relay's.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn ready() -> bool {
     common::qemu::qemu_or_skip() && peers::testpmd_or_skip()
 }
@@ -133,7 +142,12 @@ fn ping(g: &mut Guest, count: u32, interval: &str) -> common::qemu::PingStats {
 }
 
 fn assert_no_loss(what: &str, s: common::qemu::PingStats, count: u32) {
-    assert_eq!(s.sent, count, "{what}: sent");
+    // busybox's adaptive mode (-A) may send one request past the count.
+    assert!(
+        s.sent == count || s.sent == count + 1,
+        "{what}: sent {} of {count}",
+        s.sent
+    );
     assert_eq!(
         s.received, s.sent,
         "{what}: {} of {} pings answered",
@@ -144,6 +158,7 @@ fn assert_no_loss(what: &str, s: common::qemu::PingStats, count: u32) {
 /// Baseline: the guest pings testpmd directly, no relay.
 #[test]
 fn guest_pings_testpmd_directly() {
+    let _one = one_at_a_time();
     if !ready() {
         return;
     }
@@ -236,31 +251,37 @@ fn pings_through(qemu: QemuVersion, d: &Daemon, shadow: &str, switches: u32) {
 
 #[test]
 fn qemu7_tap_passthrough_and_switching() {
+    let _one = one_at_a_time();
     tap_nic(QemuVersion::V7, "off", 10);
 }
 
 #[test]
 fn qemu10_tap_shadow() {
+    let _one = one_at_a_time();
     tap_nic(QemuVersion::V10, "on", 0);
 }
 
 #[test]
 fn qemu7_relay_passthrough_and_switching() {
+    let _one = one_at_a_time();
     relay_to_testpmd(QemuVersion::V7, "off", 10);
 }
 
 #[test]
 fn qemu7_relay_shadow() {
+    let _one = one_at_a_time();
     relay_to_testpmd(QemuVersion::V7, "on", 0);
 }
 
 #[test]
 fn qemu10_relay_passthrough() {
+    let _one = one_at_a_time();
     relay_to_testpmd(QemuVersion::V10, "off", 0);
 }
 
 #[test]
 fn qemu10_relay_shadow_and_switching() {
+    let _one = one_at_a_time();
     relay_to_testpmd(QemuVersion::V10, "on", 10);
 }
 
@@ -305,11 +326,13 @@ fn multiqueue(qemu: QemuVersion, shadow: &str) {
 
 #[test]
 fn qemu7_multiqueue_shadow() {
+    let _one = one_at_a_time();
     multiqueue(QemuVersion::V7, "on");
 }
 
 #[test]
 fn qemu10_multiqueue_passthrough() {
+    let _one = one_at_a_time();
     multiqueue(QemuVersion::V10, "off");
 }
 
@@ -473,12 +496,14 @@ fn migration_between_relays(qemu: QemuVersion, flags: &'static [&'static str]) {
 /// The daemon logs dirty pages itself (shadow mode).
 #[test]
 fn qemu7_migration_between_relays_shadow() {
+    let _one = one_at_a_time();
     migration_between_relays(QemuVersion::V7, &["--shadow", "on"]);
 }
 
 /// `--shadow auto`: testpmd logs dirty pages itself, the log is forwarded.
 #[test]
 fn qemu10_migration_between_relays_log_forwarded() {
+    let _one = one_at_a_time();
     migration_between_relays(QemuVersion::V10, &["--shadow", "auto"]);
 }
 
@@ -486,6 +511,7 @@ fn qemu10_migration_between_relays_log_forwarded() {
 /// (the software device cannot log) and the daemon logs every page.
 #[test]
 fn qemu7_migration_on_the_software_nic() {
+    let _one = one_at_a_time();
     migration_on_the_software_nic(QemuVersion::V7);
 }
 
@@ -493,6 +519,7 @@ fn qemu7_migration_on_the_software_nic() {
 /// state through SET_DEVICE_STATE_FD.
 #[test]
 fn qemu10_migration_on_the_software_nic() {
+    let _one = one_at_a_time();
     migration_on_the_software_nic(QemuVersion::V10);
 }
 
@@ -522,6 +549,7 @@ fn migration_on_the_software_nic(qemu: QemuVersion) {
 /// host supports it.
 #[test]
 fn qemu10_postcopy_on_the_software_nic() {
+    let _one = one_at_a_time();
     let Some(ns) = tap_ready() else {
         return;
     };
@@ -549,6 +577,7 @@ fn qemu10_postcopy_on_the_software_nic() {
 
 #[test]
 fn qemu10_tap_passthrough() {
+    let _one = one_at_a_time();
     tap_nic(QemuVersion::V10, "off", 0);
 }
 
@@ -567,6 +596,7 @@ fn median(v: &mut [u64]) -> u64 {
 #[test]
 #[ignore]
 fn downtime_table() {
+    let _one = one_at_a_time();
     if !ready() {
         return;
     }

@@ -524,6 +524,9 @@ fn failure_answer(code: u32) -> Answer {
             reply(&VhostUserConfig::default())
         }
         Ok(R::SET_DEVICE_STATE_FD) => reply_u64(0x101),
+        // A region of size 0 and no fd: QEMU reads it as "no in-flight
+        // tracking", other frontends fail on the missing fd.
+        Ok(R::GET_INFLIGHT_FD) => reply(&VhostUserInflight::default()),
         Ok(R::CHECK_DEVICE_STATE) => reply_u64(1),
         Ok(
             R::GET_FEATURES
@@ -532,7 +535,6 @@ fn failure_answer(code: u32) -> Answer {
             | R::GET_MAX_MEM_SLOTS
             | R::GET_VRING_BASE
             | R::GET_STATUS
-            | R::GET_INFLIGHT_FD
             | R::SET_LOG_BASE
             | R::POSTCOPY_ADVISE,
         ) => empty_reply(),

@@ -526,17 +526,7 @@ pub struct QemuQmp {
 
 impl QemuQmp {
     fn connect(path: &Path) -> QemuQmp {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let s = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(50))
-                }
-                Err(e) => panic!("QEMU QMP {}: {e}", path.display()),
-            }
-        };
+        let s = super::vmm::connect_stream(path);
         s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         let mut q = QemuQmp {
             reader: BufReader::new(s.try_clone().unwrap()),
