@@ -247,8 +247,15 @@ fn initramfs_path() -> PathBuf {
     BUILT
         .get_or_init(|| {
             let a = assets().expect("assets");
-            let p = std::env::temp_dir().join(format!("svq-initramfs-{}.cpio", std::process::id()));
-            build_initramfs(a, &p);
+            // Built into a per-process file and renamed into place under
+            // the target directory: a parallel test binary never reads a
+            // half-written archive, and no file per run piles up in /tmp.
+            let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+            let ver = a.modules.file_name().unwrap().to_string_lossy().to_string();
+            let p = dir.join(format!("svq-initramfs-{ver}.cpio"));
+            let tmp = dir.join(format!("svq-initramfs-{ver}.{}.tmp", std::process::id()));
+            build_initramfs(a, &tmp);
+            std::fs::rename(&tmp, &p).expect("rename the initramfs into place");
             p
         })
         .clone()
@@ -585,6 +592,7 @@ pub struct EchoPmd {
     child: Child,
     pub sock: PathBuf,
     log: PathBuf,
+    prefix: String,
 }
 
 impl EchoPmd {
@@ -624,7 +632,12 @@ impl EchoPmd {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        EchoPmd { child, sock, log }
+        EchoPmd {
+            child,
+            sock,
+            log,
+            prefix,
+        }
     }
 
     pub fn log(&self) -> String {
@@ -637,13 +650,18 @@ impl Drop for EchoPmd {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+        let mut exited = false;
+        while !exited && Instant::now() < deadline {
+            exited = matches!(self.child.try_wait(), Ok(Some(_)));
+            if !exited {
+                std::thread::sleep(Duration::from_millis(20));
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if !exited {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        // EAL leaves its runtime directory behind (PEERS.md).
+        let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{}", self.prefix));
     }
 }
