@@ -490,6 +490,31 @@ impl Guest {
             .unwrap_or_else(|e| panic!("{name}: {e}"))
     }
 
+    /// The guest's interrupt counts (summed over its CPUs) by action name,
+    /// e.g. `virtio0-input.1`: one per queue with MSI-X (QEMU 10); with
+    /// `vectors=0` (QEMU 7.2) all queues share one INTx line.
+    pub fn interrupts(&mut self) -> std::collections::HashMap<String, u64> {
+        let out = self.sh("cat /proc/interrupts");
+        let mut lines = out.lines();
+        let cpus = lines
+            .next()
+            .map(|l| l.split_whitespace().count())
+            .unwrap_or(0);
+        let mut m = std::collections::HashMap::new();
+        for l in lines {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() < cpus + 2 {
+                continue;
+            }
+            let n = f[1..=cpus]
+                .iter()
+                .filter_map(|v| v.parse::<u64>().ok())
+                .sum();
+            m.insert(f[f.len() - 1].to_string(), n);
+        }
+        m
+    }
+
     /// After this QEMU received the guest by migration: the console is the
     /// destination's from now on (the shell keeps reading from it).
     pub fn adopt_console_after_migration(&mut self) {
