@@ -440,11 +440,13 @@ fn multiqueue_relay(qemu: QemuVersion) {
 
 #[test]
 fn qemu7_multiqueue_relay_to_testpmd() {
+    let _one = one_at_a_time();
     multiqueue_relay(QemuVersion::V7);
 }
 
 #[test]
 fn qemu10_multiqueue_relay_to_testpmd() {
+    let _one = one_at_a_time();
     multiqueue_relay(QemuVersion::V10);
 }
 
