@@ -13,7 +13,7 @@ pub fn with_migration(base: &str) -> String {
         Err(reason) => json!({"supported": false, "reason": reason}),
     };
     let offered = crate::vhost_user::protocol_features()
-        | crate::migration::control::Migration::new(offer).protocol_features();
+        | crate::migration::control::Migration::features_for(offer.is_ok());
     if let Some(obj) = v.as_object_mut() {
         obj.insert("protocol-features".into(), json!(protocol_names(offered)));
         obj.insert(

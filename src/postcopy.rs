@@ -100,7 +100,7 @@ impl Device {
         Ok(File::from(theirs))
     }
 
-    /// POSTCOPY_LISTEN (the vhost dispatcher tracks the state itself).
+    /// POSTCOPY_LISTEN (the protocol session tracks ADVISE/LISTEN/END).
     pub fn postcopy_listen(&mut self) -> Result<()> {
         if self.postcopy.is_none() {
             return Err(DeviceError::Postcopy("LISTEN without ADVISE".into()));

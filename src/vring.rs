@@ -9,8 +9,8 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::device::{set_nonblocking, Device, DeviceError, Result, RingGpas, Running, LOG};
 use crate::ring::ring_sizes;
 
-/// virtio status bit DRIVER_OK.
-const STATUS_DRIVER_OK: u8 = 4;
+/// The virtio status bit DRIVER_OK (a u32 in the bindings; status is a byte).
+const DRIVER_OK: u8 = virtio_bindings::bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK as u8;
 
 impl Device {
     pub fn set_vring_num(&mut self, index: u32, num: u32) -> Result<()> {
@@ -154,13 +154,13 @@ impl Device {
     /// stay for GET_VRING_BASE (QEMU 7.2 resets before it reads them; later
     /// QEMUs after). DRIVER_OK starts every ring that is ready.
     pub fn set_status(&mut self, status: u8) -> Result<()> {
-        let was_ok = self.vmm_status & STATUS_DRIVER_OK != 0;
+        let was_ok = self.vmm_status & DRIVER_OK != 0;
         self.vmm_status = status;
         if status == 0 {
             self.stop_all_rings();
             return self.reset_backend();
         }
-        if status & STATUS_DRIVER_OK == 0 || was_ok {
+        if status & DRIVER_OK == 0 || was_ok {
             return Ok(());
         }
         // One queue failing to start does not keep the others stopped.
@@ -224,7 +224,7 @@ impl Device {
     /// Rings may run: DRIVER_OK was set, or the VMM does not use SET_STATUS.
     pub(crate) fn driver_ok(&self) -> bool {
         self.protocol_features & VhostUserProtocolFeatures::STATUS.bits() == 0
-            || self.vmm_status & STATUS_DRIVER_OK != 0
+            || self.vmm_status & DRIVER_OK != 0
     }
 
     /// The VMM disconnected (or reset the owner): stop every ring, keep the

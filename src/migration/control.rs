@@ -123,10 +123,16 @@ impl Migration {
     /// Protocol features this module implements (to OR into the offer).
     /// PAGEFAULT only when the host passed the postcopy check.
     pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        Self::features_for(self.postcopy.is_ok())
+    }
+
+    /// What `protocol_features` is, for a module whose postcopy check
+    /// passed or not (also what `--print-capabilities` reports).
+    pub fn features_for(postcopy: bool) -> VhostUserProtocolFeatures {
         let mut f = VhostUserProtocolFeatures::LOG_SHMFD
             | VhostUserProtocolFeatures::DEVICE_STATE
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
-        if self.postcopy.is_ok() {
+        if postcopy {
             f |= VhostUserProtocolFeatures::PAGEFAULT;
         }
         f
