@@ -37,7 +37,11 @@ fn qemu_preamble(d: &Daemon, proto: u64) -> std::os::unix::net::UnixStream {
         .u64()
         .expect("GET_PROTOCOL_FEATURES");
     assert_eq!(offered & proto, proto, "offered {offered:#x}");
-    assert_eq!(offered & raw::P_CONFIG, 0, "CONFIG must not be offered");
+    assert_eq!(
+        offered & VhostUserProtocolFeatures::CONFIG.bits(),
+        0,
+        "CONFIG must not be offered"
+    );
     raw::send_plain(&s, raw::SET_PROTOCOL_FEATURES, &u64b(proto)).unwrap();
     let n = raw::request(&s, raw::GET_QUEUE_NUM, &[], &[]);
     assert_eq!(n.u64(), Some(2), "GET_QUEUE_NUM: {n:?}");
@@ -57,7 +61,10 @@ fn qemu_order_and_status_start_and_reset() {
     for shadow in ["off", "on"] {
         let d = Daemon::spawn(&["--shadow", shadow]);
         let mut q = Qmp::connect_ready(&d.qmp);
-        let proto = raw::P_MQ | raw::P_REPLY_ACK | raw::P_STATUS;
+        let proto = (VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::STATUS)
+            .bits();
         let s = qemu_preamble(&d, proto);
         let mut vmm = Vmm::start_on(
             s.try_clone().unwrap(),

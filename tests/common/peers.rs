@@ -16,10 +16,16 @@ pub fn testpmd_or_skip() -> bool {
     if testpmd_installed() {
         return true;
     }
+    missing_peer("dpdk-testpmd not installed");
+    false
+}
+
+/// The one rule for a peer a test cannot have: print why it skips, or,
+/// with SVQ_RELAY_REQUIRE_PEERS set (CI), fail.
+pub fn missing_peer(why: &str) {
     assert!(
         std::env::var_os("SVQ_RELAY_REQUIRE_PEERS").is_none(),
-        "dpdk-testpmd not installed but SVQ_RELAY_REQUIRE_PEERS is set"
+        "{why}, but SVQ_RELAY_REQUIRE_PEERS is set"
     );
-    eprintln!("skipping: dpdk-testpmd not installed");
-    false
+    eprintln!("skipping: {why}");
 }

@@ -76,18 +76,10 @@ pub fn assets() -> Option<&'static Assets> {
     match r {
         Ok(a) => Some(a),
         Err(e) => {
-            skip_or_fail(e);
+            super::peers::missing_peer(e);
             None
         }
     }
-}
-
-fn skip_or_fail(why: &str) {
-    assert!(
-        std::env::var_os("SVQ_RELAY_REQUIRE_PEERS").is_none(),
-        "{why} (SVQ_RELAY_REQUIRE_PEERS is set)"
-    );
-    eprintln!("skipping: {why}");
 }
 
 /// True when QEMU 7.2, busybox and the guest assets are all there.
@@ -102,7 +94,7 @@ pub fn qemu_or_skip() -> bool {
             Command::new(bin).arg("--version").output().is_ok()
         };
         if !found {
-            skip_or_fail(why);
+            super::peers::missing_peer(why);
             return false;
         }
     }

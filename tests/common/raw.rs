@@ -30,12 +30,6 @@ pub const RESET_DEVICE: u32 = 34;
 pub const SET_STATUS: u32 = 39;
 pub const GET_STATUS: u32 = 40;
 
-/// Protocol feature bits.
-pub const P_MQ: u64 = 1 << 0;
-pub const P_REPLY_ACK: u64 = 1 << 3;
-pub const P_CONFIG: u64 = 1 << 9;
-pub const P_STATUS: u64 = 1 << 16;
-
 pub fn header(req: u32, flags: u32, size: u32) -> Vec<u8> {
     let mut h = Vec::with_capacity(12);
     h.extend_from_slice(&req.to_le_bytes());
