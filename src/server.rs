@@ -163,9 +163,10 @@ fn wait_readable(fd: Option<RawFd>, sig: &EventFd, timeout: Option<Duration>) ->
     }
 }
 
-/// Serve one VMM connection until it ends. Returns true if a signal asked
-/// the daemon to exit.
-fn serve_connection(
+/// Serve one VMM connection until it ends, then release what it set up
+/// (the device is ready for the next VMM). Returns true if `sig` asked the
+/// daemon to exit. Public so that the fuzzer drives exactly this path.
+pub fn serve_connection(
     stream: UnixStream,
     device: &SharedDevice,
     sig: &EventFd,

@@ -29,10 +29,15 @@ pub fn install(target: &str, crash_path: &str) {
     let _ = CRASH_PATH.set(CString::new(crash_path).expect("path without NUL"));
     let _ = PREFIX.set(format!("{target}: ").into_bytes());
     std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current().name().unwrap_or("?").to_string();
+        let msg = format!("panic on thread {thread}: {info}");
+        if CUR_PTR.load(Ordering::SeqCst).is_null() {
+            // Outside a case: the harness itself broke, nobody will ask.
+            eprintln!("svq-fuzz: {msg}");
+        }
         let mut p = PANIC.lock().unwrap_or_else(|e| e.into_inner());
         if p.is_none() {
-            let thread = std::thread::current().name().unwrap_or("?").to_string();
-            *p = Some(format!("panic on thread {thread}: {info}"));
+            *p = Some(msg);
         }
     }));
     for sig in [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE] {

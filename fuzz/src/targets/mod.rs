@@ -6,8 +6,8 @@ mod guest_ring;
 mod iova;
 // mod qmp;
 mod ring_env;
-// mod vhost_user;
-// mod vu_client;
+mod vhost_user;
+mod vu_client;
 
 use crate::engine::Target;
 
@@ -44,6 +44,7 @@ pub fn build(t: TargetName) -> Result<Box<dyn Target>, String> {
     Ok(match t {
         TargetName::GuestRing => Box::new(guest_ring::GuestRingTarget::new(false)?),
         TargetName::DeviceUsed => Box::new(guest_ring::GuestRingTarget::new(true)?),
+        TargetName::VhostUser => Box::new(vhost_user::VhostUserTarget::new()?),
         TargetName::Iova => Box::new(iova::IovaTarget),
         _ => return Err("todo".into()),
     })
