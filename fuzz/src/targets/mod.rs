@@ -1,10 +1,10 @@
 //! One module per kind of input; each builds its own harness once and runs
 //! many cases against it.
 
-// mod device_state;
+mod device_state;
 mod guest_ring;
 mod iova;
-// mod qmp;
+mod qmp;
 mod ring_env;
 mod vhost_user;
 mod vu_client;
@@ -45,7 +45,8 @@ pub fn build(t: TargetName) -> Result<Box<dyn Target>, String> {
         TargetName::GuestRing => Box::new(guest_ring::GuestRingTarget::new(false)?),
         TargetName::DeviceUsed => Box::new(guest_ring::GuestRingTarget::new(true)?),
         TargetName::VhostUser => Box::new(vhost_user::VhostUserTarget::new()?),
+        TargetName::Qmp => Box::new(qmp::QmpTarget::new()?),
+        TargetName::DeviceState => Box::new(device_state::DeviceStateTarget::new()?),
         TargetName::Iova => Box::new(iova::IovaTarget),
-        _ => return Err("todo".into()),
     })
 }

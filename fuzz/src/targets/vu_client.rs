@@ -232,7 +232,7 @@ fn memfd(name: &str, size: u64) -> std::io::Result<File> {
     Ok(f)
 }
 
-fn pipe() -> std::io::Result<(File, File)> {
+pub fn pipe() -> std::io::Result<(File, File)> {
     let mut p = [0; 2];
     // SAFETY: pipe2 writes two new descriptors into the live array `p`.
     if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -305,12 +305,23 @@ pub fn session(
     msgs: &[Msg],
     state: &[u8],
 ) -> Result<Vec<Message>, String> {
+    session_with(dev, sig, msgs, |m, k| fds.open(k, m.request, state))
+}
+
+/// [`session`] with the caller choosing each descriptor (`open(message,
+/// kind)`), for targets that keep one end of what they pass.
+pub fn session_with(
+    dev: &SharedDevice,
+    sig: &EventFd,
+    msgs: &[Msg],
+    mut open: impl FnMut(&Msg, u8) -> std::io::Result<OwnedFd>,
+) -> Result<Vec<Message>, String> {
     let (client, server) = UnixStream::pair().map_err(|e| e.to_string())?;
     for m in msgs {
         let owned: Vec<OwnedFd> = m
             .fds
             .iter()
-            .map(|&k| fds.open(k, m.request, state))
+            .map(|&k| open(m, k))
             .collect::<Result<_, _>>()
             .map_err(|e| format!("fd for the case: {e}"))?;
         let raw: Vec<RawFd> = owned.iter().map(|f| f.as_raw_fd()).collect();
@@ -333,4 +344,44 @@ pub fn session(
         replies.push(m);
     }
     Ok(replies)
+}
+
+/// Send `msgs` on a connection the daemon's server keeps serving on its
+/// own thread until the returned stream is closed: a VMM that stays.
+pub fn stay_connected(
+    dev: &SharedDevice,
+    sig: &EventFd,
+    fds: &Fds,
+    msgs: &[Msg],
+) -> Result<(UnixStream, Vec<Message>), String> {
+    let (client, server) = UnixStream::pair().map_err(|e| e.to_string())?;
+    let (dev, sig) = (dev.clone(), sig.try_clone().map_err(|e| e.to_string())?);
+    std::thread::Builder::new()
+        .name("vhost-user".into())
+        .spawn(move || svq_relay::server::serve_connection(server, &dev, &sig, &None))
+        .map_err(|e| e.to_string())?;
+    let mut replies = Vec::new();
+    for m in msgs {
+        let owned: Vec<OwnedFd> = m
+            .fds
+            .iter()
+            .map(|&k| fds.open(k, m.request, &[]))
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("fd for the connection: {e}"))?;
+        let raw: Vec<RawFd> = owned.iter().map(|f| f.as_raw_fd()).collect();
+        let h = Header {
+            request: m.request,
+            flags: m.flags,
+            size: m.body.len() as u32,
+        };
+        wire::send(&client, h, &m.body, &raw)
+            .map_err(|e| format!("sending request {}: {e}", m.request))?;
+        if m.flags & NEED_REPLY != 0 || req::has_reply(m.request) {
+            replies.push(
+                wire::recv_reply(&client)
+                    .map_err(|e| format!("no answer to request {}: {e}", m.request))?,
+            );
+        }
+    }
+    Ok((client, replies))
 }
