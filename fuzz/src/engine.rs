@@ -122,3 +122,57 @@ impl Run<'_> {
             .join(format!("svq-fuzz-{}-{}-crash.bin", self.name, self.seed))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fails on inputs holding 0xAA, panics on inputs holding 0xBB.
+    struct Picky;
+
+    impl Target for Picky {
+        fn generate(&mut self, rng: &mut Rng) -> Vec<u8> {
+            rng.bytes(4)
+        }
+        fn run(&mut self, input: &[u8]) -> Result<(), String> {
+            assert!(!input.contains(&0xbb), "0xBB");
+            match input.contains(&0xaa) {
+                true => Err("0xAA".into()),
+                false => Ok(()),
+            }
+        }
+    }
+
+    #[test]
+    fn failures_are_counted_saved_and_replay() {
+        let dir = std::env::temp_dir().join(format!("svq-fuzz-engine-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let run = Run {
+            name: "picky",
+            seed: 3,
+            out_dir: &dir,
+        };
+        let s = run.fuzz(&mut Picky, 2000);
+        assert_eq!(s.cases, 2000);
+        assert!(
+            s.failures > 0,
+            "4 random bytes hold 0xAA or 0xBB often enough"
+        );
+        let saved: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .expect("read dir")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        assert_eq!(saved.len() as u64, s.failures.min(MAX_SAVED));
+        for p in &saved {
+            let input = std::fs::read(p).expect("saved input");
+            assert!(input.contains(&0xaa) || input.contains(&0xbb), "{p:?}");
+            assert_eq!(
+                run.replay(&mut Picky, &input).failures,
+                1,
+                "{p:?} fails again"
+            );
+        }
+        assert_eq!(run.replay(&mut Picky, &[1, 2, 3]).failures, 0);
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+}
