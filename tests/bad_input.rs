@@ -143,6 +143,65 @@ fn truncated_messages() {
     assert_serves(&mut d, 1);
 }
 
+/// The VMM goes away in the middle of a message while traffic runs (frames
+/// in flight both ways, in each mode): the daemon stops that session's
+/// rings, stays up, keeps its mode, and the next VMM gets a working device.
+fn vmm_gone_mid_message_under_traffic(shadow: &str) {
+    let mut d = Daemon::spawn(&["--shadow", shadow]);
+    for (round, cut) in [3usize, 12, 17].into_iter().enumerate() {
+        let mut vmm = Vmm::start(&d.socket, VmmConfig::pairs(1));
+        pump(&mut vmm.pairs, Until::Frames(200)).unwrap_or_else(|e| panic!("warm-up: {e}"));
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let raw = vmm.raw.try_clone().expect("clone the VMM socket");
+        let traffic = std::thread::scope(|s| {
+            let t = s.spawn(|| {
+                common::net::pump_with(
+                    &mut vmm.pairs,
+                    Until::Flag(&stop),
+                    std::time::Duration::from_secs(2),
+                )
+            });
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            // SET_VRING_BASE, cut inside the header (3), after it (12) or
+            // inside the body (17); then the VMM is gone.
+            let mut m = raw::header(raw::SET_VRING_BASE, raw::VERSION, 8);
+            m.extend_from_slice(&[0u8; 8]);
+            let _ = (&raw).write_all(&m[..cut]);
+            let _ = raw.shutdown(Shutdown::Both);
+            stop.store(true, std::sync::atomic::Ordering::Release);
+            t.join().expect("traffic thread")
+        });
+        // Frames still in flight when the rings stopped never come back;
+        // anything else the driver checks (ids, lengths, bytes) must hold.
+        if let Err(e) = traffic {
+            assert!(e.starts_with("no progress"), "round {round}: {e}");
+        }
+        drop(vmm);
+        let mut q = Qmp::connect_ready(&d.qmp);
+        let dev = common::qmp::query_until(&mut q, "net0", |dev| match dev["started"] {
+            serde_json::Value::Bool(false) => Ok(()),
+            _ => Err(format!("still started: {dev}")),
+        });
+        let mode = if shadow == "on" {
+            "shadow"
+        } else {
+            "passthrough"
+        };
+        assert_eq!(dev["mode"], mode, "round {round}: {dev}");
+        assert_serves(&mut d, 1);
+    }
+}
+
+#[test]
+fn vmm_gone_mid_message_under_traffic_passthrough() {
+    vmm_gone_mid_message_under_traffic("off");
+}
+
+#[test]
+fn vmm_gone_mid_message_under_traffic_shadow() {
+    vmm_gone_mid_message_under_traffic("on");
+}
+
 /// Framing errors the protocol layer catches: reserved flag bits, a memory
 /// table whose fd count does not match its regions, more fds than any
 /// message takes, a vring fd message without its fd. Each ends that

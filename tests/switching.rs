@@ -167,8 +167,8 @@ fn switch_under_traffic(pairs: u16, switches: usize, driver: DriverOpts) {
 }
 
 #[test]
-fn hundred_switches_under_traffic_two_pairs() {
-    switch_under_traffic(2, 100, DriverOpts::default());
+fn thousand_switches_under_traffic_two_pairs() {
+    switch_under_traffic(2, 1000, DriverOpts::default());
 }
 
 #[test]
