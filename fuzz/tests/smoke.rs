@@ -95,3 +95,36 @@ fn a_saved_input_replays_and_a_missing_one_is_a_setup_error() {
         .expect("run svq-fuzz");
     assert_eq!(o.status.code(), Some(2));
 }
+
+/// Inputs that once failed (fuzz/regressions/TARGET/*.bin; the README's
+/// Fuzzing section says what each was) replay clean.
+#[test]
+fn regression_inputs_replay_clean() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("regressions");
+    let mut n = 0;
+    for target in std::fs::read_dir(&root).expect("fuzz/regressions") {
+        let target = target.expect("entry").path();
+        let name = target.file_name().unwrap().to_string_lossy().to_string();
+        for input in std::fs::read_dir(&target).expect("target dir") {
+            let input = input.expect("entry").path();
+            let o = Command::new(env!("CARGO_BIN_EXE_svq-fuzz"))
+                .args([name.as_str(), "--replay"])
+                .arg(&input)
+                .output()
+                .expect("run svq-fuzz");
+            assert_eq!(
+                String::from_utf8_lossy(&o.stdout).lines().last(),
+                Some(format!("{name}: 1 cases, 0 failures").as_str()),
+                "{}:\n{}",
+                input.display(),
+                String::from_utf8_lossy(&o.stdout)
+            );
+            n += 1;
+        }
+    }
+    assert!(
+        n >= 3,
+        "only {n} regression inputs found under {}",
+        root.display()
+    );
+}

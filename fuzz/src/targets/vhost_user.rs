@@ -104,15 +104,39 @@ impl Daemon {
     }
 }
 
-/// Replies are framed as replies and answer the requests sent, in order.
+/// The request codes the daemon reads from `msgs` on the wire: a header
+/// whose size lies moves every later boundary (the body swallows the next
+/// header, or the next header starts inside this body), exactly as the
+/// daemon's reader sees it.
+pub fn framed_requests(msgs: &[Msg]) -> Vec<u32> {
+    let mut wire = Vec::new();
+    for m in msgs {
+        wire.extend_from_slice(&m.request.to_le_bytes());
+        wire.extend_from_slice(&m.flags.to_le_bytes());
+        wire.extend_from_slice(&m.size.unwrap_or(m.body.len() as u32).to_le_bytes());
+        wire.extend_from_slice(&m.body);
+    }
+    let mut codes = Vec::new();
+    let mut at = 0usize;
+    while let Some(h) = wire.get(at..at + 12) {
+        codes.push(u32::from_le_bytes([h[0], h[1], h[2], h[3]]));
+        let size = u32::from_le_bytes([h[8], h[9], h[10], h[11]]) as usize;
+        at = at.saturating_add(12).saturating_add(size);
+    }
+    codes
+}
+
+/// Replies are framed as replies and answer requests the daemon read, in
+/// order.
 pub fn check_replies(sent: &[Msg], replies: &[Message]) -> Result<(), String> {
+    let sent = framed_requests(sent);
     let mut next = 0;
     for r in replies {
         let h = r.header;
         if h.flags != (VERSION | REPLY) {
             return Err(format!("reply to {} has flags {:#x}", h.request, h.flags));
         }
-        match sent[next..].iter().position(|m| m.request == h.request) {
+        match sent[next..].iter().position(|&code| code == h.request) {
             Some(i) => next += i + 1,
             None => {
                 return Err(format!(
@@ -245,5 +269,19 @@ mod tests {
             fds: Vec::new(),
         };
         assert!(check_replies(&sent, &[reply]).is_err());
+    }
+
+    #[test]
+    fn a_size_that_lies_moves_the_next_boundary() {
+        // GET_FEATURES claiming no body, with a body that is a complete
+        // GET_QUEUE_NUM header: the daemon reads two requests.
+        let mut hidden = req::GET_QUEUE_NUM.to_le_bytes().to_vec();
+        hidden.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0]);
+        let mut m = Msg::new(req::GET_FEATURES, &hidden);
+        m.size = Some(0);
+        assert_eq!(
+            framed_requests(&[m]),
+            [req::GET_FEATURES, req::GET_QUEUE_NUM]
+        );
     }
 }
