@@ -21,6 +21,8 @@ README=0
 [ "${1:-}" = "--readme" ] && README=1
 
 cargo build --profile fuzz -p svq-fuzz
+# The commit the binary was built from (HEAD may move during a long run).
+COMMIT=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!README.md' || echo +changes)
 BIN=target/fuzz/svq-fuzz
 mkdir -p "$OUT"
 
@@ -50,7 +52,7 @@ $row"
 done
 
 if [ $README -eq 1 ]; then
-  stamp="$(date -u +%Y-%m-%d), $(nproc) cores, commit $(git rev-parse --short HEAD)"
+  stamp="$(date -u +%Y-%m-%d), $(nproc) cores, commit $COMMIT"
   grep -q '<!-- fuzz-table:begin -->' README.md || { echo "README.md has no fuzz-table markers" >&2; exit 2; }
   TABLE="$table" STAMP="$stamp" awk '
     /<!-- fuzz-table:begin -->/ {
