@@ -165,8 +165,8 @@ impl Drop for SharedMapping {
 }
 
 /// An anonymous memory file of `size` bytes (zero filled), for the regions
-/// the daemon hands to the VMM and for tests.
-pub(crate) fn memfd(name: &std::ffi::CStr, size: u64) -> std::io::Result<File> {
+/// the daemon hands to the VMM, for tests and for the fuzzer.
+pub fn memfd(name: &std::ffi::CStr, size: u64) -> std::io::Result<File> {
     use std::os::unix::io::FromRawFd;
     // SAFETY: memfd_create with a valid NUL-terminated name; the new fd is
     // owned by the File built from it right below.

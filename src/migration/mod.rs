@@ -15,7 +15,7 @@ pub mod state;
 pub mod stream;
 pub mod transfer;
 
-pub use mapping::MapError;
+pub use mapping::{memfd, MapError};
 
 #[cfg(test)]
 mod tests;

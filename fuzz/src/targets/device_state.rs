@@ -19,14 +19,12 @@ use std::io::Read;
 use std::os::fd::OwnedFd;
 
 use svq_relay::migration::stream::{DeviceState, Limits};
-use svq_relay::protocol::wire::Message;
 
-use super::vhost_user::{check_replies, Daemon};
-use super::vu_client::{bring_up, pipe, req, session_with, Msg, QUEUES, QUEUE_SIZE};
+use super::vhost_user::{check_replies, reply_u64, Daemon};
+use super::vu_client::{pipe, req, session_with, Msg, QUEUES, QUEUE_SIZE};
 use crate::engine::Target;
 use crate::rng::Rng;
 
-const LOG_ALL: u64 = 1 << 26;
 const SAVE: u32 = 0;
 const LOAD: u32 = 1;
 /// The pipe carries at most this much (its default capacity): the whole
@@ -66,13 +64,6 @@ impl Pipes<'_> {
     }
 }
 
-fn ack(m: &Message) -> u64 {
-    m.body
-        .get(..8)
-        .and_then(|b| b.try_into().ok())
-        .map_or(u64::MAX, u64::from_le_bytes)
-}
-
 impl DeviceStateTarget {
     pub fn new() -> Result<Self, String> {
         let d = Daemon::new()?;
@@ -102,7 +93,7 @@ impl DeviceStateTarget {
     /// and what each SAVE wrote.
     fn session(&self, streams: &[&[u8]], ops: &[u32]) -> Result<(Vec<u64>, Vec<Vec<u8>>), String> {
         self.d.fds.reset()?;
-        let mut msgs = bring_up(self.d.features & !LOG_ALL, self.d.protocol);
+        let mut msgs = self.d.bring_up();
         for q in 0..QUEUES {
             msgs.push(Msg::state(req::GET_VRING_BASE, q, 0));
         }
@@ -119,14 +110,14 @@ impl DeviceStateTarget {
             if m.request == req::SET_DEVICE_STATE_FD {
                 pipes.open(m)
             } else {
-                fds.open(k, m.request, &[])
+                fds.open(k, m.request)
             }
         })?;
         check_replies(&msgs, &replies)?;
         let checks: Vec<u64> = replies
             .iter()
             .filter(|m| m.header.request == req::CHECK_DEVICE_STATE)
-            .map(ack)
+            .map(reply_u64)
             .collect();
         if checks.len() != ops.len() {
             return Err(format!(

@@ -25,11 +25,10 @@ use serde_json::Value;
 use svq_relay::qmp::{Qmp, QmpDevice};
 
 use super::vhost_user::Daemon;
-use super::vu_client::{bring_up, stay_connected};
+use super::vu_client::stay_connected;
 use crate::engine::Target;
 use crate::rng::Rng;
 
-const LOG_ALL: u64 = 1 << 26;
 /// The server's line limit (src/qmp.rs MAX_LINE).
 const MAX_LINE: usize = 64 * 1024;
 const NAME: &str = "fuzz0";
@@ -105,12 +104,7 @@ fn mode_of(query: &Value) -> Result<bool, String> {
 impl QmpTarget {
     pub fn new() -> Result<Self, String> {
         let d = Daemon::new()?;
-        let (vmm, acks) = stay_connected(
-            &d.dev,
-            &d.sig,
-            &d.fds,
-            &bring_up(d.features & !LOG_ALL, d.protocol),
-        )?;
+        let (vmm, acks) = stay_connected(&d.dev, &d.sig, &d.fds, &d.bring_up())?;
         if acks.is_empty() {
             return Err("the VMM connection got no answers".into());
         }

@@ -34,7 +34,8 @@ pub struct Daemon {
     baseline: Vec<(u32, u32, Vec<u8>)>,
 }
 
-fn u64_of(m: &Message) -> u64 {
+/// The u64 a reply carries (u64::MAX when it carries none).
+pub fn reply_u64(m: &Message) -> u64 {
     m.body
         .get(..8)
         .and_then(|b| b.try_into().ok())
@@ -57,12 +58,12 @@ impl Daemon {
             Msg::new(req::GET_FEATURES, &[]),
             Msg::new(req::GET_PROTOCOL_FEATURES, &[]),
         ];
-        let r = session(&d.dev, &d.sig, &d.fds, &probe, &[])?;
+        let r = session(&d.dev, &d.sig, &d.fds, &probe)?;
         if r.len() != 2 {
             return Err(format!("probe got {} replies", r.len()));
         }
-        d.features = u64_of(&r[0]);
-        d.protocol = u64_of(&r[1]);
+        d.features = reply_u64(&r[0]);
+        d.protocol = reply_u64(&r[1]);
         d.baseline = d.bring_up_answers()?;
         // The baseline itself must be a working bring-up: every ack 0.
         for (code, _, body) in &d.baseline {
@@ -73,13 +74,18 @@ impl Daemon {
         Ok(d)
     }
 
+    /// QEMU's bring-up with everything offered acked except dirty logging.
+    pub fn bring_up(&self) -> Vec<Msg> {
+        bring_up(self.features & !LOG_ALL, self.protocol)
+    }
+
     fn bring_up_answers(&self) -> Result<Vec<(u32, u32, Vec<u8>)>, String> {
         self.fds.reset()?;
-        let mut msgs = bring_up(self.features & !LOG_ALL, self.protocol);
+        let mut msgs = self.bring_up();
         for q in 0..QUEUES {
             msgs.push(Msg::state(req::GET_VRING_BASE, q, 0));
         }
-        let r = session(&self.dev, &self.sig, &self.fds, &msgs, &[])?;
+        let r = session(&self.dev, &self.sig, &self.fds, &msgs)?;
         Ok(r.into_iter()
             .map(|m| (m.header.request, m.header.flags, m.body))
             .collect())
@@ -227,7 +233,7 @@ impl Target for VhostUserTarget {
     fn run(&mut self, input: &[u8]) -> Result<(), String> {
         self.d.fds.reset()?;
         let msgs = decode_all(input, MAX_MSGS);
-        let replies = session(&self.d.dev, &self.d.sig, &self.d.fds, &msgs, &[])?;
+        let replies = session(&self.d.dev, &self.d.sig, &self.d.fds, &msgs)?;
         check_replies(&msgs, &replies)?;
         self.d.check_fresh()
     }

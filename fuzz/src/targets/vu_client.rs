@@ -5,11 +5,11 @@
 //! `svq_relay::server::serve_connection`, exactly as the daemon serves a VMM.
 
 use std::fs::File;
-use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use svq_relay::device::SharedDevice;
+use svq_relay::migration::memfd;
 use svq_relay::protocol::wire::{self, Header, Message, NEED_REPLY, VERSION};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -220,20 +220,6 @@ pub struct Fds {
     small: File,
 }
 
-fn memfd(name: &str, size: u64) -> std::io::Result<File> {
-    let c = std::ffi::CString::new(name).unwrap_or_default();
-    // SAFETY: memfd_create reads the NUL-terminated name and returns a new
-    // descriptor (or -1), which the File then owns alone.
-    let fd = unsafe { libc::memfd_create(c.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just created and is owned by nobody else.
-    let f = unsafe { File::from_raw_fd(fd) };
-    f.set_len(size)?;
-    Ok(f)
-}
-
 pub fn pipe() -> std::io::Result<(File, File)> {
     let mut p = [0; 2];
     // SAFETY: pipe2 writes two new descriptors into the live array `p`.
@@ -247,8 +233,8 @@ pub fn pipe() -> std::io::Result<(File, File)> {
 impl Fds {
     pub fn new() -> Result<Self, String> {
         Ok(Fds {
-            guest: memfd("svq-fuzz-guest", GUEST_SIZE).map_err(|e| e.to_string())?,
-            small: memfd("svq-fuzz-small", SMALL_SIZE).map_err(|e| e.to_string())?,
+            guest: memfd(c"svq-fuzz-guest", GUEST_SIZE).map_err(|e| e.to_string())?,
+            small: memfd(c"svq-fuzz-small", SMALL_SIZE).map_err(|e| e.to_string())?,
         })
     }
 
@@ -263,17 +249,14 @@ impl Fds {
     }
 
     /// A descriptor of `kind` for a message with `request`. A state
-    /// transfer gets only pipes (the daemon waits for a transfer's end, and
-    /// an eventfd never ends: that wait is bounded and tested elsewhere);
-    /// `state` is what the pipe carries for a LOAD.
-    pub fn open(&self, kind: u8, request: u32, state: &[u8]) -> std::io::Result<OwnedFd> {
+    /// transfer gets only pipes whose other end is closed (the daemon waits
+    /// for a transfer's end, and an eventfd never ends: that wait is bounded
+    /// and tested elsewhere): an empty stream to load, or nobody reading
+    /// what is saved. The device-state target passes streams itself.
+    pub fn open(&self, kind: u8, request: u32) -> std::io::Result<OwnedFd> {
         if request == req::SET_DEVICE_STATE_FD {
-            let (r, mut w) = pipe()?;
+            let (r, w) = pipe()?;
             return Ok(if kind.is_multiple_of(2) {
-                // The pipe holds 64 KiB: a longer stream is cut, which the
-                // load must refuse like any truncated stream.
-                let n = state.len().min(0xffff);
-                let _ = w.write_all(&state[..n]);
                 r.into()
             } else {
                 w.into()
@@ -305,9 +288,30 @@ pub fn session(
     sig: &EventFd,
     fds: &Fds,
     msgs: &[Msg],
-    state: &[u8],
 ) -> Result<Vec<Message>, String> {
-    session_with(dev, sig, msgs, |m, k| fds.open(k, m.request, state))
+    session_with(dev, sig, msgs, |m, k| fds.open(k, m.request))
+}
+
+/// Send one message with the descriptors `open(message, kind)` gives it;
+/// the header's size is the one the message claims.
+fn send(
+    client: &UnixStream,
+    m: &Msg,
+    open: &mut impl FnMut(&Msg, u8) -> std::io::Result<OwnedFd>,
+) -> Result<(), String> {
+    let owned: Vec<OwnedFd> = m
+        .fds
+        .iter()
+        .map(|&k| open(m, k))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("fd for request {}: {e}", m.request))?;
+    let raw: Vec<RawFd> = owned.iter().map(|f| f.as_raw_fd()).collect();
+    let h = Header {
+        request: m.request,
+        flags: m.flags,
+        size: m.size.unwrap_or(m.body.len() as u32),
+    };
+    wire::send(client, h, &m.body, &raw).map_err(|e| format!("sending request {}: {e}", m.request))
 }
 
 /// [`session`] with the caller choosing each descriptor (`open(message,
@@ -320,22 +324,7 @@ pub fn session_with(
 ) -> Result<Vec<Message>, String> {
     let (client, server) = UnixStream::pair().map_err(|e| e.to_string())?;
     for m in msgs {
-        let owned: Vec<OwnedFd> = m
-            .fds
-            .iter()
-            .map(|&k| open(m, k))
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("fd for the case: {e}"))?;
-        let raw: Vec<RawFd> = owned.iter().map(|f| f.as_raw_fd()).collect();
-        let size = m.size.unwrap_or(m.body.len() as u32);
-        let h = Header {
-            request: m.request,
-            flags: m.flags,
-            size,
-        };
-        if let Err(e) = wire::send(&client, h, &m.body, &raw) {
-            return Err(format!("sending request {}: {e}", m.request));
-        }
+        send(&client, m, &mut open)?;
     }
     client
         .shutdown(std::net::Shutdown::Write)
@@ -363,21 +352,9 @@ pub fn stay_connected(
         .spawn(move || svq_relay::server::serve_connection(server, &dev, &sig, &None))
         .map_err(|e| e.to_string())?;
     let mut replies = Vec::new();
+    let mut open = |m: &Msg, k| fds.open(k, m.request);
     for m in msgs {
-        let owned: Vec<OwnedFd> = m
-            .fds
-            .iter()
-            .map(|&k| fds.open(k, m.request, &[]))
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("fd for the connection: {e}"))?;
-        let raw: Vec<RawFd> = owned.iter().map(|f| f.as_raw_fd()).collect();
-        let h = Header {
-            request: m.request,
-            flags: m.flags,
-            size: m.body.len() as u32,
-        };
-        wire::send(&client, h, &m.body, &raw)
-            .map_err(|e| format!("sending request {}: {e}", m.request))?;
+        send(&client, m, &mut open)?;
         if m.flags & NEED_REPLY != 0 || req::has_reply(m.request) {
             replies.push(
                 wire::recv_reply(&client)
