@@ -1,22 +1,43 @@
 #!/usr/bin/env bash
-# Throughput of svq-relay between two DPDK testpmds, against the same two
-# testpmds connected directly, interleaved in one run.
+# Throughput and round-trip latency of svq-relay between two DPDK testpmds,
+# against the same two testpmds connected directly, interleaved in one run.
 #
-#   guest: testpmd virtio-user, txonly --txpkts=SIZE   (CPU 1: --lcores 0@1,1@1)
-#   device: testpmd net_vhost, rxonly                    (CPU 0: --lcores 0@0,1@0)
-#   direct:      guest -> device socket
-#   direct-no-in-order: the same with virtio-user in_order=0 (what the relay negotiates)
-#   passthrough: guest -> svq-relay --shadow off --backend vhost-user:DEV -> device
-#   shadow:      guest -> svq-relay --shadow on  --backend vhost-user:DEV -> device
+#   guest:  testpmd virtio-user (the VMM side)
+#   device: testpmd net_vhost   (the device side)
 #
-# Measure: the device's RX rate ("Rx-pps" of testpmd's 1 s statistics),
-# averaged over WINDOW seconds after WARMUP seconds of traffic. Every round
-# runs every configuration once, so slow drifts of a shared machine hit all
-# of them alike; the table shows the median over the rounds and its ratio to
-# direct at the same packet size.
+# Modes (MODES):
+#   direct              guest -> device socket
+#   direct-no-in-order  the same with virtio-user in_order=0 (what the relay negotiates)
+#   passthrough         guest -> svq-relay --shadow off -> device
+#   shadow-event        guest -> svq-relay --shadow on --poll off       (the default: epoll, woken per burst)
+#   shadow-poll         guest -> svq-relay --shadow on --poll adaptive
+#   shadow-always       guest -> svq-relay --shadow on --poll always
 #
-# Usage: scripts/bench-dpdk.sh            (env: ROUNDS=3 WINDOW=5 WARMUP=2
-#        SIZES="64 1500" MODES="direct direct-no-in-order passthrough shadow"
+# Directions (DIRS):
+#   tx  guest txonly -> device rxonly; the device's Rx-pps is measured
+#   rx  device txonly -> guest rxonly; the guest's Rx-pps is measured
+#
+# CPU placement (PLACES), printed with every result:
+#   split     device on CPU 0, guest on CPU 1, relay unpinned (it competes
+#             with two busy-polling testpmds for two CPUs)
+#   own-core  device and guest share CPU 0, the relay's workers are pinned
+#             to CPU 1 (--cpu-affinity 1); direct runs with the same two
+#             testpmds on CPU 0, so the ratio shows what the relay costs
+#             when it is not starved
+#
+# Latency (LATENCY=1): both testpmds in io forwarding, the guest sends one
+# 64-byte packet (--tx-first --burst=1) and the two bounce it back and forth;
+# the device's Rx-pps is then round trips per second and 1e6/pps the
+# round-trip time in microseconds.
+#
+# Measure: the mean of testpmd's 1 s "Rx-pps" samples over WINDOW seconds
+# after WARMUP seconds of traffic. Every round runs every configuration once,
+# so slow drifts of a shared machine hit all of them alike; the tables show
+# the median over the rounds and its ratio to direct in the same placement,
+# direction and size.
+#
+# Usage: scripts/bench-dpdk.sh   (env: ROUNDS=3 WINDOW=5 WARMUP=2 SIZES="64 1500"
+#        DIRS="tx rx" PLACES="split own-core" MODES="..." LATENCY=1
 #        RELAY=target/release/svq-relay)
 set -euo pipefail
 
@@ -24,10 +45,10 @@ ROUNDS=${ROUNDS:-3}
 WINDOW=${WINDOW:-5}
 WARMUP=${WARMUP:-2}
 SIZES=${SIZES:-"64 1500"}
-# direct-no-in-order: direct with virtio-user's in_order=0, the feature set
-# the relay negotiates (it never offers IN_ORDER), to tell the cost of the
-# features from the cost of the relay.
-MODES=${MODES:-"direct direct-no-in-order passthrough shadow"}
+DIRS=${DIRS:-"tx rx"}
+PLACES=${PLACES:-"split own-core"}
+MODES=${MODES:-"direct direct-no-in-order passthrough shadow-event shadow-poll shadow-always"}
+LATENCY=${LATENCY:-1}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RELAY=${RELAY:-${CARGO_TARGET_DIR:-$ROOT/target}/release/svq-relay}
 
@@ -81,27 +102,51 @@ testpmd() { # PREFIX LCORES VDEV MODE LOG EXTRA...
     PIDS+=("$LAST_PID")
 }
 
-# Mean of the device's "Rx-pps" samples printed after the warm-up.
+# Mean of the "Rx-pps" samples printed after the warm-up.
 mean_rx_pps() { # LOG SKIP
     grep -o 'Rx-pps: *[0-9]*' "$1" | awk -v skip="$2" '
         { n++; if (n > skip) { s += $2; m++ } }
         END { if (m > 0) printf "%d\n", s / m; else print 0 }'
 }
 
-one() { # MODE SIZE -> sets RESULT (pps); not in a subshell, so the EXIT trap sees every pid
-    local mode=$1 size=$2 tag="$$-$mode-$size-$RANDOM"
+relay_args() { # MODE -> RELAY_ARGS (empty for direct modes)
+    case $1 in
+        passthrough) RELAY_ARGS="--shadow off" ;;
+        shadow-event) RELAY_ARGS="--shadow on --poll off" ;;
+        shadow-poll) RELAY_ARGS="--shadow on --poll adaptive" ;;
+        shadow-always) RELAY_ARGS="--shadow on --poll always" ;;
+        direct | direct-no-in-order) RELAY_ARGS="" ;;
+        *) echo "bench-dpdk: unknown mode $1" >&2; exit 2 ;;
+    esac
+}
+
+# MODE SIZE DIR PLACE -> sets RESULT (pps). DIR is tx, rx or pingpong. Not
+# in a subshell, so the EXIT trap sees every pid.
+one() {
+    local mode=$1 size=$2 direction=$3 place=$4 tag="$$-$RANDOM$RANDOM"
     local dir="$WORK/$tag"
     mkdir -p "$dir"
     local dev_sock="$dir/dev.sock" vm_sock="$dir/vm.sock" relay_pid=""
-    testpmd "svqb-d-$tag" 0@0,1@0 "net_vhost0,iface=$dev_sock,queues=1" rxonly "$dir/device.log"
+    local dev_lcores=0@0,1@0 guest_lcores=0@1,1@1 pin=""
+    if [ "$place" = own-core ]; then
+        guest_lcores=0@0,1@0
+        pin="--cpu-affinity 1"
+    fi
+    local dev_fwd=rxonly guest_fwd=txonly dev_extra=() guest_extra=(--txpkts="$size")
+    case $direction in
+        rx) dev_fwd=txonly guest_fwd=rxonly dev_extra=(--txpkts="$size") guest_extra=() ;;
+        pingpong) dev_fwd=io guest_fwd=io guest_extra=(--tx-first --burst=1 --txpkts="$size") dev_extra=(--burst=1) ;;
+    esac
+    testpmd "svqb-d-$tag" "$dev_lcores" "net_vhost0,iface=$dev_sock,queues=1" "$dev_fwd" \
+        "$dir/device.log" "${dev_extra[@]}"
     local dev_pid=$LAST_PID
     wait_for "$dir/device.log" "forwards packets on" 30
     local guest_sock=$dev_sock vdev_opts=""
     [ "$mode" = direct-no-in-order ] && vdev_opts=",in_order=0"
-    if [ "${mode#direct}" = "$mode" ]; then
-        local shadow=off
-        [ "$mode" = shadow ] && shadow=on
-        "$RELAY" --socket-path "$vm_sock" --backend "vhost-user:$dev_sock" --shadow "$shadow" \
+    relay_args "$mode"
+    if [ -n "$RELAY_ARGS" ]; then
+        # shellcheck disable=SC2086
+        "$RELAY" --socket-path "$vm_sock" --backend "vhost-user:$dev_sock" $RELAY_ARGS $pin \
             --log-level warn 2>"$dir/relay.log" &
         relay_pid=$!
         PIDS+=("$relay_pid")
@@ -109,38 +154,50 @@ one() { # MODE SIZE -> sets RESULT (pps); not in a subshell, so the EXIT trap se
         [ -S "$vm_sock" ] || { echo "bench-dpdk: relay did not start:" >&2; cat "$dir/relay.log" >&2; return 1; }
         guest_sock=$vm_sock
     fi
-    testpmd "svqb-g-$tag" 0@1,1@1 "net_virtio_user0,path=$guest_sock,queues=1$vdev_opts" txonly \
-        "$dir/guest.log" --txpkts="$size"
+    testpmd "svqb-g-$tag" "$guest_lcores" "net_virtio_user0,path=$guest_sock,queues=1$vdev_opts" \
+        "$guest_fwd" "$dir/guest.log" "${guest_extra[@]}"
     local guest_pid=$LAST_PID
     wait_for "$dir/guest.log" "forwards packets on" 30
+    local measured=$dir/device.log
+    [ "$direction" = rx ] && measured=$dir/guest.log
     # Samples printed so far belong to the start-up; skip them and the warm-up.
     sleep "$WARMUP"
     local skip
-    skip=$(grep -c 'Rx-pps' "$dir/device.log" || true)
+    skip=$(grep -c 'Rx-pps' "$measured" || true)
     sleep "$WINDOW"
     local pps
-    pps=$(mean_rx_pps "$dir/device.log" "$skip")
+    pps=$(mean_rx_pps "$measured" "$skip")
     stop "$guest_pid"
     [ -n "$relay_pid" ] && stop "$relay_pid"
     stop "$dev_pid"
     rm -rf "/var/run/dpdk/svqb-d-$tag" "/var/run/dpdk/svqb-g-$tag"
     if [ -s "$dir/relay.log" ]; then
-        echo "bench-dpdk: relay ($mode, $size B) logged:" >&2
+        echo "bench-dpdk: relay ($mode, $size B, $direction, $place) logged:" >&2
         head -5 "$dir/relay.log" >&2
     fi
     RESULT=$pps
 }
 
 declare -A RESULTS
-echo "svq-relay DPDK benchmark: $ROUNDS rounds x sizes [$SIZES] x [$MODES], ${WINDOW}s windows after ${WARMUP}s warm-up" >&2
+echo "svq-relay DPDK benchmark: $ROUNDS rounds x sizes [$SIZES] x directions [$DIRS] x placements [$PLACES] x [$MODES], latency $LATENCY, ${WINDOW}s windows after ${WARMUP}s warm-up, $(nproc) CPUs" >&2
 for ((r = 1; r <= ROUNDS; r++)); do
-    for size in $SIZES; do
-        for mode in $MODES; do
-            one "$mode" "$size"
-            pps=$RESULT
-            RESULTS[$mode,$size]="${RESULTS[$mode,$size]:-} $pps"
-            printf "round %d  %5s B  %-18s %12s pps\n" "$r" "$size" "$mode" "$pps" >&2
+    for place in $PLACES; do
+        for direction in $DIRS; do
+            for size in $SIZES; do
+                for mode in $MODES; do
+                    one "$mode" "$size" "$direction" "$place"
+                    RESULTS[$place,$direction,$size,$mode]="${RESULTS[$place,$direction,$size,$mode]:-} $RESULT"
+                    printf "round %d  %-8s %-3s %5s B  %-18s %12s pps\n" "$r" "$place" "$direction" "$size" "$mode" "$RESULT" >&2
+                done
+            done
         done
+        if [ "$LATENCY" = 1 ]; then
+            for mode in $MODES; do
+                one "$mode" 64 pingpong "$place"
+                RESULTS[$place,pingpong,64,$mode]="${RESULTS[$place,pingpong,64,$mode]:-} $RESULT"
+                printf "round %d  %-8s ping-pong  %-18s %12s round trips/s\n" "$r" "$place" "$mode" "$RESULT" >&2
+            done
+        fi
     done
 done
 
@@ -148,13 +205,39 @@ median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{ a[NR] = $1 } END { if (
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.0f%%", 100 * a / b; else print "n/a" }'; }
 
-printf "\n| size | mode | pps per round | median pps | vs direct | vs direct-no-in-order |\n|---|---|---|---|---|---|\n"
-for size in $SIZES; do
-    direct=$(echo "${RESULTS[direct,$size]:-}" | median)
-    noio=$(echo "${RESULTS[direct-no-in-order,$size]:-}" | median)
-    for mode in $MODES; do
-        m=$(echo "${RESULTS[$mode,$size]}" | median)
-        printf "| %s B | %s | %s | %s | %s | %s |\n" "$size" "$mode" \
-            "$(echo ${RESULTS[$mode,$size]} | sed 's/ / \/ /g')" "$m" "$(ratio "$m" "$direct")" "$(ratio "$m" "$noio")"
+usec() { awk -v p="$1" 'BEGIN { if (p > 0) printf "%.1f", 1e6 / p; else print "n/a" }'; }
+
+placement() {
+    case $1 in
+        split) echo "device CPU 0, guest CPU 1, relay unpinned" ;;
+        own-core) echo "device + guest CPU 0, relay CPU 1" ;;
+    esac
+}
+
+printf "\n| placement | direction | size | mode | pps per round | median pps | vs direct |\n|---|---|---|---|---|---|---|\n"
+for place in $PLACES; do
+    for direction in $DIRS; do
+        for size in $SIZES; do
+            direct=$(echo "${RESULTS[$place,$direction,$size,direct]:-}" | median)
+            for mode in $MODES; do
+                all=${RESULTS[$place,$direction,$size,$mode]}
+                m=$(echo "$all" | median)
+                printf "| %s | %s | %s B | %s | %s | %s | %s |\n" "$(placement "$place")" \
+                    "$direction" "$size" "$mode" "$(echo $all | sed 's/ / \/ /g')" "$m" "$(ratio "$m" "$direct")"
+            done
+        done
     done
 done
+
+if [ "$LATENCY" = 1 ]; then
+    printf "\n| placement | mode | round trips/s per round | median | round trip | vs direct |\n|---|---|---|---|---|---|\n"
+    for place in $PLACES; do
+        direct=$(echo "${RESULTS[$place,pingpong,64,direct]:-}" | median)
+        for mode in $MODES; do
+            all=${RESULTS[$place,pingpong,64,$mode]}
+            m=$(echo "$all" | median)
+            printf "| %s | %s | %s | %s | %s us | %s |\n" "$(placement "$place")" "$mode" \
+                "$(echo $all | sed 's/ / \/ /g')" "$m" "$(usec "$m")" "$(ratio "$m" "$direct")"
+        done
+    done
+fi

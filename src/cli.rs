@@ -7,6 +7,8 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+use crate::worker::{PollConfig, PollMode, DEFAULT_POLL_BUDGET};
+
 /// vhost-user virtio-net relay with shadow virtqueues.
 #[derive(Parser, Debug, Clone, Default)]
 #[command(name = "svq-relay", version, about)]
@@ -45,6 +47,18 @@ pub struct Args {
     /// error | warn | info | debug | trace (RUST_LOG is honoured too).
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     pub log_level: String,
+    /// How shadow-mode workers wait for work: off (sleep until a guest kick
+    /// or device call), adaptive (poll while traffic flows, sleep after
+    /// --poll-budget-us idle), always (poll whenever a queue is shadowed).
+    #[arg(long, value_name = "MODE", default_value = "off")]
+    pub poll: String,
+    /// Idle microseconds before an adaptive worker sleeps (1..=1000000).
+    #[arg(long, value_name = "US", default_value_t = DEFAULT_POLL_BUDGET.as_micros() as u64)]
+    pub poll_budget_us: u64,
+    /// CPUs for the queue-pair workers, e.g. 2,3 or 2-5: worker N runs on
+    /// the Nth CPU of the list (round robin when there are fewer CPUs).
+    #[arg(long, value_name = "CPUS")]
+    pub cpu_affinity: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,6 +130,9 @@ pub struct RunConfig {
     pub queue_pairs: u16,
     pub queue_size: u16,
     pub shadow: ShadowPolicy,
+    pub poll: PollConfig,
+    /// Worker N is pinned to `worker_cpus[N % len]` (none: not pinned).
+    pub worker_cpus: Vec<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,6 +171,32 @@ pub enum ConfigError {
     BadShadow(String),
     #[error("--log-level {0}: expected error, warn, info, debug or trace")]
     BadLogLevel(String),
+    #[error("--poll {0}: expected off, adaptive or always")]
+    BadPoll(String),
+    #[error("--poll-budget-us {0}: must be 1..=1000000")]
+    BadPollBudget(u64),
+    #[error("--cpu-affinity {0}: expected a CPU list such as 0,2-3 (CPUs below {max})", max = libc::CPU_SETSIZE)]
+    BadCpuList(String),
+}
+
+/// A CPU list as taskset and the kernel print them: `0,2-3`.
+fn parse_cpu_list(spec: &str) -> Result<Vec<usize>, ConfigError> {
+    let bad = || ConfigError::BadCpuList(spec.to_string());
+    let max = libc::CPU_SETSIZE as usize;
+    let mut cpus = Vec::new();
+    for part in spec.split(',') {
+        let (lo, hi) = match part.split_once('-') {
+            Some((lo, hi)) => (lo, hi),
+            None => (part, part),
+        };
+        let lo: usize = lo.trim().parse().map_err(|_| bad())?;
+        let hi: usize = hi.trim().parse().map_err(|_| bad())?;
+        if lo > hi || hi >= max {
+            return Err(bad());
+        }
+        cpus.extend(lo..=hi);
+    }
+    Ok(cpus)
 }
 
 fn parse_backend(spec: &str) -> Result<BackendSpec, ConfigError> {
@@ -250,6 +293,19 @@ impl TryFrom<Args> for Config {
             "auto" => ShadowPolicy::Auto,
             other => return Err(ConfigError::BadShadow(other.to_string())),
         };
+        let mode = match args.poll.as_str() {
+            "off" => PollMode::Off,
+            "adaptive" => PollMode::Adaptive,
+            "always" => PollMode::Always,
+            other => return Err(ConfigError::BadPoll(other.to_string())),
+        };
+        if !(1..=1_000_000).contains(&args.poll_budget_us) {
+            return Err(ConfigError::BadPollBudget(args.poll_budget_us));
+        }
+        let worker_cpus = match &args.cpu_affinity {
+            Some(list) => parse_cpu_list(list)?,
+            None => Vec::new(),
+        };
         Ok(Config {
             command: Command::Run(RunConfig {
                 listen,
@@ -260,6 +316,11 @@ impl TryFrom<Args> for Config {
                 queue_pairs: args.queues as u16,
                 queue_size: args.queue_size as u16,
                 shadow,
+                poll: PollConfig {
+                    mode,
+                    budget: std::time::Duration::from_micros(args.poll_budget_us),
+                },
+                worker_cpus,
             }),
             log_level,
         })
@@ -304,6 +365,11 @@ mod tests {
                 queue_pairs: 1,
                 queue_size: 1024,
                 shadow: ShadowPolicy::Auto,
+                poll: PollConfig {
+                    mode: PollMode::Off,
+                    budget: std::time::Duration::from_micros(50),
+                },
+                worker_cpus: vec![],
             }
         );
         assert_eq!(
@@ -330,6 +396,12 @@ mod tests {
             "64",
             "--shadow",
             "on",
+            "--poll",
+            "always",
+            "--poll-budget-us",
+            "200",
+            "--cpu-affinity",
+            "3,0-1",
         ]);
         assert_eq!(
             r.listen,
@@ -343,6 +415,12 @@ mod tests {
         assert_eq!(r.qmp, Some("/q".into()));
         assert_eq!((r.queue_pairs, r.queue_size), (16, 64));
         assert_eq!(r.shadow, ShadowPolicy::On);
+        assert_eq!(r.poll.mode, PollMode::Always);
+        assert_eq!(r.poll.budget, std::time::Duration::from_micros(200));
+        assert_eq!(r.worker_cpus, vec![3, 0, 1]);
+        let mode = |m: &str| run(&["--fd", "3", "--poll", m]).poll.mode;
+        assert_eq!(mode("off"), PollMode::Off);
+        assert_eq!(mode("adaptive"), PollMode::Adaptive);
         assert_eq!(run(&["--fd", "3"]).listen, Listen::Fd(3));
         assert_eq!(
             run(&["--fd", "3", "--backend", "sim:loopback"]).backend,
@@ -375,6 +453,16 @@ mod tests {
         assert_eq!(p(&["--shadow", "maybe"]), Err(BadShadow("maybe".into())));
         assert_eq!(p(&["--log-level", "loud"]), Err(BadLogLevel("loud".into())));
         assert_eq!(p(&["--name", ""]), Err(EmptyName));
+        assert_eq!(p(&["--poll", "busy"]), Err(BadPoll("busy".into())));
+        assert_eq!(p(&["--poll-budget-us", "0"]), Err(BadPollBudget(0)));
+        assert_eq!(
+            p(&["--poll-budget-us", "1000001"]),
+            Err(BadPollBudget(1000001))
+        );
+        for bad in ["", "a", "1-", "3-1", "1,,2", "-1", "1024"] {
+            let arg = format!("--cpu-affinity={bad}");
+            assert_eq!(p(&[&arg]), Err(BadCpuList(bad.into())), "{bad:?}");
+        }
         assert_eq!(
             p(&["--backend", "vdpa:"]),
             Err(BackendNoPath("vdpa:".into()))

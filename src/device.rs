@@ -20,7 +20,7 @@ use crate::memory::{GuestRegion, MemoryError, MemoryTable};
 use crate::migration::control::{Migration, MigrationError, F_LOG_ALL};
 use crate::migration::dirty_log::DirtyLogReader;
 use crate::stats::QueueStats;
-use crate::worker::{WorkerError, WorkerHandle};
+use crate::worker::{PollConfig, WorkerConfig, WorkerError, WorkerHandle};
 
 pub(crate) const LOG: &str = "device";
 
@@ -280,6 +280,16 @@ impl Device {
             shadow_arena: None,
             net_ctrl: Default::default(),
         })
+    }
+
+    /// How workers wait for work, and where they run: worker N on
+    /// `cpus[N % cpus.len()]` (empty: wherever the scheduler puts them).
+    pub fn configure_workers(&self, poll: PollConfig, cpus: &[usize]) -> Result<()> {
+        for (n, w) in self.workers.iter().enumerate() {
+            let cpu = (!cpus.is_empty()).then(|| cpus[n % cpus.len()]);
+            w.configure(WorkerConfig { poll, cpu })?;
+        }
+        Ok(())
     }
 
     /// `--shadow auto`: switch to shadow while the VMM logs dirty pages.

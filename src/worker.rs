@@ -3,12 +3,20 @@
 //! no lock. The control thread talks to it through a channel plus an eventfd
 //! that wakes its epoll loop, and waits for an acknowledgement of every
 //! request: when `attach`/`detach` return, the worker has applied them.
+//!
+//! A worker either sleeps in epoll, woken by guest kicks and device calls,
+//! or polls its rings with both notifications suppressed ([`PollMode`]).
+//! An adaptive worker polls while traffic flows and goes back to epoll
+//! after [`PollConfig::budget`] without work; before it sleeps it asks for
+//! notifications again and looks at every ring once more, so nothing that
+//! arrived while they were off waits for a kick that will never come.
 
 use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use iova::IovaTree;
 use svq::{ShadowVirtqueue, SvqError};
@@ -38,6 +46,53 @@ pub enum WorkerError {
     Refused { pair: usize, why: String },
 }
 
+/// How a worker waits for work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PollMode {
+    /// Sleep in epoll; every guest kick and device call wakes the worker.
+    /// The default: on a machine whose CPUs are all busy (two polling
+    /// testpmds on two CPUs, a VM's vCPUs) a woken worker runs at once,
+    /// while a polling one waits for a time slice (scripts/bench-dpdk.sh
+    /// measures both).
+    #[default]
+    Off,
+    /// Poll after a kick or call until the rings stay idle for the budget,
+    /// then sleep (vhost-net's `busyloop_timeout`, per worker).
+    Adaptive,
+    /// Poll whenever a queue is attached (a DPDK lcore: one CPU, always busy).
+    Always,
+}
+
+/// Default idle time before an adaptive worker sleeps: long enough to cover
+/// the gap between bursts of a busy guest, short enough that an idle queue
+/// costs no CPU to speak of.
+pub const DEFAULT_POLL_BUDGET: Duration = Duration::from_micros(50);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PollConfig {
+    pub mode: PollMode,
+    /// `Adaptive`: how long the rings must stay idle before the worker
+    /// sleeps.
+    pub budget: Duration,
+}
+
+impl Default for PollConfig {
+    fn default() -> Self {
+        PollConfig {
+            mode: PollMode::default(),
+            budget: DEFAULT_POLL_BUDGET,
+        }
+    }
+}
+
+/// Per-worker settings, applied by the worker thread itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct WorkerConfig {
+    pub poll: PollConfig,
+    /// Pin the worker thread to this CPU.
+    pub cpu: Option<usize>,
+}
+
 /// Everything a worker needs to relay one queue.
 pub struct Attach {
     pub queue: usize,
@@ -58,6 +113,7 @@ enum Request {
     Detach(usize),
     Memory(Arc<GuestMemoryMmap>, Arc<IovaTree>),
     GuestCall(usize, Option<Arc<EventFd>>),
+    Configure(WorkerConfig),
     Exit,
 }
 
@@ -97,6 +153,9 @@ pub struct WorkerHandle {
     pair: usize,
     tx: Sender<(Request, Sender<Reply>)>,
     wake: Arc<EventFd>,
+    /// Set with every request: a polling worker looks at this flag instead
+    /// of making a syscall per pass on `wake`.
+    pending: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -119,13 +178,17 @@ impl WorkerHandle {
             )
             .map_err(WorkerError::Spawn)?;
         let (tx, rx) = mpsc::channel();
+        let pending = Arc::new(AtomicBool::new(false));
         let worker = Worker {
             pair,
             epoll,
             wake: wake.clone(),
+            pending: pending.clone(),
             rx,
             slots: [None, None],
             log,
+            poll: PollConfig::default(),
+            polling: false,
         };
         let thread = std::thread::Builder::new()
             .name(format!("svq-pair{pair}"))
@@ -135,6 +198,7 @@ impl WorkerHandle {
             pair,
             tx,
             wake,
+            pending,
             thread: Some(thread),
         })
     }
@@ -148,6 +212,7 @@ impl WorkerHandle {
         self.tx
             .send((req, rtx))
             .map_err(|_| WorkerError::Gone(self.pair))?;
+        self.pending.store(true, Ordering::Release);
         self.wake
             .write(1)
             .map_err(|_| WorkerError::Gone(self.pair))?;
@@ -199,14 +264,22 @@ impl WorkerHandle {
     ) -> Result<(), WorkerError> {
         self.request(Request::GuestCall(queue, call)).map(|_| ())
     }
+
+    /// Polling mode and CPU placement, applied by the worker thread.
+    pub fn configure(&self, cfg: WorkerConfig) -> Result<(), WorkerError> {
+        self.request(Request::Configure(cfg)).map(|_| ())
+    }
 }
 
 impl Drop for WorkerHandle {
     fn drop(&mut self) {
         let (rtx, _rrx) = mpsc::channel();
-        if self.tx.send((Request::Exit, rtx)).is_ok() && self.wake.write(1).is_ok() {
-            if let Some(t) = self.thread.take() {
-                let _ = t.join();
+        if self.tx.send((Request::Exit, rtx)).is_ok() {
+            self.pending.store(true, Ordering::Release);
+            if self.wake.write(1).is_ok() {
+                if let Some(t) = self.thread.take() {
+                    let _ = t.join();
+                }
             }
         }
     }
@@ -230,17 +303,29 @@ struct Worker {
     pair: usize,
     epoll: Epoll,
     wake: Arc<EventFd>,
+    pending: Arc<AtomicBool>,
     rx: Receiver<(Request, Sender<Reply>)>,
     slots: [Option<Slot>; 2],
-    /// Pinned only around one SVQ call (never across epoll_wait), so a log
-    /// swap never waits for an idle worker.
+    /// Pinned only around one SVQ call or polling pass (never across
+    /// epoll_wait), so a log swap never waits for an idle worker.
     log: DirtyLogReader,
+    poll: PollConfig,
+    /// Notifications of every live queue are suppressed and the worker
+    /// scans the rings instead of sleeping.
+    polling: bool,
 }
+
+/// Idle passes between two looks at the clock: a pass over idle rings is a
+/// few loads, `Instant::now` costs more than that.
+const PASSES_PER_CLOCK_READ: u32 = 64;
 
 impl Worker {
     fn run(mut self) {
         let mut events = vec![EpollEvent::default(); 8];
         loop {
+            if self.polling && !self.poll_until_idle() {
+                return;
+            }
             let n = match self.epoll.wait(-1, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -249,18 +334,188 @@ impl Worker {
                     return;
                 }
             };
+            let mut traffic = false;
             for ev in events.iter().take(n) {
                 let data = ev.data();
                 if data == TOKEN_WAKE {
-                    let _ = self.wake.read();
-                    if !self.handle_requests() {
+                    if !self.take_requests() {
                         return;
                     }
                 } else {
                     let slot = (data / 2) as usize;
                     self.handle_queue_event(slot, data % 2 == 1);
+                    traffic = true;
                 }
             }
+            // A kick or call means traffic: more is likely to follow.
+            if traffic && self.poll.mode != PollMode::Off {
+                self.start_polling();
+            }
+        }
+    }
+
+    /// Drain the wake eventfd and apply queued requests. Returns false when
+    /// asked to exit.
+    fn take_requests(&mut self) -> bool {
+        // Clear the flag before reading the channel: a request sent after
+        // this sets it again and is seen by the next look.
+        self.pending.store(false, Ordering::Relaxed);
+        let _ = self.wake.read();
+        self.handle_requests()
+    }
+
+    fn live_slots(&self) -> bool {
+        self.slots.iter().flatten().any(|s| !s.broken)
+    }
+
+    /// Suppress notifications on every live queue and poll from now on.
+    fn start_polling(&mut self) {
+        if !self.live_slots() {
+            return;
+        }
+        for slot in 0..self.slots.len() {
+            self.suppress(slot);
+        }
+        self.polling = true;
+    }
+
+    fn suppress(&mut self, slot: usize) {
+        let Worker { slots, log, .. } = self;
+        let Some(Some(s)) = slots.get_mut(slot) else {
+            return;
+        };
+        if s.broken {
+            return;
+        }
+        let r = s.a.svq.suppress_notifications(&s.a.mem);
+        s.a.svq.flush_dirty(&log.pin());
+        if let Err(e) = r {
+            self.fail(slot, e);
+        }
+    }
+
+    /// Poll until the rings stay idle for the budget (or forever, with
+    /// `Always`), then ask for notifications again. Returns false when asked
+    /// to exit.
+    fn poll_until_idle(&mut self) -> bool {
+        let mut idle_passes = 0u32;
+        let mut idle_since: Option<Instant> = None;
+        loop {
+            if self.pending.load(Ordering::Acquire) && !self.take_requests() {
+                return false;
+            }
+            if !self.polling || !self.live_slots() {
+                self.stop_polling();
+                return true;
+            }
+            if self.poll_pass() {
+                idle_passes = 0;
+                idle_since = None;
+                continue;
+            }
+            std::hint::spin_loop();
+            if self.poll.mode != PollMode::Adaptive {
+                continue;
+            }
+            idle_passes += 1;
+            if idle_passes < PASSES_PER_CLOCK_READ {
+                continue;
+            }
+            idle_passes = 0;
+            let now = Instant::now();
+            let since = *idle_since.get_or_insert(now);
+            if now.duration_since(since) >= self.poll.budget {
+                if self.stop_polling() {
+                    return true;
+                }
+                // Work arrived during the hand-over: keep polling.
+                self.start_polling();
+                idle_since = None;
+            }
+        }
+    }
+
+    /// One look at every live queue: complete what the device used, relay
+    /// what the guest made available, one kick and one guest signal at
+    /// most per queue. Returns whether anything moved.
+    fn poll_pass(&mut self) -> bool {
+        let mut moved = false;
+        let mut failed = None;
+        {
+            let Worker { slots, log, .. } = self;
+            let pinned = log.pin();
+            for (slot, s) in slots.iter_mut().enumerate() {
+                let Some(s) = s else { continue };
+                if s.broken {
+                    continue;
+                }
+                let before = s.a.svq.guest_position();
+                match s.a.svq.handle_device_call(&s.a.mem, &s.a.tree, &pinned) {
+                    Ok(out) => {
+                        if s.a.svq.guest_position() != before {
+                            moved = true;
+                            s.a.stats.publish(&s.a.svq.stats());
+                        }
+                        Self::notify(s, out);
+                    }
+                    Err(e) => failed = Some((slot, e)),
+                }
+            }
+        }
+        if let Some((slot, e)) = failed {
+            self.fail(slot, e);
+        }
+        moved
+    }
+
+    /// Leave polling: drain the eventfds (kicks and calls sent while
+    /// polling announce work already seen), ask for notifications on every
+    /// queue, and look at the rings once more. Returns true when the worker
+    /// may sleep; false when work arrived meanwhile (it was relayed, and
+    /// notifications are on again, so the caller starts polling again).
+    fn stop_polling(&mut self) -> bool {
+        self.polling = false;
+        let mut work = false;
+        let mut failed = Vec::new();
+        {
+            let Worker { slots, log, .. } = self;
+            let pinned = log.pin();
+            for (slot, s) in slots.iter_mut().enumerate() {
+                let Some(s) = s else { continue };
+                if s.broken || !s.a.svq.notifications_suppressed() {
+                    // Never drain an eventfd whose notification is live.
+                    continue;
+                }
+                let _ = s.a.guest_kick.read();
+                let _ = s.a.dev_call.read();
+                let r = s.a.svq.request_notifications(&s.a.mem);
+                s.a.svq.flush_dirty(&pinned);
+                match r {
+                    Ok(true) => work = true,
+                    Ok(false) => {}
+                    Err(e) => failed.push((slot, e)),
+                }
+            }
+        }
+        for (slot, e) in failed {
+            self.fail(slot, e);
+        }
+        if work {
+            self.poll_pass();
+        }
+        !work
+    }
+
+    fn notify(s: &Slot, out: svq::CallOutcome) {
+        if out.notify_guest {
+            if let Some(call) = &s.a.guest_call {
+                if let Err(e) = call.write(1) {
+                    log::warn!(target: LOG, "queue {}: cannot signal the guest: {e}", s.a.queue);
+                }
+            }
+        }
+        if out.kick_device {
+            Self::kick_device(s);
         }
     }
 
@@ -283,10 +538,16 @@ impl Worker {
                         // its kick been consumed by the device) before the
                         // switch: look at the ring once now.
                         self.guest_kick(slot);
+                        if self.polling {
+                            self.suppress(slot);
+                        } else if self.poll.mode == PollMode::Always {
+                            self.start_polling();
+                        }
                         continue;
                     }
                     r
                 }
+                Request::Configure(cfg) => self.configure(cfg),
                 Request::Detach(q) => self.detach(q),
                 Request::Memory(mem, tree) => {
                     for s in self.slots.iter_mut().flatten() {
@@ -307,6 +568,23 @@ impl Worker {
             let _ = reply.send(r);
         }
         true
+    }
+
+    fn configure(&mut self, cfg: WorkerConfig) -> Reply {
+        if let Some(cpu) = cfg.cpu {
+            if let Err(e) = pin_current_thread(cpu) {
+                return Reply::Failed(format!("cannot pin to CPU {cpu}: {e}"));
+            }
+        }
+        self.poll = cfg.poll;
+        match cfg.poll.mode {
+            PollMode::Off if self.polling => {
+                self.stop_polling();
+            }
+            PollMode::Always => self.start_polling(),
+            _ => {}
+        }
+        Reply::Done
     }
 
     fn attach(&mut self, a: Attach) -> Reply {
@@ -344,8 +622,14 @@ impl Worker {
     fn detach(&mut self, queue: usize) -> Reply {
         let slot = queue % 2;
         match self.slots[slot].take() {
-            Some(s) if s.a.queue == queue => {
+            Some(mut s) if s.a.queue == queue => {
                 self.unwatch(&s.a);
+                // Whoever takes the ring next may not poll it: it must not
+                // inherit a guest told not to kick. Work found here is the
+                // next owner's (the control thread stops the SVQ and hands
+                // its indexes over).
+                let _ = s.a.svq.request_notifications(&s.a.mem);
+                s.a.svq.flush_dirty(&self.log.pin());
                 s.a.stats.publish(&s.a.svq.stats());
                 Reply::Detached(s.a.svq)
             }
@@ -413,16 +697,7 @@ impl Worker {
                 // Counters first: a guest that sees the completion and asks
                 // query-shadow-vq right away must find it counted.
                 s.a.stats.publish(&s.a.svq.stats());
-                if out.notify_guest {
-                    if let Some(call) = &s.a.guest_call {
-                        if let Err(e) = call.write(1) {
-                            log::warn!(target: LOG, "queue {}: cannot signal the guest: {e}", s.a.queue);
-                        }
-                    }
-                }
-                if out.kick_device {
-                    Self::kick_device(s);
-                }
+                Self::notify(s, out);
             }
             Err(e) => self.fail(slot, e),
         }
@@ -453,6 +728,27 @@ impl Worker {
                 .epoll
                 .ctl(ControlOperation::Delete, fd, EpollEvent::default());
         }
+    }
+}
+
+/// Pin the calling thread to one CPU.
+fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: cpu_set_t is plain data for which all zeroes is the empty set;
+    // CPU_SET writes inside it for cpu < CPU_SETSIZE (checked above), and
+    // sched_setaffinity(0, ..) reads size_of::<cpu_set_t>() bytes of it for
+    // the calling thread.
+    let r = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -665,5 +961,223 @@ mod tests {
         assert!(wait_readable(&dev_kick), "head 1 never reached the device");
         assert_eq!(shadow_avail_idx(), 2);
         let _ = w.detach(0).unwrap();
+    }
+
+    /// A guest ring of 16 with `n` 64-byte device-writable buffers (heads
+    /// 0..n at 0x10000 + 0x100 * head), none available yet.
+    fn write_buffers(mem: &GuestMemoryMmap, n: u16) {
+        for h in 0..u64::from(n) {
+            mem.write_obj(0x10000 + 0x100 * h, GuestAddress(DESC + 16 * h))
+                .unwrap();
+            mem.write_obj(64u32, GuestAddress(DESC + 16 * h + 8))
+                .unwrap();
+            mem.write_obj(2u16, GuestAddress(DESC + 16 * h + 12))
+                .unwrap();
+        }
+    }
+
+    /// The guest makes head `head` available at avail position `pos`
+    /// without kicking.
+    fn make_available(mem: &GuestMemoryMmap, pos: u16, head: u16) {
+        mem.write_obj(head, GuestAddress(AVAIL + 4 + 2 * u64::from(pos % 16)))
+            .unwrap();
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        mem.write_obj(pos.wrapping_add(1), GuestAddress(AVAIL + 2))
+            .unwrap();
+    }
+
+    /// Wait (bounded) until `f` holds; the worker runs on its own thread.
+    fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        while !f() {
+            assert!(std::time::Instant::now() < end, "timed out: {what}");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    struct Polled {
+        w: WorkerHandle,
+        mem: Arc<GuestMemoryMmap>,
+        /// The device's view of the shadow ring.
+        q: Queue,
+        smem: GuestMemoryMmap,
+        shadow_avail: u64,
+        guest_kick: Arc<EventFd>,
+        guest_call: Arc<EventFd>,
+        dev_kick: Arc<EventFd>,
+        dev_call: Arc<EventFd>,
+    }
+
+    impl Polled {
+        fn start(mode: PollMode, budget: Duration) -> Self {
+            let (mem, tree, svq, shadow) = svq_fixture();
+            write_buffers(&mem, 4);
+            let rings = svq.shadow_ring_hva();
+            let hva = shadow.as_ptr() as u64;
+            let w = WorkerHandle::spawn(0).unwrap();
+            w.configure(WorkerConfig {
+                poll: PollConfig { mode, budget },
+                cpu: None,
+            })
+            .unwrap();
+            let ev = || Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+            let (guest_kick, guest_call, dev_kick, dev_call) = (ev(), ev(), ev(), ev());
+            w.attach(Attach {
+                queue: 0,
+                svq: Box::new(svq),
+                guest_kick: guest_kick.clone(),
+                guest_call: Some(guest_call.clone()),
+                dev_kick: dev_kick.clone(),
+                dev_call: dev_call.clone(),
+                mem: mem.clone(),
+                tree: Arc::new(tree),
+                stats: Arc::new(QueueStats::default()),
+            })
+            .unwrap();
+            let smem = GuestMemoryMmap::from_arc_regions(vec![Arc::new(
+                GuestRegionMmap::with_arc(shadow, GuestAddress(hva)).unwrap(),
+            )])
+            .unwrap();
+            let mut q = Queue::new(16).unwrap();
+            q.try_set_desc_table_address(GuestAddress(rings.desc))
+                .unwrap();
+            q.try_set_avail_ring_address(GuestAddress(rings.avail))
+                .unwrap();
+            q.try_set_used_ring_address(GuestAddress(rings.used))
+                .unwrap();
+            q.set_ready(true);
+            Polled {
+                w,
+                mem,
+                q,
+                smem,
+                shadow_avail: rings.avail,
+                guest_kick,
+                guest_call,
+                dev_kick,
+                dev_call,
+            }
+        }
+
+        fn guest_used_flags(&self) -> u16 {
+            self.mem.read_obj(GuestAddress(USED)).unwrap()
+        }
+
+        fn guest_used_idx(&self) -> u16 {
+            self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+        }
+
+        fn shadow_avail_flags(&self) -> u16 {
+            self.smem.read_obj(GuestAddress(self.shadow_avail)).unwrap()
+        }
+
+        /// Play the device: take every chain on the shadow ring and use it
+        /// (60 bytes), without signalling.
+        fn device_uses_all(&mut self) -> usize {
+            let mut n = 0;
+            while let Some(c) = self.q.pop_descriptor_chain(&self.smem) {
+                self.q.add_used(&self.smem, c.head_index(), 60).unwrap();
+                n += 1;
+            }
+            n
+        }
+    }
+
+    /// Neither the guest nor the device notifies: a polling worker moves
+    /// chains both ways by itself, and tells both sides not to bother.
+    #[test]
+    fn always_polling_relays_without_kicks_or_calls() {
+        let mut p = Polled::start(PollMode::Always, DEFAULT_POLL_BUDGET);
+        eventually(
+            "NO_NOTIFY toward the guest, NO_INTERRUPT toward the device",
+            || p.guest_used_flags() & 1 == 1 && p.shadow_avail_flags() == 1,
+        );
+        // Two chains in one avail idx update: one pass relays both.
+        p.mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
+        p.mem.write_obj(1u16, GuestAddress(AVAIL + 6)).unwrap();
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        p.mem.write_obj(2u16, GuestAddress(AVAIL + 2)).unwrap();
+        let mut taken = 0;
+        eventually("chains on the shadow ring", || {
+            taken += p.device_uses_all();
+            taken == 2
+        });
+        eventually("completions on the guest used ring", || {
+            p.guest_used_idx() == 2
+        });
+        assert!(
+            wait_readable(&p.guest_call),
+            "the guest asked for interrupts"
+        );
+        assert_eq!(p.guest_used_flags() & 1, 1, "still polling");
+        let _ = p.w.detach(0).unwrap();
+        assert_eq!(p.guest_used_flags() & 1, 0, "handed back asking for kicks");
+        // Nothing announced it: the kicks were suppressed, not lost.
+        assert_eq!(p.dev_kick.read().ok(), Some(1), "one kick for the batch");
+        assert!(p.guest_kick.read().is_err());
+        assert!(p.dev_call.read().is_err());
+    }
+
+    /// An adaptive worker sleeps once the rings go idle; asleep it asks for
+    /// kicks and interrupts again, and the next kick and call are served.
+    #[test]
+    fn adaptive_polling_sleeps_when_idle_and_wakes_on_the_next_kick() {
+        let mut p = Polled::start(PollMode::Adaptive, Duration::from_millis(1));
+        make_available(&p.mem, 0, 0);
+        p.guest_kick.write(1).unwrap();
+        assert!(wait_readable(&p.dev_kick));
+        p.dev_kick.read().unwrap();
+        // Idle for the budget: notifications are back on both sides.
+        eventually("the worker goes to sleep", || {
+            p.guest_used_flags() & 1 == 0 && p.shadow_avail_flags() == 0
+        });
+        assert_eq!(p.device_uses_all(), 1);
+        p.dev_call.write(1).unwrap();
+        eventually("completion after a call", || p.guest_used_idx() == 1);
+        assert!(wait_readable(&p.guest_call));
+        // Asleep again, then a chain with a kick, as a driver that saw the
+        // flags cleared sends it.
+        eventually("asleep again", || p.guest_used_flags() & 1 == 0);
+        make_available(&p.mem, 1, 1);
+        p.guest_kick.write(1).unwrap();
+        assert!(
+            wait_readable(&p.dev_kick),
+            "the kick after sleeping was lost"
+        );
+        let _ = p.w.detach(0).unwrap();
+    }
+
+    /// The hand-over from polling to sleep re-checks the ring: a chain the
+    /// guest added while told not to kick (so it never kicked) is relayed.
+    #[test]
+    fn a_chain_added_without_a_kick_during_polling_is_never_stranded() {
+        let mut p = Polled::start(PollMode::Adaptive, Duration::from_millis(2));
+        for pos in 0..4u16 {
+            make_available(&p.mem, pos, pos);
+            if pos == 0 || p.guest_used_flags() & 1 == 0 {
+                p.guest_kick.write(1).unwrap();
+            }
+            std::thread::sleep(Duration::from_micros(700 * u64::from(pos)));
+        }
+        let mut taken = 0;
+        eventually("all four chains relayed", || {
+            taken += p.device_uses_all();
+            taken == 4
+        });
+        let _ = p.w.detach(0).unwrap();
+    }
+
+    #[test]
+    fn pinning_to_a_cpu_that_does_not_exist_is_refused() {
+        let w = WorkerHandle::spawn(0).unwrap();
+        let cfg = |cpu| WorkerConfig {
+            poll: PollConfig::default(),
+            cpu: Some(cpu),
+        };
+        match w.configure(cfg(1023)) {
+            Err(WorkerError::Refused { why, .. }) => assert!(why.contains("CPU 1023"), "{why}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        w.configure(cfg(0)).unwrap();
     }
 }

@@ -187,10 +187,16 @@ fn relay_to_testpmd(qemu: QemuVersion, shadow: &str, switches: u32) {
 
 /// The software NIC on a tap interface in a namespace the test made.
 fn tap_nic(qemu: QemuVersion, shadow: &str, switches: u32) {
+    tap_nic_with(qemu, shadow, switches, &[]);
+}
+
+fn tap_nic_with(qemu: QemuVersion, shadow: &str, switches: u32, extra: &[&str]) {
     let Some(ns) = tap_ready() else {
         return;
     };
-    let (d, _ifname) = tap_daemon(&["--shadow", shadow], ns);
+    let mut args = vec!["--shadow", shadow];
+    args.extend_from_slice(extra);
+    let (d, _ifname) = tap_daemon(&args, ns);
     pings_through(qemu, &d, shadow, switches);
 }
 
@@ -268,6 +274,17 @@ fn qemu7_tap_passthrough_and_switching() {
 fn qemu10_tap_shadow() {
     let _one = one_at_a_time();
     tap_nic(QemuVersion::V10, "on", 0);
+}
+
+/// Linux's virtio-net under EVENT_IDX against an adaptive polling worker:
+/// kicks and interrupts suppressed through avail_event and used_event
+/// while it polls, asked for again before it sleeps (pings 10 ms apart
+/// outlast the budget, so it sleeps and wakes for each), and a ring handed
+/// back to the software NIC at every switch.
+#[test]
+fn qemu10_tap_shadow_adaptive_polling_and_switching() {
+    let _one = one_at_a_time();
+    tap_nic_with(QemuVersion::V10, "on", 10, &["--poll", "adaptive"]);
 }
 
 #[test]

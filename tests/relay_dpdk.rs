@@ -305,12 +305,19 @@ fn check_ends(guest: Counts, device: Counts, pairs: u16) {
 
 /// One run with the guest and device up from the start.
 fn steady(mode: &str, pairs: u16) {
+    steady_with(mode, pairs, &[]);
+}
+
+/// `steady` with more daemon arguments (`--poll`, `--cpu-affinity`).
+fn steady_with(mode: &str, pairs: u16, extra: &[&str]) {
     let _g = serial();
     let dir = tempdir();
     let dev_sock = dir.path().join("dev.sock");
     let mut device = Pmd::device(dir.path(), &dev_sock, pairs, false);
     let q = pairs.to_string();
-    let d = relay(&dev_sock, &["--shadow", mode, "--queues", &q]);
+    let mut args = vec!["--shadow", mode, "--queues", &q];
+    args.extend_from_slice(extra);
+    let d = relay(&dev_sock, &args);
     let mut guest = Pmd::guest(dir.path(), &d.socket, pairs);
     device.wait_traffic(Counts::default(), 5000, "steady");
     let g = guest.stop();
@@ -364,16 +371,64 @@ fn relay_dpdk_shadow_four_pairs() {
     steady("on", 4);
 }
 
+/// A worker that always polls: testpmd virtio-user and net_vhost both
+/// honour VRING_USED_F_NO_NOTIFY / VRING_AVAIL_F_NO_INTERRUPT, so nothing
+/// but the worker's passes moves their packets.
+#[test]
+fn relay_dpdk_shadow_polling_always() {
+    if !testpmd_or_skip() {
+        return;
+    }
+    steady_with("on", 1, &["--poll", "always"]);
+}
+
+/// Adaptive polling on two pairs with their workers pinned, one per CPU:
+/// the workers go to sleep and wake again as testpmd's bursts come and go.
+#[test]
+fn relay_dpdk_shadow_polling_adaptive_pinned() {
+    if !testpmd_or_skip() {
+        return;
+    }
+    steady_with(
+        "on",
+        2,
+        &[
+            "--poll",
+            "adaptive",
+            "--poll-budget-us",
+            "20",
+            "--cpu-affinity",
+            "0-1",
+        ],
+    );
+}
+
 #[test]
 fn relay_dpdk_across_switches() {
     if !testpmd_or_skip() {
         return;
     }
+    across_switches(&[]);
+}
+
+/// Switching hands rings between a polling worker and the device: the guest
+/// must not be left with NO_NOTIFY, nor a chain on a ring nobody polls.
+#[test]
+fn relay_dpdk_across_switches_polling() {
+    if !testpmd_or_skip() {
+        return;
+    }
+    across_switches(&["--poll", "adaptive"]);
+}
+
+fn across_switches(extra: &[&str]) {
     let _g = serial();
     let dir = tempdir();
     let dev_sock = dir.path().join("dev.sock");
     let mut device = Pmd::device(dir.path(), &dev_sock, 2, false);
-    let d = relay(&dev_sock, &["--shadow", "off", "--queues", "2"]);
+    let mut args = vec!["--shadow", "off", "--queues", "2"];
+    args.extend_from_slice(extra);
+    let d = relay(&dev_sock, &args);
     let mut guest = Pmd::guest(dir.path(), &d.socket, 2);
     let mut qmp = Qmp::connect_ready(&d.qmp);
     let mut seen = device.wait_traffic(Counts::default(), 1000, "before switching");

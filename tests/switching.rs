@@ -17,7 +17,15 @@ use serde_json::json;
 /// Runs `switches` mode changes (shadow on, off, on, ...) from a second
 /// thread while the driver pushes traffic, then checks everything.
 fn switch_under_traffic(pairs: u16, switches: usize, driver: DriverOpts) {
-    let d = Daemon::spawn(&["--shadow", "off", "--queues", &pairs.to_string()]);
+    switch_under_traffic_with(pairs, switches, driver, &[]);
+}
+
+/// As `switch_under_traffic`, with more daemon arguments.
+fn switch_under_traffic_with(pairs: u16, switches: usize, driver: DriverOpts, extra: &[&str]) {
+    let q = pairs.to_string();
+    let mut args = vec!["--shadow", "off", "--queues", &q];
+    args.extend_from_slice(extra);
+    let d = Daemon::spawn(&args);
     let cfg = VmmConfig {
         pairs,
         driver,
@@ -196,6 +204,31 @@ fn switches_under_traffic_event_idx_indirect_small_rx_buffers() {
             irq_batch: 8,
             ..Default::default()
         },
+    );
+}
+
+/// Polling workers under switches: the driver kicks only when the used
+/// flags allow it and the software NIC in passthrough never polls, so a
+/// ring handed back with NO_NOTIFY set, or a chain added while kicks were
+/// off and never looked at, stops the traffic.
+#[test]
+fn switches_under_traffic_with_adaptive_polling() {
+    switch_under_traffic_with(2, 200, DriverOpts::default(), &["--poll", "adaptive"]);
+}
+
+/// The same under EVENT_IDX (suppression through avail_event and
+/// used_event) with a worker that polls whenever it holds a queue.
+#[test]
+fn switches_under_traffic_event_idx_always_polling() {
+    switch_under_traffic_with(
+        2,
+        101,
+        DriverOpts {
+            event_idx: true,
+            irq_batch: 4,
+            ..Default::default()
+        },
+        &["--poll", "always"],
     );
 }
 

@@ -159,8 +159,13 @@ pub(crate) struct GuestSide {
     /// previous owner left, e.g. VRING_USED_F_NO_NOTIFY from a polling
     /// device in passthrough.
     kicks_asked: bool,
-    /// `rearm` cleared NO_NOTIFY and the write was not yet reported.
+    /// `rearm`, `suppress_kicks` or `request_kicks` wrote the used flags
+    /// and the write was not yet reported.
     flags_written: bool,
+    /// A polling worker scans the ring itself: the guest is told not to
+    /// kick (NO_NOTIFY, or avail_event left behind) and `rearm` asks for
+    /// nothing until `request_kicks`.
+    kicks_suppressed: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -238,6 +243,7 @@ impl GuestSide {
             ring_offsets: Cell::new(None),
             kicks_asked: false,
             flags_written: false,
+            kicks_suppressed: false,
         })
     }
 
@@ -550,6 +556,10 @@ impl GuestSide {
     /// the guest would never kick again). Returns true when chains arrived
     /// meanwhile.
     pub fn rearm(&mut self, v: &RingView) -> Result<bool, SvqError> {
+        if self.kicks_suppressed {
+            // The poller comes back to the ring by itself.
+            return Ok(false);
+        }
         if self.event_idx {
             let off = 4 + 8 * self.size as usize;
             v.used_u16(off)
@@ -572,6 +582,57 @@ impl GuestSide {
         // wait for the next kick.
         fence(Ordering::SeqCst);
         Ok(self.avail_idx(v)? != self.next_avail())
+    }
+
+    /// Tell the guest not to kick: the ring is polled. Without EVENT_IDX by
+    /// setting VRING_USED_F_NO_NOTIFY; under EVENT_IDX avail_event is simply
+    /// no longer advanced, so it stays behind the guest's avail idx and
+    /// `vring_need_event` is false for every chain the guest adds (as the
+    /// kernel's vhost does in `vhost_disable_notify`).
+    pub fn suppress_kicks(&mut self, v: &RingView) {
+        if self.kicks_suppressed {
+            return;
+        }
+        self.kicks_suppressed = true;
+        if !self.event_idx {
+            let no_notify = VRING_USED_F_NO_NOTIFY as u16;
+            let flags = u16::from_le(v.used_u16(0).load(Ordering::Relaxed));
+            if flags & no_notify == 0 {
+                v.used_u16(0)
+                    .store(u16::to_le(flags | no_notify), Ordering::Relaxed);
+                self.flags_written = true;
+            }
+        }
+    }
+
+    /// Ask the guest to kick again (the poller is going to sleep): clear
+    /// NO_NOTIFY, or under EVENT_IDX set avail_event to the next chain.
+    /// Returns true when chains arrived that no kick will announce: the
+    /// guest added them while it was told not to kick, so the caller must
+    /// relay them instead of sleeping.
+    pub fn request_kicks(&mut self, v: &RingView) -> Result<bool, SvqError> {
+        self.kicks_suppressed = false;
+        self.kicks_asked = true;
+        if self.event_idx {
+            let off = 4 + 8 * self.size as usize;
+            v.used_u16(off)
+                .store(u16::to_le(self.next_avail()), Ordering::Relaxed);
+        } else {
+            let no_notify = VRING_USED_F_NO_NOTIFY as u16;
+            let flags = u16::from_le(v.used_u16(0).load(Ordering::Relaxed));
+            if flags & no_notify != 0 {
+                v.used_u16(0)
+                    .store(u16::to_le(flags & !no_notify), Ordering::Relaxed);
+                self.flags_written = true;
+            }
+        }
+        // As in `rearm`: the store before the re-read of avail idx.
+        fence(Ordering::SeqCst);
+        Ok(self.avail_idx(v)? != self.next_avail())
+    }
+
+    pub fn kicks_suppressed(&self) -> bool {
+        self.kicks_suppressed
     }
 
     /// Whether `rearm` wrote the used flags since the last call (reported to

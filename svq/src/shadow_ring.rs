@@ -9,7 +9,8 @@ use std::sync::atomic::{fence, AtomicU16, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use virtio_bindings::bindings::virtio_ring::{
-    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
+    VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    VRING_USED_F_NO_NOTIFY,
 };
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::MmapRegion;
@@ -77,6 +78,9 @@ pub(crate) struct ShadowRing {
     /// Next used index to consume.
     last_used: u16,
     free_tables: Vec<u16>,
+    /// A polling worker reads the used ring itself: the device is told not
+    /// to interrupt and `rearm` asks for nothing until `request_calls`.
+    calls_suppressed: bool,
 }
 
 impl ShadowRing {
@@ -99,6 +103,7 @@ impl ShadowRing {
             avail_slots: vec![0; size as usize],
             last_used: 0,
             free_tables: (0..layout.indirect_tables).rev().collect(),
+            calls_suppressed: false,
         })
     }
 
@@ -341,7 +346,7 @@ impl ShadowRing {
     /// it the avail flags stay 0 and the device always interrupts).
     /// Returns true when entries arrived meanwhile and must be consumed.
     pub fn rearm(&mut self) -> Result<bool, SvqError> {
-        if !self.event_idx {
+        if !self.event_idx || self.calls_suppressed {
             return Ok(false);
         }
         let off = self.layout.avail + 4 + 2 * self.size as usize;
@@ -350,5 +355,46 @@ impl ShadowRing {
         // used_event must be visible before we re-read used idx.
         fence(Ordering::SeqCst);
         Ok(self.used_idx()? != self.last_used)
+    }
+
+    /// Tell the device not to interrupt: the used ring is polled. Without
+    /// EVENT_IDX by setting VRING_AVAIL_F_NO_INTERRUPT; under EVENT_IDX
+    /// used_event is no longer advanced, so it stays behind the device's
+    /// used idx and the device's `vring_need_event` is false.
+    pub fn suppress_calls(&mut self) -> Result<(), SvqError> {
+        if self.calls_suppressed {
+            return Ok(());
+        }
+        self.calls_suppressed = true;
+        if !self.event_idx {
+            self.mem.store_u16(
+                self.layout.avail,
+                u16::to_le(VRING_AVAIL_F_NO_INTERRUPT as u16),
+                Ordering::Relaxed,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Ask for interrupts again: clear NO_INTERRUPT, or under EVENT_IDX set
+    /// used_event to the next used entry. Returns true when used entries
+    /// arrived that no interrupt will announce.
+    pub fn request_calls(&mut self) -> Result<bool, SvqError> {
+        self.calls_suppressed = false;
+        if self.event_idx {
+            let off = self.layout.avail + 4 + 2 * self.size as usize;
+            self.mem
+                .store_u16(off, u16::to_le(self.last_used), Ordering::Relaxed)?;
+        } else {
+            self.mem
+                .store_u16(self.layout.avail, 0, Ordering::Relaxed)?;
+        }
+        // The store before the re-read of used idx, as in `rearm`.
+        fence(Ordering::SeqCst);
+        Ok(self.used_idx()? != self.last_used)
+    }
+
+    pub fn calls_suppressed(&self) -> bool {
+        self.calls_suppressed
     }
 }

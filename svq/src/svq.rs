@@ -272,6 +272,57 @@ impl ShadowVirtqueue {
         }
     }
 
+    /// The worker polls this queue from now on: tell the guest not to kick
+    /// and the device not to interrupt, and stop re-arming either after
+    /// each pass. Report the guest ring field written with `flush_dirty`.
+    ///
+    /// Polling passes are [`handle_device_call`](Self::handle_device_call)
+    /// calls: each completes what the device used and relays what the
+    /// guest made available, with at most one kick and one guest signal.
+    pub fn suppress_notifications(&mut self, mem: &GuestMemoryMmap) -> Result<(), SvqError> {
+        self.usable()?;
+        let r = self.guest.view(mem).and_then(|v| {
+            self.guest.suppress_kicks(&v);
+            self.shadow.suppress_calls()
+        });
+        self.used_flags_dirty |= self.guest.take_flags_written();
+        r.or_else(|e| self.fail(e))
+    }
+
+    /// The worker stops polling: ask the guest for kicks and the device for
+    /// interrupts again. Returns true when work arrived while they were
+    /// suppressed (guest chains or device used entries no notification will
+    /// announce): the caller must run a pass before it sleeps. Works on a
+    /// stopped or broken queue too, so that a ring handed back to a device
+    /// never keeps the guest's NO_NOTIFY.
+    pub fn request_notifications(&mut self, mem: &GuestMemoryMmap) -> Result<bool, SvqError> {
+        if !self.notifications_suppressed() {
+            return Ok(false);
+        }
+        let r = self.guest.view(mem).and_then(|v| {
+            let guest = self.guest.request_kicks(&v)?;
+            let device = self.shadow.request_calls()?;
+            Ok(guest || device)
+        });
+        self.used_flags_dirty |= self.guest.take_flags_written();
+        self.avail_event_dirty |= self.guest_event_idx;
+        r
+    }
+
+    /// Between `suppress_notifications` and `request_notifications`.
+    pub fn notifications_suppressed(&self) -> bool {
+        self.guest.kicks_suppressed() || self.shadow.calls_suppressed()
+    }
+
+    /// Where the guest ring stands (next avail to pop, used idx): a poller
+    /// compares it across a pass to tell whether the pass did any work.
+    pub fn guest_position(&self) -> RingIndexes {
+        RingIndexes {
+            avail: self.guest.next_avail(),
+            used: self.guest.next_used(),
+        }
+    }
+
     /// Device signalled: consume and validate shadow used entries, log and
     /// complete them to the guest, then relay parked and newly available
     /// chains.

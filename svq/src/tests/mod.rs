@@ -1,5 +1,6 @@
 mod adversarial;
 mod harness;
+mod polling;
 mod prop;
 mod resubmit;
 mod unit;
