@@ -57,7 +57,9 @@ pub enum PollMode {
     #[default]
     Off,
     /// Poll after a kick or call until the rings stay idle for the budget,
-    /// then sleep (vhost-net's `busyloop_timeout`, per worker).
+    /// then sleep (vhost-net's `busyloop_timeout`, per worker). A worker
+    /// that finds itself preempted while polling (another thread wanted its
+    /// CPU) sleeps at once and stays event driven for a while.
     Adaptive,
     /// Poll whenever a queue is attached (a DPDK lcore: one CPU, always busy).
     Always,
@@ -189,6 +191,7 @@ impl WorkerHandle {
             log,
             poll: PollConfig::default(),
             polling: false,
+            backoff_until: None,
         };
         let thread = std::thread::Builder::new()
             .name(format!("svq-pair{pair}"))
@@ -313,11 +316,21 @@ struct Worker {
     /// Notifications of every live queue are suppressed and the worker
     /// scans the rings instead of sleeping.
     polling: bool,
+    /// Adaptive: found preempted while polling; event driven until then.
+    backoff_until: Option<Instant>,
 }
 
 /// Idle passes between two looks at the clock: a pass over idle rings is a
 /// few loads, `Instant::now` costs more than that.
 const PASSES_PER_CLOCK_READ: u32 = 64;
+
+/// A gap this long between two looks at the clock while polling means the
+/// worker was not running: 64 idle passes or one busy one take microseconds,
+/// a scheduler time slice given to another thread takes milliseconds.
+const PREEMPTED: Duration = Duration::from_micros(500);
+
+/// How long an adaptive worker that was preempted stays event driven.
+const CONTENDED_BACKOFF: Duration = Duration::from_millis(100);
 
 impl Worker {
     fn run(mut self) {
@@ -348,7 +361,12 @@ impl Worker {
                 }
             }
             // A kick or call means traffic: more is likely to follow.
-            if traffic && self.poll.mode != PollMode::Off {
+            let poll = match self.poll.mode {
+                PollMode::Off => false,
+                PollMode::Adaptive => !self.backing_off(),
+                PollMode::Always => true,
+            };
+            if traffic && poll {
                 self.start_polling();
             }
         }
@@ -400,6 +418,7 @@ impl Worker {
     fn poll_until_idle(&mut self) -> bool {
         let mut idle_passes = 0u32;
         let mut idle_since: Option<Instant> = None;
+        let mut last_look = Instant::now();
         loop {
             if self.pending.load(Ordering::Acquire) && !self.take_requests() {
                 return false;
@@ -408,21 +427,37 @@ impl Worker {
                 self.stop_polling();
                 return true;
             }
-            if self.poll_pass() {
-                idle_passes = 0;
-                idle_since = None;
-                continue;
+            let moved = self.poll_pass();
+            if !moved {
+                std::hint::spin_loop();
+                idle_passes += 1;
             }
-            std::hint::spin_loop();
-            if self.poll.mode != PollMode::Adaptive {
-                continue;
-            }
-            idle_passes += 1;
-            if idle_passes < PASSES_PER_CLOCK_READ {
+            if self.poll.mode != PollMode::Adaptive
+                || (!moved && idle_passes < PASSES_PER_CLOCK_READ)
+            {
                 continue;
             }
             idle_passes = 0;
             let now = Instant::now();
+            let gap = now.duration_since(last_look);
+            last_look = now;
+            if gap >= PREEMPTED {
+                // Another thread had this CPU between two looks: polling
+                // only takes time from it, and a sleeping worker that a
+                // kick wakes runs sooner than a polling one waiting for its
+                // next slice. Sleep, and poll again after a while (vhost-net
+                // stops its busy loop on need_resched() for the same
+                // reason). Sleeping is safe whatever stop_polling finds: it
+                // relays what arrived and leaves notifications on.
+                log::debug!(target: LOG, "pair {}: preempted for {gap:?} while polling; event driven for {CONTENDED_BACKOFF:?}", self.pair);
+                self.backoff_until = Some(now + CONTENDED_BACKOFF);
+                self.stop_polling();
+                return true;
+            }
+            if moved {
+                idle_since = None;
+                continue;
+            }
             let since = *idle_since.get_or_insert(now);
             if now.duration_since(since) >= self.poll.budget {
                 if self.stop_polling() {
@@ -432,6 +467,19 @@ impl Worker {
                 self.start_polling();
                 idle_since = None;
             }
+        }
+    }
+
+    /// Adaptive polling is off for a while after the worker found itself
+    /// preempted.
+    fn backing_off(&mut self) -> bool {
+        match self.backoff_until {
+            Some(t) if Instant::now() < t => true,
+            Some(_) => {
+                self.backoff_until = None;
+                false
+            }
+            None => false,
         }
     }
 

@@ -515,13 +515,25 @@ impl GuestSide {
         Ok(at)
     }
 
-    /// GPA ranges (for the dirty log) of the used entry at `at` and of the
-    /// used idx.
-    pub fn used_entry_log(&self, at: u16) -> (u64, u64) {
-        let slot = (at & (self.size - 1)) as u64;
-        (self.ring.used_log.wrapping_add(4 + 8 * slot), 8)
+    /// GPA ranges (for the dirty log) of the `n` (1..=size) used entries
+    /// from `at`: `(gpa, len)` up to the end of the ring, and the bytes
+    /// that wrapped around to its first entry (usually 0).
+    #[inline]
+    pub fn used_entries_log(&self, at: u16, n: u16) -> (u64, u64, u64) {
+        let size = u64::from(self.size);
+        let n = u64::from(n).min(size);
+        let first = u64::from(at & (self.size - 1));
+        let head = n.min(size - first);
+        let gpa = self.ring.used_log.wrapping_add(4 + 8 * first);
+        (gpa, 8 * head, 8 * (n - head))
     }
 
+    /// GPA of the first used entry.
+    pub fn used_ring_log(&self) -> u64 {
+        self.ring.used_log.wrapping_add(4)
+    }
+
+    /// GPA range (for the dirty log) of the used idx.
     pub fn used_idx_log(&self) -> (u64, u64) {
         (self.ring.used_log.wrapping_add(2), 2)
     }

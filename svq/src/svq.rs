@@ -349,6 +349,38 @@ impl ShadowVirtqueue {
     ) -> Result<CallOutcome, SvqError> {
         let v = self.guest.view(mem)?;
         let old_used = self.guest.next_used();
+        let r = self.consume_used(&v, log);
+        // The guest used entries written and the used idx, once per call
+        // as the kernel's vhost logs them, also when a bad entry stopped
+        // the loop after some completions.
+        self.log_used_since(old_used, log);
+        r?;
+        let notify_guest = self.guest.should_notify(&v, old_used)?;
+        let kick_device = self.relay(mem, &v, iova)?;
+        Ok(CallOutcome {
+            notify_guest,
+            kick_device,
+        })
+    }
+
+    #[inline(always)]
+    fn log_used_since(&self, old_used: u16, log: &dyn DirtyLog) {
+        let n = self.guest.next_used().wrapping_sub(old_used);
+        if n == 0 {
+            return;
+        }
+        let (gpa, len, wrapped) = self.guest.used_entries_log(old_used, n);
+        log.mark(gpa, len);
+        if wrapped > 0 {
+            log.mark(self.guest.used_ring_log(), wrapped);
+        }
+        let (gpa, len) = self.guest.used_idx_log();
+        log.mark(gpa, len);
+    }
+
+    /// Complete every used entry the device published, re-arming until
+    /// none arrives meanwhile.
+    fn consume_used(&mut self, v: &RingView, log: &dyn DirtyLog) -> Result<(), SvqError> {
         loop {
             let used_idx = self.shadow.used_idx()?;
             let last = self.shadow.last_used();
@@ -362,18 +394,12 @@ impl ShadowVirtqueue {
                 });
             }
             for _ in 0..ahead {
-                self.complete_one(&v, log)?;
+                self.complete_one(v, log)?;
             }
             if !self.shadow.rearm()? {
-                break;
+                return Ok(());
             }
         }
-        let notify_guest = self.guest.should_notify(&v, old_used)?;
-        let kick_device = self.relay(mem, &v, iova)?;
-        Ok(CallOutcome {
-            notify_guest,
-            kick_device,
-        })
     }
 
     fn complete_one(&mut self, v: &RingView, log: &dyn DirtyLog) -> Result<(), SvqError> {
@@ -415,14 +441,10 @@ impl ShadowVirtqueue {
         if let Some(l) = &self.inflight_log {
             l.completing(guest_head);
         }
-        let at = self.guest.add_used(v, guest_head, len)?;
+        self.guest.add_used(v, guest_head, len)?;
         if let Some(l) = &self.inflight_log {
             l.completed(guest_head, self.guest.next_used());
         }
-        let (gpa, l) = self.guest.used_entry_log(at);
-        log.mark(gpa, l);
-        let (gpa, l) = self.guest.used_idx_log();
-        log.mark(gpa, l);
         if let Some(b) = self.guest_busy.get_mut(guest_head as usize) {
             *b = false;
         }

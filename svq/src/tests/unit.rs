@@ -545,3 +545,32 @@ fn takeover_with_event_idx_asks_through_avail_event() {
     assert_eq!(f.drv.used_flags(&f.mem), 1);
     assert_eq!(f.drv.avail_event(&f.mem), 7);
 }
+
+/// Used entries are logged once per call as ranges (as the kernel's vhost
+/// does): a batch that wraps around the end of the used ring logs both
+/// pieces and nothing beyond them.
+#[test]
+fn a_batch_of_completions_across_the_ring_end_logs_both_pieces() {
+    let start = RingIndexes {
+        avail: 14,
+        used: 14,
+    };
+    let mut f = Fixture::with_start(16, 16, 0, 0, start);
+    f.drv.set_avail_idx(&f.mem, 14);
+    for _ in 0..4 {
+        f.add(&[(64, true)], false);
+    }
+    f.kick().unwrap();
+    assert_eq!(f.dev.take_all(&f.tree), 4);
+    for _ in 0..4 {
+        f.dev.complete(0, 64, 1, &f.mem, &f.tree);
+    }
+    f.call().unwrap();
+    assert_eq!(f.drv.collect(&f.mem).len(), 4);
+    let entry = |slot: u64| USED_GPA + 4 + 8 * slot;
+    assert!(f.log.covers(entry(14), 16), "slots 14 and 15");
+    assert!(f.log.covers(entry(0), 16), "slots 0 and 1");
+    assert!(!f.log.covers(entry(2), 1), "slot 2 was not written");
+    assert!(!f.log.covers(entry(13), 1), "slot 13 was not written");
+    assert!(f.log.covers(USED_GPA + 2, 2), "used idx");
+}
