@@ -868,6 +868,28 @@ mod tests {
         (mem, tree, svq, shadow)
     }
 
+    /// The device's view of the shadow ring of 16: the shadow memory at its
+    /// HVA, and a queue on its rings.
+    fn device_side(
+        shadow: Arc<vm_memory::MmapRegion>,
+        hva: u64,
+        rings: svq::ShadowRingAddrs,
+    ) -> (GuestMemoryMmap, Queue) {
+        let smem = GuestMemoryMmap::from_arc_regions(vec![Arc::new(
+            GuestRegionMmap::with_arc(shadow, GuestAddress(hva)).unwrap(),
+        )])
+        .unwrap();
+        let mut q = Queue::new(16).unwrap();
+        q.try_set_desc_table_address(GuestAddress(rings.desc))
+            .unwrap();
+        q.try_set_avail_ring_address(GuestAddress(rings.avail))
+            .unwrap();
+        q.try_set_used_ring_address(GuestAddress(rings.used))
+            .unwrap();
+        q.set_ready(true);
+        (smem, q)
+    }
+
     /// A guest buffer goes guest ring -> worker's SVQ -> shadow ring, the
     /// test plays the device on the shadow ring, and the completion comes
     /// back to the guest used ring with a guest interrupt.
@@ -904,18 +926,7 @@ mod tests {
         assert!(wait_readable(&dev_kick));
 
         // The device side, on the shadow ring (addresses are HVAs here).
-        let smem = vm_memory::GuestMemoryMmap::from_arc_regions(vec![Arc::new(
-            GuestRegionMmap::with_arc(shadow.clone(), GuestAddress(hva)).unwrap(),
-        )])
-        .unwrap();
-        let mut q = Queue::new(16).unwrap();
-        q.try_set_desc_table_address(GuestAddress(rings.desc))
-            .unwrap();
-        q.try_set_avail_ring_address(GuestAddress(rings.avail))
-            .unwrap();
-        q.try_set_used_ring_address(GuestAddress(rings.used))
-            .unwrap();
-        q.set_ready(true);
+        let (smem, mut q) = device_side(shadow.clone(), hva, rings);
         let chain = q
             .pop_descriptor_chain(&smem)
             .expect("a chain on the shadow ring");
@@ -1082,18 +1093,7 @@ mod tests {
                 stats: Arc::new(QueueStats::default()),
             })
             .unwrap();
-            let smem = GuestMemoryMmap::from_arc_regions(vec![Arc::new(
-                GuestRegionMmap::with_arc(shadow, GuestAddress(hva)).unwrap(),
-            )])
-            .unwrap();
-            let mut q = Queue::new(16).unwrap();
-            q.try_set_desc_table_address(GuestAddress(rings.desc))
-                .unwrap();
-            q.try_set_avail_ring_address(GuestAddress(rings.avail))
-                .unwrap();
-            q.try_set_used_ring_address(GuestAddress(rings.used))
-                .unwrap();
-            q.set_ready(true);
+            let (smem, q) = device_side(shadow, hva, rings);
             Polled {
                 w,
                 mem,
