@@ -573,27 +573,16 @@ impl GuestSide {
             return Ok(false);
         }
         if self.event_idx {
-            let off = 4 + 8 * self.size as usize;
-            v.used_u16(off)
-                .store(u16::to_le(self.next_avail()), Ordering::Relaxed);
+            self.ask_for_next_avail(v);
         } else if !self.kicks_asked {
             self.kicks_asked = true;
-            let no_notify = VRING_USED_F_NO_NOTIFY as u16;
-            let flags = u16::from_le(v.used_u16(0).load(Ordering::Relaxed));
-            if flags & no_notify == 0 {
+            if !self.set_no_notify(v, false) {
                 return Ok(false);
             }
-            v.used_u16(0)
-                .store(u16::to_le(flags & !no_notify), Ordering::Relaxed);
-            self.flags_written = true;
         } else {
             return Ok(false);
         }
-        // The store must be visible before we re-read avail idx, or a chain
-        // the guest added without kicking (it still saw the old value) would
-        // wait for the next kick.
-        fence(Ordering::SeqCst);
-        Ok(self.avail_idx(v)? != self.next_avail())
+        self.avail_moved(v)
     }
 
     /// Tell the guest not to kick: the ring is polled. Without EVENT_IDX by
@@ -607,13 +596,7 @@ impl GuestSide {
         }
         self.kicks_suppressed = true;
         if !self.event_idx {
-            let no_notify = VRING_USED_F_NO_NOTIFY as u16;
-            let flags = u16::from_le(v.used_u16(0).load(Ordering::Relaxed));
-            if flags & no_notify == 0 {
-                v.used_u16(0)
-                    .store(u16::to_le(flags | no_notify), Ordering::Relaxed);
-                self.flags_written = true;
-            }
+            self.set_no_notify(v, true);
         }
     }
 
@@ -626,19 +609,43 @@ impl GuestSide {
         self.kicks_suppressed = false;
         self.kicks_asked = true;
         if self.event_idx {
-            let off = 4 + 8 * self.size as usize;
-            v.used_u16(off)
-                .store(u16::to_le(self.next_avail()), Ordering::Relaxed);
+            self.ask_for_next_avail(v);
         } else {
-            let no_notify = VRING_USED_F_NO_NOTIFY as u16;
-            let flags = u16::from_le(v.used_u16(0).load(Ordering::Relaxed));
-            if flags & no_notify != 0 {
-                v.used_u16(0)
-                    .store(u16::to_le(flags & !no_notify), Ordering::Relaxed);
-                self.flags_written = true;
-            }
+            self.set_no_notify(v, false);
         }
-        // As in `rearm`: the store before the re-read of avail idx.
+        self.avail_moved(v)
+    }
+
+    /// EVENT_IDX: kick me for the chain after `next_avail`.
+    fn ask_for_next_avail(&self, v: &RingView) {
+        let off = 4 + 8 * self.size as usize;
+        v.used_u16(off)
+            .store(u16::to_le(self.next_avail()), Ordering::Relaxed);
+    }
+
+    /// Set or clear VRING_USED_F_NO_NOTIFY in the used flags; returns
+    /// whether they changed (and were written, for the dirty log).
+    fn set_no_notify(&mut self, v: &RingView, on: bool) -> bool {
+        let no_notify = VRING_USED_F_NO_NOTIFY as u16;
+        let flags = u16::from_le(v.used_u16(0).load(Ordering::Relaxed));
+        let want = if on {
+            flags | no_notify
+        } else {
+            flags & !no_notify
+        };
+        if want == flags {
+            return false;
+        }
+        v.used_u16(0).store(u16::to_le(want), Ordering::Relaxed);
+        self.flags_written = true;
+        true
+    }
+
+    /// After asking for kicks: did chains arrive that the guest added
+    /// without kicking? The store must be visible before avail idx is
+    /// re-read, or a chain the guest added while it still saw the old value
+    /// would wait for the next kick.
+    fn avail_moved(&self, v: &RingView) -> Result<bool, SvqError> {
         fence(Ordering::SeqCst);
         Ok(self.avail_idx(v)? != self.next_avail())
     }

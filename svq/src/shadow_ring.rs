@@ -349,10 +349,20 @@ impl ShadowRing {
         if !self.event_idx || self.calls_suppressed {
             return Ok(false);
         }
+        self.ask_for_next_used()?;
+        self.used_moved()
+    }
+
+    /// EVENT_IDX: interrupt me at the used entry after `last_used`.
+    fn ask_for_next_used(&self) -> Result<(), SvqError> {
         let off = self.layout.avail + 4 + 2 * self.size as usize;
         self.mem
-            .store_u16(off, u16::to_le(self.last_used), Ordering::Relaxed)?;
-        // used_event must be visible before we re-read used idx.
+            .store_u16(off, u16::to_le(self.last_used), Ordering::Relaxed)
+    }
+
+    /// After asking for interrupts: did used entries arrive meanwhile? The
+    /// store must be visible before used idx is re-read.
+    fn used_moved(&self) -> Result<bool, SvqError> {
         fence(Ordering::SeqCst);
         Ok(self.used_idx()? != self.last_used)
     }
@@ -382,16 +392,12 @@ impl ShadowRing {
     pub fn request_calls(&mut self) -> Result<bool, SvqError> {
         self.calls_suppressed = false;
         if self.event_idx {
-            let off = self.layout.avail + 4 + 2 * self.size as usize;
-            self.mem
-                .store_u16(off, u16::to_le(self.last_used), Ordering::Relaxed)?;
+            self.ask_for_next_used()?;
         } else {
             self.mem
                 .store_u16(self.layout.avail, 0, Ordering::Relaxed)?;
         }
-        // The store before the re-read of used idx, as in `rearm`.
-        fence(Ordering::SeqCst);
-        Ok(self.used_idx()? != self.last_used)
+        self.used_moved()
     }
 
     pub fn calls_suppressed(&self) -> bool {
