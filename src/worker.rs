@@ -868,6 +868,45 @@ mod tests {
         (mem, tree, svq, shadow)
     }
 
+    /// Queue 0's eventfds: the VMM's kick and call, the daemon's for the
+    /// device.
+    struct QueueFds {
+        guest_kick: Arc<EventFd>,
+        guest_call: Arc<EventFd>,
+        dev_kick: Arc<EventFd>,
+        dev_call: Arc<EventFd>,
+    }
+
+    /// Hand queue 0 to `w` with fresh eventfds.
+    fn attach_queue0(
+        w: &WorkerHandle,
+        svq: ShadowVirtqueue,
+        mem: &Arc<GuestMemoryMmap>,
+        tree: IovaTree,
+        stats: Arc<QueueStats>,
+    ) -> QueueFds {
+        let ev = || Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let fds = QueueFds {
+            guest_kick: ev(),
+            guest_call: ev(),
+            dev_kick: ev(),
+            dev_call: ev(),
+        };
+        w.attach(Attach {
+            queue: 0,
+            svq: Box::new(svq),
+            guest_kick: fds.guest_kick.clone(),
+            guest_call: Some(fds.guest_call.clone()),
+            dev_kick: fds.dev_kick.clone(),
+            dev_call: fds.dev_call.clone(),
+            mem: mem.clone(),
+            tree: Arc::new(tree),
+            stats,
+        })
+        .unwrap();
+        fds
+    }
+
     /// The device's view of the shadow ring of 16: the shadow memory at its
     /// HVA, and a queue on its rings.
     fn device_side(
@@ -907,21 +946,13 @@ mod tests {
         let rings = svq.shadow_ring_hva();
 
         let w = WorkerHandle::spawn(0).unwrap();
-        let ev = || Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
-        let (guest_kick, guest_call, dev_kick, dev_call) = (ev(), ev(), ev(), ev());
         let stats = Arc::new(QueueStats::default());
-        w.attach(Attach {
-            queue: 0,
-            svq: Box::new(svq),
-            guest_kick: guest_kick.clone(),
-            guest_call: Some(guest_call.clone()),
-            dev_kick: dev_kick.clone(),
-            dev_call: dev_call.clone(),
-            mem: mem.clone(),
-            tree: Arc::new(tree),
-            stats: stats.clone(),
-        })
-        .unwrap();
+        let QueueFds {
+            guest_call,
+            dev_kick,
+            dev_call,
+            ..
+        } = attach_queue0(&w, svq, &mem, tree, stats.clone());
         // Attach looked at the ring once: the buffer is on the shadow ring.
         assert!(wait_readable(&dev_kick));
 
@@ -966,16 +997,9 @@ mod tests {
     fn guest_kicks_again_after_taking_over_a_polled_ring() {
         use vm_memory::VolatileMemory;
         let (mem, tree, svq, shadow) = svq_fixture();
-        let (desc, avail, used) = (DESC, AVAIL, USED);
+        let (avail, used) = (AVAIL, USED);
         // Two 64-byte device-writable buffers, heads 0 and 1.
-        for h in 0..2u64 {
-            mem.write_obj(0x10000 + 0x100 * h, GuestAddress(desc + 16 * h))
-                .unwrap();
-            mem.write_obj(64u32, GuestAddress(desc + 16 * h + 8))
-                .unwrap();
-            mem.write_obj(2u16, GuestAddress(desc + 16 * h + 12))
-                .unwrap(); // WRITE
-        }
+        write_buffers(&mem, 2);
         // Left by the device in passthrough; head 0 was available before
         // the switch (its kick went to the device).
         mem.write_obj(1u16, GuestAddress(used)).unwrap(); // NO_NOTIFY
@@ -1079,20 +1103,12 @@ mod tests {
                 cpu: None,
             })
             .unwrap();
-            let ev = || Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
-            let (guest_kick, guest_call, dev_kick, dev_call) = (ev(), ev(), ev(), ev());
-            w.attach(Attach {
-                queue: 0,
-                svq: Box::new(svq),
-                guest_kick: guest_kick.clone(),
-                guest_call: Some(guest_call.clone()),
-                dev_kick: dev_kick.clone(),
-                dev_call: dev_call.clone(),
-                mem: mem.clone(),
-                tree: Arc::new(tree),
-                stats: Arc::new(QueueStats::default()),
-            })
-            .unwrap();
+            let QueueFds {
+                guest_kick,
+                guest_call,
+                dev_kick,
+                dev_call,
+            } = attach_queue0(&w, svq, &mem, tree, Arc::new(QueueStats::default()));
             let (smem, q) = device_side(shadow, hva, rings);
             Polled {
                 w,
