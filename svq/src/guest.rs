@@ -500,8 +500,8 @@ impl GuestSide {
         }
     }
 
-    /// Write a used entry; returns the used idx the entry was written at.
-    pub fn add_used(&mut self, v: &RingView, head: u16, len: u32) -> Result<u16, SvqError> {
+    /// Write a used entry at `next_used` and publish it.
+    pub fn add_used(&mut self, v: &RingView, head: u16, len: u32) {
         let at = self.next_used();
         let off = 4 + 8 * (at & v.mask) as usize;
         v.used_u32(off)
@@ -512,7 +512,6 @@ impl GuestSide {
         // Release: the entry is visible before the index that covers it.
         v.used_u16(2).store(u16::to_le(next), Ordering::Release);
         self.queue.set_next_used(next);
-        Ok(at)
     }
 
     /// GPA ranges (for the dirty log) of the `n` (1..=size) used entries

@@ -441,7 +441,7 @@ impl ShadowVirtqueue {
         if let Some(l) = &self.inflight_log {
             l.completing(guest_head);
         }
-        self.guest.add_used(v, guest_head, len)?;
+        self.guest.add_used(v, guest_head, len);
         if let Some(l) = &self.inflight_log {
             l.completed(guest_head, self.guest.next_used());
         }
