@@ -15,19 +15,14 @@
 //! queue workers, so the mapping must outlive every worker. Its pages are
 //! only touched where rings live (the memfd is sparse).
 
-use std::fs::File;
-use std::os::fd::FromRawFd;
 use std::sync::Arc;
 
 use backends::{BackendError, DmaRegion};
 use iova::AddrSpace;
 use svq::{ShadowVirtqueue, SvqConfig};
-use vm_memory::{FileOffset, MmapRegion};
+use vm_memory::MmapRegion;
 
 use crate::device::{Device, Result, LOG};
-
-/// RING_F_INDIRECT_DESC: the largest layout has the indirect table pool.
-const F_INDIRECT_DESC: u64 = 1 << 28;
 
 pub(crate) struct ShadowArena {
     region: Arc<MmapRegion>,
@@ -40,18 +35,7 @@ impl ShadowArena {
         let total = slots
             .checked_mul(slot_size)
             .ok_or_else(|| std::io::Error::other("shadow area size overflows"))?;
-        // SAFETY: memfd_create takes a NUL-terminated name and flags; it
-        // returns a new fd or -1 and touches no memory of ours otherwise.
-        let fd = unsafe { libc::memfd_create(c"svq-shadow-area".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: fd was just returned by memfd_create and nothing else owns
-        // it; File takes ownership and closes it.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(total as u64)?;
-        let region = MmapRegion::from_file(FileOffset::new(file, 0), total)
-            .map_err(|e| std::io::Error::other(format!("mapping the shadow area: {e}")))?;
+        let region = hostmem::memfd_region(c"svq-shadow-area", total)?;
         let region = Arc::new(region);
         // Views handed to the SVQs point into this mapping without owning
         // it; one reference that is never dropped keeps it mapped for the
@@ -118,7 +102,8 @@ impl Device {
             queue_size: max,
             shadow_size: max,
             guest_features: 0,
-            device_features: F_INDIRECT_DESC,
+            // The largest layout: with the indirect table pool.
+            device_features: virtio_features::RING_F_INDIRECT_DESC,
         });
         let arena = ShadowArena::new(self.num_queues(), slot_size).map_err(BackendError::Io)?;
         let hva = arena.hva();

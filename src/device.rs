@@ -17,7 +17,9 @@ use vm_memory::{GuestMemoryMmap, MmapRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::{GuestRegion, MemoryError, MemoryTable};
-use crate::migration::control::{Migration, MigrationError, F_LOG_ALL};
+use virtio_features::{self as vf, F_LOG_ALL, F_PROTOCOL_FEATURES, TRANSPORT_MASK};
+
+use crate::migration::control::{Migration, MigrationError};
 use crate::migration::dirty_log::DirtyLogReader;
 use crate::stats::QueueStats;
 use crate::worker::{PollConfig, WorkerConfig, WorkerError, WorkerHandle};
@@ -32,24 +34,17 @@ pub fn lock(dev: &SharedDevice) -> std::sync::MutexGuard<'_, Device> {
     dev.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// VHOST_USER_F_PROTOCOL_FEATURES.
-pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
-
 /// Virtio feature bits the relay can carry (device-class and transport).
 /// Never IN_ORDER (the SVQ completes out of order) nor packed rings.
-pub const RELAY_FEATURES: u64 = (1 << 32) // VERSION_1
-    | (1 << 27) // ANY_LAYOUT
-    | (1 << 5) // NET_F_MAC
-    | (1 << 3) // NET_F_MTU
-    | (1 << 16) // NET_F_STATUS
-    | (1 << 15) // NET_F_MRG_RXBUF
-    | (1 << 29) // RING_F_EVENT_IDX
-    | (1 << 28) // RING_F_INDIRECT_DESC
-    | (1 << 22); // NET_F_MQ
-
-/// Transport bits (24..=40 minus the device-class range) must also be ones the
-/// SVQ implements, or shadow mode could not take over a running queue.
-const TRANSPORT_MASK: u64 = ((1u64 << 41) - 1) & !((1u64 << 24) - 1);
+pub const RELAY_FEATURES: u64 = vf::F_VERSION_1
+    | vf::F_ANY_LAYOUT
+    | vf::NET_F_MAC
+    | vf::NET_F_MTU
+    | vf::NET_F_STATUS
+    | vf::NET_F_MRG_RXBUF
+    | vf::RING_F_EVENT_IDX
+    | vf::RING_F_INDIRECT_DESC
+    | vf::NET_F_MQ;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {

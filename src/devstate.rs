@@ -9,9 +9,10 @@ use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight,
 };
 
-use crate::device::{Device, F_PROTOCOL_FEATURES};
+use virtio_features::{F_LOG_ALL, F_PROTOCOL_FEATURES};
+
+use crate::device::Device;
 use crate::migration::control::Migration;
-use crate::migration::control::F_LOG_ALL;
 use crate::migration::state::Failure;
 use crate::migration::stream::{
     DeviceState, Features, Limits, NicState, RelayMode, RxMode, VlanFilter, VringState,

@@ -232,14 +232,7 @@ pub(crate) mod tests {
     use vm_memory::{Bytes, GuestMemoryBackend};
 
     pub(crate) fn memfd(size: u64) -> File {
-        // SAFETY: memfd_create with a valid NUL-terminated name; the returned fd
-        // is checked and then owned by the File.
-        let fd = unsafe { libc::memfd_create(c"svq-relay-test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: fd is a fresh descriptor we own.
-        let file = unsafe { <File as std::os::unix::io::FromRawFd>::from_raw_fd(fd) };
-        file.set_len(size).unwrap();
-        file
+        hostmem::memfd(c"svq-relay-test", size).unwrap()
     }
 
     pub(crate) fn region(gpa: u64, size: u64, user_addr: u64) -> GuestRegion {

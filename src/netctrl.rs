@@ -109,7 +109,8 @@ mod vdpa_fake;
 #[cfg(test)]
 mod tests {
     use super::vdpa_fake::{self, *};
-    use crate::device::{Device, F_PROTOCOL_FEATURES};
+    use crate::device::Device;
+    use virtio_features::F_PROTOCOL_FEATURES;
 
     const NEW_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xab, 0xcd, 0xef];
     const ALL_OK: u8 = S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK;

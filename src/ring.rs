@@ -7,6 +7,7 @@ use std::sync::Arc;
 use backends::VringAddrs;
 use iova::AddrSpace;
 use svq::{GuestRing, RingIndexes, ShadowVirtqueue, SvqConfig};
+use virtio_features::status;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -38,16 +39,15 @@ fn is_rx_queue(q: usize) -> bool {
 /// Size of `struct virtio_net_hdr` for the negotiated features: 12 bytes with
 /// VERSION_1 or MRG_RXBUF (num_buffers present), 10 bytes otherwise.
 fn net_header_len(features: u64) -> u32 {
-    use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
-    use virtio_bindings::bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
-    if features & ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MRG_RXBUF)) != 0 {
+    if features & (virtio_features::F_VERSION_1 | virtio_features::NET_F_MRG_RXBUF) != 0 {
         12
     } else {
         10
     }
 }
 
-const STATUS_DRIVER_OK: u8 = 1 | 2 | 8 | 4; // ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK
+const STATUS_DRIVER_OK: u8 =
+    status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
 
 impl Device {
     /// The ring has everything it needs and the VMM wants it running.

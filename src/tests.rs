@@ -8,9 +8,9 @@ use backends::{BackendError, DeviceBackend, DmaRegion, IovaRange, VringAddrs};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::device::{Device, DeviceError, Running, F_PROTOCOL_FEATURES, RELAY_FEATURES};
+use crate::device::{Device, DeviceError, Running, RELAY_FEATURES};
 use crate::memory::tests::region;
-use crate::migration::control::F_LOG_ALL;
+use virtio_features::{F_LOG_ALL, F_PROTOCOL_FEATURES};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Op {
@@ -509,12 +509,7 @@ fn unchanged_ring_addresses_do_not_restart_a_running_ring() {
 }
 
 fn set_log(dev: &mut Device) {
-    // SAFETY: valid NUL-terminated name, not retained.
-    let fd = unsafe { libc::memfd_create(c"log".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: a fresh fd owned by nobody else.
-    let f = unsafe { <std::fs::File as std::os::unix::io::FromRawFd>::from_raw_fd(fd) };
-    f.set_len(64).unwrap();
+    let f = hostmem::memfd(c"log", 64).unwrap();
     dev.set_log_base(f, 64, 0).unwrap();
 }
 

@@ -9,8 +9,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::device::{set_nonblocking, Device, DeviceError, Result, RingGpas, Running, LOG};
 use crate::ring::ring_sizes;
 
-/// The virtio status bit DRIVER_OK (a u32 in the bindings; status is a byte).
-const DRIVER_OK: u8 = virtio_bindings::bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK as u8;
+use virtio_features::status::DRIVER_OK;
 
 impl Device {
     pub fn set_vring_num(&mut self, index: u32, num: u32) -> Result<()> {

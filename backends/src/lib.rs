@@ -18,7 +18,6 @@ use vmm_sys_util::eventfd::EventFd;
 pub mod sim;
 pub mod vdpa;
 pub mod vhost_user;
-mod virtio_bits;
 
 /// Errors a device backend reports. The daemon turns them into log lines and
 /// vhost-user / QMP errors; none of them is fatal to the process.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use backends::vhost_user::{DirtyLogArea, VhostUserNet, VhostUserOptions};
 use backends::{BackendError, DeviceBackend, DmaRegion, VringAddrs};
 use vhost_user_fakedev::*;
-use vm_memory::{Bytes, FileOffset, MmapRegion, VolatileMemory};
+use vm_memory::{Bytes, MmapRegion, VolatileMemory};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const VERSION_1: u64 = 1 << 32;
@@ -40,13 +40,7 @@ fn dir(tag: &str) -> Dir {
 }
 
 fn memfd(size: usize) -> Arc<MmapRegion> {
-    // SAFETY: NUL-terminated literal; no other pointer argument.
-    let fd = unsafe { libc::memfd_create(c"vu-control".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: `fd` was just created and is owned by nobody else.
-    let file = unsafe { <std::fs::File as std::os::unix::io::FromRawFd>::from_raw_fd(fd) };
-    file.set_len(size as u64).unwrap();
-    Arc::new(MmapRegion::from_file(FileOffset::new(file, 0), size).unwrap())
+    Arc::new(hostmem::memfd_region(c"vu-control", size).unwrap())
 }
 
 /// Ring q at MEM_IOVA + q * 0x1_0000, 64 entries.

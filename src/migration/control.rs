@@ -27,8 +27,7 @@ const LOG: &str = "migration";
 /// done or about to be.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// VHOST_F_LOG_ALL.
-pub const F_LOG_ALL: u64 = 1 << 26;
+pub use virtio_features::F_LOG_ALL;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
@@ -303,8 +302,8 @@ impl Migration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::migration::mapping::memfd;
     use crate::migration::stream::{Features, NicState, RelayMode, RxMode, VlanFilter, VringState};
+    use hostmem::memfd;
     use std::io::{Read, Write};
     use std::os::unix::io::FromRawFd;
     use svq::DirtyLog;

@@ -305,7 +305,7 @@ impl Drop for PinnedLog<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::migration::mapping::memfd;
+    use hostmem::memfd;
     use std::collections::BTreeSet;
     use svq::DirtyLog;
 

@@ -27,7 +27,9 @@ use std::sync::atomic::Ordering;
 
 use vhost::vhost_user::message::VhostUserInflight;
 
-use super::mapping::{memfd, MapError, SharedMapping};
+use hostmem::memfd;
+
+use super::mapping::{MapError, SharedMapping};
 
 const LOG: &str = "inflight";
 

@@ -164,25 +164,10 @@ impl Drop for SharedMapping {
     }
 }
 
-/// An anonymous memory file of `size` bytes (zero filled), for the regions
-/// the daemon hands to the VMM, for tests and for the fuzzer.
-pub fn memfd(name: &std::ffi::CStr, size: u64) -> std::io::Result<File> {
-    use std::os::unix::io::FromRawFd;
-    // SAFETY: memfd_create with a valid NUL-terminated name; the new fd is
-    // owned by the File built from it right below.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor nobody else owns.
-    let f = unsafe { File::from_raw_fd(fd) };
-    f.set_len(size)?;
-    Ok(f)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hostmem::memfd;
     use std::sync::atomic::Ordering;
 
     #[test]

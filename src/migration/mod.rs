@@ -15,7 +15,7 @@ pub mod state;
 pub mod stream;
 pub mod transfer;
 
-pub use mapping::{memfd, MapError};
+pub use mapping::MapError;
 
 #[cfg(test)]
 mod tests;

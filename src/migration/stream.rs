@@ -47,8 +47,7 @@ const INFLIGHT_MAX: usize = 4 + 2 * MAX_QUEUE_SIZE as usize;
 /// virtio's largest queue.
 pub const MAX_QUEUE_SIZE: u16 = 32768;
 const VLAN_BYTES: usize = 4096 / 8;
-/// VIRTIO_F_RING_PACKED.
-const F_RING_PACKED: u64 = 1 << 34;
+use virtio_features::F_RING_PACKED;
 /// Smallest MTU a virtio-net device may report (virtio spec 5.1.4.1).
 const MIN_MTU: u16 = 68;
 

@@ -29,22 +29,18 @@ pub use inflight_log::InflightLog;
 pub use memory::ShadowLayout;
 pub use svq::ShadowVirtqueue;
 
-use virtio_bindings::bindings::virtio_config::{VIRTIO_F_ANY_LAYOUT, VIRTIO_F_VERSION_1};
-use virtio_bindings::bindings::virtio_ring::{
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
-};
-
 /// Transport/ring features the SVQ implements toward the guest. The daemon
 /// offers the guest at most `device features & SUPPORTED_FEATURES` for these
 /// bits (device-class bits are negotiated separately).
-pub const SUPPORTED_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
-    | (1 << VIRTIO_F_ANY_LAYOUT)
-    | (1 << VIRTIO_RING_F_EVENT_IDX)
-    | (1 << VIRTIO_RING_F_INDIRECT_DESC);
+pub const SUPPORTED_FEATURES: u64 = virtio_features::F_VERSION_1
+    | virtio_features::F_ANY_LAYOUT
+    | virtio_features::RING_F_EVENT_IDX
+    | virtio_features::RING_F_INDIRECT_DESC;
 
 /// Feature bit masks used internally.
-pub(crate) const F_EVENT_IDX: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
-pub(crate) const F_INDIRECT_DESC: u64 = 1 << VIRTIO_RING_F_INDIRECT_DESC;
+pub(crate) use virtio_features::{
+    RING_F_EVENT_IDX as F_EVENT_IDX, RING_F_INDIRECT_DESC as F_INDIRECT_DESC,
+};
 
 /// Guest-physical addresses of the guest's split ring.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

@@ -11,12 +11,10 @@
 //! all are in use is parked until one comes back. The pool exists only when
 //! the device negotiated INDIRECT_DESC and `2 * queue_size > shadow_size`.
 
-use std::fs::File;
-use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 
-use vm_memory::{ByteValued, FileOffset, MmapRegion};
+use vm_memory::{ByteValued, MmapRegion};
 
 use crate::SvqError;
 
@@ -97,19 +95,8 @@ pub(crate) struct ShadowMem {
 
 impl ShadowMem {
     pub fn new(size: usize) -> Result<Self, SvqError> {
-        let err = |what: &str, e: std::io::Error| SvqError::ShadowMemory(format!("{what}: {e}"));
-        // SAFETY: memfd_create takes a NUL-terminated name and flags; it
-        // returns a new fd or -1 and touches no memory of ours otherwise.
-        let fd = unsafe { libc::memfd_create(c"svq-shadow".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(err("memfd_create", std::io::Error::last_os_error()));
-        }
-        // SAFETY: fd was just returned by memfd_create and is owned by
-        // nothing else; File takes ownership and closes it.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(size as u64).map_err(|e| err("ftruncate", e))?;
-        let region = MmapRegion::from_file(FileOffset::new(file, 0), size)
-            .map_err(|e| SvqError::ShadowMemory(format!("mmap: {e}")))?;
+        let region = hostmem::memfd_region(c"svq-shadow", size)
+            .map_err(|e| SvqError::ShadowMemory(e.to_string()))?;
         Ok(ShadowMem {
             region: Arc::new(region),
         })

@@ -1,12 +1,10 @@
 //! Guest memory of the test "VM": memfd-backed regions, region 0 at GPA 0.
 
-use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 
 use vhost::VhostUserMemoryRegionInfo;
 use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap, MmapRegion,
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
 };
 
 struct Bump {
@@ -23,14 +21,7 @@ pub struct GuestMem {
 }
 
 fn memfd_region(gpa: u64, size: usize) -> GuestRegionMmap {
-    // SAFETY: the name is a valid NUL-terminated string; memfd_create does
-    // not retain the pointer.
-    let fd = unsafe { libc::memfd_create(c"svq-test-guest".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size as u64).expect("size memfd");
-    let region = MmapRegion::from_file(FileOffset::new(file, 0), size).expect("mmap memfd");
+    let region = hostmem::memfd_region(c"svq-test-guest", size).expect("memfd");
     GuestRegionMmap::new(region, GuestAddress(gpa)).expect("guest region")
 }
 

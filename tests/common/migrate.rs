@@ -19,8 +19,7 @@ use vm_memory::{FileOffset, MmapRegion};
 
 use super::vmm::{connect_stream, Vmm};
 
-/// VHOST_F_LOG_ALL.
-pub const F_LOG_ALL: u64 = 1 << 26;
+pub use virtio_features::F_LOG_ALL;
 pub const PAGE: u64 = 4096;
 
 /// How long a state transfer may take before the test fails.
@@ -34,13 +33,7 @@ pub fn migration_proto() -> VhostUserProtocolFeatures {
 }
 
 fn memfd(name: &std::ffi::CStr, size: u64) -> File {
-    // SAFETY: valid NUL-terminated name, not retained by the kernel.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
-    let f = unsafe { File::from_raw_fd(fd) };
-    f.set_len(size).expect("size memfd");
-    f
+    hostmem::memfd(name, size).expect("memfd")
 }
 
 /// One dirty log (a memfd bitmap, one bit per 4 KiB page).

@@ -12,15 +12,11 @@ use vhost::{VhostBackend, VringConfigData};
 use super::mem::GuestMem;
 use super::net::{DriverOpts, NetPair};
 
-pub const F_MAC: u64 = 1 << 5;
-pub const F_MRG_RXBUF: u64 = 1 << 15;
-pub const F_STATUS: u64 = 1 << 16;
-pub const F_INDIRECT_DESC: u64 = 1 << 28;
-pub const F_EVENT_IDX: u64 = 1 << 29;
-pub const F_MQ: u64 = 1 << 22;
-pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
-pub const F_VERSION_1: u64 = 1 << 32;
-pub const F_IN_ORDER: u64 = 1 << 35;
+pub use virtio_features::{
+    F_IN_ORDER, F_PROTOCOL_FEATURES, F_VERSION_1, NET_F_MAC as F_MAC, NET_F_MQ as F_MQ,
+    NET_F_MRG_RXBUF as F_MRG_RXBUF, NET_F_STATUS as F_STATUS, RING_F_EVENT_IDX as F_EVENT_IDX,
+    RING_F_INDIRECT_DESC as F_INDIRECT_DESC,
+};
 
 /// Bound on every reply from the daemon: a hung daemon fails the test.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(15);

@@ -1,8 +1,8 @@
 //! Feature bits and the virtio-net config space the sim presents.
 
-pub(crate) use crate::virtio_bits::bits;
+pub(crate) use virtio_features as bits;
 
-pub(crate) use crate::virtio_bits::status;
+pub(crate) use virtio_features::status;
 
 const VIRTIO_NET_S_LINK_UP: u16 = 1;
 

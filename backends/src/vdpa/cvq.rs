@@ -11,14 +11,13 @@
 //! (ASID 1 when the device can isolate it, otherwise ASID 0 at an IOVA the
 //! backend keeps out of the range it reports).
 
-use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vm_memory::bitmap::BitmapSlice;
-use vm_memory::{Bytes, FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
+use vm_memory::{Bytes, MmapRegion, VolatileMemory, VolatileSlice};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::net::ctrl;
@@ -61,27 +60,13 @@ pub(crate) struct Cvq {
     broken: bool,
 }
 
-fn memfd(size: usize) -> Result<File> {
-    // SAFETY: the name is a NUL-terminated literal; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"svq-relay-cvq".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size as u64)?;
-    Ok(file)
-}
-
 impl Cvq {
     /// `None` when the device's rings are too small for a command.
     pub(crate) fn new(iova: u64, max_queue_size: u16) -> Result<Option<Cvq>> {
         if max_queue_size < MIN_RING_NUM {
             return Ok(None);
         }
-        let file = memfd(CVQ_MEM_SIZE)?;
-        let mem = MmapRegion::from_file(FileOffset::new(file, 0), CVQ_MEM_SIZE)
-            .map_err(|e| BackendError::Device(format!("control queue memory: {e}")))?;
+        let mem = hostmem::memfd_region(c"svq-relay-cvq", CVQ_MEM_SIZE)?;
         Ok(Some(Cvq {
             mem: Arc::new(mem),
             iova,

@@ -1,8 +1,8 @@
 //! virtio-net definitions the vDPA backend needs (virtio 1.2, 5.1).
 
-pub(crate) use crate::virtio_bits::bits;
+pub(crate) use virtio_features as bits;
 
-pub(crate) use crate::virtio_bits::status;
+pub(crate) use virtio_features::status;
 
 /// VIRTIO_ID_NET
 pub(crate) const VIRTIO_ID_NET: u32 = 1;

@@ -4,9 +4,9 @@
 
 use vhost::vhost_user::VhostUserProtocolFeatures;
 
-pub(crate) use crate::virtio_bits::bits;
+pub(crate) use virtio_features as bits;
 
-pub(crate) use crate::virtio_bits::status;
+pub(crate) use virtio_features::status;
 
 /// Bits the relay never passes on, whatever the device offers:
 /// - PROTOCOL_FEATURES is vhost-user plumbing between us and the device.

@@ -162,18 +162,7 @@ fn entry(iova: u64, size: u64, fo: &FileOffset) -> VhostUserMemoryRegionInfo {
 
 /// A small memfd-backed region, for the placeholder table entry and tests.
 pub(crate) fn memfd_region(name: &std::ffi::CStr, size: usize) -> Result<Arc<MmapRegion>> {
-    // SAFETY: `name` is a valid NUL-terminated string for the duration of the
-    // call; memfd_create takes no other pointer.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
-    let file = unsafe { <std::fs::File as std::os::unix::io::FromRawFd>::from_raw_fd(fd) };
-    file.set_len(size as u64)?;
-    let region = MmapRegion::from_file(FileOffset::new(file, 0), size)
-        .map_err(|e| BackendError::Device(format!("mapping a memfd: {e}")))?;
-    Ok(Arc::new(region))
+    Ok(Arc::new(hostmem::memfd_region(name, size)?))
 }
 
 pub(crate) fn placeholder() -> Result<Arc<MmapRegion>> {

@@ -2,15 +2,14 @@
 //! in a memfd-backed region that is dma-mapped into the sim's IOVA space.
 #![allow(dead_code)]
 
-use std::fs::File;
-use std::os::unix::io::{AsRawFd, FromRawFd};
+use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backends::sim::{SimConfig, SimMode, SimNet};
 use backends::{DeviceBackend, DmaRegion, VringAddrs};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub const F_VERSION_1: u64 = 1 << 32;
@@ -33,14 +32,7 @@ pub const QUEUE_AREA: u64 = 0x10_0000;
 const BUF_OFFSET: u64 = 0x1_0000;
 
 pub fn memfd_region(size: usize) -> Arc<MmapRegion> {
-    // SAFETY: the name is a NUL-terminated literal; memfd_create has no other
-    // pointer argument.
-    let fd = unsafe { libc::memfd_create(c"sim-test".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size as u64).unwrap();
-    Arc::new(MmapRegion::from_file(FileOffset::new(file, 0), size).unwrap())
+    Arc::new(hostmem::memfd_region(c"sim-test", size).unwrap())
 }
 
 /// The driver's view of test memory: same addresses as the device's IOVAs.

@@ -8,8 +8,8 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
+use hostmem::memfd;
 use svq_relay::device::SharedDevice;
-use svq_relay::migration::memfd;
 use svq_relay::protocol::wire::{self, Header, Message, NEED_REPLY, VERSION};
 use vmm_sys_util::eventfd::EventFd;
 

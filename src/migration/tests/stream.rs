@@ -4,11 +4,10 @@ use proptest::prelude::*;
 
 use crate::migration::stream::*;
 
-const F_VERSION_1: u64 = 1 << 32;
-const F_MAC: u64 = 1 << 5;
-const F_MQ: u64 = 1 << 22;
-const F_EVENT_IDX: u64 = 1 << 29;
-const F_PACKED: u64 = 1 << 34;
+use virtio_features::{
+    F_RING_PACKED as F_PACKED, F_VERSION_1, NET_F_MAC as F_MAC, NET_F_MQ as F_MQ,
+    RING_F_EVENT_IDX as F_EVENT_IDX,
+};
 
 fn limits() -> Limits {
     Limits {

@@ -13,7 +13,7 @@ use harness::{FakeDevice, GuestDriver, LogRecorder};
 
 pub const F_EVENT_IDX: u64 = crate::F_EVENT_IDX;
 pub const F_INDIRECT: u64 = crate::F_INDIRECT_DESC;
-pub const F_VERSION_1: u64 = 1 << 32;
+pub const F_VERSION_1: u64 = virtio_features::F_VERSION_1;
 
 /// A guest driver, an SVQ and a fake device wired together.
 pub struct Fixture {
