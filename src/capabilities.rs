@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 /// `base` (the CLI's JSON object) plus `"migration"` and `"postcopy"`.
 pub fn with_migration(base: &str) -> String {
     let mut v: Value = serde_json::from_str(base).unwrap_or_else(|_| json!({"type": "net"}));
-    let offer = crate::migration::postcopy::offer();
+    let offer = crate::migration::userfaultfd::offer();
     let postcopy = match &offer {
         Ok(_) => json!({"supported": true}),
         Err(reason) => json!({"supported": false, "reason": reason}),

@@ -39,7 +39,7 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
 
 /// Everything offered: the above plus LOG_SHMFD, DEVICE_STATE,
 /// INFLIGHT_SHMFD, and PAGEFAULT when the host passed the postcopy check
-/// (`migration::postcopy::offer`).
+/// (`migration::userfaultfd::offer`).
 pub fn offered_protocol_features(dev: &Device) -> VhostUserProtocolFeatures {
     protocol_features() | dev.migration().protocol_features()
 }

@@ -682,7 +682,7 @@ fn qemu10_postcopy_on_the_software_nic() {
     let Some(ns) = tap_ready() else {
         return;
     };
-    if let Err(why) = svq_relay::migration::postcopy::offer() {
+    if let Err(why) = svq_relay::migration::userfaultfd::offer() {
         eprintln!("skipping: postcopy: {why}");
         return;
     }

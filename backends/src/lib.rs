@@ -15,6 +15,9 @@ use std::sync::Arc;
 use vm_memory::MmapRegion;
 use vmm_sys_util::eventfd::EventFd;
 
+pub use net_ctrl::NetCtrlState;
+
+mod net_ctrl;
 pub mod sim;
 pub mod vdpa;
 pub mod vhost_user;
@@ -239,7 +242,7 @@ pub trait DeviceBackend: Send {
     /// active queue pairs, RX mode) into a device whose control queue the
     /// daemon drives (vDPA). Devices that take it from the rings and config
     /// space alone (the software NIC, a vhost-user device) do not need it.
-    fn apply_net_ctrl(&mut self, _state: &vdpa::NetCtrlState) -> Result<()> {
+    fn apply_net_ctrl(&mut self, _state: &NetCtrlState) -> Result<()> {
         Err(BackendError::Unsupported(
             "programming the NIC control state",
         ))

@@ -395,7 +395,7 @@ fn resume_without_the_backend_feature_restarts_the_device() {
     let (mut net, fake) = open(d, 1);
     start(&mut net, RELAY);
     let mac = [0x02, 9, 9, 9, 9, 9];
-    net.apply_net_state(&backends::vdpa::NetCtrlState {
+    net.apply_net_state(&backends::NetCtrlState {
         mac: Some(mac),
         ..Default::default()
     })

@@ -6,7 +6,8 @@ mod vdpa_fake;
 
 use std::time::Duration;
 
-use backends::vdpa::{NetCtrlState, VdpaNet};
+use backends::vdpa::VdpaNet;
+use backends::NetCtrlState;
 use backends::{BackendError, DeviceBackend};
 use vdpa_fake::*;
 

@@ -6,8 +6,9 @@
 
 use std::path::PathBuf;
 
-use backends::vdpa::{NetCtrlState, VdpaNet};
+use backends::vdpa::VdpaNet;
 use backends::DeviceBackend;
+use backends::NetCtrlState;
 
 fn devices() -> Vec<PathBuf> {
     let Ok(dir) = std::fs::read_dir("/dev") else {

@@ -14,11 +14,11 @@ use vhost::vhost_user::message::{
 };
 
 use super::dirty_log::{DirtyBitmap, DirtyLogError, SharedDirtyLog};
-use super::inflight::{InflightError, InflightRegion};
-use super::postcopy::PostcopySupport;
-use super::state::{Direction, Failure, MigState, MigrationState, TransitionError};
+use super::inflight_region::{InflightError, InflightRegion};
+use super::state_machine::{Direction, Failure, MigState, MigrationState, TransitionError};
 use super::stream::{DeviceState, Limits, StateError};
 use super::transfer::{Outcome, Transfer, TransferError};
+use super::userfaultfd::PostcopySupport;
 
 const LOG: &str = "migration";
 
@@ -56,7 +56,7 @@ pub struct Migration {
 }
 
 impl Migration {
-    /// `postcopy`: the result of [`super::postcopy::probe`] taken at start.
+    /// `postcopy`: the result of [`super::userfaultfd::probe`] taken at start.
     pub fn new(postcopy: Result<PostcopySupport, String>) -> Self {
         if let Err(why) = &postcopy {
             // Info, not warn: a missing optional feature is not a fault, and

@@ -7,13 +7,13 @@
 
 pub mod control;
 pub mod dirty_log;
-pub mod inflight;
-pub mod inflight_log;
+pub mod inflight_region;
 mod mapping;
-pub mod postcopy;
-pub mod state;
+pub mod region_hook;
+pub mod state_machine;
 pub mod stream;
 pub mod transfer;
+pub mod userfaultfd;
 
 pub use mapping::MapError;
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::state::Direction;
+use super::state_machine::Direction;
 use super::stream::{DeviceState, Limits, StateError, MAX_STREAM};
 
 const LOG: &str = "migration";

@@ -11,23 +11,23 @@
 //! Not offered toward the guest: `VIRTIO_F_IN_ORDER` (the relay completes
 //! buffers in whatever order the device does) and packed rings.
 
+mod chain_table;
 mod dirty;
 mod error;
 mod guest;
-mod inflight;
-mod inflight_log;
 mod memory;
 mod shadow_ring;
-mod svq;
+mod shadow_virtqueue;
+mod tracking_hook;
 
 #[cfg(test)]
 mod tests;
 
 pub use dirty::{DirtyLog, NoDirtyLog};
 pub use error::SvqError;
-pub use inflight_log::InflightLog;
 pub use memory::ShadowLayout;
-pub use svq::ShadowVirtqueue;
+pub use shadow_virtqueue::ShadowVirtqueue;
+pub use tracking_hook::InflightLog;
 
 /// Transport/ring features the SVQ implements toward the guest. The daemon
 /// offers the guest at most `device features & SUPPORTED_FEATURES` for these

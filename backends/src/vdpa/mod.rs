@@ -81,8 +81,8 @@ use cvq::{Cvq, CVQ_MEM_SIZE};
 use dma::{invalidate_msg, update_msg, DmaTable};
 use net::{bits, ctrl, status, BACKEND_ACKED, BACKEND_OWNED};
 
+use crate::NetCtrlState;
 pub use kernel::KernelVdpa;
-pub use net::NetCtrlState;
 pub use sys::{
     backend_bits, IotlbKind, IotlbMsg, VdpaIoctls, ACCESS_RO, ACCESS_RW, IOTLB_MSG_V2_LEN,
 };

@@ -3,17 +3,10 @@
 //! applies. Canonical form: guest indexes and features only, never host
 //! addresses.
 
-use std::fs::File;
-
-use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight,
-};
-
 use virtio_features::{F_LOG_ALL, F_PROTOCOL_FEATURES};
 
-use crate::device::Device;
-use crate::migration::control::Migration;
-use crate::migration::state::Failure;
+use super::model::{Device, LOG};
+use crate::migration::state_machine::Failure;
 use crate::migration::stream::{
     DeviceState, Features, Limits, NicState, RelayMode, RxMode, VlanFilter, VringState,
 };
@@ -154,56 +147,8 @@ impl Device {
             self.shadow = shadow;
             self.mode_events.push(shadow);
         }
-        log::info!(target: crate::device::LOG, "{}: device state loaded ({} queues)",
+        log::info!(target: LOG, "{}: device state loaded ({} queues)",
             self.name, st.vrings.len());
         Ok(())
-    }
-}
-
-/// The device-state transfer and in-flight region messages, on the device
-/// model (the migration mechanisms need its queue limits and snapshot).
-impl Device {
-    pub fn set_device_state_fd(
-        &mut self,
-        direction: VhostTransferStateDirection,
-        phase: VhostTransferStatePhase,
-        fd: File,
-    ) -> crate::device::Result<Option<File>> {
-        let offered = crate::vhost_user::offered_protocol_features(self).bits();
-        let limits = self.state_limits(offered);
-        // The snapshot is taken first (the closure cannot borrow the device
-        // while `migration` is borrowed mutably); only a SAVE uses it.
-        let snap = match direction {
-            VhostTransferStateDirection::SAVE => self.snapshot_state(),
-            VhostTransferStateDirection::LOAD => Err("not a save".into()),
-        };
-        Ok(self
-            .migration
-            .set_device_state_fd(direction, phase, fd, limits, || snap)?)
-    }
-
-    /// CHECK_DEVICE_STATE: a finished LOAD is applied to the device here.
-    pub fn check_device_state(&mut self) -> crate::device::Result<()> {
-        let mut migration = std::mem::replace(&mut self.migration, Migration::placeholder());
-        let r = migration.check_device_state(|st| self.apply_state(st));
-        self.migration = migration;
-        Ok(r?)
-    }
-
-    pub fn get_inflight_fd(
-        &mut self,
-        req: &VhostUserInflight,
-    ) -> crate::device::Result<(VhostUserInflight, File)> {
-        let (queues, size) = (self.num_queues() as u16, self.max_queue_size);
-        Ok(self.migration.get_inflight_fd(req, queues, size)?)
-    }
-
-    pub fn set_inflight_fd(
-        &mut self,
-        req: &VhostUserInflight,
-        file: &File,
-    ) -> crate::device::Result<()> {
-        let (queues, size) = (self.num_queues() as u16, self.max_queue_size);
-        Ok(self.migration.set_inflight_fd(req, file, queues, size)?)
     }
 }

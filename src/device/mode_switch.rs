@@ -8,8 +8,9 @@
 
 use svq::RingIndexes;
 
-use crate::device::{Device, DeviceError, Result, Running, LOG};
-use crate::ring::ShadowStart;
+use super::error::{DeviceError, Result};
+use super::model::{Device, Running, LOG};
+use super::rings::ShadowStart;
 
 impl Device {
     /// Put every queue in shadow (`true`) or passthrough mode. Returns whether

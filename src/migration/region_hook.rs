@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::inflight::InflightRegion;
+use super::inflight_region::InflightRegion;
 
 const LOG: &str = "inflight";
 

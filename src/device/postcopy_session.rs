@@ -9,11 +9,32 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 
-use crate::device::{Device, DeviceError, Result, LOG};
-use crate::migration::postcopy::{
+use crate::migration::userfaultfd::{
     open_userfaultfd, UffdioApi, UffdioRange, UffdioRegister, UFFDIO_API, UFFDIO_REGISTER,
     UFFDIO_REGISTER_MODE_MISSING, UFFDIO_UNREGISTER, UFFD_API,
 };
+
+const LOG: &str = "device";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PostcopyError {
+    #[error("{what}: {source}")]
+    Uffd {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("opening a userfaultfd: {0}")]
+    Open(String),
+    #[error("LISTEN without ADVISE")]
+    ListenWithoutAdvise,
+    #[error("memory table while listening without ADVISE")]
+    RegisterWithoutAdvise,
+    #[error("no region at GPA {0:#x}")]
+    NoRegion(u64),
+}
+
+type Result<T> = std::result::Result<T, PostcopyError>;
 
 /// One postcopy session (ADVISE .. END).
 #[derive(Debug)]
@@ -23,13 +44,16 @@ pub(crate) struct PostcopySession {
     registered: Vec<(u64, u64)>,
 }
 
-fn err(what: &str) -> DeviceError {
-    DeviceError::Postcopy(format!("{what}: {}", std::io::Error::last_os_error()))
+fn err(what: &str) -> PostcopyError {
+    PostcopyError::Uffd {
+        what: what.to_string(),
+        source: std::io::Error::last_os_error(),
+    }
 }
 
 impl PostcopySession {
-    fn open() -> Result<Self> {
-        let (uffd, _) = open_userfaultfd().map_err(DeviceError::Postcopy)?;
+    pub(crate) fn open() -> Result<Self> {
+        let (uffd, _) = open_userfaultfd().map_err(PostcopyError::Open)?;
         let mut api = UffdioApi {
             api: UFFD_API,
             features: 0,
@@ -46,7 +70,9 @@ impl PostcopySession {
         })
     }
 
-    fn register(&mut self, start: u64, len: u64) -> Result<()> {
+    /// Register `start..start+len` (a live guest mapping of ours) for
+    /// MISSING faults; a range registered already is left as it is.
+    pub(crate) fn register(&mut self, start: u64, len: u64) -> Result<()> {
         if self.registered.contains(&(start, len)) {
             return Ok(());
         }
@@ -81,60 +107,22 @@ impl PostcopySession {
     }
 }
 
-impl Drop for PostcopySession {
-    fn drop(&mut self) {
-        self.unregister_all();
+impl PostcopySession {
+    /// A second fd on the userfaultfd, for the VMM.
+    pub(crate) fn vmm_fd(&self) -> Result<File> {
+        let theirs = self
+            .uffd
+            .try_clone()
+            .map_err(|source| PostcopyError::Uffd {
+                what: "dup userfaultfd".into(),
+                source,
+            })?;
+        Ok(File::from(theirs))
     }
 }
 
-impl Device {
-    /// POSTCOPY_ADVISE: a new userfaultfd for the VMM.
-    pub fn postcopy_advise(&mut self) -> Result<File> {
-        let s = PostcopySession::open()?;
-        let theirs = s
-            .uffd
-            .try_clone()
-            .map_err(|e| DeviceError::Postcopy(format!("dup userfaultfd: {e}")))?;
-        self.postcopy = Some(s);
-        log::info!(target: LOG, "{}: postcopy advised", self.name);
-        Ok(File::from(theirs))
-    }
-
-    /// POSTCOPY_LISTEN (the protocol session tracks ADVISE/LISTEN/END).
-    pub fn postcopy_listen(&mut self) -> Result<()> {
-        if self.postcopy.is_none() {
-            return Err(DeviceError::Postcopy("LISTEN without ADVISE".into()));
-        }
-        Ok(())
-    }
-
-    /// While listening: register the guest regions at `gpas` (in the
-    /// VMM's order) and return the daemon's addresses of them.
-    pub fn postcopy_register(&mut self, gpas: &[u64]) -> Result<Vec<u64>> {
-        let mut out = Vec::with_capacity(gpas.len());
-        for &gpa in gpas {
-            let r = self
-                .mem
-                .regions()
-                .iter()
-                .find(|r| r.desc.gpa == gpa)
-                .ok_or_else(|| DeviceError::Postcopy(format!("no region at GPA {gpa:#x}")))?;
-            out.push((r.mmap.as_ptr() as u64, r.mmap.size() as u64));
-        }
-        let s = self.postcopy.as_mut().ok_or_else(|| {
-            DeviceError::Postcopy("memory table while listening without ADVISE".into())
-        })?;
-        for &(start, len) in &out {
-            s.register(start, len)?;
-        }
-        Ok(out.into_iter().map(|(a, _)| a).collect())
-    }
-
-    /// POSTCOPY_END.
-    pub fn postcopy_end(&mut self) -> Result<()> {
-        if self.postcopy.take().is_some() {
-            log::info!(target: LOG, "{}: postcopy ended", self.name);
-        }
-        Ok(())
+impl Drop for PostcopySession {
+    fn drop(&mut self) {
+        self.unregister_all();
     }
 }

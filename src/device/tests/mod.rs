@@ -2,13 +2,16 @@
 //! ring start/stop ordering, vhost-user message validation, mode switching.
 #![allow(clippy::needless_range_loop)]
 
+mod nic_control;
+
 use std::sync::{Arc, Mutex};
 
 use backends::{BackendError, DeviceBackend, DmaRegion, IovaRange, VringAddrs};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::device::{Device, DeviceError, Running, RELAY_FEATURES};
+use super::model::Running;
+use super::{Device, DeviceError, RELAY_FEATURES};
 use crate::memory::tests::region;
 use virtio_features::{F_LOG_ALL, F_PROTOCOL_FEATURES};
 

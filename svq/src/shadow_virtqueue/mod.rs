@@ -6,8 +6,8 @@ use std::sync::Arc;
 use iova::{AddrSpace, IovaTree, Mapping, Segment};
 use vm_memory::{GuestMemoryMmap, MmapRegion};
 
+use crate::chain_table::{Chain, InFlightTable};
 use crate::guest::{GuestSeg, GuestSide, RingView};
-use crate::inflight::{Chain, InFlightTable};
 use crate::memory::{ShadowLayout, ShadowMem};
 use crate::shadow_ring::{ShadowRing, ShadowSeg};
 use crate::{
@@ -17,7 +17,6 @@ use crate::{
 
 const LOG: &str = "svq";
 
-#[path = "resubmit.rs"]
 mod resubmit;
 
 pub struct ShadowVirtqueue {

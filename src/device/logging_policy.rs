@@ -16,7 +16,8 @@ use backends::DirtyLogArea;
 use iova::AddrSpace;
 use vm_memory::{FileOffset, MmapRegion};
 
-use crate::device::{Device, DeviceError, Result, Running, LOG};
+use super::error::{DeviceError, Result};
+use super::model::{Device, Running, LOG};
 
 impl Device {
     /// VHOST_F_LOG_ALL acked (`on`) or cleared in SET_FEATURES.

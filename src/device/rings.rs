@@ -8,11 +8,13 @@ use backends::VringAddrs;
 use iova::AddrSpace;
 use svq::{GuestRing, RingIndexes, ShadowVirtqueue, SvqConfig};
 use virtio_features::status;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, MmapRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::device::{Device, DeviceError, Result, Running, ShadowRes, LOG};
-use crate::migration::state::MigState;
+use super::error::{DeviceError, Result};
+use super::model::{Device, Running, ShadowRes, LOG};
+use super::shadow_arena::ShadowArena;
+use crate::migration::state_machine::MigState;
 use crate::worker::{Attach, PendingReply};
 
 /// A shadowed queue handed to its worker, answer pending.
@@ -364,8 +366,29 @@ impl Device {
         Ok(())
     }
 
+    /// Shadow memory for queue `q`: `len` bytes of its slot in the shared
+    /// area, created and mapped (IOVA tree and device) on first use.
+    fn shadow_slot(&mut self, q: usize, len: usize) -> Result<Arc<MmapRegion>> {
+        if self.shadow_arena.is_none() {
+            let arena = ShadowArena::create(
+                self.num_queues(),
+                self.max_queue_size,
+                &mut self.tree,
+                self.backend.as_mut(),
+            )?;
+            self.shadow_arena = Some(arena);
+        }
+        let arena = self.shadow_arena.as_ref().expect("created above");
+        Ok(arena.view(q, len)?)
+    }
+
     fn unmap_shadow(&mut self, res: &ShadowRes) {
-        if self.in_shadow_arena(res.hva) {
+        // Shadow memory in the shared area stays mapped.
+        if self
+            .shadow_arena
+            .as_ref()
+            .is_some_and(|a| a.contains(res.hva))
+        {
             return;
         }
         if let Err(e) = self.backend.dma_unmap(res.iova, res.mem.size() as u64) {
@@ -507,7 +530,7 @@ impl Device {
         &self,
         q: usize,
         clear_stale: bool,
-    ) -> Option<crate::migration::inflight_log::RegionLog> {
+    ) -> Option<crate::migration::region_hook::RegionLog> {
         let region = self.migration.inflight()?;
         let q16 = u16::try_from(q).ok()?;
         let iq = region.queue(q16)?;
@@ -520,7 +543,7 @@ impl Device {
                 }
             }
         }
-        crate::migration::inflight_log::RegionLog::new(region, q16)
+        crate::migration::region_hook::RegionLog::new(region, q16)
     }
 
     /// Heads the device kept when a ring stopped go to the INFLIGHT_SHMFD

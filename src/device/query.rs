@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use crate::device::{Device, Running};
+use super::model::{Device, Running};
 
 fn mode_name(shadow: bool) -> &'static str {
     if shadow {

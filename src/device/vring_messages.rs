@@ -1,15 +1,16 @@
-//! The VMM-facing per-queue operations (what the vhost-user vring messages
-//! do), and what happens when the VMM goes away.
+//! The VMM-facing per-queue operations: what the vhost-user vring messages
+//! (SET_VRING_NUM/ADDR/BASE/KICK/CALL/ENABLE, GET_VRING_BASE) do, and the
+//! NIC control state that follows from which rings the VMM enables.
 
+use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use backends::BackendError;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::device::{set_nonblocking, Device, DeviceError, Result, RingGpas, Running, LOG};
-use crate::ring::ring_sizes;
-
-use virtio_features::status::DRIVER_OK;
+use super::error::{DeviceError, Result};
+use super::model::{Device, RingGpas, Running, LOG};
+use super::rings::ring_sizes;
 
 impl Device {
     pub fn set_vring_num(&mut self, index: u32, num: u32) -> Result<()> {
@@ -149,114 +150,54 @@ impl Device {
         }
     }
 
-    /// SET_STATUS. 0 resets the device: every ring stops, and its indexes
-    /// stay for GET_VRING_BASE (QEMU 7.2 resets before it reads them; later
-    /// QEMUs after). DRIVER_OK starts every ring that is ready.
-    pub fn set_status(&mut self, status: u8) -> Result<()> {
-        let was_ok = self.vmm_status & DRIVER_OK != 0;
-        self.vmm_status = status;
-        if status == 0 {
-            self.stop_all_rings();
-            return self.reset_backend();
+    /// Queue pairs the VMM has enabled: one past the highest pair with an
+    /// enabled ring (all of them when the VMM does not use SET_VRING_ENABLE,
+    /// i.e. without protocol features); `None` when no ring is enabled.
+    fn vmm_enabled_pairs(&self) -> Option<u16> {
+        if !self.protocol_negotiated() {
+            return u16::try_from(self.queue_pairs).ok();
         }
-        if status & DRIVER_OK == 0 || was_ok {
-            return Ok(());
-        }
-        // One queue failing to start does not keep the others stopped.
-        let mut first_err = None;
-        for q in 0..self.num_queues() {
-            if let Err(e) = self.try_start(q) {
-                log::error!(target: LOG, "{}: queue {q}: start at DRIVER_OK: {e}", self.name);
-                first_err.get_or_insert(e);
+        let top = (0..self.queue_pairs)
+            .rev()
+            .find(|&k| self.vrings[2 * k].enabled || self.vrings[2 * k + 1].enabled)?;
+        u16::try_from(top + 1).ok()
+    }
+
+    /// Gives the backend the NIC control state the VMM negotiated, if it
+    /// changed (see nic_control.rs).
+    pub(crate) fn sync_net_ctrl(&mut self) {
+        let all = self.queue_pairs as u16;
+        let Some(state) = self.net_ctrl.wanted(self.vmm_enabled_pairs(), all) else {
+            return;
+        };
+        match self.backend.apply_net_ctrl(&state) {
+            Ok(()) => {
+                log::debug!(target: LOG, "{}: NIC control state {state:?}", self.name);
+            }
+            Err(BackendError::Unsupported(what)) => {
+                log::debug!(target: LOG, "{}: NIC control state not programmed: {what}", self.name);
+            }
+            Err(e) => {
+                // The backend keeps the wanted state and sends it again at
+                // the next DRIVER_OK; the data path is not affected.
+                log::warn!(target: LOG, "{}: programming {state:?}: {e}", self.name);
             }
         }
-        first_err.map_or(Ok(()), Err)
+        self.net_ctrl.sent(state);
     }
+}
 
-    /// RESET_DEVICE: the device goes back to its initial state (every ring
-    /// stopped and forgotten, features and status cleared) while what
-    /// belongs to the connection stays: the negotiated protocol features,
-    /// the memory table and the call eventfds the VMM already sent (QEMU
-    /// sends SET_VRING_CALL before RESET_DEVICE at initialisation).
-    pub fn reset_device(&mut self) -> Result<()> {
-        self.stop_all_rings();
-        for q in 0..self.num_queues() {
-            let v = &mut self.vrings[q];
-            v.kick = None;
-            v.enabled = false;
-            v.addrs = None;
-            v.num = 0;
-            v.base = 0;
-            v.used_base = 0;
-            v.in_flight.clear();
-            self.stats[q].set_indexes(0, 0);
+/// Make a kick eventfd the daemon reads non-blocking. The VMM only writes to
+/// it, and an eventfd write never blocks in practice, so the shared file status
+/// flag does not change the VMM's behaviour; it guarantees a worker never
+/// blocks if the device read the counter first.
+fn set_nonblocking(fd: &EventFd) {
+    // SAFETY: fcntl on a descriptor we own (EventFd keeps it open); only file
+    // status flags change, no memory is passed.
+    unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
         }
-        self.vmm_status = 0;
-        self.acked_features = None;
-        self.reset_backend()
-    }
-
-    /// Stops every running ring; each keeps its indexes for GET_VRING_BASE.
-    fn stop_all_rings(&mut self) {
-        for q in 0..self.num_queues() {
-            if self.vrings[q].running.is_running() {
-                self.stop_ring(q);
-            }
-        }
-    }
-
-    /// Resets the device behind the relay; it forgets its features, so the
-    /// next start gives them again.
-    fn reset_backend(&mut self) -> Result<()> {
-        if self.backend.status() != 0 {
-            self.backend.set_status(0)?;
-        }
-        self.backend_features = None;
-        Ok(())
-    }
-
-    /// GET_STATUS.
-    pub fn status(&self) -> u8 {
-        self.vmm_status
-    }
-
-    /// Rings may run: DRIVER_OK was set, or the VMM does not use SET_STATUS.
-    pub(crate) fn driver_ok(&self) -> bool {
-        self.protocol_features & VhostUserProtocolFeatures::STATUS.bits() == 0
-            || self.vmm_status & DRIVER_OK != 0
-    }
-
-    /// The VMM disconnected (or reset the owner): stop every ring, keep the
-    /// ring indexes and the mode, drop what belonged to that VMM (eventfds,
-    /// memory, negotiated features).
-    pub fn disconnect(&mut self) {
-        self.stop_all_rings();
-        for q in 0..self.num_queues() {
-            let v = &mut self.vrings[q];
-            v.kick = None;
-            v.call = None;
-            v.enabled = false;
-            v.addrs = None;
-        }
-        if let Err(e) = self.backend.set_status(0) {
-            log::warn!(target: LOG, "{}: device reset: {e}", self.name);
-        }
-        // A migration in progress is abandoned: logging stops, the mode
-        // dirty logging chose is undone (every ring is stopped already).
-        if std::mem::take(&mut self.logging_shadow) && self.shadow {
-            self.shadow = false;
-            self.mode_events.push(false);
-        }
-        if std::mem::take(&mut self.log_forwarded) {
-            let _ = self.backend.set_dirty_log(None);
-        }
-        self.log_area = None;
-        self.postcopy = None;
-        self.migration.reset();
-        self.backend_features = None;
-        self.acked_features = None;
-        self.protocol_features = 0;
-        self.vmm_status = 0;
-        self.clear_memory();
     }
 }

@@ -1,0 +1,82 @@
+//! Feature negotiation with the VMM (GET/SET_FEATURES, protocol features)
+//! and what the device behind the relay is given.
+
+use virtio_features::{self as vf, F_LOG_ALL, F_PROTOCOL_FEATURES, TRANSPORT_MASK};
+
+use super::error::{DeviceError, Result};
+use super::model::Device;
+
+/// Virtio feature bits the relay can carry (device-class and transport).
+/// Never IN_ORDER (the SVQ completes out of order) nor packed rings.
+pub const RELAY_FEATURES: u64 = vf::F_VERSION_1
+    | vf::F_ANY_LAYOUT
+    | vf::NET_F_MAC
+    | vf::NET_F_MTU
+    | vf::NET_F_STATUS
+    | vf::NET_F_MRG_RXBUF
+    | vf::RING_F_EVENT_IDX
+    | vf::RING_F_INDIRECT_DESC
+    | vf::NET_F_MQ;
+
+impl Device {
+    /// LOG_ALL is always offered: the SVQ logs what the device writes (and a
+    /// backend that logs by itself gets the log forwarded).
+    pub fn offered_features(&self) -> u64 {
+        let transport_ok = svq::SUPPORTED_FEATURES | !TRANSPORT_MASK;
+        (self.backend.device_features() & RELAY_FEATURES & transport_ok)
+            | F_PROTOCOL_FEATURES
+            | F_LOG_ALL
+    }
+
+    pub fn set_features(&mut self, acked: u64) -> Result<()> {
+        let offered = self.offered_features();
+        if acked & !offered != 0 {
+            return Err(DeviceError::BadFeatures { acked, offered });
+        }
+        let old = self.acked_features;
+        self.acked_features = Some(acked);
+        // Rings already running keep the features they started with; the
+        // backend gets the new set when the next ring starts. LOG_ALL is a
+        // vhost bit, not a device feature: toggling it alone changes nothing
+        // the backend sees.
+        if !self.is_started() {
+            self.push_backend_features()?;
+        }
+        if let Err(e) = self.set_logging(acked & F_LOG_ALL != 0) {
+            self.acked_features = old;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Whether VHOST_USER_F_PROTOCOL_FEATURES was negotiated (rings then start
+    /// disabled until SET_VRING_ENABLE).
+    pub(crate) fn protocol_negotiated(&self) -> bool {
+        self.acked_features
+            .is_some_and(|f| f & F_PROTOCOL_FEATURES != 0)
+    }
+
+    /// Features negotiated with the device: the guest's minus vhost-user bits.
+    pub(crate) fn device_features(&self) -> u64 {
+        self.acked_features.unwrap_or(0) & !(F_PROTOCOL_FEATURES | F_LOG_ALL)
+    }
+
+    pub(crate) fn push_backend_features(&mut self) -> Result<()> {
+        let f = self.device_features();
+        if self.backend_features != Some(f) {
+            // Features are fixed once the device saw FEATURES_OK; with every
+            // ring stopped (the only time this runs) a reset is harmless and
+            // keeps the IOVA mappings.
+            if self.backend.status() != 0 {
+                self.backend.set_status(0)?;
+            }
+            self.backend.set_features(f)?;
+            self.backend_features = Some(f);
+        }
+        Ok(())
+    }
+
+    pub fn set_protocol_features(&mut self, f: u64) {
+        self.protocol_features = f;
+    }
+}
