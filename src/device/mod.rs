@@ -49,6 +49,7 @@ pub use error::{DeviceError, Result};
 pub use features::RELAY_FEATURES;
 pub use model::{lock, Device, RingGpas, SharedDevice};
 pub use postcopy_session::PostcopyError;
+pub use query::{DeviceStatus, Mode, QueueStatus};
 pub use shadow_arena::ArenaError;
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::model::Running;
-use super::{Device, DeviceError, RELAY_FEATURES};
+use super::{Device, DeviceError, Mode, RELAY_FEATURES};
 use crate::memory::tests::region;
 use virtio_features::{F_LOG_ALL, F_PROTOCOL_FEATURES};
 
@@ -272,11 +272,8 @@ fn passthrough_start_gives_the_device_the_guest_ring() {
     assert_eq!(dev.get_vring_base(1).unwrap(), 42);
     assert_eq!(fake.ops(), vec![Op::Enable(1, false)]);
     assert!(!dev.is_started());
-    let q = &dev.query()["queues"][1];
-    assert_eq!(
-        (q["avail_idx"].as_u64(), q["enabled"].as_bool()),
-        (Some(42), Some(false))
-    );
+    let q = &dev.query().queues[1];
+    assert_eq!((q.avail_idx, q.enabled), (42, false));
 }
 
 #[test]
@@ -380,9 +377,9 @@ fn switching_suspends_and_swaps_rings_and_eventfds() {
     // All shadow rings live in one shared area, mapped once.
     assert_eq!(ops.iter().filter(|o| matches!(o, Op::Map(..))).count(), 1);
     let qv = dev.query();
-    assert_eq!(qv["mode"], "shadow");
-    assert_eq!(qv["queues"][2]["mode"], "shadow");
-    assert_eq!(qv["queues"][2]["avail_idx"], 5);
+    assert_eq!(qv.mode, Mode::Shadow);
+    assert_eq!(qv.queues[2].mode, Mode::Shadow);
+    assert_eq!(qv.queues[2].avail_idx, 5);
     // Same mode again: nothing to do.
     assert!(!dev.set_shadow(true).unwrap());
     assert!(fake.ops().is_empty());
@@ -399,14 +396,14 @@ fn switching_suspends_and_swaps_rings_and_eventfds() {
     }
     // The shared shadow area stays mapped for the next switch.
     assert_eq!(ops.iter().filter(|o| matches!(o, Op::Unmap(..))).count(), 0);
-    assert_eq!(dev.query()["queues"][0]["mode"], "passthrough");
+    assert_eq!(dev.query().queues[0].mode, Mode::Passthrough);
 }
 
 #[test]
 fn shadow_start_and_get_vring_base() {
     let (mut dev, fake) = negotiated(true);
     let _fds = start_all(&mut dev, &fake);
-    assert_eq!(dev.query()["queues"][3]["mode"], "shadow");
+    assert_eq!(dev.query().queues[3].mode, Mode::Shadow);
     // GET_VRING_BASE in shadow: the SVQ's avail index; the shared shadow
     // area stays mapped.
     assert_eq!(dev.get_vring_base(3).unwrap(), 6);
@@ -438,7 +435,7 @@ fn disconnect_stops_rings_and_keeps_indexes() {
     assert!(ops.contains(&Op::Enable(2, false)));
     assert!(ops.contains(&Op::Status(0)));
     assert!(ops.contains(&Op::Unmap(0, MEM)));
-    assert_eq!(dev.query()["queues"][2]["avail_idx"], 99);
+    assert_eq!(dev.query().queues[2].avail_idx, 99);
 }
 
 #[test]

@@ -1,19 +1,27 @@
 //! QMP server (QEMU's framing: one JSON object per line, "\r\n" terminated).
 //!
-//! Each client gets a thread; commands are parsed and dispatched by
+//! Each client gets a thread; commands are parsed (`command.rs`: the
+//! envelope, then typed arguments through serde) and dispatched by
 //! [`Qmp::handle_line`], which is pure apart from the device calls so it can
-//! be tested with a fake device. Events go to every client that finished
-//! capabilities negotiation.
+//! be tested with a fake device. Replies and events are typed records
+//! (`message.rs`). Events go to every client that finished capabilities
+//! negotiation.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use serde_json::{json, Map, Value};
+use serde::Serialize;
 
-use crate::device::{lock, DeviceError, SharedDevice};
+use crate::device::{lock, DeviceError, DeviceStatus, SharedDevice};
+
+mod command;
+mod message;
+
+pub use command::{Capabilities, Command, EnableShadowVq, NoArguments, Request};
+pub use message::{greeting, mode_event, ErrorClass, Event, QmpError, Reply, Return};
 
 const LOG: &str = "qmp";
 
@@ -28,7 +36,7 @@ pub trait QmpDevice: Send + Sync {
     /// Switch the data path; Ok(true) if the mode changed. Errors are the
     /// GenericError description.
     fn set_shadow(&self, enable: bool) -> Result<bool, String>;
-    fn query(&self) -> Value;
+    fn query(&self) -> DeviceStatus;
 }
 
 impl QmpDevice for SharedDevice {
@@ -43,7 +51,7 @@ impl QmpDevice for SharedDevice {
         })
     }
 
-    fn query(&self) -> Value {
+    fn query(&self) -> DeviceStatus {
         lock(self).query()
     }
 }
@@ -51,34 +59,8 @@ impl QmpDevice for SharedDevice {
 /// The reply to one line and the event it caused, if any.
 #[derive(Debug, Default, PartialEq)]
 pub struct Outcome {
-    pub reply: Option<Value>,
-    pub event: Option<Value>,
-}
-
-fn error(class: &str, desc: impl Into<String>) -> Value {
-    json!({"error": {"class": class, "desc": desc.into()}})
-}
-
-/// SHADOW_VQ_CHANGED for device `name`.
-pub fn mode_event(name: &str, enabled: bool) -> Value {
-    json!({"event": "SHADOW_VQ_CHANGED",
-           "data": {"name": name, "enabled": enabled},
-           "timestamp": timestamp()})
-}
-
-fn timestamp() -> Value {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    json!({"seconds": now.as_secs(), "microseconds": now.subsec_micros()})
-}
-
-pub fn greeting() -> Value {
-    json!({"QMP": {
-        "version": {"qemu": {"micro": 0, "minor": 1, "major": 0},
-                    "package": concat!("svq-relay ", env!("CARGO_PKG_VERSION"))},
-        "capabilities": []
-    }})
+    pub reply: Option<Reply>,
+    pub event: Option<Event>,
 }
 
 struct Client {
@@ -89,45 +71,6 @@ struct Client {
 pub struct Qmp {
     devices: Vec<Arc<dyn QmpDevice>>,
     clients: Mutex<Vec<Client>>,
-}
-
-/// Argument checks the way QEMU words them.
-fn arg_string(args: &Map<String, Value>, name: &str) -> Result<String, Value> {
-    match args.get(name) {
-        None => Err(error(
-            "GenericError",
-            format!("Parameter '{name}' is missing"),
-        )),
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(_) => Err(error(
-            "GenericError",
-            format!("Invalid parameter type for '{name}', expected: string"),
-        )),
-    }
-}
-
-fn arg_bool(args: &Map<String, Value>, name: &str) -> Result<bool, Value> {
-    match args.get(name) {
-        None => Err(error(
-            "GenericError",
-            format!("Parameter '{name}' is missing"),
-        )),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(_) => Err(error(
-            "GenericError",
-            format!("Invalid parameter type for '{name}', expected: boolean"),
-        )),
-    }
-}
-
-fn no_extra_args(args: &Map<String, Value>, allowed: &[&str]) -> Result<(), Value> {
-    match args.keys().find(|k| !allowed.contains(&k.as_str())) {
-        Some(k) => Err(error(
-            "GenericError",
-            format!("Parameter '{k}' is unexpected"),
-        )),
-        None => Ok(()),
-    }
 }
 
 impl Qmp {
@@ -145,149 +88,76 @@ impl Qmp {
         if line.is_empty() {
             return Outcome::default();
         }
-        let v: Value = match serde_json::from_str(line) {
-            Ok(v) => v,
-            Err(e) => {
-                return Outcome {
-                    reply: Some(error("GenericError", format!("JSON parse error, {e}"))),
-                    event: None,
-                }
+        let (result, id, event) = match Request::parse(line) {
+            Err(e) => (Err(e), None, None),
+            Ok(Request {
+                command,
+                execute,
+                id,
+            }) => {
+                let (result, event) = match command {
+                    Ok(c) => self.execute(negotiated, c),
+                    Err(e) if *negotiated || execute == "qmp_capabilities" => (Err(e), None),
+                    // Before negotiation every other command is refused alike.
+                    Err(_) => (Err(negotiation_first()), None),
+                };
+                (result, id, event)
             }
         };
-        let id = v.get("id").cloned();
-        let (mut reply, event) = self.dispatch(negotiated, v);
-        if let (Some(id), Some(obj)) = (id, reply.as_object_mut()) {
-            obj.insert("id".into(), id);
-        }
         Outcome {
-            reply: Some(reply),
+            reply: Some(Reply::new(result, id)),
             event,
         }
     }
 
-    fn dispatch(&self, negotiated: &mut bool, v: Value) -> (Value, Option<Value>) {
-        let Some(obj) = v.as_object() else {
-            return (
-                error("GenericError", "QMP input must be a JSON object"),
-                None,
-            );
-        };
-        let cmd = match obj.get("execute") {
-            Some(Value::String(s)) => s.as_str(),
-            Some(_) => {
-                return (
-                    error(
-                        "GenericError",
-                        "QMP input member 'execute' must be a string",
-                    ),
+    fn execute(
+        &self,
+        negotiated: &mut bool,
+        command: Command,
+    ) -> (Result<Return, QmpError>, Option<Event>) {
+        match (command, *negotiated) {
+            (Command::QmpCapabilities(caps), false) => match caps.enable.first() {
+                Some(c) => (
+                    Err(QmpError::generic(format!("Capability '{c}' not available"))),
                     None,
-                )
-            }
-            None => {
-                return (
-                    error("GenericError", "QMP input lacks member 'execute'"),
-                    None,
-                )
-            }
-        };
-        let empty = Map::new();
-        let args = match obj.get("arguments") {
-            None => &empty,
-            Some(Value::Object(m)) => m,
-            Some(_) => {
-                return (
-                    error(
-                        "GenericError",
-                        "QMP input member 'arguments' must be an object",
-                    ),
-                    None,
-                )
-            }
-        };
-        if let Some(k) = obj
-            .keys()
-            .find(|k| !["execute", "arguments", "id"].contains(&k.as_str()))
-        {
-            return (
-                error(
-                    "GenericError",
-                    format!("QMP input member '{k}' is unexpected"),
                 ),
-                None,
-            );
-        }
-        if !*negotiated {
-            if cmd == "qmp_capabilities" {
-                *negotiated = true;
-                return (json!({"return": {}}), None);
-            }
-            return (
-                error(
-                    "CommandNotFound",
-                    "Expecting capabilities negotiation with 'qmp_capabilities'",
-                ),
-                None,
-            );
-        }
-        match cmd {
-            "qmp_capabilities" => (
-                error(
-                    "CommandNotFound",
-                    "Capabilities negotiation is already complete, command ignored",
-                ),
-                None,
-            ),
-            "enable-shadow-vq" | "x-vhost-enable-shadow-vq" => self.enable_shadow_vq(args),
-            "query-shadow-vq" => match no_extra_args(args, &[]) {
-                Err(e) => (e, None),
-                Ok(()) => {
-                    let list: Vec<Value> = self.devices.iter().map(|d| d.query()).collect();
-                    (json!({ "return": list }), None)
+                None => {
+                    *negotiated = true;
+                    (Ok(Return::empty()), None)
                 }
             },
-            other => (
-                error(
-                    "CommandNotFound",
-                    format!("The command {other} has not been found"),
-                ),
+            (_, false) => (Err(negotiation_first()), None),
+            (Command::QmpCapabilities(_), true) => (
+                Err(QmpError::command_not_found(
+                    "Capabilities negotiation is already complete, command ignored",
+                )),
                 None,
             ),
+            (Command::EnableShadowVq(args), true) => self.enable_shadow_vq(args),
+            (Command::QueryShadowVq(_), true) => {
+                let list = self.devices.iter().map(|d| d.query()).collect();
+                (Ok(Return::Devices(list)), None)
+            }
         }
     }
 
-    fn enable_shadow_vq(&self, args: &Map<String, Value>) -> (Value, Option<Value>) {
-        let parsed = (|| {
-            let name = arg_string(args, "name")?;
-            let enable = arg_bool(args, "enable")?;
-            no_extra_args(args, &["name", "enable"])?;
-            Ok::<_, Value>((name, enable))
-        })();
-        let (name, enable) = match parsed {
-            Ok(x) => x,
-            Err(e) => return (e, None),
-        };
+    fn enable_shadow_vq(&self, args: EnableShadowVq) -> (Result<Return, QmpError>, Option<Event>) {
+        let EnableShadowVq { name, enable } = args;
         let Some(dev) = self.devices.iter().find(|d| d.name() == name) else {
-            return (
-                error("DeviceNotFound", format!("Device '{name}' not found")),
-                None,
-            );
+            return (Err(QmpError::device_not_found(&name)), None);
         };
         match dev.set_shadow(enable) {
-            Ok(changed) => {
-                let event = changed.then(|| {
-                    json!({"event": "SHADOW_VQ_CHANGED",
-                           "data": {"name": name, "enabled": enable},
-                           "timestamp": timestamp()})
-                });
-                (json!({"return": {}}), event)
-            }
-            Err(desc) => (error("GenericError", desc), None),
+            Ok(changed) => (
+                Ok(Return::empty()),
+                changed.then(|| mode_event(&name, enable)),
+            ),
+            Err(desc) => (Err(QmpError::generic(desc)), None),
         }
     }
 
     /// Send an event to every negotiated client.
-    pub fn broadcast(&self, event: &Value) {
-        let line = format!("{event}\r\n");
+    pub fn broadcast(&self, event: &Event) {
+        let line = format!("{}\r\n", to_line(event));
         let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         for c in clients.iter() {
             if c.negotiated.load(Ordering::Acquire) {
@@ -331,11 +201,11 @@ impl Qmp {
         };
         let writer = Arc::new(Mutex::new(wstream));
         let flag = Arc::new(AtomicBool::new(false));
-        let send = |v: &Value| -> bool {
+        let send = |line: String| -> bool {
             let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
-            w.write_all(format!("{v}\r\n").as_bytes()).is_ok()
+            w.write_all(format!("{line}\r\n").as_bytes()).is_ok()
         };
-        if !send(&greeting()) {
+        if !send(to_line(&greeting())) {
             return;
         }
         self.clients
@@ -355,7 +225,9 @@ impl Qmp {
                 Ok(n) if n as u64 == MAX_LINE && !buf.ends_with(b"\n") => {
                     // Answer, drop the rest of the line, keep the session.
                     log::warn!(target: LOG, "QMP line longer than {MAX_LINE} bytes refused");
-                    if !send(&error("GenericError", "QMP input line too long")) {
+                    let too_long =
+                        Reply::new(Err(QmpError::generic("QMP input line too long")), None);
+                    if !send(to_line(&too_long)) {
                         break;
                     }
                     if !skip_line(&mut reader) {
@@ -370,10 +242,10 @@ impl Qmp {
             let out = self.handle_line(&mut negotiated, &line);
             flag.store(negotiated, Ordering::Release);
             if let Some(r) = &out.reply {
-                if let Some(err) = r.get("error") {
-                    log::info!(target: LOG, "command failed: {err}");
+                if let Some(err) = r.error() {
+                    log::info!(target: LOG, "command failed: {:?}: {}", err.class, err.desc);
                 }
-                if !send(r) {
+                if !send(to_line(r)) {
                     break;
                 }
             }
@@ -384,6 +256,16 @@ impl Qmp {
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         clients.retain(|c| !Arc::ptr_eq(&c.writer, &writer));
     }
+}
+
+/// One message as the line QMP sends (serializing these types cannot fail:
+/// no maps with non-string keys, no floats).
+fn to_line(v: &impl Serialize) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+fn negotiation_first() -> QmpError {
+    QmpError::command_not_found("Expecting capabilities negotiation with 'qmp_capabilities'")
 }
 
 /// Discard input up to and including the next newline; false at EOF/error.
@@ -406,6 +288,8 @@ fn skip_line(reader: &mut impl BufRead) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device::Mode;
+    use serde_json::{json, Value};
 
     struct Fake {
         started: bool,
@@ -425,8 +309,19 @@ mod tests {
             *s = enable;
             Ok(changed)
         }
-        fn query(&self) -> Value {
-            json!({"name": "net0", "mode": if *self.shadow.lock().unwrap() {"shadow"} else {"passthrough"}})
+        fn query(&self) -> DeviceStatus {
+            let shadow = *self.shadow.lock().unwrap();
+            DeviceStatus {
+                name: "net0".into(),
+                started: self.started,
+                mode: if shadow {
+                    Mode::Shadow
+                } else {
+                    Mode::Passthrough
+                },
+                backend: "fake".into(),
+                queues: Vec::new(),
+            }
         }
     }
 
@@ -438,7 +333,11 @@ mod tests {
     }
 
     fn reply(q: &Qmp, neg: &mut bool, line: &str) -> Value {
-        q.handle_line(neg, line).reply.unwrap()
+        serde_json::to_value(q.handle_line(neg, line).reply.unwrap()).unwrap()
+    }
+
+    fn value(v: &impl Serialize) -> Value {
+        serde_json::to_value(v).unwrap()
     }
 
     fn class(v: &Value) -> &str {
@@ -475,8 +374,8 @@ mod tests {
             &mut neg,
             r#"{"execute":"enable-shadow-vq","arguments":{"name":"net0","enable":true},"id":"a"}"#,
         );
-        assert_eq!(out.reply.unwrap(), json!({"return": {}, "id": "a"}));
-        let ev = out.event.unwrap();
+        assert_eq!(value(&out.reply.unwrap()), json!({"return": {}, "id": "a"}));
+        let ev = value(&out.event.unwrap());
         assert_eq!(ev["event"], "SHADOW_VQ_CHANGED");
         assert_eq!(ev["data"], json!({"name": "net0", "enabled": true}));
         assert!(ev["timestamp"]["seconds"].as_u64().unwrap() > 0);
@@ -486,7 +385,7 @@ mod tests {
             &mut neg,
             r#"{"execute":"x-vhost-enable-shadow-vq","arguments":{"name":"net0","enable":true}}"#,
         );
-        assert_eq!(out.reply.unwrap(), json!({"return": {}}));
+        assert_eq!(value(&out.reply.unwrap()), json!({"return": {}}));
         assert!(out.event.is_none());
         let r = reply(&q, &mut neg, r#"{"execute":"query-shadow-vq"}"#);
         assert_eq!(r["return"][0]["mode"], "shadow");
@@ -615,8 +514,8 @@ mod tests {
         };
         let (mut a, mut ar) = open();
         let (mut b, mut br) = open();
-        assert_eq!(read(&mut ar), greeting());
-        assert_eq!(read(&mut br), greeting());
+        assert_eq!(read(&mut ar), value(&greeting()));
+        assert_eq!(read(&mut br), value(&greeting()));
         for (s, r) in [(&mut a, &mut ar), (&mut b, &mut br)] {
             s.write_all(b"{\"execute\":\"qmp_capabilities\"}\r\n")
                 .unwrap();

@@ -1,0 +1,277 @@
+//! [`DeviceBackend`] for [`VdpaNet`]: the relay's operations mapped onto
+//! the vhost-vdpa calls (see the contract in `mod.rs`).
+
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::dma::invalidate_msg;
+use super::net::{bits, status, BACKEND_ACKED, BACKEND_OWNED};
+use super::sys::{backend_bits, IotlbMsg};
+use super::{ctx, VdpaNet, Vring, LOG};
+use crate::{BackendError, DeviceBackend, DmaRegion, IovaRange, NetCtrlState, Result, VringAddrs};
+
+const BUSY: &str = "status bits are cleared only by a reset (status 0)";
+
+impl DeviceBackend for VdpaNet {
+    fn kind(&self) -> &'static str {
+        "vdpa"
+    }
+
+    fn device_features(&self) -> u64 {
+        self.offered & !BACKEND_OWNED
+    }
+
+    fn set_features(&mut self, features: u64) -> Result<()> {
+        let extra = features & !self.device_features();
+        if extra != 0 {
+            return Err(BackendError::UnsupportedFeatures(extra));
+        }
+        if self.status & status::DRIVER_OK != 0 {
+            return Err(BackendError::InvalidState {
+                op: "set_features",
+                why: "the device is running (reset it first)",
+            });
+        }
+        if self.status & status::FEATURES_OK != 0 {
+            log::debug!(target: LOG, "features change after FEATURES_OK: resetting the device");
+            self.reset_device()?;
+        }
+        let mut full = features | (self.offered & BACKEND_ACKED);
+        if self.cvq.is_none() {
+            full &= !(bits::NET_F_CTRL_VQ | bits::NET_F_CTRL_RX | bits::NET_F_CTRL_MAC_ADDR);
+        }
+        self.negotiate(full)
+    }
+
+    fn num_queues(&self) -> usize {
+        self.vrings.len()
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        self.max_queue_size
+    }
+
+    fn iova_range(&self) -> IovaRange {
+        self.range
+    }
+
+    fn config_size(&self) -> usize {
+        self.config_size
+    }
+
+    fn get_config(&self, offset: u32, buf: &mut [u8]) -> Result<()> {
+        self.config_range(offset, buf.len())?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.dev
+            .get_config(offset, buf)
+            .map_err(ctx("VHOST_VDPA_GET_CONFIG"))
+    }
+
+    fn set_config(&mut self, offset: u32, data: &[u8]) -> Result<()> {
+        self.config_range(offset, data.len())?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.dev
+            .set_config(offset, data)
+            .map_err(ctx("VHOST_VDPA_SET_CONFIG"))
+    }
+
+    fn set_status(&mut self, new: u8) -> Result<()> {
+        if new == 0 {
+            self.reset_device()?;
+            // The relay sets its rings up again; only the eventfds stay.
+            for v in &mut self.vrings {
+                *v = Vring {
+                    kick: v.kick.take(),
+                    call: v.call.take(),
+                    ..Vring::default()
+                };
+            }
+            return Ok(());
+        }
+        let managed = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+        let target = new | (self.status & managed);
+        if self.status & !target != 0 {
+            return Err(BackendError::InvalidState {
+                op: "set_status",
+                why: BUSY,
+            });
+        }
+        let add = target & !self.status;
+        if add == 0 {
+            return Ok(());
+        }
+        if add & (status::FEATURES_OK | status::DRIVER_OK) != 0 && self.features.is_none() {
+            return Err(BackendError::InvalidState {
+                op: "set_status",
+                why: "features must be set first",
+            });
+        }
+        let driver_ok = add & status::DRIVER_OK != 0;
+        if driver_ok {
+            self.start_cvq()?;
+        }
+        self.add_status(add)?;
+        if driver_ok {
+            self.applied = Some(NetCtrlState::after_reset());
+            self.sync_net_state()?;
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> u8 {
+        self.status
+    }
+
+    fn dma_map(&mut self, region: DmaRegion) -> Result<()> {
+        self.dma.check_new(&region, self.range, &[])?;
+        self.map_regions(0, std::slice::from_ref(&region))?;
+        self.dma.insert(region);
+        Ok(())
+    }
+
+    fn dma_unmap(&mut self, iova: u64, size: u64) -> Result<()> {
+        let starts = self.dma.inside(iova, size)?;
+        let msgs: Vec<IotlbMsg> = starts
+            .iter()
+            .filter_map(|s| self.dma.get(*s))
+            .map(|r| invalidate_msg(0, r.iova, r.size()))
+            .collect();
+        let (sent, res) = self.send_iotlb(0, &msgs);
+        // What the kernel let go of may be released; the rest stays mapped.
+        for s in &starts[..sent] {
+            self.dma.remove(*s);
+        }
+        res
+    }
+
+    fn set_vring_num(&mut self, queue: usize, num: u16) -> Result<()> {
+        let q = self.data_queue(queue)?;
+        let max = self.max_queue_size;
+        if num == 0 || !num.is_power_of_two() || num > max {
+            return Err(BackendError::InvalidQueueSize(num, max));
+        }
+        if !self.deferring() {
+            self.dev
+                .set_vring_num(q, num)
+                .map_err(ctx("VHOST_SET_VRING_NUM"))?;
+        }
+        self.vrings[queue].num = Some(num);
+        Ok(())
+    }
+
+    fn set_vring_addr(&mut self, queue: usize, addrs: VringAddrs) -> Result<()> {
+        let q = self.data_queue(queue)?;
+        if addrs.desc & 15 != 0 || addrs.avail & 1 != 0 || addrs.used & 3 != 0 {
+            return Err(BackendError::InvalidState {
+                op: "set_vring_addr",
+                why: "ring addresses must be aligned (desc 16, avail 2, used 4)",
+            });
+        }
+        if !self.deferring() {
+            self.dev
+                .set_vring_addr(q, &addrs)
+                .map_err(ctx("VHOST_SET_VRING_ADDR"))?;
+        }
+        self.vrings[queue].addrs = Some(addrs);
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, queue: usize, base: u16) -> Result<()> {
+        let q = self.data_queue(queue)?;
+        if !self.deferring() {
+            self.dev
+                .set_vring_base(q, base)
+                .map_err(ctx("VHOST_SET_VRING_BASE"))?;
+        }
+        self.vrings[queue].base = Some(base);
+        Ok(())
+    }
+
+    fn vring_base(&mut self, queue: usize) -> Result<u16> {
+        let q = self.data_queue(queue)?;
+        if self.deferring() {
+            if let Some(b) = self.vrings[queue].base {
+                return Ok(b);
+            }
+        }
+        let b = self
+            .dev
+            .get_vring_base(q)
+            .map_err(ctx("VHOST_GET_VRING_BASE"))?;
+        if self.suspended {
+            self.vrings[queue].base = Some(b);
+        }
+        Ok(b)
+    }
+
+    fn set_vring_kick(&mut self, queue: usize, fd: Arc<EventFd>) -> Result<()> {
+        let q = self.data_queue(queue)?;
+        if !self.deferring() {
+            self.dev
+                .set_vring_kick(q, Some(&fd))
+                .map_err(ctx("VHOST_SET_VRING_KICK"))?;
+        }
+        self.vrings[queue].kick = Some(fd);
+        Ok(())
+    }
+
+    fn set_vring_call(&mut self, queue: usize, fd: Option<Arc<EventFd>>) -> Result<()> {
+        let q = self.data_queue(queue)?;
+        if !self.deferring() {
+            self.dev
+                .set_vring_call(q, fd.as_deref())
+                .map_err(ctx("VHOST_SET_VRING_CALL"))?;
+        }
+        self.vrings[queue].call = fd;
+        Ok(())
+    }
+
+    fn set_vring_enable(&mut self, queue: usize, enable: bool) -> Result<()> {
+        let q = self.data_queue(queue)?;
+        if !self.deferring() {
+            self.dev
+                .set_vring_enable(q, enable)
+                .map_err(ctx("VHOST_VDPA_SET_VRING_ENABLE"))?;
+        }
+        self.vrings[queue].enabled = enable;
+        Ok(())
+    }
+
+    fn suspend(&mut self) -> Result<()> {
+        if !self.has_backend(backend_bits::SUSPEND) {
+            return Err(BackendError::Unsupported(
+                "suspend (the device does not offer VHOST_BACKEND_F_SUSPEND)",
+            ));
+        }
+        if self.suspended {
+            return Ok(());
+        }
+        self.dev.suspend().map_err(ctx("VHOST_VDPA_SUSPEND"))?;
+        self.suspended = true;
+        for v in &mut self.vrings {
+            v.base = None;
+        }
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<()> {
+        if !self.suspended {
+            return Ok(());
+        }
+        if !self.has_backend(backend_bits::RESUME) {
+            return self.resume_by_reset();
+        }
+        self.dev.resume().map_err(ctx("VHOST_VDPA_RESUME"))?;
+        self.suspended = false;
+        Ok(())
+    }
+
+    fn apply_net_ctrl(&mut self, state: &NetCtrlState) -> Result<()> {
+        self.apply_net_state(state)
+    }
+}
