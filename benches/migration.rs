@@ -16,11 +16,8 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use vhost::VhostBackend;
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
-use common::migrate::{migration_proto, set_log_base, Log, F_LOG_ALL};
-use common::{pump, Daemon, Until, Vmm, VmmConfig};
+use testkit::migrate::{migration_proto, set_log_base, Log, F_LOG_ALL};
+use testkit::{pump, Daemon, Until, Vmm, VmmConfig};
 
 /// Frames per pair per iteration.
 const FRAMES: u32 = 512;

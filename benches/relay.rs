@@ -17,29 +17,19 @@ use iova::{AddrSpace, IovaTree};
 use svq::{GuestRing, RingIndexes, ShadowVirtqueue, SvqConfig};
 use svq_relay::stats::QueueStats;
 use svq_relay::worker::{Attach, WorkerHandle};
-use virtio_bindings::bindings::virtio_config::{
-    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
-    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_VERSION_1,
-};
+use virtio_features::{status, F_VERSION_1};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-#[allow(dead_code)]
-#[path = "../tests/common/mem.rs"]
-mod mem;
-#[allow(dead_code)]
-#[path = "../tests/common/ring.rs"]
-mod ring;
-
-use mem::GuestMem;
-use ring::{Seg, SplitRing};
+use testkit::mem::GuestMem;
+use testkit::ring::{Seg, SplitRing};
 
 const QSIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
 const HDR: u32 = 12;
 const RX_BUF: u32 = 2048;
-const FEATURES: u64 = 1 << VIRTIO_F_VERSION_1;
+const FEATURES: u64 = F_VERSION_1;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
@@ -81,13 +71,13 @@ impl Rig {
                 readonly: false,
             })
             .expect("dma map guest");
-        let status = (VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER) as u8;
-        device.set_status(status).unwrap();
+        let st = status::ACKNOWLEDGE | status::DRIVER;
+        device.set_status(st).unwrap();
         device.set_features(FEATURES).unwrap();
-        let status = status | VIRTIO_CONFIG_S_FEATURES_OK as u8;
-        device.set_status(status).unwrap();
+        let st = st | status::FEATURES_OK;
+        device.set_status(st).unwrap();
 
-        let (d, a, u) = ring::ring_bytes(QSIZE);
+        let (d, a, u) = testkit::ring::ring_bytes(QSIZE);
         let rings = [0, 1].map(|_| {
             let desc = guest.alloc(d, 4096);
             let avail = guest.alloc(a, 4096);
@@ -201,9 +191,7 @@ impl Rig {
         for q in [RX, TX] {
             device.set_vring_enable(q, true).unwrap();
         }
-        device
-            .set_status(status | VIRTIO_CONFIG_S_DRIVER_OK as u8)
-            .unwrap();
+        device.set_status(st | status::DRIVER_OK).unwrap();
         Rig {
             _guest: guest,
             rings,
@@ -258,7 +246,7 @@ impl Rig {
             }
             if done[RX] < batch || done[TX] < batch {
                 // Bounded: a lost interrupt shows as a stall, not a hang.
-                let woke = ring::wait_eventfds(&fds, 2000);
+                let woke = testkit::ring::wait_eventfds(&fds, 2000);
                 assert!(woke.iter().any(|w| *w) || self.progress(), "relay stalled");
             }
         }

@@ -12,7 +12,7 @@ pub fn with_migration(base: &str) -> String {
         Ok(_) => json!({"supported": true}),
         Err(reason) => json!({"supported": false, "reason": reason}),
     };
-    let offered = crate::vhost_user::protocol_features()
+    let offered = crate::device::protocol_features()
         | crate::migration::control::Migration::features_for(offer.is_ok());
     if let Some(obj) = v.as_object_mut() {
         obj.insert("protocol-features".into(), json!(protocol_names(offered)));

@@ -25,25 +25,6 @@ use crate::device::{lock, Device, SharedDevice};
 use crate::memory::{GuestRegion, RegionDesc, MAX_MEM_SLOTS};
 use crate::protocol::{HandlerResult, RequestHandler};
 
-/// Protocol features offered besides the migration ones. CONFIG is not:
-/// QEMU's virtio-net has no use for the back-end's config space (it warns
-/// "supports VHOST_USER_PROTOCOL_F_CONFIG but QEMU does not"); GET_CONFIG
-/// is still answered for frontends that read it anyway.
-pub fn protocol_features() -> VhostUserProtocolFeatures {
-    VhostUserProtocolFeatures::MQ
-        | VhostUserProtocolFeatures::REPLY_ACK
-        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-        | VhostUserProtocolFeatures::STATUS
-        | VhostUserProtocolFeatures::RESET_DEVICE
-}
-
-/// Everything offered: the above plus LOG_SHMFD, DEVICE_STATE,
-/// INFLIGHT_SHMFD, and PAGEFAULT when the host passed the postcopy check
-/// (`migration::userfaultfd::offer`).
-pub fn offered_protocol_features(dev: &Device) -> VhostUserProtocolFeatures {
-    protocol_features() | dev.migration().protocol_features()
-}
-
 /// Called with the mode after every change vhost-user messages caused
 /// (SET_FEATURES with or without LOG_ALL, a loaded state, a disconnect).
 pub type ModeListener = Arc<dyn Fn(bool) + Send + Sync>;
@@ -91,7 +72,7 @@ impl RequestHandler for VuHandler {
     }
 
     fn protocol_features(&mut self) -> VhostUserProtocolFeatures {
-        offered_protocol_features(&self.dev())
+        self.dev().offered_protocol_features()
     }
 
     fn set_protocol_features(&mut self, f: VhostUserProtocolFeatures) -> HandlerResult<()> {

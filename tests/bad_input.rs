@@ -3,16 +3,14 @@
 //! daemon must go on serving: a new connection negotiates and passes
 //! traffic, the other queues keep working, QMP answers.
 
-mod common;
-
 use std::io::Write;
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 
-use common::raw::{self, Reply};
-use common::ring::{SplitRing, DESC_F_INDIRECT, DESC_F_NEXT};
-use common::vmm::connect_stream;
-use common::{pump, Daemon, DriverOpts, Qmp, Until, Vmm, VmmConfig};
+use testkit::raw::{self, Reply};
+use testkit::ring::{SplitRing, DESC_F_INDIRECT, DESC_F_NEXT};
+use testkit::vmm::connect_stream;
+use testkit::{pump, Daemon, DriverOpts, Qmp, Until, Vmm, VmmConfig};
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
 use vm_memory::Bytes;
@@ -155,7 +153,7 @@ fn vmm_gone_mid_message_under_traffic(shadow: &str) {
         let raw = vmm.raw.try_clone().expect("clone the VMM socket");
         let traffic = std::thread::scope(|s| {
             let t = s.spawn(|| {
-                common::net::pump_with(
+                testkit::net::pump_with(
                     &mut vmm.pairs,
                     Until::Flag(&stop),
                     std::time::Duration::from_secs(2),
@@ -178,7 +176,7 @@ fn vmm_gone_mid_message_under_traffic(shadow: &str) {
         }
         drop(vmm);
         let mut q = Qmp::connect_ready(&d.qmp);
-        let dev = common::qmp::query_until(&mut q, "net0", |dev| match dev["started"] {
+        let dev = testkit::qmp::query_until(&mut q, "net0", |dev| match dev["started"] {
             serde_json::Value::Bool(false) => Ok(()),
             _ => Err(format!("still started: {dev}")),
         });
@@ -379,9 +377,9 @@ fn bad_ring_addr(d: &mut Daemon, shadow: bool, patch: impl Fn(&mut vhost::VringC
             vmm.setup_queue(1).ok();
         }
         let mut q = Qmp::connect_ready(&d.qmp);
-        common::qmp::query_until(&mut q, "net0", |dev| {
-            let qi = common::qmp::queue_info(dev, 0);
-            if qi["broken"].is_null() && common::qmp::u64_field(qi, "errors") == 0 {
+        testkit::qmp::query_until(&mut q, "net0", |dev| {
+            let qi = testkit::qmp::queue_info(dev, 0);
+            if qi["broken"].is_null() && testkit::qmp::u64_field(qi, "errors") == 0 {
                 return Err("ring outside guest memory accepted and not reported".into());
             }
             Ok(())
@@ -442,13 +440,13 @@ fn broken_guest_ring(shadow: &str, corrupt: fn(&mut SplitRing, u64)) {
         .unwrap_or_else(|e| panic!("pair 0 after pair 1 broke: {e}"));
     let mut q = Qmp::connect_ready(&d.qmp);
     let dev = if shadow == "on" {
-        let dev = common::qmp::query_until(&mut q, "net0", |dev| {
-            if common::qmp::queue_info(dev, 3)["broken"].is_null() {
+        let dev = testkit::qmp::query_until(&mut q, "net0", |dev| {
+            if testkit::qmp::queue_info(dev, 3)["broken"].is_null() {
                 return Err("shadow: the bad chain on queue 3 must break it".into());
             }
             Ok(())
         });
-        let q0 = common::qmp::queue_info(&dev, 1);
+        let q0 = testkit::qmp::queue_info(&dev, 1);
         assert!(q0["broken"].is_null(), "queue 1 must stay healthy: {dev}");
         dev
     } else {
@@ -696,8 +694,8 @@ fn read_only_rx_buffer(shadow: &str, require_log: bool) {
         // The relay catches it itself: the queue is reported broken whatever
         // the device behind it would have done.
         let mut q = Qmp::connect_ready(&d.qmp);
-        common::qmp::query_until(&mut q, "net0", |dev| {
-            if common::qmp::queue_info(dev, 2)["broken"].is_null() {
+        testkit::qmp::query_until(&mut q, "net0", |dev| {
+            if testkit::qmp::queue_info(dev, 2)["broken"].is_null() {
                 return Err("shadow: a read-only RX chain must break queue 2".into());
             }
             Ok(())

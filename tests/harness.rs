@@ -3,8 +3,6 @@
 //! nobody here wrote), including devices with deliberate bugs the driver
 //! must catch.
 
-mod common;
-
 use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,9 +10,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use common::mem::GuestMem;
-use common::net::{pump_with, DriverOpts, NetPair, Until};
-use common::ring::{wait_eventfds, Seg, SplitRing};
+use testkit::mem::GuestMem;
+use testkit::net::{pump_with, DriverOpts, NetPair, Until};
+use testkit::ring::{wait_eventfds, Seg, SplitRing};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;

@@ -7,15 +7,13 @@
 //! driver fails on a duplicate or unknown used entry, and on loss the
 //! traffic stalls and fails the pump).
 
-mod common;
-
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-use common::migrate::migration_proto;
-use common::{pump, Daemon, Until, Vmm, VmmConfig};
+use testkit::migrate::migration_proto;
+use testkit::{pump, Daemon, Until, Vmm, VmmConfig};
 use vhost::vhost_user::message::VhostUserInflight;
 use vhost::vhost_user::VhostUserFrontend;
 use vm_memory::{Bytes, GuestAddress};
@@ -81,7 +79,7 @@ fn a_restarted_daemon_resubmits_what_was_in_flight_exactly_once() {
     let cfg = VmmConfig::default();
     let size = cfg.ring_size;
     let mut vmm = Vmm::negotiate_with(
-        common::vmm::connect_stream(&d1.socket),
+        testkit::vmm::connect_stream(&d1.socket),
         cfg,
         migration_proto(),
     );
@@ -107,7 +105,7 @@ fn a_restarted_daemon_resubmits_what_was_in_flight_exactly_once() {
     // the avail ring.
     let mut child = d1.child.take().unwrap();
     child.kill().unwrap();
-    assert!(common::daemon::wait_timeout(&mut child, Duration::from_secs(10)).is_some());
+    assert!(testkit::daemon::wait_timeout(&mut child, Duration::from_secs(10)).is_some());
     let queued = vmm.pairs[0].send(8);
     assert!(queued > 0);
     assert_eq!(

@@ -1,8 +1,6 @@
 //! Process lifecycle: capabilities, argument errors, socket permissions,
 //! signals, VMM reconnects, --client and --fd modes.
 
-mod common;
-
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
@@ -10,14 +8,14 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::daemon::{self, tempdir, wait_for_socket, wait_timeout, BIN};
-use common::vmm::IO_TIMEOUT;
-use common::{pump, Daemon, Qmp, Until, Vmm, VmmConfig};
 use serde_json::Value;
+use testkit::daemon::{self, bin, tempdir, wait_for_socket, wait_timeout};
+use testkit::vmm::IO_TIMEOUT;
+use testkit::{pump, Daemon, Qmp, Until, Vmm, VmmConfig};
 
 #[test]
 fn print_capabilities() {
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .arg("--print-capabilities")
         .stdin(Stdio::null())
         .output()
@@ -59,7 +57,7 @@ fn bad_arguments_exit_2_with_one_line() {
         vec!["--socket-path", "/nonexistent-dir/x/y.sock"],
     ];
     for args in cases {
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(bin())
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -266,7 +264,7 @@ fn inherited_listening_fd() {
     let sock = dir.path().join("vu.sock");
     let listener = UnixListener::bind(&sock).unwrap();
     let fd = listener.as_raw_fd();
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin());
     cmd.args(["--fd", "3", "--log-level", "info"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -363,7 +361,8 @@ fn sigterm_under_traffic_exits_0() {
     let traffic = std::thread::spawn(move || {
         // Ends with an error once the daemon is gone; only the daemon's exit
         // matters here.
-        let _ = common::net::pump_with(&mut vmm.pairs, Until::Flag(&stop2), Duration::from_secs(3));
+        let _ =
+            testkit::net::pump_with(&mut vmm.pairs, Until::Flag(&stop2), Duration::from_secs(3));
         vmm
     });
     let mut q = Qmp::connect_ready(&d.qmp);

@@ -5,22 +5,20 @@
 //! while logging is in the dirty logs, replaced logs stay untouched, and bad
 //! state streams are refused by name without changing the device.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use common::migrate::{
-    load_state, migration_proto, pages_of, save_state, set_log_base, Log, F_LOG_ALL,
-};
-use common::qmp::{queue_info, u64_field};
-use common::{pump, Daemon, DriverOpts, Qmp, Until, Vmm, VmmConfig};
 use svq_relay::migration::stream::{
     DeviceState, Features, NicState, RelayMode, RxMode, VlanFilter, VringState,
 };
+use testkit::migrate::{
+    load_state, migration_proto, pages_of, save_state, set_log_base, Log, F_LOG_ALL,
+};
+use testkit::qmp::{queue_info, u64_field};
+use testkit::{pump, Daemon, DriverOpts, Qmp, Until, Vmm, VmmConfig};
 use vhost::VhostBackend;
 
 /// Sets the flag when dropped, so a failing control thread cannot leave the
@@ -302,7 +300,7 @@ fn bad_state_streams_are_refused_by_name() {
     let d = Daemon::spawn(&[]);
     let mut qmp = Qmp::connect_ready(&d.qmp);
     let vmm = Vmm::negotiate_with(
-        common::vmm::connect_stream(&d.socket),
+        testkit::vmm::connect_stream(&d.socket),
         VmmConfig::default(),
         migration_proto(),
     );
@@ -373,13 +371,13 @@ fn state_with_other_features_is_refused() {
     let d = Daemon::spawn(&[]);
     let mut qmp = Qmp::connect_ready(&d.qmp);
     let vmm = Vmm::negotiate_with(
-        common::vmm::connect_stream(&d.socket),
+        testkit::vmm::connect_stream(&d.socket),
         VmmConfig::default(),
         migration_proto(),
     );
     vmm.set_mem_table().unwrap();
     vmm.fe.set_vring_base(0, 9).unwrap();
-    let other = good_state(vmm.acked & !common::vmm::F_MRG_RXBUF, 3);
+    let other = good_state(vmm.acked & !testkit::vmm::F_MRG_RXBUF, 3);
     assert!(load_state(&vmm.fe, &other.to_bytes().unwrap()).is_err());
     assert!(
         d.stderr().contains("differ from the saved"),
@@ -395,7 +393,7 @@ fn state_with_other_features_is_refused() {
 /// `--print-capabilities` says whether postcopy is offered, and why not.
 #[test]
 fn print_capabilities_reports_postcopy() {
-    let out = std::process::Command::new(common::daemon::BIN)
+    let out = std::process::Command::new(testkit::daemon::bin())
         .arg("--print-capabilities")
         .output()
         .unwrap();
@@ -488,7 +486,7 @@ fn postcopy_advise_listen_end() {
     use vhost::vhost_user::message::FrontendReq;
     use vhost::vhost_user::{VhostUserFrontend, VhostUserProtocolFeatures};
     use vm_memory::{Bytes, GuestAddress};
-    let out = std::process::Command::new(common::daemon::BIN)
+    let out = std::process::Command::new(testkit::daemon::bin())
         .arg("--print-capabilities")
         .output()
         .unwrap();
@@ -501,7 +499,7 @@ fn postcopy_advise_listen_end() {
     }
     let d = Daemon::spawn(&[]);
     let mut vmm = Vmm::negotiate_with(
-        common::vmm::connect_stream(&d.socket),
+        testkit::vmm::connect_stream(&d.socket),
         VmmConfig::default(),
         migration_proto() | VhostUserProtocolFeatures::PAGEFAULT,
     );

@@ -8,80 +8,12 @@
 //! Skipped (with a message) when dpdk-testpmd is missing, failed when
 //! SVQ_RELAY_REQUIRE_PEERS=1 (CI).
 
-mod common;
-
-use common::peers::{testpmd_or_skip, TESTPMD};
-
-use std::fs::File;
-use std::os::unix::process::CommandExt;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-use common::daemon::tempdir;
-use common::migrate::{migration_proto, pages_of, set_log_base, Log, F_LOG_ALL};
-use common::{pump, Daemon, Qmp, Until, Vmm, VmmConfig};
+use testkit::daemon::tempdir;
+use testkit::migrate::{migration_proto, pages_of, set_log_base, Log, F_LOG_ALL};
+use testkit::peers::testpmd_or_skip;
+use testkit::testpmd::Testpmd;
+use testkit::{pump, Daemon, Qmp, Until, Vmm, VmmConfig};
 use vhost::VhostBackend;
-
-/// testpmd net_vhost on `sock`, killed with its `timeout` wrapper on drop.
-struct Device {
-    child: Child,
-    log: std::path::PathBuf,
-    prefix: String,
-}
-
-impl Device {
-    fn spawn(dir: &Path, sock: &Path) -> Device {
-        let prefix = format!("svqmig-{}", std::process::id());
-        let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{prefix}"));
-        let log = dir.join("testpmd.log");
-        let out = File::create(&log).unwrap();
-        let vdev = format!("net_vhost0,iface={},queues=1", sock.display());
-        let mut cmd = Command::new("timeout");
-        cmd.process_group(0);
-        cmd.args(["-s", "KILL", "120", TESTPMD])
-            .args(["--lcores", "0@0,1@0", "--no-huge", "-m", "256", "--no-pci"])
-            .args(["--file-prefix", &prefix, "--vdev", &vdev, "--"])
-            .args(["--total-num-mbufs=8192", "--stats-period", "1"])
-            .args(["--auto-start", "--forward-mode=io"]);
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("spawn dpdk-testpmd");
-        let d = Device { child, log, prefix };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !d.text().contains("forwards packets on") {
-            assert!(
-                Instant::now() < deadline,
-                "testpmd not ready:\n{}",
-                d.text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        d
-    }
-
-    fn text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Device {
-    fn drop(&mut self) {
-        if let Ok(pgid) = libc::pid_t::try_from(self.child.id()) {
-            // SAFETY: no pointers; the negative pid names the group our
-            // unreaped child leads.
-            unsafe { libc::kill(-pgid, libc::SIGKILL) };
-        }
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("---- testpmd log ----\n{}", self.text());
-        }
-        let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{}", self.prefix));
-    }
-}
 
 #[test]
 fn log_forwarded_to_testpmd_in_passthrough() {
@@ -90,7 +22,8 @@ fn log_forwarded_to_testpmd_in_passthrough() {
     }
     let dir = tempdir();
     let dev_sock = dir.path().join("dev.sock");
-    let _device = Device::spawn(dir.path(), &dev_sock);
+    let mut device = Testpmd::vhost(&dev_sock).dir(dir.path()).spawn();
+    device.wait_forwarding();
     let backend = format!("vhost-user:{}", dev_sock.display());
     let d = Daemon::spawn(&["--backend", &backend]);
     let mut qmp = Qmp::connect_ready(&d.qmp);

@@ -2,15 +2,13 @@
 //! guest that does not negotiate MQ on a multiqueue device, and a guest that
 //! starts only some of the queue pairs (QEMU starts curr_queue_pairs only).
 
-mod common;
-
-use common::vmm::connect_stream;
-use common::{pump, Daemon, Qmp, Until, Vmm, VmmConfig};
 use serde_json::json;
+use testkit::vmm::connect_stream;
+use testkit::{pump, Daemon, Qmp, Until, Vmm, VmmConfig};
 
 #[test]
 fn sixteen_pairs_shadow() {
-    common::scenario::loopback("on", 16, common::DriverOpts::default(), 200);
+    testkit::scenario::loopback("on", 16, testkit::DriverOpts::default(), 200);
 }
 
 /// Sets up the first `started` pairs only, pushes traffic, switches to

@@ -1,10 +1,8 @@
 //! Passthrough (--shadow off): the guest rings go straight to the sim device.
 //! Every frame sent on TX 2k+1 comes back byte for byte on RX 2k.
 
-mod common;
-
-use common::scenario::loopback;
-use common::DriverOpts;
+use testkit::scenario::loopback;
+use testkit::DriverOpts;
 
 #[test]
 fn passthrough_one_pair() {

@@ -4,11 +4,9 @@
 //! with SET_STATUS(0) before GET_VRING_BASE), and requests the daemon does
 //! not implement, which are refused without losing the connection.
 
-mod common;
-
-use common::raw::{self, Reply};
-use common::vmm::connect_stream;
-use common::{pump, Daemon, Qmp, Until, Vmm, VmmConfig};
+use testkit::raw::{self, Reply};
+use testkit::vmm::connect_stream;
+use testkit::{pump, Daemon, Qmp, Until, Vmm, VmmConfig};
 use vhost::vhost_user::VhostUserProtocolFeatures;
 use vhost::VhostBackend;
 

@@ -6,15 +6,13 @@
 //! Skipped when QEMU, busybox or the guest assets are missing, failed then
 //! under SVQ_RELAY_REQUIRE_PEERS.
 
-mod common;
-
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::qemu::{parse_ping, EchoPmd, Guest, GuestConfig, QemuVersion, PEER_IP};
-use common::{peers, Daemon, Qmp};
+use testkit::qemu::{parse_ping, EchoPmd, Guest, GuestConfig, QemuVersion, PEER_IP};
+use testkit::{peers, Daemon, Qmp};
 
 /// One guest scenario at a time: two TCG guests and their busy-polling
 /// testpmds on two cores starve each other's rings long enough for testpmd
@@ -26,7 +24,7 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn ready() -> bool {
-    common::qemu::qemu_or_skip() && peers::testpmd_or_skip()
+    testkit::qemu::qemu_or_skip() && peers::testpmd_or_skip()
 }
 
 /// A network namespace holding a bridge with the peer address
@@ -86,7 +84,7 @@ impl NetNs {
 }
 
 fn tap_ready() -> Option<&'static NetNs> {
-    if !common::qemu::qemu_or_skip() {
+    if !testkit::qemu::qemu_or_skip() {
         return None;
     }
     let ns = NetNs::shared();
@@ -131,7 +129,7 @@ fn tap_daemon(flags: &[&str], ns: &NetNs) -> (Daemon, String) {
 }
 
 /// `ping -c N -i INTERVAL` from the guest; returns the summary.
-fn ping(g: &mut Guest, count: u32, interval: &str) -> common::qemu::PingStats {
+fn ping(g: &mut Guest, count: u32, interval: &str) -> testkit::qemu::PingStats {
     let (_, out) = g.run(
         &format!("ping -c {count} -i {interval} -W 5 {PEER_IP}"),
         Duration::from_secs(300),
@@ -139,7 +137,7 @@ fn ping(g: &mut Guest, count: u32, interval: &str) -> common::qemu::PingStats {
     parse_ping(&out).unwrap_or_else(|| panic!("no ping summary in:\n{out}"))
 }
 
-fn assert_no_loss(what: &str, s: common::qemu::PingStats, count: u32) {
+fn assert_no_loss(what: &str, s: testkit::qemu::PingStats, count: u32) {
     // busybox's adaptive mode (-A) may send one request past the count.
     assert!(
         s.sent == count || s.sent == count + 1,
@@ -160,7 +158,7 @@ fn guest_pings_testpmd_directly() {
     if !ready() {
         return;
     }
-    let dir = common::daemon::tempdir();
+    let dir = testkit::daemon::tempdir();
     let pmd = EchoPmd::spawn(dir.path(), "pmd", 1);
     let mut g = Guest::start(dir.path(), &pmd.sock, &GuestConfig::default());
     g.wait_ready();
@@ -174,7 +172,7 @@ fn relay_to_testpmd(qemu: QemuVersion, shadow: &str, switches: u32) {
     if !ready() {
         return;
     }
-    let pmd_dir = common::daemon::tempdir();
+    let pmd_dir = testkit::daemon::tempdir();
     let pmd = EchoPmd::spawn(pmd_dir.path(), "pmd", 1);
     let d = Daemon::spawn(&[
         "--shadow",
@@ -340,7 +338,7 @@ fn multiqueue(qemu: QemuVersion, shadow: &str) {
     let after = q.query("net0");
     for tx in [1u64, 3] {
         let idx = |v: &serde_json::Value| {
-            common::qmp::u64_field(common::qmp::queue_info(v, tx), "avail_idx")
+            testkit::qmp::u64_field(testkit::qmp::queue_info(v, tx), "avail_idx")
         };
         assert!(
             idx(&after) >= idx(&before) + 40,
@@ -385,7 +383,7 @@ fn multiqueue_relay(qemu: QemuVersion) {
     if !ready() {
         return;
     }
-    let pmd_dir = common::daemon::tempdir();
+    let pmd_dir = testkit::daemon::tempdir();
     let pmd = EchoPmd::spawn(pmd_dir.path(), "pmd", 2);
     let d = Daemon::spawn(&[
         "--queues",
@@ -419,7 +417,7 @@ fn multiqueue_relay(qemu: QemuVersion) {
         let dev = q.query("net0");
         assert_eq!(dev["mode"], what);
         let relayed = |dev: &serde_json::Value, i: u64| {
-            common::qmp::u64_field(common::qmp::queue_info(dev, i), "relayed")
+            testkit::qmp::u64_field(testkit::qmp::queue_info(dev, i), "relayed")
         };
         let relayed_before: Vec<u64> = (0..4).map(|i| relayed(&dev, i)).collect();
         let irqs_before = rx_irqs(&mut g);
@@ -487,7 +485,7 @@ struct Side {
 }
 
 fn side(name: &str, b: &Backend) -> (Side, std::path::PathBuf) {
-    let dir = common::daemon::tempdir();
+    let dir = testkit::daemon::tempdir();
     let (pmd, daemon, sock) = match b {
         Backend::Direct => {
             let pmd = EchoPmd::spawn(dir.path(), &format!("pmd{name}"), 1);
@@ -528,10 +526,10 @@ fn migrate_pinging(
     qemu: QemuVersion,
     b: &Backend,
     postcopy: bool,
-) -> (serde_json::Value, common::qemu::PingStats, Side, Side) {
+) -> (serde_json::Value, testkit::qemu::PingStats, Side, Side) {
     let (src_side, src_sock) = side("a", b);
     let (dst_side, dst_sock) = side("b", b);
-    let gdir = common::daemon::tempdir();
+    let gdir = testkit::daemon::tempdir();
     let src_dir = gdir.path().join("src");
     let dst_dir = gdir.path().join("dst");
     std::fs::create_dir_all(&src_dir).unwrap();

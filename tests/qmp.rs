@@ -1,12 +1,10 @@
 //! The QMP server: framing, capabilities negotiation, errors (the connection
 //! stays usable after each), several clients, events.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Daemon, Qmp, Vmm, VmmConfig};
 use serde_json::{json, Value};
+use testkit::{Daemon, Qmp, Vmm, VmmConfig};
 
 fn error_of(r: &Value) -> (String, String) {
     let e = r
@@ -234,7 +232,7 @@ fn a_client_that_never_reads_does_not_stall_others() {
     let mut a = Qmp::connect_ready(&d.qmp);
     assert_usable(&mut a);
     let mut vmm = Vmm::start(&d.socket, VmmConfig::default());
-    common::pump(&mut vmm.pairs, common::Until::Frames(100)).unwrap();
+    testkit::pump(&mut vmm.pairs, testkit::Until::Frames(100)).unwrap();
     assert_eq!(a.enable_shadow("net0", true), json!({"return": {}}));
     assert_usable(&mut a);
     drop(hog);

@@ -3,19 +3,17 @@
 //! and no VMM socket left behind (the VMM must not connect to a daemon that
 //! cannot serve it). Needs no peer.
 
-mod common;
-
 use std::os::unix::net::UnixListener;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::daemon::{tempdir, wait_timeout, BIN};
+use testkit::daemon::{bin, tempdir, wait_timeout};
 
 /// Runs the daemon with `backend`; returns its stderr after it exited 2.
 fn fails_with(backend: &str) -> String {
     let dir = tempdir();
     let sock = dir.path().join("vm.sock");
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(bin())
         .args(["--socket-path", &sock.display().to_string()])
         .args(["--backend", backend])
         .stdin(Stdio::null())

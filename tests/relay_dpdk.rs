@@ -21,23 +21,14 @@
 //! Skipped (with a message) when dpdk-testpmd is missing, failed when
 //! SVQ_RELAY_REQUIRE_PEERS=1 (CI).
 
-mod common;
+use std::path::Path;
 
-use common::peers::{testpmd_or_skip, TESTPMD};
-
-use std::fs::File;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, MutexGuard};
-use std::thread::sleep;
-use std::time::{Duration, Instant};
-
-use common::daemon::{signal, tempdir, wait_timeout};
-use common::qmp::u64_field;
-use common::{Daemon, Qmp};
 use serde_json::{json, Value};
+use testkit::daemon::tempdir;
+use testkit::peers::testpmd_or_skip;
+use testkit::qmp::u64_field;
+use testkit::testpmd::{serial, Counts, Testpmd};
+use testkit::{Daemon, Qmp};
 
 /// testpmd's default burst size.
 const BURST: u64 = 32;
@@ -45,216 +36,40 @@ const BURST: u64 = 32;
 /// guest stops: the circulating burst (the guest's `--tx-first`) plus one
 /// burst the restarted device may inject with its own `--tx-first`.
 const SLACK: u64 = 2 * BURST;
-/// Bound on every wait for a testpmd.
-const PEER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Two testpmds and the daemon share two cores: one scenario at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+/// The device: a net_vhost port listening on `sock` (main and forwarding
+/// lcore on CPU 0), forwarding each queue's RX back out on the same queue.
+/// `tx_first`: also inject one burst per queue when forwarding starts.
+fn device_pmd(dir: &Path, sock: &Path, pairs: u16, tx_first: bool) -> Testpmd {
+    let b = Testpmd::vhost(sock).dir(dir).queues(pairs).cpu(0);
+    let mut p = if tx_first { b.tx_first() } else { b }.spawn();
+    p.wait_forwarding();
+    p
 }
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-struct Counts {
-    rx: u64,
-    tx: u64,
+/// The device connecting to the daemon (`client=1`; net_vhost retries
+/// about once a second until the socket exists).
+fn device_client_pmd(dir: &Path, sock: &Path) -> Testpmd {
+    Testpmd::vhost_client(sock).dir(dir).cpu(0).spawn()
 }
 
-struct Pmd {
-    child: Option<Child>,
-    log: PathBuf,
-    prefix: String,
-    role: &'static str,
+/// The guest: virtio-user on the daemon's socket (lcores on CPU 1), with
+/// `--tx-first`.
+fn guest_pmd(dir: &Path, sock: &Path, pairs: u16) -> Testpmd {
+    let mut p = Testpmd::virtio_user(sock)
+        .dir(dir)
+        .queues(pairs)
+        .cpu(1)
+        .tx_first()
+        .spawn();
+    p.wait_forwarding();
+    p
 }
 
-impl Pmd {
-    /// The device: a net_vhost port listening on `sock`, forwarding each
-    /// queue's RX back out on the same queue. `tx_first`: also inject one
-    /// burst per queue when forwarding starts.
-    fn device(dir: &Path, sock: &Path, pairs: u16, tx_first: bool) -> Pmd {
-        let _ = std::fs::remove_file(sock);
-        let vdev = format!("net_vhost0,iface={},queues={pairs}", sock.display());
-        let p = Pmd::spawn("device", dir, "0@0,1@0", &vdev, pairs, tx_first);
-        p.wait_log("forwards packets on");
-        p
-    }
-
-    /// The device connecting to the daemon (`client=1`; net_vhost retries
-    /// about once a second until the socket exists).
-    fn device_client(dir: &Path, sock: &Path) -> Pmd {
-        let vdev = format!("net_vhost0,iface={},queues=1,client=1", sock.display());
-        Pmd::spawn("device", dir, "0@0,1@0", &vdev, 1, false)
-    }
-
-    /// The guest: virtio-user on the daemon's socket, with `--tx-first`.
-    fn guest(dir: &Path, sock: &Path, pairs: u16) -> Pmd {
-        let vdev = format!("net_virtio_user0,path={},queues={pairs}", sock.display());
-        let p = Pmd::spawn("guest", dir, "0@1,1@1", &vdev, pairs, true);
-        p.wait_log("forwards packets on");
-        p
-    }
-
-    fn spawn(
-        role: &'static str,
-        dir: &Path,
-        lcores: &str,
-        vdev: &str,
-        pairs: u16,
-        tx_first: bool,
-    ) -> Pmd {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let prefix = format!(
-            "svqrel-{}-{}-{role}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{prefix}"));
-        let log = dir.join(format!("{prefix}.log"));
-        let out = File::create(&log).unwrap();
-        let q = pairs.to_string();
-        // `timeout` bounds a testpmd the test never stops; its own process
-        // group lets Drop kill testpmd with it (killing `timeout` alone
-        // would leave testpmd running).
-        let mut cmd = Command::new("timeout");
-        cmd.process_group(0);
-        cmd.args(["-s", "KILL", "300", TESTPMD])
-            .args(["--lcores", lcores, "--no-huge", "-m", "256", "--no-pci"])
-            .args(["--file-prefix", &prefix, "--vdev", vdev, "--"])
-            .args(["--total-num-mbufs=8192", "--stats-period", "1"])
-            .args(["--auto-start", "--forward-mode=io"])
-            .arg(format!("--rxq={q}"))
-            .arg(format!("--txq={q}"));
-        if tx_first {
-            cmd.arg("--tx-first");
-        }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("spawn dpdk-testpmd");
-        Pmd {
-            child: Some(child),
-            log,
-            prefix,
-            role,
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait_log(&self, needle: &str) {
-        let deadline = Instant::now() + PEER_TIMEOUT;
-        while !self.log_text().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "{} testpmd: no {needle:?} within {PEER_TIMEOUT:?}:\n{}",
-                self.role,
-                self.log_text()
-            );
-            sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Port counters from the latest periodic statistics screen.
-    fn port_counts(&self) -> Counts {
-        let log = self.log_text();
-        Counts {
-            rx: last_number(&log, "RX-packets:").unwrap_or(0),
-            tx: last_number(&log, "TX-packets:").unwrap_or(0),
-        }
-    }
-
-    /// Waits (bounded) until the port has received and sent `n` more
-    /// packets than `from`.
-    fn wait_traffic(&self, from: Counts, n: u64, what: &str) -> Counts {
-        let deadline = Instant::now() + PEER_TIMEOUT;
-        loop {
-            let c = self.port_counts();
-            if c.rx >= from.rx + n && c.tx >= from.tx + n {
-                return c;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what}: {} testpmd counters stuck at {c:?} (from {from:?})",
-                self.role
-            );
-            sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// SIGINT, bounded wait; the accumulated forward statistics.
-    fn stop(&mut self) -> Counts {
-        let Some(mut child) = self.child.take() else {
-            return Counts::default();
-        };
-        signal(child.id(), libc::SIGINT);
-        if wait_timeout(&mut child, PEER_TIMEOUT).is_none() {
-            signal_group(child.id(), libc::SIGKILL);
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{} testpmd did not exit on SIGINT:\n{}",
-                self.role,
-                self.log_text()
-            );
-        }
-        let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{}", self.prefix));
-        let log = self.log_text();
-        let at = log
-            .rfind("Accumulated forward statistics")
-            .unwrap_or_else(|| panic!("{}: no final statistics:\n{log}", self.role));
-        let block = &log[at..];
-        Counts {
-            rx: last_number(block, "RX-packets:").unwrap_or(0),
-            tx: last_number(block, "TX-packets:").unwrap_or(0),
-        }
-    }
-}
-
-impl Pmd {
-    /// SIGKILL, no statistics: a device that dies rather than exits.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            signal_group(c.id(), libc::SIGKILL);
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{}", self.prefix));
-    }
-}
-
-impl Drop for Pmd {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // The whole group: `timeout` and testpmd.
-            signal_group(c.id(), libc::SIGKILL);
-            let _ = c.kill();
-            let _ = c.wait();
-            if std::thread::panicking() {
-                eprintln!("---- {} testpmd log ----\n{}", self.role, self.log_text());
-            }
-        }
-        let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{}", self.prefix));
-    }
-}
-
-/// Sends `sig` to the process group `pgid` (a child spawned as the leader
-/// of its own group).
-fn signal_group(pgid: u32, sig: libc::c_int) {
-    if let Ok(pgid) = libc::pid_t::try_from(pgid) {
-        // SAFETY: kill takes no pointers; a negative pid names the group our
-        // unreaped child leads, so it cannot have been reused.
-        unsafe { libc::kill(-pgid, sig) };
-    }
-}
-
-/// The number after the last occurrence of `key`.
-fn last_number(text: &str, key: &str) -> Option<u64> {
-    let at = text.rfind(key)? + key.len();
-    text[at..].split_whitespace().next()?.parse().ok()
+/// SIGINT; the accumulated forward statistics.
+fn stop(p: &mut Testpmd) -> Counts {
+    let s = p.stop();
+    Counts { rx: s.rx, tx: s.tx }
 }
 
 /// The daemon relaying to the device socket `dev_sock`.
@@ -313,17 +128,17 @@ fn steady_with(mode: &str, pairs: u16, extra: &[&str]) {
     let _g = serial();
     let dir = tempdir();
     let dev_sock = dir.path().join("dev.sock");
-    let mut device = Pmd::device(dir.path(), &dev_sock, pairs, false);
+    let mut device = device_pmd(dir.path(), &dev_sock, pairs, false);
     let q = pairs.to_string();
     let mut args = vec!["--shadow", mode, "--queues", &q];
     args.extend_from_slice(extra);
     let d = relay(&dev_sock, &args);
-    let mut guest = Pmd::guest(dir.path(), &d.socket, pairs);
+    let mut guest = guest_pmd(dir.path(), &d.socket, pairs);
     device.wait_traffic(Counts::default(), 5000, "steady");
-    let g = guest.stop();
+    let g = stop(&mut guest);
     let mut qmp = Qmp::connect_ready(&d.qmp);
     let dev = qmp.query("net0");
-    let dv = device.stop();
+    let dv = stop(&mut device);
     check_ends(g, dv, pairs);
     assert_eq!(dev["backend"], "vhost-user", "{dev}");
     let r = relayed(&dev);
@@ -342,15 +157,6 @@ fn steady_with(mode: &str, pairs: u16, extra: &[&str]) {
         assert_eq!(dev["mode"], "passthrough", "{dev}");
         assert_eq!(r, Counts::default(), "passthrough relays nothing: {dev}");
     }
-}
-
-#[test]
-fn parse_counters() {
-    let log =
-        "  RX-packets: 5  RX-missed: 0\n  TX-packets: 7\n  RX-packets: 115996  RX-dropped: 0\n";
-    assert_eq!(last_number(log, "RX-packets:"), Some(115996));
-    assert_eq!(last_number(log, "TX-packets:"), Some(7));
-    assert_eq!(last_number(log, "nothing:"), None);
 }
 
 #[test]
@@ -425,11 +231,11 @@ fn across_switches(extra: &[&str]) {
     let _g = serial();
     let dir = tempdir();
     let dev_sock = dir.path().join("dev.sock");
-    let mut device = Pmd::device(dir.path(), &dev_sock, 2, false);
+    let mut device = device_pmd(dir.path(), &dev_sock, 2, false);
     let mut args = vec!["--shadow", "off", "--queues", "2"];
     args.extend_from_slice(extra);
     let d = relay(&dev_sock, &args);
-    let mut guest = Pmd::guest(dir.path(), &d.socket, 2);
+    let mut guest = guest_pmd(dir.path(), &d.socket, 2);
     let mut qmp = Qmp::connect_ready(&d.qmp);
     let mut seen = device.wait_traffic(Counts::default(), 1000, "before switching");
     for i in 0..10 {
@@ -447,9 +253,9 @@ fn across_switches(extra: &[&str]) {
     assert_eq!(qmp.enable_shadow("net0", true), json!({"return": {}}));
     let before = relayed(&qmp.query("net0"));
     device.wait_traffic(seen, 1000, "after the last switch");
-    let g = guest.stop();
+    let g = stop(&mut guest);
     let dev = qmp.query("net0");
-    let dv = device.stop();
+    let dv = stop(&mut device);
     assert_eq!(dev["mode"], "shadow", "{dev}");
     check_ends(g, dv, 2);
     let after = relayed(&dev);
@@ -473,9 +279,9 @@ fn relay_dpdk_device_restart() {
     let _g = serial();
     let dir = tempdir();
     let dev_sock = dir.path().join("dev.sock");
-    let mut device = Pmd::device(dir.path(), &dev_sock, 1, false);
+    let mut device = device_pmd(dir.path(), &dev_sock, 1, false);
     let d = relay(&dev_sock, &["--shadow", "on"]);
-    let mut guest = Pmd::guest(dir.path(), &d.socket, 1);
+    let mut guest = guest_pmd(dir.path(), &d.socket, 1);
     let mut qmp = Qmp::connect_ready(&d.qmp);
     device.wait_traffic(Counts::default(), 1000, "first device");
     const ROUNDS: u64 = 10;
@@ -494,11 +300,11 @@ fn relay_dpdk_device_restart() {
         if round % 4 >= 2 {
             device.kill();
         } else {
-            let old = device.stop();
+            let old = stop(&mut device);
             assert!(old.rx >= 1000, "round {round}: {old:?}");
         }
         let before = relayed(&qmp.query("net0"));
-        device = Pmd::device(dir.path(), &dev_sock, 1, true);
+        device = device_pmd(dir.path(), &dev_sock, 1, true);
         device.wait_traffic(
             Counts::default(),
             1000,
@@ -517,8 +323,8 @@ fn relay_dpdk_device_restart() {
             assert_eq!(after, before, "passthrough relays nothing");
         }
     }
-    let g = guest.stop();
-    device.stop();
+    let g = stop(&mut guest);
+    stop(&mut device);
     // The guest never saw a reset: one session, traffic throughout.
     let least = 1000 * (ROUNDS + 1);
     assert!(g.rx >= least && g.tx >= least, "{g:?}");
@@ -555,18 +361,18 @@ fn relay_dpdk_device_connects_to_the_daemon() {
     .map(|s| s.to_string())
     .collect();
     let d = Daemon::spawn_custom(work, &args);
-    let mut device = Pmd::device_client(dir.path(), &dev_sock);
+    let mut device = device_client_pmd(dir.path(), &dev_sock);
     // The daemon opens its VMM socket only once the device is connected.
     d.wait_ready(true);
     // testpmd drops what its queues hold when forwarding starts: the guest's
     // burst must come after that.
-    device.wait_log("forwards packets on");
-    let mut guest = Pmd::guest(dir.path(), &d.socket, 1);
+    device.wait_forwarding();
+    let mut guest = guest_pmd(dir.path(), &d.socket, 1);
     device.wait_traffic(Counts::default(), 2000, "device connected to the daemon");
-    let g = guest.stop();
+    let g = stop(&mut guest);
     let mut qmp = Qmp::connect_ready(&d.qmp);
     let dev = qmp.query("net0");
-    let dv = device.stop();
+    let dv = stop(&mut device);
     check_ends(g, dv, 1);
     let r = relayed(&dev);
     close("relay TX vs guest TX", r.tx, g.tx, SLACK);

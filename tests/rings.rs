@@ -2,12 +2,10 @@
 //! buffers in flight), guest memory added and removed at run time
 //! (CONFIGURE_MEM_SLOTS), and the device config space (GET_CONFIG).
 
-mod common;
-
-use common::ring::wait_eventfds;
-use common::vmm::connect_stream;
-use common::{pump, Daemon, DriverOpts, Qmp, Until, Vmm, VmmConfig};
 use serde_json::json;
+use testkit::ring::wait_eventfds;
+use testkit::vmm::connect_stream;
+use testkit::{pump, Daemon, DriverOpts, Qmp, Until, Vmm, VmmConfig};
 use vhost::vhost_user::VhostUserFrontend;
 
 /// Stops all rings while frames are in flight, checks the bases against the
@@ -127,9 +125,9 @@ fn memory_hotplug(shadow: &str) {
     let fds = p.call_fds();
     wait_eventfds(&fds, 1000);
     let dev = if shadow == "on" {
-        common::qmp::query_until(&mut q, "net0", |dev| {
-            let tx = common::qmp::queue_info(dev, 1);
-            if tx["broken"].is_null() && common::qmp::u64_field(tx, "errors") == 0 {
+        testkit::qmp::query_until(&mut q, "net0", |dev| {
+            let tx = testkit::qmp::queue_info(dev, 1);
+            if tx["broken"].is_null() && testkit::qmp::u64_field(tx, "errors") == 0 {
                 return Err("a chain in removed memory was not refused".into());
             }
             Ok(())
@@ -137,7 +135,7 @@ fn memory_hotplug(shadow: &str) {
     } else {
         q.query("net0")
     };
-    let tx = common::qmp::queue_info(&dev, 1).clone();
+    let tx = testkit::qmp::queue_info(&dev, 1).clone();
     // Whatever happened, no frame came back from unmapped memory.
     let p = &mut vmm.pairs[0];
     assert_eq!(
@@ -175,15 +173,15 @@ fn device_config_space() {
     // it all the same. VhostUserConfig {offset 0, size 12, flags 0} + room.
     let mut body = [0u32, 12, 0].map(u32::to_le_bytes).concat();
     body.extend_from_slice(&[0u8; 12]);
-    let reply = match common::raw::request(&vmm.raw, 24, &body, &[]) {
-        common::raw::Reply::Msg(b) => b,
+    let reply = match testkit::raw::request(&vmm.raw, 24, &body, &[]) {
+        testkit::raw::Reply::Msg(b) => b,
         r => panic!("GET_CONFIG: {r:?}"),
     };
     assert_eq!(reply.len(), 24, "GET_CONFIG reply {reply:?}");
     let size = u32::from_le_bytes(reply[4..8].try_into().unwrap());
     assert_eq!(size, 12);
     let payload = &reply[12..];
-    if vmm.offered & common::vmm::F_MAC != 0 {
+    if vmm.offered & testkit::vmm::F_MAC != 0 {
         let mac = &payload[0..6];
         assert!(mac.iter().any(|&b| b != 0), "MAC offered but zero: {mac:?}");
         assert_eq!(mac[0] & 1, 0, "multicast MAC {mac:?}");

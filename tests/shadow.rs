@@ -2,10 +2,8 @@
 //! virtqueues, and the relay's counters must match what the driver saw.
 //! Every frame sent on TX 2k+1 comes back byte for byte on RX 2k.
 
-mod common;
-
-use common::scenario::loopback;
-use common::DriverOpts;
+use testkit::scenario::loopback;
+use testkit::DriverOpts;
 
 #[test]
 fn shadow_one_pair() {

@@ -3,16 +3,14 @@
 //! lengths, duplicates and every byte), and the indexes the daemon reports
 //! (query-shadow-vq, GET_VRING_BASE) match what the driver saw.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use common::qmp::{queue_info, u64_field};
-use common::{pump, Daemon, DriverOpts, Qmp, Until, Vmm, VmmConfig};
 use serde_json::json;
+use testkit::qmp::{queue_info, u64_field};
+use testkit::{pump, Daemon, DriverOpts, Qmp, Until, Vmm, VmmConfig};
 
 /// Runs `switches` mode changes (shadow on, off, on, ...) from a second
 /// thread while the driver pushes traffic, then checks everything.
@@ -93,14 +91,14 @@ fn switch_under_traffic_with(pairs: u16, switches: usize, driver: DriverOpts, ex
     // Quiescent: once the reported indexes caught up with the driver's, the
     // counters published with them are final too (queried once more).
     let pairs_ref = &vmm.pairs;
-    common::qmp::query_until(&mut q, "net0", |dev| {
+    testkit::qmp::query_until(&mut q, "net0", |dev| {
         if dev["mode"] != "shadow" {
             return Ok(());
         }
         for p in pairs_ref {
             for (j, io) in [&p.rx, &p.tx].into_iter().enumerate() {
                 let qi = queue_info(dev, io.index as u64);
-                common::qmp::quiescent_queue(qi, &io.ring, j == 1)
+                testkit::qmp::quiescent_queue(qi, &io.ring, j == 1)
                     .map_err(|e| format!("queue {}: {e}", io.index))?;
             }
         }
@@ -145,7 +143,7 @@ fn switch_under_traffic_with(pairs: u16, switches: usize, driver: DriverOpts, ex
     let target = start.iter().max().unwrap() + 300;
     pump(&mut vmm.pairs, Until::Frames(target)).unwrap_or_else(|e| panic!("shadow phase: {e}"));
     let pairs_ref = &vmm.pairs;
-    let dev = common::qmp::query_until(&mut q, "net0", |dev| {
+    let dev = testkit::qmp::query_until(&mut q, "net0", |dev| {
         for (k, p) in pairs_ref.iter().enumerate() {
             let frames = target - start[k];
             for (j, io) in [&p.rx, &p.tx].into_iter().enumerate() {
@@ -158,7 +156,7 @@ fn switch_under_traffic_with(pairs: u16, switches: usize, driver: DriverOpts, ex
                         io.index
                     ));
                 }
-                common::qmp::quiescent_queue(qi, &io.ring, j == 1)
+                testkit::qmp::quiescent_queue(qi, &io.ring, j == 1)
                     .map_err(|e| format!("queue {}: {e}", io.index))?;
             }
         }

@@ -3,16 +3,14 @@
 //! sends into the tap reach the guest, byte for byte, in passthrough, in
 //! shadow and across a switch. Skipped when tap devices cannot be created.
 
-mod common;
-
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use common::packet::{check_frame, ETHERTYPE, MAX_FRAME};
-use common::{pump, Daemon, Qmp, Until, Vmm, VmmConfig};
 use serde_json::json;
+use testkit::packet::{check_frame, ETHERTYPE, MAX_FRAME};
+use testkit::{pump, Daemon, Qmp, Until, Vmm, VmmConfig};
 
 const ETH_P_ALL: u16 = 0x0003;
 
@@ -160,7 +158,7 @@ fn run(shadow: &str, switch: bool) {
     let mut captured: Vec<Vec<u8>> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(15);
     while captured.len() < frames as usize {
-        common::ring::wait_eventfds(&p.call_fds(), 50);
+        testkit::ring::wait_eventfds(&p.call_fds(), 50);
         p.service_tx().unwrap_or_else(|e| panic!("TX: {e}"));
         while let Some(f) = sock.try_recv() {
             if f.len() >= 14 && u16::from_be_bytes([f[12], f[13]]) == ETHERTYPE {

@@ -103,7 +103,7 @@ fn rings_handed_over_at_a_base_continue_from_it() {
     let pkts: Vec<Vec<u8>> = (0..3).map(|i| packet(200 + i, i as u8)).collect();
     let th: Vec<u16> = pkts.iter().map(|p| ntx.add_tx(p, 1)).collect();
     // Published before resume: no kick needed.
-    let old = ntx.avail_idx;
+    let old = ntx.ring.avail_idx;
     for &h in &th {
         ntx.push_avail(h);
     }
@@ -473,7 +473,7 @@ fn nested_indirect_breaks_only_its_queue() {
 fn avail_idx_running_ahead_breaks_only_its_queue() {
     adversarial_tx(|q| {
         // Claims 100 new entries on a 64-entry ring.
-        q.avail_idx = 99;
+        q.ring.avail_idx = 99;
         q.add_tx(&packet(64, 1), 1)
     });
 }

@@ -215,7 +215,7 @@ fn event_idx_suppresses_and_requests_interrupts() {
 
     // The device keeps avail_event current, so the driver is asked to kick.
     let h = rig.queues[TX].add_tx(&packet(64, 4), 1);
-    let old = rig.queues[TX].avail_idx;
+    let old = rig.queues[TX].ring.avail_idx;
     rig.queues[TX].push_avail(h);
     assert!(rig.queues[TX].publish(old), "avail_event asks for a kick");
     rig.queues[RX].wait_used(1);

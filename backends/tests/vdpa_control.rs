@@ -2,13 +2,11 @@
 //! sequence of open, feature negotiation and DRIVER_OK, status rules,
 //! suspend/resume, vring state, config space.
 
-mod vdpa_fake;
-
 use std::sync::Arc;
 
 use backends::vdpa::{backend_bits, IotlbKind, IotlbMsg, VdpaNet, ACCESS_RW};
 use backends::{BackendError, DeviceBackend, IovaRange, VringAddrs};
-use vdpa_fake::*;
+use testkit::vdpa_fake::*;
 use vmm_sys_util::eventfd::EventFd;
 
 const TOP: u64 = (1 << 48) - 4096;

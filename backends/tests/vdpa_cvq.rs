@@ -2,14 +2,12 @@
 //! consumes the ring through the IOTLB entries it was given (in the ASID of
 //! the queue's group) and writes the ack.
 
-mod vdpa_fake;
-
 use std::time::Duration;
 
 use backends::vdpa::VdpaNet;
 use backends::NetCtrlState;
 use backends::{BackendError, DeviceBackend};
-use vdpa_fake::*;
+use testkit::vdpa_fake::*;
 
 const NEW_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xab, 0xcd, 0xef];
 const TOP: u64 = (1 << 48) - 4096;

@@ -2,13 +2,11 @@
 //! messages, batching, ASIDs, range and overlap checks, failures, and
 //! mappings across a reset.
 
-mod vdpa_fake;
-
 use std::sync::Arc;
 
 use backends::vdpa::{backend_bits, IotlbKind, IotlbMsg, ACCESS_RO, ACCESS_RW};
 use backends::{BackendError, DeviceBackend};
-use vdpa_fake::*;
+use testkit::vdpa_fake::*;
 
 const TOP: u64 = (1 << 48) - 4096;
 

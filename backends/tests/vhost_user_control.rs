@@ -14,13 +14,10 @@ use vhost_user_fakedev::*;
 use vm_memory::{Bytes, MmapRegion, VolatileMemory};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-const VERSION_1: u64 = 1 << 32;
-const MRG_RXBUF: u64 = 1 << 15;
-const MQ: u64 = 1 << 22;
-const IN_ORDER: u64 = 1 << 35;
-const MAC: u64 = 1 << 5;
-const STATUS: u64 = 1 << 16;
-const MTU: u64 = 1 << 3;
+use virtio_features::{
+    F_IN_ORDER as IN_ORDER, F_LOG_ALL as LOG_ALL, F_VERSION_1 as VERSION_1, NET_F_MAC as MAC,
+    NET_F_MQ as MQ, NET_F_MRG_RXBUF as MRG_RXBUF, NET_F_MTU as MTU, NET_F_STATUS as STATUS,
+};
 
 const MEM_IOVA: u64 = 0x10_0000;
 const MEM_SIZE: usize = 0x4_0000;
@@ -360,7 +357,6 @@ fn too_few_device_queues_is_an_error() {
 
 #[test]
 fn dirty_logging_messages_and_their_replay() {
-    const LOG_ALL: u64 = 1 << 26;
     let d = dir("log");
     let path = d.0.join("dev.sock");
     let fake = FakeDevice::start(

@@ -15,13 +15,13 @@ use vm_memory::{Bytes, MmapRegion, VolatileMemory};
 
 #[test]
 fn traffic_comes_back_and_the_memory_table_changes_under_traffic() {
-    if !peers_available() {
+    if !testpmd_or_skip() {
         return;
     }
     let _serial = serial();
     let dir = TempDir::new("traffic");
     let sock = dir.0.join("vhost.sock");
-    let mut pmd = Testpmd::start(&sock, &dir.0, "io", "t");
+    let mut pmd = device_pmd(&sock, &dir.0, 1);
     // IOVA 0 works: guest memory can be mapped at IOVA = GPA.
     let mut rig = VuRig::new(&sock, 0);
     assert_eq!(rig.dev.connection_generation(), 1);
@@ -90,14 +90,14 @@ fn traffic_comes_back_and_the_memory_table_changes_under_traffic() {
     }
 
     drop(rig);
-    let log = pmd.stop();
+    let log = pmd.stop_log();
     assert_eq!(
-        final_count(&log, "RX"),
+        last_number(&log, "RX-packets:"),
         Some(sent),
         "testpmd's count\n{log}"
     );
     assert_eq!(
-        final_count(&log, "TX"),
+        last_number(&log, "TX-packets:"),
         Some(sent),
         "testpmd's count\n{log}"
     );
@@ -105,13 +105,13 @@ fn traffic_comes_back_and_the_memory_table_changes_under_traffic() {
 
 #[test]
 fn suspend_and_vring_base_keep_the_ring_position() {
-    if !peers_available() {
+    if !testpmd_or_skip() {
         return;
     }
     let _serial = serial();
     let dir = TempDir::new("suspend");
     let sock = dir.0.join("vhost.sock");
-    let _pmd = Testpmd::start(&sock, &dir.0, "io", "s");
+    let _pmd = device_pmd(&sock, &dir.0, 1);
     let mut rig = VuRig::new(&sock, 0x4000_0000);
     rig.exchange(&frames(&[64; 5], 1));
 
@@ -127,7 +127,7 @@ fn suspend_and_vring_base_keep_the_ring_position() {
     let rx_base = rig.dev.vring_base(RX).unwrap();
     assert_eq!(rx_base, 5, "RX: 5 used, 8 still available");
     assert_eq!(rig.rx.used_idx(), 5);
-    assert_eq!(rig.rx.avail_idx, 13);
+    assert_eq!(rig.rx.ring.avail_idx, 13);
 
     // Packets queued while suspended go out after resume, into the spare
     // RX buffers.
@@ -168,7 +168,7 @@ fn suspend_and_vring_base_keep_the_ring_position() {
         rig.dev.set_vring_addr(
             TX,
             VringAddrs {
-                desc: rig.tx.desc + 0x1000,
+                desc: rig.tx.desc() + 0x1000,
                 ..rig.tx.addrs()
             }
         ),
@@ -184,19 +184,23 @@ fn suspend_and_vring_base_keep_the_ring_position() {
 
 #[test]
 fn a_restarted_testpmd_is_reconnected_and_traffic_resumes() {
-    if !peers_available() {
+    if !testpmd_or_skip() {
         return;
     }
     let _serial = serial();
     let dir = TempDir::new("restart");
     let sock = dir.0.join("vhost.sock");
-    let mut pmd = Testpmd::start(&sock, &dir.0, "io", "r1");
+    let mut pmd = device_pmd(&sock, &dir.0, 1);
     let mut rig = VuRig::new(&sock, 0x4000_0000);
     let first = frames(&[64, 1500, 64], 1);
     rig.exchange(&first);
 
-    let log = pmd.stop();
-    assert_eq!(final_count(&log, "RX"), Some(first.len() as u64), "{log}");
+    let log = pmd.stop_log();
+    assert_eq!(
+        last_number(&log, "RX-packets:"),
+        Some(first.len() as u64),
+        "{log}"
+    );
     wait_until("the backend to see the disconnect", || {
         !rig.dev.is_connected()
     });
@@ -228,7 +232,7 @@ fn a_restarted_testpmd_is_reconnected_and_traffic_resumes() {
         .unwrap();
     rig.dev.set_vring_base(RX, rig.rx.used_idx()).unwrap();
 
-    let mut pmd = Testpmd::start(&sock, &dir.0, "io", "r2");
+    let mut pmd = device_pmd(&sock, &dir.0, 1);
     wait_until("reconnection", || rig.dev.connection_generation() == 2);
     assert!(rig.dev.is_connected());
 
@@ -247,19 +251,19 @@ fn a_restarted_testpmd_is_reconnected_and_traffic_resumes() {
     rig.exchange(&frames(&[64], 3));
 
     drop(rig);
-    let log = pmd.stop();
-    assert_eq!(final_count(&log, "RX"), Some(4 + 32 + 1), "{log}");
+    let log = pmd.stop_log();
+    assert_eq!(last_number(&log, "RX-packets:"), Some(4 + 32 + 1), "{log}");
 }
 
 #[test]
 fn two_queue_pairs_and_stopping_one_ring_leaves_the_others_running() {
-    if !peers_available() {
+    if !testpmd_or_skip() {
         return;
     }
     let _serial = serial();
     let dir = TempDir::new("mq");
     let sock = dir.0.join("vhost.sock");
-    let _pmd = Testpmd::start_mq(&sock, &dir.0, "io", "m", 2);
+    let _pmd = device_pmd(&sock, &dir.0, 2);
     let mut rig = VuRig::with_pairs(&sock, 0, 2);
     rig.exchange_on(0, &frames(&[64, 1500], 1));
     rig.exchange_on(1, &frames(&[64, 1500], 2));
@@ -285,13 +289,13 @@ fn two_queue_pairs_and_stopping_one_ring_leaves_the_others_running() {
 
 #[test]
 fn a_reset_then_new_rings_bring_traffic_back() {
-    if !peers_available() {
+    if !testpmd_or_skip() {
         return;
     }
     let _serial = serial();
     let dir = TempDir::new("reset");
     let sock = dir.0.join("vhost.sock");
-    let mut pmd = Testpmd::start(&sock, &dir.0, "io", "x");
+    let mut pmd = device_pmd(&sock, &dir.0, 1);
     let mut rig = VuRig::new(&sock, 0x4000_0000);
     rig.exchange(&frames(&[64; 7], 1));
 
@@ -311,8 +315,8 @@ fn a_reset_then_new_rings_bring_traffic_back() {
     assert_eq!(rig.dev.connection_generation(), 1);
 
     drop(rig);
-    let log = pmd.stop();
-    assert_eq!(final_count(&log, "RX"), Some(10), "{log}");
+    let log = pmd.stop_log();
+    assert_eq!(last_number(&log, "RX-packets:"), Some(10), "{log}");
 }
 
 /// Whether the device marked the 4 KiB page holding `iova` in `log`.
@@ -327,13 +331,13 @@ fn dirty(log: &MmapRegion, iova: u64) -> bool {
 
 #[test]
 fn the_device_logs_the_pages_it_writes_while_logging_is_on() {
-    if !peers_available() {
+    if !testpmd_or_skip() {
         return;
     }
     let _serial = serial();
     let dir = TempDir::new("log");
     let sock = dir.0.join("vhost.sock");
-    let _pmd = Testpmd::start(&sock, &dir.0, "io", "l");
+    let _pmd = device_pmd(&sock, &dir.0, 1);
     let mut rig = VuRig::new(&sock, 0x4000_0000);
     assert!(rig.dev.has_dirty_log());
     rig.exchange(&frames(&[64; 3], 1));
@@ -341,7 +345,7 @@ fn the_device_logs_the_pages_it_writes_while_logging_is_on() {
     // One bit per page up to the end of the test memory.
     let end = rig.iova + rig.region.size() as u64;
     let log = memfd_region(((end >> 12) / 8 + 1).next_multiple_of(4096) as usize);
-    let (rx_used, tx_used) = (rig.rx.used, rig.tx.used);
+    let (rx_used, tx_used) = (rig.rx.used(), rig.tx.used());
     rig.dev.set_vring_log_addr(RX, Some(rx_used)).unwrap();
     rig.dev.set_vring_log_addr(TX, Some(tx_used)).unwrap();
     rig.dev
@@ -362,7 +366,7 @@ fn the_device_logs_the_pages_it_writes_while_logging_is_on() {
     for a in tx_bufs.step_by(4096) {
         assert!(!dirty(&log, a), "TX buffer page {a:#x} is clean");
     }
-    assert!(!dirty(&log, rig.rx.desc) && !dirty(&log, rig.tx.desc));
+    assert!(!dirty(&log, rig.rx.desc()) && !dirty(&log, rig.tx.desc()));
 
     // Logging off: nothing more is marked.
     rig.dev.set_dirty_log(None).unwrap();
@@ -381,13 +385,13 @@ fn the_device_logs_the_pages_it_writes_while_logging_is_on() {
 
 #[test]
 fn listening_for_a_device_that_connects_and_comes_back() {
-    if !peers_available() {
+    if !testpmd_or_skip() {
         return;
     }
     let _serial = serial();
     let dir = TempDir::new("client");
     let sock = dir.0.join("relay.sock");
-    let mut pmd = Testpmd::start_client(&sock, &dir.0, "io", "c1");
+    let mut pmd = client_pmd(&sock, &dir.0);
     let dev = VhostUserNet::connect_with(
         &sock,
         VhostUserOptions {
@@ -401,13 +405,13 @@ fn listening_for_a_device_that_connects_and_comes_back() {
     pmd.wait_forwarding();
     rig.exchange(&frames(&[64, 1500, 64], 1));
 
-    let log = pmd.stop();
-    assert_eq!(final_count(&log, "RX"), Some(3), "{log}");
+    let log = pmd.stop_log();
+    assert_eq!(last_number(&log, "RX-packets:"), Some(3), "{log}");
     wait_until("the backend to see the disconnect", || {
         !rig.dev.is_connected()
     });
     assert!(sock.exists(), "the backend keeps listening");
-    let mut pmd = Testpmd::start_client(&sock, &dir.0, "io", "c2");
+    let mut pmd = client_pmd(&sock, &dir.0);
     wait_until("the device to come back", || {
         rig.dev.connection_generation() == 2
     });
@@ -416,6 +420,6 @@ fn listening_for_a_device_that_connects_and_comes_back() {
 
     drop(rig);
     assert!(!sock.exists(), "the socket goes with the backend");
-    let log = pmd.stop();
-    assert_eq!(final_count(&log, "RX"), Some(16), "{log}");
+    let log = pmd.stop_log();
+    assert_eq!(last_number(&log, "RX-packets:"), Some(16), "{log}");
 }

@@ -1,6 +1,7 @@
-//! Feature negotiation with the VMM (GET/SET_FEATURES, protocol features)
-//! and what the device behind the relay is given.
+//! Feature negotiation with the VMM (GET/SET_FEATURES, the vhost-user
+//! protocol features offered) and what the device behind the relay is given.
 
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use virtio_features::{self as vf, F_LOG_ALL, F_PROTOCOL_FEATURES, TRANSPORT_MASK};
 
 use super::error::{DeviceError, Result};
@@ -78,5 +79,26 @@ impl Device {
 
     pub fn set_protocol_features(&mut self, f: u64) {
         self.protocol_features = f;
+    }
+}
+
+/// Protocol features offered besides the migration ones. CONFIG is not:
+/// QEMU's virtio-net has no use for the back-end's config space (it warns
+/// "supports VHOST_USER_PROTOCOL_F_CONFIG but QEMU does not"); GET_CONFIG
+/// is still answered for frontends that read it anyway.
+pub fn protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::STATUS
+        | VhostUserProtocolFeatures::RESET_DEVICE
+}
+
+/// Everything offered: the above plus LOG_SHMFD, DEVICE_STATE,
+/// INFLIGHT_SHMFD, and PAGEFAULT when the host passed the postcopy check
+/// (`migration::userfaultfd::offer`).
+impl Device {
+    pub fn offered_protocol_features(&self) -> VhostUserProtocolFeatures {
+        protocol_features() | self.migration.protocol_features()
     }
 }

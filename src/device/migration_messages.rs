@@ -23,7 +23,7 @@ impl Device {
         phase: VhostTransferStatePhase,
         fd: File,
     ) -> Result<Option<File>> {
-        let offered = crate::vhost_user::offered_protocol_features(self).bits();
+        let offered = self.offered_protocol_features().bits();
         let limits = self.state_limits(offered);
         // The snapshot is taken first (the closure cannot borrow the device
         // while `migration` is borrowed mutably); only a SAVE uses it.

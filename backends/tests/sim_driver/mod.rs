@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 
 use std::os::unix::io::AsRawFd;
-use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,15 +11,15 @@ use backends::{DeviceBackend, DmaRegion, VringAddrs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-pub const F_VERSION_1: u64 = 1 << 32;
-pub const F_MRG_RXBUF: u64 = 1 << 15;
-pub const F_EVENT_IDX: u64 = 1 << 29;
-pub const F_INDIRECT: u64 = 1 << 28;
-pub const F_MQ: u64 = 1 << 22;
+// Each test binary that includes this module uses some of these.
+#[allow(unused_imports)]
+pub use virtio_features::{
+    F_VERSION_1, NET_F_MQ as F_MQ, NET_F_MRG_RXBUF as F_MRG_RXBUF, RING_F_EVENT_IDX as F_EVENT_IDX,
+    RING_F_INDIRECT_DESC as F_INDIRECT,
+};
 
-pub const DESC_F_NEXT: u16 = 1;
-pub const DESC_F_WRITE: u16 = 2;
-pub const DESC_F_INDIRECT: u16 = 4;
+#[allow(unused_imports)]
+pub use testkit::ring::{need_event, SplitRing, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
 
 pub const HDR: usize = 12;
 pub const TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,19 +40,17 @@ pub fn driver_view(region: &Arc<MmapRegion>, iova: u64) -> GuestMemoryMmap {
     GuestMemoryMmap::from_arc_regions(vec![Arc::new(r)]).unwrap()
 }
 
+/// One queue of the sim seen from the driver: the workspace's split-ring
+/// driver (`testkit::ring::SplitRing`) for the ring layout, with a fixed
+/// buffer per descriptor and descriptors handed out round robin, so tests
+/// can also write raw (broken) descriptors at known places.
 pub struct DriverQueue {
+    pub ring: SplitRing,
     pub mem: GuestMemoryMmap,
-    pub size: u16,
-    pub desc: u64,
-    pub avail: u64,
-    pub used: u64,
     pub bufs: u64,
     pub buf_size: u64,
     pub kick: Arc<EventFd>,
     pub call: Arc<EventFd>,
-    pub avail_idx: u16,
-    pub last_used: u16,
-    pub event_idx: bool,
     next_desc: u16,
 }
 
@@ -65,54 +62,59 @@ impl DriverQueue {
         let used = (avail + 6 + 2 * u64::from(size) + 3) & !3;
         assert!(used + 6 + 8 * u64::from(size) < base + BUF_OFFSET);
         assert!(BUF_OFFSET + buf_size * u64::from(size) <= QUEUE_AREA);
-        let q = DriverQueue {
+        DriverQueue {
+            ring: SplitRing::new(
+                mem,
+                size,
+                GuestAddress(desc),
+                GuestAddress(avail),
+                GuestAddress(used),
+            ),
             mem: mem.clone(),
-            size,
-            desc,
-            avail,
-            used,
             bufs: base + BUF_OFFSET,
             buf_size,
             kick: Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
             call: Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
-            avail_idx: 0,
-            last_used: 0,
-            event_idx: false,
             next_desc: 0,
-        };
-        // Zero the ring areas.
-        let zeros = vec![0u8; (used + 6 + 8 * u64::from(size) - desc) as usize];
-        q.mem.write_slice(&zeros, GuestAddress(desc)).unwrap();
-        q
+        }
     }
 
     /// A fresh ring in the same place, keeping the eventfds the device has.
     pub fn renew(&mut self) {
-        let mut fresh = DriverQueue::new(&self.mem, self.desc, self.size, self.buf_size);
+        let mut fresh = DriverQueue::new(&self.mem, self.desc(), self.size(), self.buf_size);
         fresh.kick = Arc::clone(&self.kick);
         fresh.call = Arc::clone(&self.call);
-        fresh.event_idx = self.event_idx;
+        fresh.ring.event_idx = self.ring.event_idx;
         *self = fresh;
+    }
+
+    pub fn size(&self) -> u16 {
+        self.ring.size
+    }
+
+    pub fn desc(&self) -> u64 {
+        self.ring.desc.0
+    }
+
+    pub fn avail(&self) -> u64 {
+        self.ring.avail.0
+    }
+
+    pub fn used(&self) -> u64 {
+        self.ring.used.0
     }
 
     pub fn addrs(&self) -> VringAddrs {
         VringAddrs {
-            desc: self.desc,
-            avail: self.avail,
-            used: self.used,
+            desc: self.desc(),
+            avail: self.avail(),
+            used: self.used(),
         }
     }
 
     /// Starts the ring at index `base` (as after a hand-over).
     pub fn start_at(&mut self, base: u16) {
-        self.avail_idx = base;
-        self.last_used = base;
-        self.mem
-            .write_obj(base.to_le(), GuestAddress(self.avail + 2))
-            .unwrap();
-        self.mem
-            .write_obj(base.to_le(), GuestAddress(self.used + 2))
-            .unwrap();
+        self.ring.start_at(base);
     }
 
     pub fn buf_addr(&self, desc: u16) -> u64 {
@@ -120,26 +122,16 @@ impl DriverQueue {
     }
 
     pub fn write_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let a = GuestAddress(self.desc + 16 * u64::from(i));
-        self.mem.write_obj(addr.to_le(), a).unwrap();
-        self.mem
-            .write_obj(len.to_le(), GuestAddress(a.0 + 8))
-            .unwrap();
-        self.mem
-            .write_obj(flags.to_le(), GuestAddress(a.0 + 12))
-            .unwrap();
-        self.mem
-            .write_obj(next.to_le(), GuestAddress(a.0 + 14))
-            .unwrap();
+        self.ring.write_desc(i, addr, len, flags, next);
     }
 
     fn alloc(&mut self, n: u16) -> u16 {
         // Descriptors are handed out round-robin; tests never keep more than
         // the ring size in flight.
         let first = self.next_desc;
-        self.next_desc = (self.next_desc + n) % self.size;
+        self.next_desc = (self.next_desc + n) % self.size();
         assert!(
-            first + n <= self.size,
+            first + n <= self.size(),
             "test chain wraps the descriptor table"
         );
         first
@@ -156,7 +148,7 @@ impl DriverQueue {
             self.write_desc(head, self.buf_addr(head), 0, 0, 0);
             return head;
         }
-        if self.next_desc + n > self.size {
+        if self.next_desc + n > self.size() {
             self.next_desc = 0;
         }
         let head = self.alloc(n);
@@ -176,7 +168,7 @@ impl DriverQueue {
     /// A device-writable chain of `segs` descriptors of `seg_len` bytes each.
     pub fn add_rx(&mut self, segs: u16, seg_len: u32) -> u16 {
         assert!(u64::from(seg_len) <= self.buf_size);
-        if self.next_desc + segs > self.size {
+        if self.next_desc + segs > self.size() {
             self.next_desc = 0;
         }
         let head = self.alloc(segs);
@@ -194,41 +186,18 @@ impl DriverQueue {
 
     /// Puts `head` in the avail ring (not yet visible to the device).
     pub fn push_avail(&mut self, head: u16) {
-        let slot = u64::from(self.avail_idx % self.size);
-        self.mem
-            .write_obj(head.to_le(), GuestAddress(self.avail + 4 + 2 * slot))
-            .unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.ring.push_avail_raw(head);
     }
 
-    /// Publishes the avail idx and kicks unless the device said not to.
-    /// Returns whether it kicked.
+    /// Publishes the avail idx and kicks unless the device said not to
+    /// (NO_NOTIFY, or avail_event under EVENT_IDX; `old` is the avail idx
+    /// at the last publish). Returns whether it kicked.
     pub fn publish(&mut self, old: u16) -> bool {
-        fence(Ordering::SeqCst);
-        self.mem
-            .store(
-                self.avail_idx.to_le(),
-                GuestAddress(self.avail + 2),
-                Ordering::Release,
-            )
-            .unwrap();
-        fence(Ordering::SeqCst);
-        let flags: u16 = self
-            .mem
-            .load(GuestAddress(self.used), Ordering::Acquire)
-            .unwrap();
-        let avail_event: u16 = self
-            .mem
-            .load(
-                GuestAddress(self.used + 4 + 8 * u64::from(self.size)),
-                Ordering::Acquire,
-            )
-            .unwrap();
-        let kick = if self.event_idx {
-            let new = self.avail_idx;
-            new.wrapping_sub(avail_event).wrapping_sub(1) < new.wrapping_sub(old)
+        self.ring.publish();
+        let kick = if self.ring.event_idx {
+            need_event(self.ring.avail_event(), self.ring.avail_idx, old)
         } else {
-            flags & 1 == 0
+            self.ring.used_flags() & 1 == 0
         };
         if kick {
             self.kick.write(1).unwrap();
@@ -238,7 +207,7 @@ impl DriverQueue {
 
     /// push_avail + publish for each head.
     pub fn submit(&mut self, heads: &[u16]) {
-        let old = self.avail_idx;
+        let old = self.ring.avail_idx;
         for &h in heads {
             self.push_avail(h);
         }
@@ -246,22 +215,18 @@ impl DriverQueue {
     }
 
     pub fn used_idx(&self) -> u16 {
-        u16::from_le(
-            self.mem
-                .load(GuestAddress(self.used + 2), Ordering::Acquire)
-                .unwrap(),
-        )
+        self.ring.device_used_idx()
     }
 
     /// Waits (bounded) until the device has published `count` new used
     /// entries, and returns them as (id, len).
     pub fn wait_used(&mut self, count: u16) -> Vec<(u16, u32)> {
         let deadline = Instant::now() + TIMEOUT;
-        while self.used_idx().wrapping_sub(self.last_used) < count {
+        while self.used_idx().wrapping_sub(self.ring.last_used) < count {
             assert!(
                 Instant::now() < deadline,
                 "timeout: {} of {count} used entries",
-                self.used_idx().wrapping_sub(self.last_used)
+                self.used_idx().wrapping_sub(self.ring.last_used)
             );
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -270,17 +235,7 @@ impl DriverQueue {
 
     /// Up to `max` used entries published and not yet taken.
     pub fn take_used(&mut self, max: u16) -> Vec<(u16, u32)> {
-        let idx = self.used_idx();
-        let mut out = Vec::new();
-        while self.last_used != idx && out.len() < usize::from(max) {
-            let slot = u64::from(self.last_used % self.size);
-            let a = self.used + 4 + 8 * slot;
-            let id: u32 = self.mem.read_obj(GuestAddress(a)).unwrap();
-            let len: u32 = self.mem.read_obj(GuestAddress(a + 4)).unwrap();
-            out.push((u32::from_le(id) as u16, u32::from_le(len)));
-            self.last_used = self.last_used.wrapping_add(1);
-        }
-        out
+        self.ring.take_used_raw(max)
     }
 
     /// Reads `len` bytes written into the chain starting at `head` (the
@@ -301,33 +256,22 @@ impl DriverQueue {
     }
 
     pub fn set_used_event(&self, v: u16) {
-        let a = self.avail + 4 + 2 * u64::from(self.size);
-        self.mem
-            .store(v.to_le(), GuestAddress(a), Ordering::Release)
-            .unwrap();
+        self.ring.set_used_event(v);
     }
 
     pub fn set_no_interrupt(&self, on: bool) {
-        self.mem
-            .store(
-                u16::from(on).to_le(),
-                GuestAddress(self.avail),
-                Ordering::Release,
-            )
-            .unwrap();
+        self.ring.set_avail_flags(u16::from(on));
     }
 
     /// Consumes and returns whether the call eventfd was signalled.
     pub fn called(&self) -> bool {
         self.call.read().is_ok()
     }
-}
 
-// `publish` needs to know whether EVENT_IDX is on; kept outside the
-// constructor so tests can flip it after negotiation.
-impl DriverQueue {
+    /// `publish` honours EVENT_IDX; kept outside the constructor so tests
+    /// can flip it after negotiation.
     pub fn with_event_idx(mut self, on: bool) -> Self {
-        self.event_idx = on;
+        self.ring.event_idx = on;
         self
     }
 }

@@ -41,7 +41,7 @@ pub const P_REPLY_ACK: u64 = 8;
 pub const P_CONFIG: u64 = 0x200;
 pub const P_STATUS: u64 = 0x1_0000;
 
-pub const F_PROTOCOL: u64 = 1 << 30;
+pub use virtio_features::F_PROTOCOL_FEATURES as F_PROTOCOL;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Msg {

@@ -2,10 +2,9 @@
 //! and a split-ring driver rig on top of `VhostUserNet`.
 #![allow(dead_code)]
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard};
+
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backends::vhost_user::VhostUserNet;
@@ -19,29 +18,22 @@ pub const TX: usize = 1;
 /// Bound on every wait for testpmd (start, stop, reconnect).
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// One testpmd at a time: two cores, 256 MiB each.
-static SERIAL: Mutex<()> = Mutex::new(());
+pub use testkit::peers::testpmd_or_skip;
+pub use testkit::testpmd::{last_number, serial, Testpmd};
 
-pub fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+/// testpmd with a net_vhost port listening on `sock`, `queues` pairs (one
+/// forwarding stream per queue: RX queue k goes back out on TX queue k),
+/// `io` forwarding, once it accepts connections and forwards.
+pub fn device_pmd(sock: &Path, dir: &Path, queues: u16) -> Testpmd {
+    let mut p = Testpmd::vhost(sock).dir(dir).queues(queues).spawn();
+    p.wait_listening().wait_forwarding();
+    p
 }
 
-fn on_path(cmd: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
-        .unwrap_or(false)
-}
-
-/// False (after printing why) when the test must be skipped.
-pub fn peers_available() -> bool {
-    if on_path("dpdk-testpmd") {
-        return true;
-    }
-    if std::env::var("SVQ_RELAY_REQUIRE_PEERS").as_deref() == Ok("1") {
-        panic!("dpdk-testpmd not installed and SVQ_RELAY_REQUIRE_PEERS=1");
-    }
-    println!("skipping: dpdk-testpmd not installed");
-    false
+/// testpmd whose net_vhost port connects to `sock` (`client=1`) and
+/// reconnects about once a second; nothing to wait for here.
+pub fn client_pmd(sock: &Path, dir: &Path) -> Testpmd {
+    Testpmd::vhost_client(sock).dir(dir).spawn()
 }
 
 /// A scratch directory removed on drop.
@@ -60,167 +52,6 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-pub struct Testpmd {
-    child: Option<Child>,
-    log: PathBuf,
-    prefix: String,
-}
-
-impl Testpmd {
-    /// Starts testpmd with a net_vhost port listening on `sock` and waits
-    /// until the socket accepts connections.
-    pub fn start(sock: &Path, dir: &Path, mode: &str, tag: &str) -> Testpmd {
-        Self::start_mq(sock, dir, mode, tag, 1)
-    }
-
-    /// As `start`, with `queues` queue pairs on the port (one forwarding
-    /// stream per queue: RX queue k goes back out on TX queue k).
-    pub fn start_mq(sock: &Path, dir: &Path, mode: &str, tag: &str, queues: u16) -> Testpmd {
-        let _ = std::fs::remove_file(sock);
-        let mut t = Self::spawn(sock, dir, mode, tag, queues, false);
-        let deadline = Instant::now() + PEER_TIMEOUT;
-        loop {
-            if std::os::unix::net::UnixStream::connect(sock).is_ok() {
-                // That probe connection counts as a frontend that left;
-                // wait until testpmd has forgotten it.
-                std::thread::sleep(Duration::from_millis(200));
-                break;
-            }
-            if let Some(c) = t.child.as_mut() {
-                if let Ok(Some(st)) = c.try_wait() {
-                    panic!("testpmd exited ({st}) during start:\n{}", t.output());
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "testpmd did not listen:\n{}",
-                t.output()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        t.wait_forwarding();
-        t
-    }
-
-    /// testpmd whose net_vhost port connects to `sock` (`client=1`) and
-    /// reconnects about once a second; nothing to wait for here.
-    pub fn start_client(sock: &Path, dir: &Path, mode: &str, tag: &str) -> Testpmd {
-        Self::spawn(sock, dir, mode, tag, 1, true)
-    }
-
-    fn spawn(sock: &Path, dir: &Path, mode: &str, tag: &str, queues: u16, client: bool) -> Testpmd {
-        let prefix = format!("svqvu{}{tag}", std::process::id());
-        let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{prefix}"));
-        let log = dir.join(format!("testpmd-{tag}.log"));
-        let out = File::create(&log).unwrap();
-        let child = Command::new("timeout")
-            .args(["-s", "KILL", "120", "dpdk-testpmd"])
-            .args(["--lcores", "0@0,1@0", "--no-huge", "-m", "256", "--no-pci"])
-            .args(["--file-prefix", &prefix])
-            .arg("--vdev")
-            .arg(format!(
-                "net_vhost0,iface={},queues={queues}{}",
-                sock.display(),
-                if client { ",client=1" } else { "" }
-            ))
-            .args([
-                "--",
-                "--total-num-mbufs=8192",
-                "--stats-period",
-                "1",
-                "--auto-start",
-            ])
-            .arg(format!("--forward-mode={mode}"))
-            .arg(format!("--rxq={queues}"))
-            .arg(format!("--txq={queues}"))
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("spawning dpdk-testpmd");
-        Testpmd {
-            child: Some(child),
-            log,
-            prefix,
-        }
-    }
-
-    /// Waits until forwarding runs. testpmd drains (and drops) what its
-    /// queues hold when forwarding starts, so packets sent before are lost;
-    /// a device that connects to us can be ready before that.
-    pub fn wait_forwarding(&self) {
-        wait_until("testpmd to start forwarding", || {
-            self.output().contains("forwards packets on")
-        });
-    }
-
-    pub fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGINT (testpmd prints its final statistics), bounded wait, then
-    /// SIGKILL. Returns the log.
-    pub fn stop(&mut self) -> String {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: kill takes no pointers; the pid is our own child, not yet
-            // reaped, so it cannot have been reused.
-            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGINT) };
-            let deadline = Instant::now() + PEER_TIMEOUT;
-            loop {
-                match c.try_wait() {
-                    Ok(Some(_)) => break,
-                    Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(50))
-                    }
-                    _ => {
-                        let _ = c.kill();
-                        let _ = c.wait();
-                        break;
-                    }
-                }
-            }
-            let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{}", self.prefix));
-        }
-        self.output()
-    }
-}
-
-impl Drop for Testpmd {
-    fn drop(&mut self) {
-        let log = self.stop();
-        if std::thread::panicking() {
-            // The device's side of a failure, minus the statistics screens.
-            let lines: Vec<&str> = log
-                .lines()
-                .filter(|l| {
-                    !l.trim().is_empty()
-                        && !l.contains("pps")
-                        && !l.contains("###")
-                        && !l.contains("[2J")
-                        && !l.contains("Port statistics")
-                        && !l.contains("Throughput")
-                        && !l.contains("-errors:")
-                        && !l.contains("-nombuf:")
-                })
-                .collect();
-            let tail = &lines[lines.len().saturating_sub(120)..];
-            eprintln!("---- testpmd log (tail) ----\n{}", tail.join("\n"));
-        }
-    }
-}
-
-/// The last "RX-packets: N" / "TX-packets: N" in testpmd's output: its final
-/// statistics after SIGINT.
-pub fn final_count(log: &str, what: &str) -> Option<u64> {
-    let key = format!("{what}-packets:");
-    let at = log.rfind(&key)?;
-    log[at + key.len()..]
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
@@ -332,7 +163,7 @@ impl VuRig {
             let dq = self.queue(q);
             (
                 dq.addrs(),
-                dq.last_used,
+                dq.ring.last_used,
                 Arc::clone(&dq.kick),
                 Arc::clone(&dq.call),
             )

@@ -1,11 +1,8 @@
 //! The NIC control state (MAC, queue pairs) from the VMM's messages to a
 //! vDPA device's control queue, against the fake vDPA kernel.
 
-#[path = "../../../backends/tests/vdpa_fake/mod.rs"]
-mod vdpa_fake;
-
 use crate::device::Device;
-use vdpa_fake::*;
+use testkit::vdpa_fake::{self, *};
 use virtio_features::F_PROTOCOL_FEATURES;
 
 const NEW_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xab, 0xcd, 0xef];

@@ -9,9 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use iova::{AddrSpace, IovaTree};
-use virtio_bindings::bindings::virtio_ring::{
-    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
-};
+use testkit::ring::{Seg, SplitRing};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, MmapRegion, VolatileMemory};
@@ -121,49 +119,58 @@ pub struct Buf {
 #[derive(Clone, Debug)]
 pub struct Outstanding {
     pub id: u64,
-    pub descs: Vec<u16>,
     pub writable: u64,
     pub bufs: Vec<Buf>,
 }
 
-/// The guest's virtio driver.
+/// The guest's virtio driver: the workspace's split-ring driver
+/// (`testkit::ring::SplitRing`, which shares no code with this crate) at the
+/// guest ring's addresses, with each head's buffers in an area of its own
+/// (`bufs_for`) and its indirect table at `TABLE_BASE + head * TABLE_AREA`.
 pub struct GuestDriver {
-    pub q: u16,
     pub ring: GuestRing,
-    pub free: Vec<u16>,
-    pub avail_idx: u16,
-    pub last_used: u16,
+    split: SplitRing,
     pub outstanding: HashMap<u16, Outstanding>,
     pub next_id: u64,
 }
 
 impl GuestDriver {
-    pub fn new(q: u16) -> Self {
+    pub fn new(mem: &GuestMemoryMmap, q: u16) -> Self {
+        let ring = guest_ring();
         GuestDriver {
-            q,
-            ring: guest_ring(),
-            free: (0..q).rev().collect(),
-            avail_idx: 0,
-            last_used: 0,
+            ring,
+            split: SplitRing::new(
+                mem,
+                q,
+                GuestAddress(ring.desc),
+                GuestAddress(ring.avail),
+                GuestAddress(ring.used),
+            ),
             outstanding: HashMap::new(),
             next_id: 0,
         }
     }
 
+    /// Continue from `idx` (the driver's own counters; guest memory is
+    /// left as it is).
+    pub fn start_at(&mut self, idx: crate::RingIndexes) {
+        self.split.avail_idx = idx.avail;
+        self.split.last_used = idx.used;
+    }
+
+    /// The avail idx the next chain gets.
+    pub fn avail_idx(&self) -> u16 {
+        self.split.avail_idx
+    }
+
+    /// The used idx up to which entries were collected.
+    pub fn last_used(&self) -> u16 {
+        self.split.last_used
+    }
+
     pub fn write_desc(&self, mem: &GuestMemoryMmap, table: u64, i: u16, d: Descriptor) {
         mem.write_obj(d, GuestAddress(table + 16 * i as u64))
             .unwrap();
-    }
-
-    fn flags(b: &Buf, next: bool) -> u16 {
-        let mut f = 0;
-        if b.write {
-            f |= VRING_DESC_F_WRITE as u16;
-        }
-        if next {
-            f |= VRING_DESC_F_NEXT as u16;
-        }
-        f
     }
 
     /// Buffers for head `h`: `lens[i]` bytes each, packed in its area,
@@ -186,69 +193,45 @@ impl GuestDriver {
         v
     }
 
-    /// Add a chain; `make` builds the buffers for the head it gets. Returns
-    /// None when the ring has no free descriptor for it.
+    /// Add a chain and publish it; `make` builds the buffers for the head
+    /// it gets. Returns None when the ring has no free descriptor for it.
     pub fn add(
         &mut self,
-        mem: &GuestMemoryMmap,
+        _mem: &GuestMemoryMmap,
         indirect: bool,
         make: impl FnOnce(u16) -> Vec<Buf>,
     ) -> Option<(u16, u64)> {
-        let head = *self.free.last()?;
+        let head = self.split.next_head()?;
         let bufs = make(head);
-        let ndesc = if indirect { 1 } else { bufs.len() };
-        if self.free.len() < ndesc {
-            return None;
-        }
-        let descs: Vec<u16> = (0..ndesc).map(|_| self.free.pop().unwrap()).collect();
-        if indirect {
-            let table = TABLE_BASE + head as u64 * TABLE_AREA;
-            for (i, b) in bufs.iter().enumerate() {
-                let next = i + 1 < bufs.len();
-                let d = Descriptor::new(b.gpa, b.len, Self::flags(b, next), i as u16 + 1);
-                self.write_desc(mem, table, i as u16, d);
-            }
-            let d = Descriptor::new(
-                table,
-                16 * bufs.len() as u32,
-                VRING_DESC_F_INDIRECT as u16,
-                0,
-            );
-            self.write_desc(mem, self.ring.desc, head, d);
-        } else {
-            for (i, b) in bufs.iter().enumerate() {
-                let next = i + 1 < bufs.len();
-                let nxt = if next { descs[i + 1] } else { 0 };
-                let d = Descriptor::new(b.gpa, b.len, Self::flags(b, next), nxt);
-                self.write_desc(mem, self.ring.desc, descs[i], d);
-            }
-        }
+        let segs: Vec<Seg> = bufs
+            .iter()
+            .map(|b| Seg {
+                addr: GuestAddress(b.gpa),
+                len: b.len,
+                write: b.write,
+            })
+            .collect();
         let id = self.next_id;
+        let added = if indirect {
+            let table = GuestAddress(TABLE_BASE + head as u64 * TABLE_AREA);
+            self.split.add_indirect(&segs, id, table)?
+        } else {
+            self.split.add(&segs, id)?
+        };
+        assert_eq!(added, head);
+        self.split.publish();
         self.next_id += 1;
         let writable = bufs.iter().filter(|b| b.write).map(|b| b.len as u64).sum();
-        self.outstanding.insert(
-            head,
-            Outstanding {
-                id,
-                descs,
-                writable,
-                bufs,
-            },
-        );
-        self.publish_head(mem, head);
+        self.outstanding
+            .insert(head, Outstanding { id, writable, bufs });
         Some((head, id))
     }
 
-    /// Put `head` in the next avail slot and bump avail idx.
-    pub fn publish_head(&mut self, mem: &GuestMemoryMmap, head: u16) {
-        let slot = (self.avail_idx % self.q) as u64;
-        mem.write_obj(
-            u16::to_le(head),
-            GuestAddress(self.ring.avail + 4 + 2 * slot),
-        )
-        .unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.set_avail_idx(mem, self.avail_idx);
+    /// Put `head` in the next avail slot and bump avail idx (no
+    /// bookkeeping: for heads the test wrote itself).
+    pub fn publish_head(&mut self, _mem: &GuestMemoryMmap, head: u16) {
+        self.split.push_avail_raw(head);
+        self.split.publish();
     }
 
     pub fn set_avail_idx(&self, mem: &GuestMemoryMmap, idx: u16) {
@@ -260,58 +243,45 @@ impl GuestDriver {
         .unwrap();
     }
 
-    pub fn set_avail_flags(&self, mem: &GuestMemoryMmap, flags: u16) {
-        mem.write_obj(u16::to_le(flags), GuestAddress(self.ring.avail))
-            .unwrap();
+    pub fn set_avail_flags(&self, _mem: &GuestMemoryMmap, flags: u16) {
+        self.split.set_avail_flags(flags);
     }
 
-    pub fn set_used_event(&self, mem: &GuestMemoryMmap, v: u16) {
-        mem.write_obj(
-            u16::to_le(v),
-            GuestAddress(self.ring.avail + 4 + 2 * self.q as u64),
-        )
-        .unwrap();
+    pub fn set_used_event(&self, _mem: &GuestMemoryMmap, v: u16) {
+        self.split.set_used_event(v);
     }
 
-    pub fn avail_event(&self, mem: &GuestMemoryMmap) -> u16 {
-        u16::from_le(
-            mem.read_obj(GuestAddress(self.ring.used + 4 + 8 * self.q as u64))
-                .unwrap(),
-        )
+    pub fn avail_event(&self, _mem: &GuestMemoryMmap) -> u16 {
+        self.split.avail_event()
     }
 
-    pub fn used_flags(&self, mem: &GuestMemoryMmap) -> u16 {
-        u16::from_le(mem.read_obj(GuestAddress(self.ring.used)).unwrap())
+    pub fn used_flags(&self, _mem: &GuestMemoryMmap) -> u16 {
+        self.split.used_flags()
     }
 
-    pub fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
-        u16::from_le(
-            mem.load(GuestAddress(self.ring.used + 2), Ordering::Acquire)
-                .unwrap(),
-        )
+    pub fn used_idx(&self, _mem: &GuestMemoryMmap) -> u16 {
+        self.split.device_used_idx()
     }
 
-    /// Reclaim used entries: (used position, head, len, the chain).
-    pub fn collect(&mut self, mem: &GuestMemoryMmap) -> Vec<(u16, u16, u32, Outstanding)> {
-        let idx = self.used_idx(mem);
-        let mut v = Vec::new();
-        while self.last_used != idx {
-            let slot = (self.last_used % self.q) as u64;
-            let addr = self.ring.used + 4 + 8 * slot;
-            let id: u32 = u32::from_le(mem.read_obj(GuestAddress(addr)).unwrap());
-            let len: u32 = u32::from_le(mem.read_obj(GuestAddress(addr + 4)).unwrap());
-            let head = id as u16;
-            let o = self
-                .outstanding
-                .remove(&head)
-                .unwrap_or_else(|| panic!("used entry for head {head} not outstanding"));
-            for &d in o.descs.iter().rev() {
-                self.free.push(d);
-            }
-            v.push((self.last_used, head, len, o));
-            self.last_used = self.last_used.wrapping_add(1);
-        }
-        v
+    /// Reclaim used entries: (used position, head, len, the chain). The
+    /// driver checks each entry (head in flight, len within the writable
+    /// bytes); a bad one is an SVQ bug and fails the test.
+    pub fn collect(&mut self, _mem: &GuestMemoryMmap) -> Vec<(u16, u16, u32, Outstanding)> {
+        let first = self.split.last_used;
+        let used = self
+            .split
+            .pop_used()
+            .unwrap_or_else(|e| panic!("the SVQ returned a bad used entry: {e}"));
+        used.into_iter()
+            .zip(0u16..)
+            .map(|(u, k)| {
+                let o = self
+                    .outstanding
+                    .remove(&u.head)
+                    .unwrap_or_else(|| panic!("used entry for head {} not outstanding", u.head));
+                (first.wrapping_add(k), u.head, u.len, o)
+            })
+            .collect()
     }
 }
 

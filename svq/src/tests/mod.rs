@@ -54,9 +54,8 @@ impl Fixture {
         let svq = ShadowVirtqueue::new(cfg, harness::guest_ring(), start).unwrap();
         harness::map_shadow(&mut tree, &svq);
         let dev = FakeDevice::new(&svq);
-        let mut drv = GuestDriver::new(q);
-        drv.avail_idx = start.avail;
-        drv.last_used = start.used;
+        let mut drv = GuestDriver::new(&mem, q);
+        drv.start_at(start);
         Fixture {
             mem,
             tree,

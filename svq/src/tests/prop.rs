@@ -132,7 +132,7 @@ impl World {
         harness::map_shadow(&mut tree, &svq);
         let dev = FakeDevice::new(&svq);
         World {
-            drv: GuestDriver::new(p.q),
+            drv: GuestDriver::new(&mem, p.q),
             p,
             mem,
             tree,
@@ -208,7 +208,7 @@ impl World {
 
     /// Guest kick_prepare/notify for everything added since the last one.
     fn guest_kick(&mut self) {
-        let new = self.drv.avail_idx;
+        let new = self.drv.avail_idx();
         let old = std::mem::replace(&mut self.guest_kick_old, new);
         let kick = if self.p.guest_event_idx {
             need_event(self.drv.avail_event(&self.mem), new, old)
@@ -277,9 +277,9 @@ impl World {
         loop {
             self.collect();
             if self.p.guest_event_idx {
-                self.drv.set_used_event(&self.mem, self.drv.last_used);
+                self.drv.set_used_event(&self.mem, self.drv.last_used());
             }
-            if self.drv.used_idx(&self.mem) == self.drv.last_used {
+            if self.drv.used_idx(&self.mem) == self.drv.last_used() {
                 break;
             }
         }

@@ -387,7 +387,7 @@ fn switch_to_passthrough_and_back_loses_nothing() {
     heads.sort_unstable();
     assert_eq!(all, heads);
     // And back to shadow from the passthrough device's indexes.
-    let _ = (BUF_AREA, BUF_BASE, GuestDriver::new(1));
+    let _ = (BUF_AREA, BUF_BASE);
 }
 
 #[test]
@@ -483,7 +483,7 @@ fn relay_cost() {
     let total = t0.elapsed();
     // Same loop without the SVQ: driver + fake device on the guest ring.
     let mut pt = super::harness::PassthroughDevice::new(256, 0, 0);
-    let mut drv = GuestDriver::new(256);
+    let mut drv = GuestDriver::new(&f.mem, 256);
     let t1 = std::time::Instant::now();
     for _ in 0..rounds {
         for _ in 0..batch {

@@ -1,8 +1,8 @@
 //! Scenarios shared by several test files.
 
-use super::net::DriverOpts;
-use super::qmp::{query_until, queue_info, quiescent_queue, u64_field, Qmp};
-use super::{pump, Daemon, Until, Vmm, VmmConfig};
+use crate::net::DriverOpts;
+use crate::qmp::{query_until, queue_info, quiescent_queue, u64_field, Qmp};
+use crate::{pump, Daemon, Until, Vmm, VmmConfig};
 
 /// Starts a daemon with `--shadow shadow --queues pairs`, a VMM, pushes
 /// `frames` frames per pair through the sim loopback (every byte checked),

@@ -17,7 +17,7 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserDirtyLogRegion};
 use vm_memory::{FileOffset, MmapRegion};
 
-use super::vmm::{connect_stream, Vmm};
+use crate::vmm::{connect_stream, Vmm};
 
 pub use virtio_features::F_LOG_ALL;
 pub const PAGE: u64 = 4096;

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::testpmd::Testpmd;
+
 /// How long a TCG boot to the shell may take.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 pub const GUEST_MAC: &str = "52:54:00:12:34:56";
@@ -44,7 +46,7 @@ pub struct Assets {
 }
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    crate::daemon::workspace_root().to_path_buf()
 }
 
 /// The guest assets, fetched once per test binary. None (after printing
@@ -76,7 +78,7 @@ pub fn assets() -> Option<&'static Assets> {
     match r {
         Ok(a) => Some(a),
         Err(e) => {
-            super::peers::missing_peer(e);
+            crate::peers::missing_peer(e);
             None
         }
     }
@@ -94,7 +96,7 @@ pub fn qemu_or_skip() -> bool {
             Command::new(bin).arg("--version").output().is_ok()
         };
         if !found {
-            super::peers::missing_peer(why);
+            crate::peers::missing_peer(why);
             return false;
         }
     }
@@ -242,7 +244,7 @@ fn initramfs_path() -> PathBuf {
             // Built into a per-process file and renamed into place under
             // the target directory: a parallel test binary never reads a
             // half-written archive, and no file per run piles up in /tmp.
-            let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+            let dir = crate::daemon::target_tmpdir();
             let ver = a.modules.file_name().unwrap().to_string_lossy().to_string();
             let p = dir.join(format!("svq-initramfs-{ver}.cpio"));
             let tmp = dir.join(format!("svq-initramfs-{ver}.{}.tmp", std::process::id()));
@@ -550,7 +552,7 @@ pub struct QemuQmp {
 
 impl QemuQmp {
     fn connect(path: &Path) -> QemuQmp {
-        let s = super::vmm::connect_stream(path);
+        let s = crate::vmm::connect_stream(path);
         s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         let mut q = QemuQmp {
             reader: BufReader::new(s.try_clone().unwrap()),
@@ -606,79 +608,23 @@ impl QemuQmp {
 /// DPDK testpmd as a vhost-user device answering ARP and ICMP echo
 /// (`--forward-mode=icmpecho`), listening on `sock`.
 pub struct EchoPmd {
-    child: Child,
     pub sock: PathBuf,
-    log: PathBuf,
-    prefix: String,
+    pmd: Testpmd,
 }
 
 impl EchoPmd {
     pub fn spawn(dir: &Path, name: &str, pairs: u16) -> EchoPmd {
         let sock = dir.join(format!("{name}.sock"));
-        let log = dir.join(format!("{name}.log"));
-        // One EAL file prefix per testpmd: tests of one binary run in parallel.
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let prefix = format!("svq{}{name}{n}", std::process::id());
-        let child = Command::new(super::peers::TESTPMD)
-            .args(["--lcores", "0@0,1@0", "--no-huge", "-m", "256", "--no-pci"])
-            .args(["--file-prefix", &prefix])
-            .arg("--vdev")
-            .arg(format!(
-                "net_vhost0,iface={},queues={pairs}",
-                sock.display()
-            ))
-            .args(["--", "--total-num-mbufs=8192", "--auto-start"])
-            .args(["--forward-mode=icmpecho", "--stats-period", "1"])
-            .arg(format!("--rxq={pairs}"))
-            .arg(format!("--txq={pairs}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn dpdk-testpmd");
-        let mut child = child;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !sock.exists() {
-            let exited = child.try_wait().ok().flatten();
-            assert!(
-                Instant::now() < deadline && exited.is_none(),
-                "testpmd never created {} (exit {exited:?}): {}",
-                sock.display(),
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        EchoPmd {
-            child,
-            sock,
-            log,
-            prefix,
-        }
+        let mut pmd = Testpmd::vhost(&sock)
+            .dir(dir)
+            .queues(pairs)
+            .forward("icmpecho")
+            .spawn();
+        pmd.wait_listening();
+        EchoPmd { sock, pmd }
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for EchoPmd {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut exited = false;
-        while !exited && Instant::now() < deadline {
-            exited = matches!(self.child.try_wait(), Ok(Some(_)));
-            if !exited {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        if !exited {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        // EAL leaves its runtime directory behind (PEERS.md).
-        let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{}", self.prefix));
+        self.pmd.log()
     }
 }

@@ -9,8 +9,8 @@ use vhost::vhost_user::message::VhostUserHeaderFlag;
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VringConfigData};
 
-use super::mem::GuestMem;
-use super::net::{DriverOpts, NetPair};
+use crate::mem::GuestMem;
+use crate::net::{DriverOpts, NetPair};
 
 pub use virtio_features::{
     F_IN_ORDER, F_PROTOCOL_FEATURES, F_VERSION_1, NET_F_MAC as F_MAC, NET_F_MQ as F_MQ,
@@ -204,7 +204,7 @@ impl Vmm {
         self.fe.set_mem_table(&regions).map(|_| ())
     }
 
-    fn queue(&self, q: usize) -> &super::net::QueueIo {
+    fn queue(&self, q: usize) -> &crate::net::QueueIo {
         let p = &self.pairs[q / 2];
         if q & 1 == 0 {
             &p.rx

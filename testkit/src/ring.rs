@@ -156,6 +156,68 @@ impl SplitRing {
         self.avail_idx = self.avail_idx.wrapping_add(1);
     }
 
+    /// The head the next `add` or `add_indirect` will use, if any is free.
+    pub fn next_head(&self) -> Option<u16> {
+        self.free.last().copied()
+    }
+
+    /// Continues the ring at index `base` (as after a hand-over): the
+    /// avail and used indexes in memory and the driver's own.
+    pub fn start_at(&mut self, base: u16) {
+        self.avail_idx = base;
+        self.last_used = base;
+        self.kicked_idx = base;
+        for idx in [self.avail.0 + 2, self.used.0 + 2] {
+            self.mem
+                .write_obj(base.to_le(), GuestAddress(idx))
+                .expect("write ring index");
+        }
+    }
+
+    /// The device's avail_event (EVENT_IDX: kick once avail idx passes it).
+    pub fn avail_event(&self) -> u16 {
+        let slot = GuestAddress(self.used.0 + 4 + 8 * self.size as u64);
+        self.mem
+            .load(slot, Ordering::Acquire)
+            .expect("load avail_event")
+    }
+
+    /// Writes used_event (EVENT_IDX: interrupt once used idx passes it).
+    pub fn set_used_event(&self, v: u16) {
+        let slot = GuestAddress(self.avail.0 + 4 + 2 * self.size as u64);
+        self.mem
+            .store(v.to_le(), slot, Ordering::Release)
+            .expect("store used_event");
+    }
+
+    /// Writes the avail ring's flags (bit 0: VRING_AVAIL_F_NO_INTERRUPT).
+    pub fn set_avail_flags(&self, flags: u16) {
+        self.mem
+            .store(flags.to_le(), self.avail, Ordering::Release)
+            .expect("store avail flags");
+    }
+
+    /// Up to `max` used entries as `(id, len)`, without checking them
+    /// against what was made available (for rings built with
+    /// `write_desc` / `push_avail_raw`).
+    pub fn take_used_raw(&mut self, max: u16) -> Vec<(u16, u32)> {
+        let idx = self.device_used_idx();
+        // The entries must be read after the index.
+        fence(Ordering::SeqCst);
+        let mut out = Vec::new();
+        while self.last_used != idx && out.len() < usize::from(max) {
+            let slot = self.used.0 + 4 + 8 * (self.last_used % self.size) as u64;
+            let id: u32 = self.mem.read_obj(GuestAddress(slot)).expect("read used id");
+            let len: u32 = self
+                .mem
+                .read_obj(GuestAddress(slot + 4))
+                .expect("read used len");
+            out.push((u32::from_le(id) as u16, u32::from_le(len)));
+            self.last_used = self.last_used.wrapping_add(1);
+        }
+        out
+    }
+
     /// Adds a chain and writes its head into the avail ring (not yet
     /// published). Returns the head, or None if there are not enough free
     /// descriptors.

@@ -7,7 +7,6 @@
 //! command through the IOTLB entries it was sent (only what was mapped, in
 //! the ASID of the queue's group), writes the ack and the used entry, and
 //! signals the call eventfd, like a real device.
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::io;
@@ -21,23 +20,16 @@ use backends::{IovaRange, VringAddrs};
 use vm_memory::{Bytes, VolatileSlice};
 use vmm_sys_util::eventfd::EventFd;
 
-pub const F_MAC: u64 = 1 << 5;
-pub const F_MTU: u64 = 1 << 3;
-pub const F_MRG_RXBUF: u64 = 1 << 15;
-pub const F_STATUS: u64 = 1 << 16;
-pub const F_CTRL_VQ: u64 = 1 << 17;
-pub const F_CTRL_RX: u64 = 1 << 18;
-pub const F_CTRL_VLAN: u64 = 1 << 19;
-pub const F_MQ: u64 = 1 << 22;
-pub const F_CTRL_MAC_ADDR: u64 = 1 << 23;
-pub const F_EVENT_IDX: u64 = 1 << 29;
-pub const F_VERSION_1: u64 = 1 << 32;
-pub const F_ACCESS_PLATFORM: u64 = 1 << 33;
-
-pub const S_ACK: u8 = 1;
-pub const S_DRIVER: u8 = 2;
-pub const S_DRIVER_OK: u8 = 4;
-pub const S_FEATURES_OK: u8 = 8;
+pub use virtio_features::status::{
+    ACKNOWLEDGE as S_ACK, DRIVER as S_DRIVER, DRIVER_OK as S_DRIVER_OK,
+    FEATURES_OK as S_FEATURES_OK,
+};
+pub use virtio_features::{
+    F_ACCESS_PLATFORM, F_VERSION_1, NET_F_CTRL_MAC_ADDR as F_CTRL_MAC_ADDR,
+    NET_F_CTRL_RX as F_CTRL_RX, NET_F_CTRL_VLAN as F_CTRL_VLAN, NET_F_CTRL_VQ as F_CTRL_VQ,
+    NET_F_MAC as F_MAC, NET_F_MQ as F_MQ, NET_F_MRG_RXBUF as F_MRG_RXBUF, NET_F_MTU as F_MTU,
+    NET_F_STATUS as F_STATUS, RING_F_EVENT_IDX as F_EVENT_IDX,
+};
 
 pub const fn bf(bit: u32) -> u64 {
     1 << bit

@@ -4,9 +4,43 @@ use std::fs::File;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_svq-relay");
+/// The `svq-relay` binary under test: `SVQ_RELAY_BIN`, or the one cargo
+/// built beside the running test (cargo builds a package's binaries before
+/// its integration tests and benchmarks: `target/<profile>/svq-relay`, the
+/// test being `target/<profile>/deps/<name>-<hash>`).
+pub fn bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("SVQ_RELAY_BIN") {
+            return PathBuf::from(p);
+        }
+        let exe = std::env::current_exe().expect("the test's own path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("a test binary under target/<profile>/deps");
+        profile_dir.join("svq-relay")
+    })
+}
+
+/// The workspace's `target/tmp` (cargo's CARGO_TARGET_TMPDIR for
+/// integration tests), for files worth keeping between test binaries.
+pub fn target_tmpdir() -> PathBuf {
+    let profile_dir = bin().parent().expect("target/<profile>");
+    let dir = profile_dir.parent().unwrap_or(profile_dir).join("tmp");
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
+
+/// The workspace root (scripts/ lives there).
+pub fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("testkit/ is a directory of the workspace")
+}
 
 /// How long the daemon gets to create its sockets. Generous because the
 /// machine is shared with parallel builds; a daemon that never listens still
@@ -103,7 +137,7 @@ impl Daemon {
         let stderr_path = dir.path().join("stderr.log");
         let stderr = File::create(&stderr_path).expect("create stderr log");
         let has_level = args.iter().any(|a| a == "--log-level");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin());
         cmd.args(args);
         if !has_level {
             cmd.args(["--log-level", "info"]);

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::mem::GuestMem;
-use super::packet::{self, NET_HDR_LEN};
-use super::ring::{ring_bytes, wait_eventfds, Seg, SplitRing};
+use crate::mem::GuestMem;
+use crate::packet::{self, NET_HDR_LEN};
+use crate::ring::{ring_bytes, wait_eventfds, Seg, SplitRing};
 
 pub const BUF_SIZE: u64 = 2048;
 

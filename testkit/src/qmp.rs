@@ -180,7 +180,7 @@ pub fn u64_field(v: &Value, key: &str) -> u64 {
 /// took and did not complete is its in-flight count.
 pub fn quiescent_queue(
     qi: &Value,
-    ring: &super::ring::SplitRing,
+    ring: &crate::ring::SplitRing,
     is_tx: bool,
 ) -> Result<(), String> {
     let avail = u64_field(qi, "avail_idx") as u16;
@@ -217,7 +217,7 @@ pub fn quiescent_queue(
     Ok(())
 }
 
-pub fn check_quiescent_queue(qi: &Value, ring: &super::ring::SplitRing, is_tx: bool) {
+pub fn check_quiescent_queue(qi: &Value, ring: &crate::ring::SplitRing, is_tx: bool) {
     if let Err(e) = quiescent_queue(qi, ring, is_tx) {
         panic!("{e}");
     }
