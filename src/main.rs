@@ -1,3 +1,7 @@
+//! The `svq-relay` binary: arguments into a `Config`, logging set up, then
+//! the server (or `--print-capabilities`); every failure is one message a
+//! person can act on and a non-zero exit.
+
 use std::io::Write;
 use std::process::ExitCode;
 

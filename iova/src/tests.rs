@@ -1,3 +1,5 @@
+//! The IOVA tree against a naive model (property tests) and its edge cases.
+
 use super::*;
 use proptest::prelude::*;
 

@@ -27,8 +27,6 @@ const LOG: &str = "migration";
 /// done or about to be.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub use virtio_features::F_LOG_ALL;
-
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
     #[error(transparent)]
@@ -320,7 +318,7 @@ mod tests {
         Limits {
             queue_count: 2,
             max_queue_size: 256,
-            features: (1 << 32) | F_LOG_ALL,
+            features: virtio_features::F_VERSION_1 | virtio_features::F_LOG_ALL,
             protocol_features: u64::MAX,
         }
     }

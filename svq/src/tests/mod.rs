@@ -1,3 +1,7 @@
+//! The SVQ against a guest driver and fake devices: one file per kind of
+//! test (unit rules, adversarial rings, polling, property tests against a
+//! model, resubmission); `Fixture` wires a driver, an SVQ and a device.
+
 mod adversarial;
 mod harness;
 mod polling;

@@ -1,3 +1,6 @@
+//! One test per rule of the SVQ: relaying, translation, indirect tables,
+//! parking, notification decisions, stop and restart.
+
 use vm_memory::{Bytes, GuestAddress};
 
 use super::harness::{FakeDevice, GuestDriver, BUF_AREA, BUF_BASE, REGION_B, USED_GPA};
