@@ -11,24 +11,34 @@ pub const VERSION: u32 = 0x1;
 pub const REPLY: u32 = 0x4;
 pub const NEED_REPLY: u32 = 0x8;
 
-pub const GET_FEATURES: u32 = 1;
-pub const SET_FEATURES: u32 = 2;
-pub const SET_OWNER: u32 = 3;
-pub const SET_MEM_TABLE: u32 = 5;
-pub const SET_VRING_NUM: u32 = 8;
-pub const SET_VRING_ADDR: u32 = 9;
-pub const SET_VRING_BASE: u32 = 10;
-pub const GET_VRING_BASE: u32 = 11;
-pub const SET_VRING_KICK: u32 = 12;
-pub const SET_VRING_CALL: u32 = 13;
-pub const SET_LOG_FD: u32 = 7;
-pub const GET_PROTOCOL_FEATURES: u32 = 15;
-pub const SET_PROTOCOL_FEATURES: u32 = 16;
-pub const GET_QUEUE_NUM: u32 = 17;
-pub const SET_VRING_ENABLE: u32 = 18;
-pub const RESET_DEVICE: u32 = 34;
-pub const SET_STATUS: u32 = 39;
-pub const GET_STATUS: u32 = 40;
+/// Request codes (vhost-user.rst, "Front-end message types"), from the
+/// vhost crate's table.
+pub mod req {
+    use vhost::vhost_user::message::FrontendReq;
+    pub const GET_FEATURES: u32 = FrontendReq::GET_FEATURES as u32;
+    pub const SET_FEATURES: u32 = FrontendReq::SET_FEATURES as u32;
+    pub const SET_OWNER: u32 = FrontendReq::SET_OWNER as u32;
+    pub const SET_MEM_TABLE: u32 = FrontendReq::SET_MEM_TABLE as u32;
+    pub const SET_LOG_BASE: u32 = FrontendReq::SET_LOG_BASE as u32;
+    pub const SET_LOG_FD: u32 = FrontendReq::SET_LOG_FD as u32;
+    pub const SET_VRING_NUM: u32 = FrontendReq::SET_VRING_NUM as u32;
+    pub const SET_VRING_ADDR: u32 = FrontendReq::SET_VRING_ADDR as u32;
+    pub const SET_VRING_BASE: u32 = FrontendReq::SET_VRING_BASE as u32;
+    pub const GET_VRING_BASE: u32 = FrontendReq::GET_VRING_BASE as u32;
+    pub const SET_VRING_KICK: u32 = FrontendReq::SET_VRING_KICK as u32;
+    pub const SET_VRING_CALL: u32 = FrontendReq::SET_VRING_CALL as u32;
+    pub const GET_PROTOCOL_FEATURES: u32 = FrontendReq::GET_PROTOCOL_FEATURES as u32;
+    pub const SET_PROTOCOL_FEATURES: u32 = FrontendReq::SET_PROTOCOL_FEATURES as u32;
+    pub const GET_QUEUE_NUM: u32 = FrontendReq::GET_QUEUE_NUM as u32;
+    pub const SET_VRING_ENABLE: u32 = FrontendReq::SET_VRING_ENABLE as u32;
+    pub const GET_CONFIG: u32 = FrontendReq::GET_CONFIG as u32;
+    pub const SET_CONFIG: u32 = FrontendReq::SET_CONFIG as u32;
+    pub const RESET_DEVICE: u32 = FrontendReq::RESET_DEVICE as u32;
+    pub const SET_STATUS: u32 = FrontendReq::SET_STATUS as u32;
+    pub const GET_STATUS: u32 = FrontendReq::GET_STATUS as u32;
+}
+
+pub use req::*;
 
 pub fn header(req: u32, flags: u32, size: u32) -> Vec<u8> {
     let mut h = Vec::with_capacity(12);

@@ -206,13 +206,8 @@ impl SplitRing {
         fence(Ordering::SeqCst);
         let mut out = Vec::new();
         while self.last_used != idx && out.len() < usize::from(max) {
-            let slot = self.used.0 + 4 + 8 * (self.last_used % self.size) as u64;
-            let id: u32 = self.mem.read_obj(GuestAddress(slot)).expect("read used id");
-            let len: u32 = self
-                .mem
-                .read_obj(GuestAddress(slot + 4))
-                .expect("read used len");
-            out.push((u32::from_le(id) as u16, u32::from_le(len)));
+            let (id, len) = self.used_entry(self.last_used);
+            out.push((id as u16, len));
             self.last_used = self.last_used.wrapping_add(1);
         }
         out
@@ -370,17 +365,8 @@ impl SplitRing {
         // The entries must be read after the index.
         fence(Ordering::SeqCst);
         while self.last_used != used_idx {
-            let slot = self.used.0 + 4 + 8 * (self.last_used % self.size) as u64;
-            let id: u32 = self
-                .mem
-                .read_obj(GuestAddress(slot))
-                .map(u32::from_le)
-                .expect("read used id");
-            let len: u32 = self
-                .mem
-                .read_obj(GuestAddress(slot + 4))
-                .map(u32::from_le)
-                .expect("read used len");
+            let slot = self.used_slot(self.last_used);
+            let (id, len) = self.used_entry(self.last_used);
             if id >= self.size as u32 {
                 return Err(format!(
                     "used entry {} has id {} >= ring size {}",
@@ -423,6 +409,22 @@ impl SplitRing {
             self.total_used += 1;
         }
         Ok(())
+    }
+
+    /// Guest address of the used ring entry at position `pos`.
+    fn used_slot(&self, pos: u16) -> u64 {
+        self.used.0 + 4 + 8 * (pos % self.size) as u64
+    }
+
+    /// The used ring entry at position `pos`: (id, len).
+    fn used_entry(&self, pos: u16) -> (u32, u32) {
+        let slot = self.used_slot(pos);
+        let id: u32 = self.mem.read_obj(GuestAddress(slot)).expect("read used id");
+        let len: u32 = self
+            .mem
+            .read_obj(GuestAddress(slot + 4))
+            .expect("read used len");
+        (u32::from_le(id), u32::from_le(len))
     }
 
     /// Reads the bytes of the written part of a completed chain (`len` bytes

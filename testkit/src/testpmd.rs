@@ -233,26 +233,31 @@ impl Testpmd {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits (bounded) until the log contains `needle`; fails early if
-    /// testpmd exits.
-    pub fn wait_log(&mut self, needle: &str) {
+    /// Waits (bounded) until `ready` holds; fails early, with the log, if
+    /// testpmd exits or the time is up.
+    fn wait_until(&mut self, what: &str, mut ready: impl FnMut(&Testpmd) -> bool) {
         let deadline = Instant::now() + PEER_TIMEOUT;
-        while !self.log().contains(needle) {
+        while !ready(self) {
             if let Some(Ok(Some(st))) = self.child.as_mut().map(Child::try_wait) {
                 panic!(
-                    "{} testpmd exited ({st}) before {needle:?}:\n{}",
+                    "{} testpmd exited ({st}) before {what}:\n{}",
                     self.role,
                     self.log()
                 );
             }
             assert!(
                 Instant::now() < deadline,
-                "{} testpmd: no {needle:?} within {PEER_TIMEOUT:?}:\n{}",
+                "{} testpmd: no {what} within {PEER_TIMEOUT:?}:\n{}",
                 self.role,
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_log(&mut self, needle: &str) {
+        self.wait_until(&format!("{needle:?}"), |t| t.log().contains(needle));
     }
 
     /// Waits until forwarding runs.
@@ -268,24 +273,9 @@ impl Testpmd {
         let Port::VhostServer(sock) = self.port.clone() else {
             panic!("{} testpmd does not listen", self.role);
         };
-        let deadline = Instant::now() + PEER_TIMEOUT;
-        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            if let Some(Ok(Some(st))) = self.child.as_mut().map(Child::try_wait) {
-                panic!(
-                    "{} testpmd exited ({st}) during start:\n{}",
-                    self.role,
-                    self.log()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} testpmd did not listen on {}:\n{}",
-                self.role,
-                sock.display(),
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.wait_until(&format!("listening on {}", sock.display()), |_| {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        });
         std::thread::sleep(Duration::from_millis(200));
         self
     }
