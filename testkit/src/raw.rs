@@ -36,6 +36,30 @@ pub mod req {
     pub const RESET_DEVICE: u32 = FrontendReq::RESET_DEVICE as u32;
     pub const SET_STATUS: u32 = FrontendReq::SET_STATUS as u32;
     pub const GET_STATUS: u32 = FrontendReq::GET_STATUS as u32;
+    pub const GET_INFLIGHT_FD: u32 = FrontendReq::GET_INFLIGHT_FD as u32;
+    pub const SET_INFLIGHT_FD: u32 = FrontendReq::SET_INFLIGHT_FD as u32;
+    pub const GET_MAX_MEM_SLOTS: u32 = FrontendReq::GET_MAX_MEM_SLOTS as u32;
+    pub const ADD_MEM_REG: u32 = FrontendReq::ADD_MEM_REG as u32;
+    pub const REM_MEM_REG: u32 = FrontendReq::REM_MEM_REG as u32;
+    pub const SET_DEVICE_STATE_FD: u32 = FrontendReq::SET_DEVICE_STATE_FD as u32;
+    pub const CHECK_DEVICE_STATE: u32 = FrontendReq::CHECK_DEVICE_STATE as u32;
+    /// Requests whose answer is a reply of their own, not an ack.
+    pub fn has_reply(code: u32) -> bool {
+        matches!(
+            code,
+            GET_FEATURES
+                | GET_PROTOCOL_FEATURES
+                | GET_QUEUE_NUM
+                | GET_VRING_BASE
+                | GET_CONFIG
+                | GET_INFLIGHT_FD
+                | GET_MAX_MEM_SLOTS
+                | GET_STATUS
+                | SET_DEVICE_STATE_FD
+                | CHECK_DEVICE_STATE
+                | SET_LOG_BASE
+        )
+    }
 }
 
 pub use req::*;

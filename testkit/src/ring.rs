@@ -235,16 +235,7 @@ impl SplitRing {
             self.write_desc(descs[i], seg.addr.0, seg.len, flags, next);
         }
         let head = descs[0];
-        let writable = segs.iter().filter(|s| s.write).map(|s| s.len as u64).sum();
-        assert!(self.inflight[head as usize].is_none());
-        self.inflight[head as usize] = Some(InFlight {
-            descs,
-            segs: segs.to_vec(),
-            tag,
-            writable,
-        });
-        self.push_avail_raw(head);
-        self.total_added += 1;
+        self.made_available(head, descs, segs, tag);
         Some(head)
     }
 
@@ -269,17 +260,23 @@ impl SplitRing {
                 .expect("write indirect table");
         }
         self.write_desc(head, table.0, 16 * segs.len() as u32, DESC_F_INDIRECT, 0);
+        self.made_available(head, vec![head], segs, tag);
+        Some(head)
+    }
+
+    /// Books chain `head` (occupying `descs`) as in flight and puts it in
+    /// the avail ring.
+    fn made_available(&mut self, head: u16, descs: Vec<u16>, segs: &[Seg], tag: u64) {
         let writable = segs.iter().filter(|s| s.write).map(|s| s.len as u64).sum();
         assert!(self.inflight[head as usize].is_none());
         self.inflight[head as usize] = Some(InFlight {
-            descs: vec![head],
+            descs,
             segs: segs.to_vec(),
             tag,
             writable,
         });
         self.push_avail_raw(head);
         self.total_added += 1;
-        Some(head)
     }
 
     /// Publishes and returns whether the device wants a kick (always true

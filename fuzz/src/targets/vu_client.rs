@@ -15,53 +15,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::input::{Reader, Writer};
 
-/// Request codes (vhost-user.rst, "Front-end message types"), from the
-/// vhost crate's table.
-pub mod req {
-    use vhost::vhost_user::message::FrontendReq;
-    pub const GET_FEATURES: u32 = FrontendReq::GET_FEATURES as u32;
-    pub const SET_FEATURES: u32 = FrontendReq::SET_FEATURES as u32;
-    pub const SET_OWNER: u32 = FrontendReq::SET_OWNER as u32;
-    pub const SET_MEM_TABLE: u32 = FrontendReq::SET_MEM_TABLE as u32;
-    pub const SET_LOG_BASE: u32 = FrontendReq::SET_LOG_BASE as u32;
-    pub const SET_VRING_NUM: u32 = FrontendReq::SET_VRING_NUM as u32;
-    pub const SET_VRING_ADDR: u32 = FrontendReq::SET_VRING_ADDR as u32;
-    pub const SET_VRING_BASE: u32 = FrontendReq::SET_VRING_BASE as u32;
-    pub const GET_VRING_BASE: u32 = FrontendReq::GET_VRING_BASE as u32;
-    pub const SET_VRING_KICK: u32 = FrontendReq::SET_VRING_KICK as u32;
-    pub const SET_VRING_CALL: u32 = FrontendReq::SET_VRING_CALL as u32;
-    pub const GET_PROTOCOL_FEATURES: u32 = FrontendReq::GET_PROTOCOL_FEATURES as u32;
-    pub const SET_PROTOCOL_FEATURES: u32 = FrontendReq::SET_PROTOCOL_FEATURES as u32;
-    pub const GET_QUEUE_NUM: u32 = FrontendReq::GET_QUEUE_NUM as u32;
-    pub const SET_VRING_ENABLE: u32 = FrontendReq::SET_VRING_ENABLE as u32;
-    pub const GET_CONFIG: u32 = FrontendReq::GET_CONFIG as u32;
-    pub const GET_INFLIGHT_FD: u32 = FrontendReq::GET_INFLIGHT_FD as u32;
-    pub const SET_INFLIGHT_FD: u32 = FrontendReq::SET_INFLIGHT_FD as u32;
-    pub const GET_MAX_MEM_SLOTS: u32 = FrontendReq::GET_MAX_MEM_SLOTS as u32;
-    pub const ADD_MEM_REG: u32 = FrontendReq::ADD_MEM_REG as u32;
-    pub const REM_MEM_REG: u32 = FrontendReq::REM_MEM_REG as u32;
-    pub const SET_STATUS: u32 = FrontendReq::SET_STATUS as u32;
-    pub const GET_STATUS: u32 = FrontendReq::GET_STATUS as u32;
-    pub const SET_DEVICE_STATE_FD: u32 = FrontendReq::SET_DEVICE_STATE_FD as u32;
-    pub const CHECK_DEVICE_STATE: u32 = FrontendReq::CHECK_DEVICE_STATE as u32;
-    /// Requests whose answer is a reply of their own, not an ack.
-    pub fn has_reply(code: u32) -> bool {
-        matches!(
-            code,
-            GET_FEATURES
-                | GET_PROTOCOL_FEATURES
-                | GET_QUEUE_NUM
-                | GET_VRING_BASE
-                | GET_CONFIG
-                | GET_INFLIGHT_FD
-                | GET_MAX_MEM_SLOTS
-                | GET_STATUS
-                | SET_DEVICE_STATE_FD
-                | CHECK_DEVICE_STATE
-                | SET_LOG_BASE
-        )
-    }
-}
+/// Request codes (vhost-user.rst, "Front-end message types").
+pub use testkit::raw::req;
 
 /// Guest memory as the VMM shares it: one memfd, GPA 0, at this VMM address.
 pub const GUEST_SIZE: u64 = 1 << 20;
