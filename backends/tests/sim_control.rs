@@ -9,6 +9,7 @@ use std::time::Duration;
 use backends::sim::{SimConfig, SimNet};
 use backends::{BackendError, DeviceBackend, DmaRegion, VringAddrs};
 use sim_driver::*;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const RX: usize = 0;
 const TX: usize = 1;
@@ -123,6 +124,40 @@ fn rings_handed_over_at_a_base_continue_from_it() {
     rig.sim.suspend().unwrap();
     assert_eq!(rig.sim.vring_base(TX).unwrap(), 1);
     assert_eq!(rig.sim.vring_base(RX).unwrap(), 40_003);
+}
+
+#[test]
+fn a_kick_eventfd_taken_back_while_suspended_is_never_read_again() {
+    // A relay switching to shadow rings suspends the device and gives it
+    // its own kick eventfd; the guest's one now belongs to the relay. A
+    // guest kick arriving then must stay for the relay to read.
+    let mut rig = Rig::new(1, F_VERSION_1, 64);
+    rig.sim.suspend().unwrap();
+    // Let the worker go back to sleep watching the guest's eventfd.
+    std::thread::sleep(Duration::from_millis(50));
+    let relay_kick = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+    rig.sim.set_vring_kick(TX, Arc::clone(&relay_kick)).unwrap();
+    let guest_kick = Arc::clone(&rig.queues[TX].kick);
+    guest_kick.write(1).unwrap();
+    // Time for the sim's worker to wake on it (it watched that eventfd
+    // until now) and act.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        guest_kick.read().ok(),
+        Some(1),
+        "the device consumed a kick that was no longer its own"
+    );
+    // The device works from the new eventfd once resumed.
+    rig.sim.resume().unwrap();
+    let h = rig.queues[RX].add_rx(1, 2048);
+    rig.queues[RX].submit(&[h]);
+    let tx = &mut rig.queues[TX];
+    let head = tx.add_tx(&packet(60, 1), 1);
+    tx.push_avail(head);
+    tx.ring.publish();
+    relay_kick.write(1).unwrap();
+    assert_eq!(tx.wait_used(1), vec![(head, 0)]);
+    assert_eq!(rig.queues[RX].wait_used(1), vec![(h, 72)]);
 }
 
 #[test]

@@ -183,18 +183,23 @@ impl SimNet {
     }
 
     /// Runs `f` on one queue with its pair locked (so the worker is between
-    /// rounds), then lets the worker look at the result.
+    /// rounds), then lets the worker look at the result if the pair runs.
+    /// A suspended pair is not woken: nothing it would do changes until
+    /// `resume`, which wakes every pair, so a relay reprogramming all
+    /// queues while suspended (a mode switch) costs no wake-up per call.
     fn with_vq<R>(
         &self,
         queue: usize,
         f: impl FnOnce(&mut PairState, bool) -> Result<R>,
     ) -> Result<R> {
         let pair = self.pair_of(queue)?;
-        let r = {
+        let (r, running) = {
             let mut st = Self::lock(pair)?;
-            f(&mut st, queue % 2 == 1)
+            (f(&mut st, queue % 2 == 1), st.running())
         };
-        pair.poke();
+        if running {
+            pair.poke();
+        }
         r
     }
 

@@ -69,7 +69,7 @@ impl PairState {
         self.tap_starved = false;
     }
 
-    fn running(&self) -> bool {
+    pub(crate) fn running(&self) -> bool {
         self.driver_ok && !self.suspended
     }
 }
@@ -141,10 +141,11 @@ impl Worker {
                     return;
                 }
             };
+            let mut kicked = false;
             for ev in &events[..n] {
                 match ev.data() {
                     TOKEN_WAKE => drain(&self.pair.wake),
-                    TOKEN_KICK => self.kicks.iter().for_each(|k| drain(k)),
+                    TOKEN_KICK => kicked = true,
                     _ => {}
                 }
             }
@@ -155,7 +156,14 @@ impl Worker {
             let Ok(mut st) = pair.state.lock() else {
                 return;
             };
+            // Kicks are drained only under the lock and after the watched
+            // set follows the state: a kick eventfd the relay took back
+            // (SET_VRING_KICK while suspended, e.g. for shadow rings) is never
+            // read here again, so no kick meant for its new owner is lost.
             self.sync_kicks(&st);
+            if kicked {
+                self.kicks.iter().for_each(|k| drain(k));
+            }
             let more = self.round(&mut st);
             let want_tap =
                 self.tap.is_some() && st.running() && !st.tap_starved && st.tap_pending.is_none();
