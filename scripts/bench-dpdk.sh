@@ -9,6 +9,7 @@
 #   direct              guest -> device socket
 #   direct-no-in-order  the same with virtio-user in_order=0 (what the relay negotiates)
 #   passthrough         guest -> svq-relay --shadow off -> device
+#   passthrough-in-order  the same with --in-order (virtio-user negotiates IN_ORDER)
 #   shadow-event        guest -> svq-relay --shadow on --poll off       (the default: epoll, woken per burst)
 #   shadow-poll         guest -> svq-relay --shadow on --poll adaptive
 #   shadow-always       guest -> svq-relay --shadow on --poll always
@@ -51,7 +52,7 @@ WARMUP=${WARMUP:-2}
 SIZES=${SIZES:-"64 1500"}
 DIRS=${DIRS:-"tx rx"}
 PLACES=${PLACES:-"split"}
-MODES=${MODES:-"direct direct-no-in-order passthrough shadow-event shadow-poll shadow-always"}
+MODES=${MODES:-"direct direct-no-in-order passthrough passthrough-in-order shadow-event shadow-poll shadow-always"}
 LATENCY=${LATENCY:-1}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RELAY=${RELAY:-${CARGO_TARGET_DIR:-$ROOT/target}/release/svq-relay}
@@ -116,6 +117,7 @@ mean_rx_pps() { # LOG SKIP
 relay_args() { # MODE -> RELAY_ARGS (empty for direct modes)
     case $1 in
         passthrough) RELAY_ARGS="--shadow off" ;;
+        passthrough-in-order) RELAY_ARGS="--shadow off --in-order" ;;
         shadow-event) RELAY_ARGS="--shadow on --poll off" ;;
         shadow-poll) RELAY_ARGS="--shadow on --poll adaptive" ;;
         shadow-always) RELAY_ARGS="--shadow on --poll always" ;;

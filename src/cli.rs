@@ -55,6 +55,11 @@ pub struct Args {
     /// Idle microseconds before an adaptive worker sleeps (1..=1000000).
     #[arg(long, value_name = "US", default_value_t = DEFAULT_POLL_BUDGET.as_micros() as u64)]
     pub poll_budget_us: u64,
+    /// Offer VIRTIO_F_IN_ORDER when the device offers it. Passthrough only
+    /// (needs --shadow off): while the VMM has it negotiated, switching to
+    /// shadow mode is refused.
+    #[arg(long)]
+    pub in_order: bool,
     /// CPUs for the queue-pair workers, e.g. 2,3 or 2-5: worker N runs on
     /// the Nth CPU of the list (round robin when there are fewer CPUs).
     #[arg(long, value_name = "CPUS")]
@@ -133,6 +138,8 @@ pub struct RunConfig {
     pub poll: PollConfig,
     /// Worker N is pinned to `worker_cpus[N % len]` (none: not pinned).
     pub worker_cpus: Vec<usize>,
+    /// `--in-order`: offer IN_ORDER (passthrough only).
+    pub in_order: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,6 +178,8 @@ pub enum ConfigError {
     BadShadow(String),
     #[error("--log-level {0}: expected error, warn, info, debug or trace")]
     BadLogLevel(String),
+    #[error("--in-order needs --shadow off: shadow mode does not keep IN_ORDER, and --shadow {0} may switch to it")]
+    InOrderNeedsPassthrough(String),
     #[error("--poll {0}: expected off, adaptive or always")]
     BadPoll(String),
     #[error("--poll-budget-us {0}: must be 1..=1000000")]
@@ -293,6 +302,9 @@ impl TryFrom<Args> for Config {
             "auto" => ShadowPolicy::Auto,
             other => return Err(ConfigError::BadShadow(other.to_string())),
         };
+        if args.in_order && shadow != ShadowPolicy::Off {
+            return Err(ConfigError::InOrderNeedsPassthrough(args.shadow));
+        }
         let mode = match args.poll.as_str() {
             "off" => PollMode::Off,
             "adaptive" => PollMode::Adaptive,
@@ -321,6 +333,7 @@ impl TryFrom<Args> for Config {
                     budget: std::time::Duration::from_micros(args.poll_budget_us),
                 },
                 worker_cpus,
+                in_order: args.in_order,
             }),
             log_level,
         })
@@ -370,6 +383,7 @@ mod tests {
                     budget: std::time::Duration::from_micros(50),
                 },
                 worker_cpus: vec![],
+                in_order: false,
             }
         );
         assert_eq!(
@@ -451,6 +465,21 @@ mod tests {
         assert_eq!(p(&["--queue-size", "32"]), Err(BadQueueSize(32)));
         assert_eq!(p(&["--queue-size", "65536"]), Err(BadQueueSize(65536)));
         assert_eq!(p(&["--shadow", "maybe"]), Err(BadShadow("maybe".into())));
+        assert_eq!(
+            p(&["--in-order"]),
+            Err(InOrderNeedsPassthrough("auto".into()))
+        );
+        assert_eq!(
+            p(&["--in-order", "--shadow", "on"]),
+            Err(InOrderNeedsPassthrough("on".into()))
+        );
+        assert!(matches!(
+            p(&["--in-order", "--shadow", "off"]),
+            Ok(Config {
+                command: Command::Run(RunConfig { in_order: true, .. }),
+                ..
+            })
+        ));
         assert_eq!(p(&["--log-level", "loud"]), Err(BadLogLevel("loud".into())));
         assert_eq!(p(&["--name", ""]), Err(EmptyName));
         assert_eq!(p(&["--poll", "busy"]), Err(BadPoll("busy".into())));

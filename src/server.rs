@@ -245,6 +245,7 @@ pub fn run(cfg: RunConfig) -> Result<(), RunError> {
         cfg.shadow == ShadowPolicy::On,
     )?));
     lock(&device).set_auto_shadow(cfg.shadow == ShadowPolicy::Auto);
+    lock(&device).set_in_order(cfg.in_order);
     lock(&device).configure_workers(cfg.poll, &cfg.worker_cpus)?;
     let sig = crate::signals::install().map_err(RunError::Signals)?;
     let mut cleanup = Cleanup(Vec::new());

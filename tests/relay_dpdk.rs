@@ -167,6 +167,37 @@ fn relay_dpdk_passthrough() {
     steady("off", 1);
 }
 
+/// `--in-order`: testpmd virtio-user acks IN_ORDER (its default when
+/// offered), net_vhost completes in order on the guest's own ring, and the
+/// relay refuses to switch to shadow, which would not keep it; traffic
+/// carries on.
+#[test]
+fn relay_dpdk_in_order_passthrough() {
+    if !testpmd_or_skip() {
+        return;
+    }
+    let _g = serial();
+    let dir = tempdir();
+    let dev_sock = dir.path().join("dev.sock");
+    let mut device = device_pmd(dir.path(), &dev_sock, 1, false);
+    let d = relay(&dev_sock, &["--shadow", "off", "--in-order"]);
+    let mut guest = guest_pmd(dir.path(), &d.socket, 1);
+    let seen = device.wait_traffic(Counts::default(), 2000, "in order");
+    let mut qmp = Qmp::connect_ready(&d.qmp);
+    let r = qmp.enable_shadow("net0", true);
+    let desc = r["error"]["desc"].as_str().unwrap_or_default();
+    assert!(
+        desc.contains("IN_ORDER"),
+        "IN_ORDER negotiated, so no shadow: {r}"
+    );
+    device.wait_traffic(seen, 2000, "after the refused switch");
+    let g = stop(&mut guest);
+    let dev = qmp.query("net0");
+    let dv = stop(&mut device);
+    check_ends(g, dv, 1);
+    assert_eq!(dev["mode"], "passthrough", "{dev}");
+}
+
 /// Four pairs in shadow: guest memory plus the shadow rings of eight queues
 /// must fit DPDK's eight memory regions (one shared shadow area).
 #[test]

@@ -127,7 +127,7 @@ fn negotiation_config_table_and_ring_order_without_reply_ack() {
     );
     assert_eq!(fake.log()[3].u64(), P_MQ | P_CONFIG, "only what we use");
     // The device's own config space: no synthesized MAC/STATUS/MTU bits.
-    assert_eq!(dev.device_features(), VERSION_1 | MQ | MRG_RXBUF);
+    assert_eq!(dev.device_features(), VERSION_1 | MQ | MRG_RXBUF | IN_ORDER);
     let mut cfg = [0u8; 12];
     dev.get_config(0, &mut cfg).unwrap();
     assert_eq!(

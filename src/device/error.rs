@@ -54,6 +54,11 @@ pub enum DeviceError {
     Worker(#[from] WorkerError),
     #[error("Device is not started")]
     NotStarted,
+    #[error(
+        "the VMM negotiated VIRTIO_F_IN_ORDER, which shadow mode does not keep: \
+         the data path stays in passthrough"
+    )]
+    InOrderShadow,
     #[error("migration: {0}")]
     Migration(#[from] MigrationError),
     #[error("postcopy: {0}")]

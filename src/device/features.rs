@@ -8,7 +8,8 @@ use super::error::{DeviceError, Result};
 use super::model::Device;
 
 /// Virtio feature bits the relay can carry (device-class and transport).
-/// Never IN_ORDER (the SVQ completes out of order) nor packed rings.
+/// Never packed rings, and IN_ORDER only on request (`--in-order`, see
+/// [`Device::set_in_order`]): the SVQ completes out of order.
 pub const RELAY_FEATURES: u64 = vf::F_VERSION_1
     | vf::F_ANY_LAYOUT
     | vf::NET_F_MAC
@@ -24,9 +25,24 @@ impl Device {
     /// backend that logs by itself gets the log forwarded).
     pub fn offered_features(&self) -> u64 {
         let transport_ok = svq::SUPPORTED_FEATURES | !TRANSPORT_MASK;
+        let in_order = if self.in_order { vf::F_IN_ORDER } else { 0 };
         (self.backend.device_features() & RELAY_FEATURES & transport_ok)
+            | (self.backend.device_features() & in_order)
             | F_PROTOCOL_FEATURES
             | F_LOG_ALL
+    }
+
+    /// `--in-order`: offer VIRTIO_F_IN_ORDER when the device offers it. Only
+    /// the passthrough data path keeps it (the device completes in order
+    /// on the guest's own ring); while the VMM has it negotiated, shadow
+    /// mode is refused ([`DeviceError::InOrderShadow`]).
+    pub fn set_in_order(&mut self, on: bool) {
+        self.in_order = on;
+    }
+
+    /// The VMM negotiated IN_ORDER: the data path must stay in passthrough.
+    pub(crate) fn in_order_negotiated(&self) -> bool {
+        self.acked_features.is_some_and(|f| f & vf::F_IN_ORDER != 0)
     }
 
     pub fn set_features(&mut self, acked: u64) -> Result<()> {

@@ -20,6 +20,9 @@ impl Device {
         if !self.is_started() {
             return Err(DeviceError::NotStarted);
         }
+        if enable && self.in_order_negotiated() {
+            return Err(DeviceError::InOrderShadow);
+        }
         let to_switch: Vec<usize> = (0..self.num_queues())
             .filter(|&q| match self.vrings[q].running {
                 Running::Stopped => false,

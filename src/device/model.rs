@@ -127,6 +127,8 @@ pub struct Device {
     pub(crate) ctl_log: DirtyLogReader,
     /// `--shadow auto`: dirty logging switches the data path to shadow.
     pub(crate) auto_shadow: bool,
+    /// `--in-order`: IN_ORDER offered (passthrough only).
+    pub(crate) in_order: bool,
     /// Shadow mode was entered because dirty logging started (and is left
     /// when it stops).
     pub(crate) logging_shadow: bool,
@@ -198,6 +200,7 @@ impl Device {
             migration,
             ctl_log,
             auto_shadow: false,
+            in_order: false,
             logging_shadow: false,
             log_forwarded: false,
             log_area: None,

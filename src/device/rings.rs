@@ -88,6 +88,9 @@ impl Device {
         if !self.is_started() {
             self.push_backend_features()?;
         }
+        if self.shadow && self.in_order_negotiated() {
+            return Err(DeviceError::InOrderShadow);
+        }
         let (avail, used) = (self.vrings[q].base, self.vrings[q].used_base);
         let res = if self.shadow {
             self.start_shadow(q, RingIndexes { avail, used })

@@ -10,8 +10,6 @@ pub(crate) use virtio_features::status;
 
 /// Bits the relay never passes on, whatever the device offers:
 /// - PROTOCOL_FEATURES is vhost-user plumbing between us and the device.
-/// - IN_ORDER: the relay completes chains in the order the device does, but
-///   a shadow ring does not promise the guest in-order use.
 /// - RING_PACKED: `DeviceBackend::vring_base` is a split-ring u16; it cannot
 ///   carry the packed wrap counters.
 /// - ACCESS_PLATFORM: the device would send IOTLB misses over a backend
@@ -20,8 +18,11 @@ pub(crate) use virtio_features::status;
 ///   with the device.
 /// - the control-queue family: the trait has data queues only (2 per pair),
 ///   like the sim; the daemon handles control commands itself.
+///
+/// IN_ORDER passes: rings are handed to the device as they are, and whether
+/// the VMM may have it is the daemon's decision (its shadow data path does
+/// not keep it).
 const NEVER: u64 = bits::F_PROTOCOL_FEATURES
-    | bits::F_IN_ORDER
     | bits::F_RING_PACKED
     | bits::F_ACCESS_PLATFORM
     | bits::F_NOTIFICATION_DATA
@@ -122,7 +123,7 @@ mod tests {
         | bits::NET_F_GUEST_ANNOUNCE;
 
     #[test]
-    fn protocol_in_order_packed_and_ctrl_vq_are_masked() {
+    fn protocol_packed_and_ctrl_vq_are_masked_in_order_passes() {
         let offer = DPDK_OFFER
             | bits::F_PROTOCOL_FEATURES
             | bits::NET_F_CTRL_VQ
@@ -132,7 +133,6 @@ mod tests {
         let f = relay_features(offer, false, 2);
         for b in [
             bits::F_PROTOCOL_FEATURES,
-            bits::F_IN_ORDER,
             bits::F_RING_PACKED,
             bits::NET_F_CTRL_VQ,
             bits::NET_F_CTRL_RX,
@@ -141,6 +141,7 @@ mod tests {
             assert_eq!(f & b, 0, "bit {:#x} must be masked", b);
         }
         assert_ne!(f & bits::NET_F_MQ, 0);
+        assert_ne!(f & bits::F_IN_ORDER, 0);
         // Everything else the device offers passes.
         assert_eq!(f, offer & !NEVER);
     }

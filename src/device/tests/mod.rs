@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::model::Running;
 use super::{Device, DeviceError, Mode, RELAY_FEATURES};
 use crate::memory::tests::region;
-use virtio_features::{F_LOG_ALL, F_PROTOCOL_FEATURES};
+use virtio_features::{F_IN_ORDER, F_LOG_ALL, F_PROTOCOL_FEATURES};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Op {
@@ -231,6 +231,47 @@ fn features_and_memory_reach_the_backend() {
             Op::Map(0, MEM)
         ]
     );
+}
+
+#[test]
+fn in_order_is_offered_on_request_and_keeps_the_data_path_in_passthrough() {
+    let (mut dev, fake) = device(false);
+    dev.set_in_order(true);
+    let offered = dev.offered_features();
+    assert_ne!(
+        offered & F_IN_ORDER,
+        0,
+        "the device offers it: {offered:#x}"
+    );
+    dev.set_features(offered & !F_LOG_ALL).unwrap();
+    let to_device = offered & !(F_PROTOCOL_FEATURES | F_LOG_ALL);
+    assert_ne!(to_device & F_IN_ORDER, 0);
+    assert_eq!(
+        fake.ops()[0],
+        Op::Features(to_device),
+        "the device gets IN_ORDER"
+    );
+    dev.set_mem_table(vec![region(0, MEM, UADDR)]).unwrap();
+    configure(&mut dev, 1, 0);
+    dev.set_vring_kick(1, Some(eventfd())).unwrap();
+    dev.set_vring_enable(1, true).unwrap();
+    assert!(dev.is_started());
+    assert!(matches!(
+        dev.set_shadow(true),
+        Err(DeviceError::InOrderShadow)
+    ));
+    assert!(!dev.shadow());
+    assert!(matches!(dev.query().queues[1].mode, Mode::Passthrough));
+    // Without IN_ORDER acked the same device switches.
+    let (mut dev, _fake) = device(false);
+    dev.set_in_order(true);
+    let offered = dev.offered_features() & !F_IN_ORDER;
+    dev.set_features(offered & !F_LOG_ALL).unwrap();
+    dev.set_mem_table(vec![region(0, MEM, UADDR)]).unwrap();
+    configure(&mut dev, 1, 0);
+    dev.set_vring_kick(1, Some(eventfd())).unwrap();
+    dev.set_vring_enable(1, true).unwrap();
+    assert!(dev.set_shadow(true).unwrap());
 }
 
 #[test]
