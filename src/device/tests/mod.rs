@@ -233,44 +233,45 @@ fn features_and_memory_reach_the_backend() {
     );
 }
 
-#[test]
-fn in_order_is_offered_on_request_and_keeps_the_data_path_in_passthrough() {
+/// A `--in-order` device with `acked` negotiated and queue 1 running.
+fn in_order_started(acked: impl FnOnce(u64) -> u64) -> (Device, Fake) {
     let (mut dev, fake) = device(false);
     dev.set_in_order(true);
     let offered = dev.offered_features();
-    assert_ne!(
-        offered & F_IN_ORDER,
-        0,
-        "the device offers it: {offered:#x}"
-    );
-    dev.set_features(offered & !F_LOG_ALL).unwrap();
-    let to_device = offered & !(F_PROTOCOL_FEATURES | F_LOG_ALL);
+    dev.set_features(acked(offered) & !F_LOG_ALL).unwrap();
+    dev.set_mem_table(vec![region(0, MEM, UADDR)]).unwrap();
+    configure(&mut dev, 1, 0);
+    dev.set_vring_kick(1, Some(eventfd())).unwrap();
+    dev.set_vring_enable(1, true).unwrap();
+    assert!(dev.is_started());
+    (dev, fake)
+}
+
+#[test]
+fn in_order_is_offered_on_request_and_keeps_the_data_path_in_passthrough() {
+    let (mut dev, fake) = in_order_started(|offered| {
+        assert_ne!(
+            offered & F_IN_ORDER,
+            0,
+            "the device offers it: {offered:#x}"
+        );
+        offered
+    });
+    let to_device = dev.acked_features.unwrap() & !(F_PROTOCOL_FEATURES | F_LOG_ALL);
     assert_ne!(to_device & F_IN_ORDER, 0);
     assert_eq!(
         fake.ops()[0],
         Op::Features(to_device),
         "the device gets IN_ORDER"
     );
-    dev.set_mem_table(vec![region(0, MEM, UADDR)]).unwrap();
-    configure(&mut dev, 1, 0);
-    dev.set_vring_kick(1, Some(eventfd())).unwrap();
-    dev.set_vring_enable(1, true).unwrap();
-    assert!(dev.is_started());
     assert!(matches!(
         dev.set_shadow(true),
         Err(DeviceError::InOrderShadow)
     ));
     assert!(!dev.shadow());
-    assert!(matches!(dev.query().queues[1].mode, Mode::Passthrough));
+    assert_eq!(dev.query().queues[1].mode, Mode::Passthrough);
     // Without IN_ORDER acked the same device switches.
-    let (mut dev, _fake) = device(false);
-    dev.set_in_order(true);
-    let offered = dev.offered_features() & !F_IN_ORDER;
-    dev.set_features(offered & !F_LOG_ALL).unwrap();
-    dev.set_mem_table(vec![region(0, MEM, UADDR)]).unwrap();
-    configure(&mut dev, 1, 0);
-    dev.set_vring_kick(1, Some(eventfd())).unwrap();
-    dev.set_vring_enable(1, true).unwrap();
+    let (mut dev, _fake) = in_order_started(|offered| offered & !F_IN_ORDER);
     assert!(dev.set_shadow(true).unwrap());
 }
 
