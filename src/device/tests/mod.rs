@@ -679,6 +679,43 @@ fn a_refused_log_falls_back_to_shadow() {
     assert!(!dev.migration.logging());
 }
 
+/// The mode change a late, refused SET_LOG_BASE causes reaches QMP with that
+/// message's own reply (the vhost-user seam's `after_request`), not with a
+/// later message.
+#[test]
+fn a_mode_change_made_by_set_log_base_is_reported_at_once() {
+    use crate::protocol::RequestHandler;
+    use crate::vhost_user::VuHandler;
+    use vhost::vhost_user::message::VhostUserLog;
+
+    let (mut dev, fake) = negotiated(false);
+    {
+        let mut st = fake.0.lock().unwrap();
+        st.logs = true;
+        st.refuse_log = true;
+    }
+    dev.set_auto_shadow(true);
+    start_all(&mut dev, &fake);
+    let acked = dev.acked_features.unwrap();
+    let shared = Arc::new(Mutex::new(dev));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s2 = Arc::clone(&seen);
+    let mut vu = VuHandler::new(
+        Arc::clone(&shared),
+        Some(Arc::new(move |shadow| s2.lock().unwrap().push(shadow))),
+    );
+    // LOG_ALL before the log: forwarding is pending, nothing changes yet.
+    vu.set_features(acked | F_LOG_ALL).unwrap();
+    vu.after_request();
+    assert!(seen.lock().unwrap().is_empty());
+    // The log comes, the device refuses it: shadow, reported now.
+    let f = hostmem::memfd(c"log", 64).unwrap();
+    vu.set_log_base(&VhostUserLog::new(64, 0), f).unwrap();
+    vu.after_request();
+    assert_eq!(*seen.lock().unwrap(), vec![true]);
+    assert!(crate::device::lock(&shared).shadow());
+}
+
 /// The same when the log arrives after LOG_ALL (forwarding was pending).
 #[test]
 fn a_refused_late_log_falls_back_to_shadow() {
