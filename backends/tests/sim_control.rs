@@ -492,11 +492,13 @@ fn nested_indirect_breaks_only_its_queue() {
         use vm_memory::{Bytes, GuestAddress};
         let table = q.buf_addr(5);
         // One entry that is itself indirect.
-        q.mem.write_obj(table.to_le(), GuestAddress(table)).unwrap();
-        q.mem
+        q.mem()
+            .write_obj(table.to_le(), GuestAddress(table))
+            .unwrap();
+        q.mem()
             .write_obj(16u32.to_le(), GuestAddress(table + 8))
             .unwrap();
-        q.mem
+        q.mem()
             .write_obj(DESC_F_INDIRECT.to_le(), GuestAddress(table + 12))
             .unwrap();
         q.write_desc(0, table, 16, DESC_F_INDIRECT, 0);
@@ -546,7 +548,9 @@ fn rx_chain_without_room_for_header(
     let mut rig = Rig::new(2, features | F_MQ, 64);
     let q = &mut rig.queues[RX];
     let area = GuestAddress(q.buf_addr(0));
-    q.mem.write_slice(&[0xab; 2 * BUF as usize], area).unwrap();
+    q.mem()
+        .write_slice(&[0xab; 2 * BUF as usize], area)
+        .unwrap();
     let heads = post(q);
     q.submit(&heads);
     let p = packet(64, 1);
@@ -567,7 +571,7 @@ fn rx_chain_without_room_for_header(
     assert_eq!(rig.sim.vring_base(RX).unwrap(), 0, "RX chains given back");
     assert_eq!(rig.queues[TX].used_idx(), 0, "TX is held, not lost");
     let mut back = vec![0u8; 2 * BUF as usize];
-    rig.queues[RX].mem.read_slice(&mut back, area).unwrap();
+    rig.queues[RX].mem().read_slice(&mut back, area).unwrap();
     assert!(back.iter().all(|&b| b == 0xab), "RX buffers written");
     loop_one(&mut rig, 2, 3, 2);
     assert!(!rig.sim.queue_stats(3).unwrap().broken);

@@ -253,14 +253,14 @@ fn indirect_tx_chain_is_read() {
     let table = q.buf_addr(10);
     let data = q.buf_addr(11);
     use vm_memory::{Bytes, GuestAddress};
-    q.mem.write_slice(&p, GuestAddress(data)).unwrap();
+    q.mem().write_slice(&p, GuestAddress(data)).unwrap();
     let entries: [(u64, u32, u16, u16); 2] = [(data, 12, DESC_F_NEXT, 1), (data + 12, 300, 0, 0)];
     for (k, (a, l, f, n)) in entries.iter().enumerate() {
         let e = table + 16 * k as u64;
-        q.mem.write_obj(a.to_le(), GuestAddress(e)).unwrap();
-        q.mem.write_obj(l.to_le(), GuestAddress(e + 8)).unwrap();
-        q.mem.write_obj(f.to_le(), GuestAddress(e + 12)).unwrap();
-        q.mem.write_obj(n.to_le(), GuestAddress(e + 14)).unwrap();
+        q.mem().write_obj(a.to_le(), GuestAddress(e)).unwrap();
+        q.mem().write_obj(l.to_le(), GuestAddress(e + 8)).unwrap();
+        q.mem().write_obj(f.to_le(), GuestAddress(e + 12)).unwrap();
+        q.mem().write_obj(n.to_le(), GuestAddress(e + 14)).unwrap();
     }
     q.write_desc(0, table, 32, DESC_F_INDIRECT, 0);
     q.submit(&[0]);

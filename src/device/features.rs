@@ -26,8 +26,7 @@ impl Device {
     pub fn offered_features(&self) -> u64 {
         let transport_ok = svq::SUPPORTED_FEATURES | !TRANSPORT_MASK;
         let in_order = if self.in_order { vf::F_IN_ORDER } else { 0 };
-        (self.backend.device_features() & RELAY_FEATURES & transport_ok)
-            | (self.backend.device_features() & in_order)
+        (self.backend.device_features() & ((RELAY_FEATURES & transport_ok) | in_order))
             | F_PROTOCOL_FEATURES
             | F_LOG_ALL
     }

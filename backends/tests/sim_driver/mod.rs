@@ -46,7 +46,6 @@ pub fn driver_view(region: &Arc<MmapRegion>, iova: u64) -> GuestMemoryMmap {
 /// can also write raw (broken) descriptors at known places.
 pub struct DriverQueue {
     pub ring: SplitRing,
-    pub mem: GuestMemoryMmap,
     pub bufs: u64,
     pub buf_size: u64,
     pub kick: Arc<EventFd>,
@@ -70,7 +69,6 @@ impl DriverQueue {
                 GuestAddress(avail),
                 GuestAddress(used),
             ),
-            mem: mem.clone(),
             bufs: base + BUF_OFFSET,
             buf_size,
             kick: Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
@@ -81,11 +79,16 @@ impl DriverQueue {
 
     /// A fresh ring in the same place, keeping the eventfds the device has.
     pub fn renew(&mut self) {
-        let mut fresh = DriverQueue::new(&self.mem, self.desc(), self.size(), self.buf_size);
+        let mut fresh = DriverQueue::new(self.mem(), self.desc(), self.size(), self.buf_size);
         fresh.kick = Arc::clone(&self.kick);
         fresh.call = Arc::clone(&self.call);
         fresh.ring.event_idx = self.ring.event_idx;
         *self = fresh;
+    }
+
+    /// The driver's view of the queue's memory.
+    pub fn mem(&self) -> &GuestMemoryMmap {
+        self.ring.mem()
     }
 
     pub fn size(&self) -> u16 {
@@ -155,7 +158,7 @@ impl DriverQueue {
         for (k, p) in pieces.iter().enumerate() {
             let i = head + k as u16;
             assert!(p.len() as u64 <= self.buf_size);
-            self.mem
+            self.mem()
                 .write_slice(p, GuestAddress(self.buf_addr(i)))
                 .unwrap();
             let last = k + 1 == pieces.len();
@@ -246,7 +249,7 @@ impl DriverQueue {
         let mut i = head;
         while off < out.len() {
             let n = (seg_len as usize).min(out.len() - off);
-            self.mem
+            self.mem()
                 .read_slice(&mut out[off..off + n], GuestAddress(self.buf_addr(i)))
                 .unwrap();
             off += n;

@@ -658,9 +658,9 @@ fn log_all_off_keeps_an_operator_chosen_shadow() {
     assert!(dev.take_mode_events().is_empty());
 }
 
-/// A device that claims to log but refuses the log: the SVQs log instead.
-#[test]
-fn a_refused_log_falls_back_to_shadow() {
+/// `--shadow auto`, every ring started in passthrough, on a device that
+/// claims to log dirty pages but refuses the log it is given.
+fn started_refusing_logger() -> Device {
     let (mut dev, fake) = negotiated(false);
     {
         let mut st = fake.0.lock().unwrap();
@@ -669,6 +669,13 @@ fn a_refused_log_falls_back_to_shadow() {
     }
     dev.set_auto_shadow(true);
     start_all(&mut dev, &fake);
+    dev
+}
+
+/// A device that claims to log but refuses the log: the SVQs log instead.
+#[test]
+fn a_refused_log_falls_back_to_shadow() {
+    let mut dev = started_refusing_logger();
     set_log(&mut dev);
     let acked = dev.acked_features.unwrap();
     dev.set_features(acked | F_LOG_ALL).unwrap();
@@ -688,14 +695,7 @@ fn a_mode_change_made_by_set_log_base_is_reported_at_once() {
     use crate::vhost_user::VuHandler;
     use vhost::vhost_user::message::VhostUserLog;
 
-    let (mut dev, fake) = negotiated(false);
-    {
-        let mut st = fake.0.lock().unwrap();
-        st.logs = true;
-        st.refuse_log = true;
-    }
-    dev.set_auto_shadow(true);
-    start_all(&mut dev, &fake);
+    let dev = started_refusing_logger();
     let acked = dev.acked_features.unwrap();
     let shared = Arc::new(Mutex::new(dev));
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -719,14 +719,7 @@ fn a_mode_change_made_by_set_log_base_is_reported_at_once() {
 /// The same when the log arrives after LOG_ALL (forwarding was pending).
 #[test]
 fn a_refused_late_log_falls_back_to_shadow() {
-    let (mut dev, fake) = negotiated(false);
-    {
-        let mut st = fake.0.lock().unwrap();
-        st.logs = true;
-        st.refuse_log = true;
-    }
-    dev.set_auto_shadow(true);
-    start_all(&mut dev, &fake);
+    let mut dev = started_refusing_logger();
     let acked = dev.acked_features.unwrap();
     dev.set_features(acked | F_LOG_ALL).unwrap();
     assert!(!dev.shadow());
