@@ -95,11 +95,14 @@ impl Qmp {
                 execute,
                 id,
             }) => {
-                let (result, event) = match command {
-                    Ok(c) => self.execute(negotiated, c),
-                    Err(e) if *negotiated || execute == "qmp_capabilities" => (Err(e), None),
+                let (result, event) = if !*negotiated && execute != "qmp_capabilities" {
                     // Before negotiation every other command is refused alike.
-                    Err(_) => (Err(negotiation_first()), None),
+                    (Err(negotiation_first()), None)
+                } else {
+                    match command {
+                        Ok(c) => self.execute(negotiated, c),
+                        Err(e) => (Err(e), None),
+                    }
                 };
                 (result, id, event)
             }
@@ -110,13 +113,14 @@ impl Qmp {
         }
     }
 
+    /// A command of a client that negotiated (or `qmp_capabilities`).
     fn execute(
         &self,
         negotiated: &mut bool,
         command: Command,
     ) -> (Result<Return, QmpError>, Option<Event>) {
-        match (command, *negotiated) {
-            (Command::QmpCapabilities(caps), false) => match caps.enable.first() {
+        match command {
+            Command::QmpCapabilities(caps) if !*negotiated => match caps.enable.first() {
                 Some(c) => (
                     Err(QmpError::generic(format!("Capability '{c}' not available"))),
                     None,
@@ -126,15 +130,14 @@ impl Qmp {
                     (Ok(Return::empty()), None)
                 }
             },
-            (_, false) => (Err(negotiation_first()), None),
-            (Command::QmpCapabilities(_), true) => (
+            Command::QmpCapabilities(_) => (
                 Err(QmpError::command_not_found(
                     "Capabilities negotiation is already complete, command ignored",
                 )),
                 None,
             ),
-            (Command::EnableShadowVq(args), true) => self.enable_shadow_vq(args),
-            (Command::QueryShadowVq(_), true) => {
+            Command::EnableShadowVq(args) => self.enable_shadow_vq(args),
+            Command::QueryShadowVq(_) => {
                 let list = self.devices.iter().map(|d| d.query()).collect();
                 (Ok(Return::Devices(list)), None)
             }
