@@ -2,6 +2,9 @@
 # Fetches what the QEMU guest tests boot, without installing anything:
 #   - Debian 12's cloud kernel (linux-image-*-cloud-amd64, Linux 6.1) with
 #     its modules, from the machine's configured bookworm mirror;
+#   - Debian 12's Linux 6.12 (linux-image-6.12.*+deb12-amd64-unsigned, the
+#     bookworm point-release kernel with vDPA, vhost-vdpa and VDUSE modules)
+#     for the tests that run the relay on the kernel's vhost-vdpa;
 #   - QEMU 10 (qemu-system-x86/-common/-data) from bookworm-backports, read
 #     through a private apt configuration so the system's sources stay as
 #     they are. It runs from DIR/qemu10 beside the system's QEMU 7.2 with
@@ -9,7 +12,7 @@
 # Idempotent: a second run with everything in place does nothing.
 #
 # Usage: scripts/qemu-assets.sh [DIR]   (default: target/qemu-assets)
-# Prints KERNEL=, MODULES=, QEMU10=, QEMU10_DATA= lines.
+# Prints KERNEL=, MODULES=, VDPA_KERNEL=, VDPA_MODULES=, QEMU10=, QEMU10_DATA= lines.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DIR=${1:-${SVQ_RELAY_QEMU_ASSETS:-$ROOT/target/qemu-assets}}
@@ -36,6 +39,25 @@ if ! ls kernel/boot/vmlinuz-* >/dev/null 2>&1; then
   rm -f linux-image-*.deb
 fi
 
+if ! ls kernel612/boot/vmlinuz-* >/dev/null 2>&1; then
+  # The newest 6.12 image of the configured bookworm suites.
+  find612() {
+    apt-cache search --names-only '^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$' 2>/dev/null \
+      | awk '{print $1}' | sort -V | tail -n1
+  }
+  pkg=$(find612)
+  if [ -z "$pkg" ]; then
+    ${SUDO:-} apt-get update -qq
+    pkg=$(find612)
+  fi
+  [ -n "$pkg" ] || { echo "qemu-assets: no linux-image-6.12.*+deb12-amd64-unsigned package" >&2; exit 2; }
+  rm -f linux-image-*.deb
+  download download "$pkg"
+  ls linux-image-*.deb >/dev/null || { echo "qemu-assets: download of $pkg failed" >&2; exit 2; }
+  rm -rf kernel612.tmp && dpkg-deb -x linux-image-*.deb kernel612.tmp && rm -rf kernel612 && mv kernel612.tmp kernel612
+  rm -f linux-image-*.deb
+fi
+
 if [ ! -x qemu10/usr/bin/qemu-system-x86_64 ]; then
   apt_dir=$DIR/apt
   mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial"
@@ -55,6 +77,8 @@ kernel=$(ls "$DIR"/kernel/boot/vmlinuz-* | head -n1)
 modules=$(ls -d "$DIR"/kernel/lib/modules/* | head -n1)
 echo "KERNEL=$kernel"
 echo "MODULES=$modules"
+echo "VDPA_KERNEL=$(ls "$DIR"/kernel612/boot/vmlinuz-* | head -n1)"
+echo "VDPA_MODULES=$(ls -d "$DIR"/kernel612/lib/modules/* | head -n1)"
 echo "QEMU10=$DIR/qemu10/usr/bin/qemu-system-x86_64"
 echo "QEMU10_DATA=$DIR/qemu10/usr/share/qemu"
 "$DIR/qemu10/usr/bin/qemu-system-x86_64" --version | head -n1 >&2

@@ -13,5 +13,6 @@ pub mod qmp;
 pub mod server;
 pub mod signals;
 pub mod stats;
+pub mod vduse_cli;
 pub mod vhost_user;
 pub mod worker;

@@ -20,6 +20,7 @@ pub use net_ctrl::NetCtrlState;
 mod net_ctrl;
 pub mod sim;
 pub mod vdpa;
+pub mod vduse;
 pub mod vhost_user;
 
 /// Errors a device backend reports. The daemon turns them into log lines and

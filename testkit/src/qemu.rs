@@ -41,6 +41,9 @@ const MODULES: &[&str] = &[
 pub struct Assets {
     pub kernel: PathBuf,
     pub modules: PathBuf,
+    /// Linux 6.12 with vDPA, vhost-vdpa and VDUSE (as modules).
+    pub vdpa_kernel: PathBuf,
+    pub vdpa_modules: PathBuf,
     pub qemu10: PathBuf,
     pub qemu10_data: PathBuf,
 }
@@ -71,6 +74,8 @@ pub fn assets() -> Option<&'static Assets> {
         Ok(Assets {
             kernel: get("KERNEL")?,
             modules: get("MODULES")?,
+            vdpa_kernel: get("VDPA_KERNEL")?,
+            vdpa_modules: get("VDPA_MODULES")?,
             qemu10: get("QEMU10")?,
             qemu10_data: get("QEMU10_DATA")?,
         })
@@ -146,10 +151,13 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 for m in /lib/svq/*.ko; do insmod "$m" || echo "insmod $m failed"; done
 ip link set lo up
-n=0
-while [ ! -e /sys/class/net/eth0 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
-ip addr add $(cat /proc/cmdline | sed -n 's/.*svq.ip=\([^ ]*\).*/\1/p')/24 dev eth0
-ip link set eth0 up
+ip=$(sed -n 's/.*svq.ip=\([^ ]*\).*/\1/p' /proc/cmdline)
+if [ -n "$ip" ]; then
+  n=0
+  while [ ! -e /sys/class/net/eth0 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+  ip addr add $ip/24 dev eth0
+  ip link set eth0 up
+fi
 stty -echo 2>/dev/null
 echo SVQ-GUEST-READY
 while read -r line; do
@@ -158,29 +166,167 @@ while read -r line; do
 done
 "#;
 
-/// Builds the initramfs: busybox, the modules (numbered so the glob loads
-/// them in order), /init.
+/// Builds the initramfs of the virtio-net guests: busybox, the cloud
+/// kernel's virtio-net modules, /init.
 pub fn build_initramfs(a: &Assets, path: &Path) {
-    let mut out = Vec::new();
-    let mut ino = 1;
-    let mut add = |out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]| {
-        cpio_entry(out, ino, name, mode, data);
-        ino += 1;
-    };
-    for d in ["bin", "proc", "sys", "dev", "lib", "lib/svq", "tmp"] {
-        add(&mut out, d, 0o040755, &[]);
+    let mut fs = Initramfs::new();
+    for m in MODULES {
+        fs = fs.module(&a.modules.join(m));
     }
-    let busybox = std::fs::read("/bin/busybox").expect("read /bin/busybox");
-    add(&mut out, "bin/busybox", 0o100755, &busybox);
-    add(&mut out, "bin/sh", 0o120777, b"busybox");
-    for (i, m) in MODULES.iter().enumerate() {
-        let data = std::fs::read(a.modules.join(m)).unwrap_or_else(|e| panic!("{m}: {e}"));
-        let base = Path::new(m).file_name().unwrap().to_str().unwrap();
-        add(&mut out, &format!("lib/svq/{i}{base}"), 0o100644, &data);
+    fs.build(path);
+}
+
+/// A guest's root filesystem: busybox, kernel modules loaded by /init in
+/// the order given, and host programs copied in with the shared libraries
+/// `ldd` lists for them (at the same paths), debug info stripped when
+/// `strip` is there.
+#[derive(Default)]
+pub struct Initramfs {
+    modules: Vec<PathBuf>,
+    /// (path in the guest, path on the host)
+    programs: Vec<(String, PathBuf)>,
+}
+
+impl Initramfs {
+    pub fn new() -> Self {
+        Self::default()
     }
-    add(&mut out, "init", 0o100755, INIT.as_bytes());
-    cpio_entry(&mut out, 0, "TRAILER!!!", 0, &[]);
-    std::fs::write(path, out).expect("write initramfs");
+
+    /// A module (`.ko`, or `.ko.xz` decompressed here with `xz`).
+    pub fn module(mut self, path: &Path) -> Self {
+        self.modules.push(path.to_path_buf());
+        self
+    }
+
+    /// `host` at `guest` (relative to the root), with its libraries.
+    pub fn program(mut self, guest: &str, host: &Path) -> Self {
+        self.programs.push((
+            guest.trim_start_matches('/').to_string(),
+            host.to_path_buf(),
+        ));
+        self
+    }
+
+    fn module_bytes(path: &Path) -> Vec<u8> {
+        if path.extension().is_some_and(|e| e == "xz") {
+            let out = Command::new("xz")
+                .arg("-dc")
+                .arg(path)
+                .output()
+                .unwrap_or_else(|e| panic!("xz -dc {}: {e}", path.display()));
+            assert!(out.status.success(), "xz -dc {} failed", path.display());
+            out.stdout
+        } else {
+            std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        }
+    }
+
+    /// The libraries `ldd` names for `exe` (the dynamic loader included).
+    fn libraries(exe: &Path) -> Vec<PathBuf> {
+        let out = Command::new("ldd")
+            .arg(exe)
+            .output()
+            .unwrap_or_else(|e| panic!("ldd {}: {e}", exe.display()));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let l = l.trim();
+                let path = match l.split_once("=>") {
+                    Some((_, rest)) => rest.split_whitespace().next()?,
+                    None => l.split_whitespace().next()?,
+                };
+                path.starts_with('/').then(|| PathBuf::from(path))
+            })
+            .collect()
+    }
+
+    /// `host`'s bytes, without debug info when `strip` can do it.
+    fn program_bytes(host: &Path) -> Vec<u8> {
+        let tmp = crate::daemon::target_tmpdir().join(format!(
+            "initramfs-strip-{}-{}",
+            std::process::id(),
+            host.file_name().unwrap().to_string_lossy()
+        ));
+        let stripped = Command::new("strip")
+            .arg("--strip-debug")
+            .arg("-o")
+            .arg(&tmp)
+            .arg(host)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        let bytes = if stripped {
+            std::fs::read(&tmp)
+        } else {
+            std::fs::read(host)
+        }
+        .unwrap_or_else(|e| panic!("{}: {e}", host.display()));
+        let _ = std::fs::remove_file(&tmp);
+        bytes
+    }
+
+    pub fn build(&self, path: &Path) {
+        let mut cpio = Cpio::default();
+        for d in ["bin", "proc", "sys", "dev", "lib", "lib/svq", "tmp"] {
+            cpio.parents_of(&format!("{d}/x"));
+        }
+        let busybox = std::fs::read("/bin/busybox").expect("read /bin/busybox");
+        cpio.add("bin/busybox", 0o100755, &busybox);
+        cpio.add("bin/sh", 0o120777, b"busybox");
+        for (i, m) in self.modules.iter().enumerate() {
+            let data = Self::module_bytes(m);
+            let base = m.file_name().unwrap().to_string_lossy();
+            let base = base.trim_end_matches(".xz");
+            cpio.add(&format!("lib/svq/{i:02}{base}"), 0o100644, &data);
+        }
+        let mut copied = std::collections::BTreeSet::new();
+        for (guest, host) in &self.programs {
+            cpio.parents_of(guest);
+            cpio.add(guest, 0o100755, &Self::program_bytes(host));
+            for lib in Self::libraries(host) {
+                let name = lib.to_string_lossy().trim_start_matches('/').to_string();
+                if copied.insert(name.clone()) {
+                    // The file itself, symlinks resolved.
+                    let data =
+                        std::fs::read(&lib).unwrap_or_else(|e| panic!("{}: {e}", lib.display()));
+                    cpio.parents_of(&name);
+                    cpio.add(&name, 0o100755, &data);
+                }
+            }
+        }
+        cpio.add("init", 0o100755, INIT.as_bytes());
+        cpio_entry(&mut cpio.out, 0, "TRAILER!!!", 0, &[]);
+        std::fs::write(path, cpio.out).expect("write initramfs");
+    }
+}
+
+/// A newc archive being written: entries, and the directories made so far.
+#[derive(Default)]
+struct Cpio {
+    out: Vec<u8>,
+    ino: u32,
+    dirs: std::collections::BTreeSet<String>,
+}
+
+impl Cpio {
+    fn add(&mut self, name: &str, mode: u32, data: &[u8]) {
+        self.ino += 1;
+        cpio_entry(&mut self.out, self.ino, name, mode, data);
+    }
+
+    /// Directory entries for every parent of `file` not written yet.
+    fn parents_of(&mut self, file: &str) {
+        let mut acc = String::new();
+        let parts: Vec<&str> = file.split('/').collect();
+        for p in &parts[..parts.len() - 1] {
+            if !acc.is_empty() {
+                acc.push('/');
+            }
+            acc.push_str(p);
+            if self.dirs.insert(acc.clone()) {
+                self.add(&acc.clone(), 0o040755, &[]);
+            }
+        }
+    }
 }
 
 // --- QEMU --------------------------------------------------------------------
@@ -261,7 +407,20 @@ impl Guest {
     /// does not boot; `wait_ready` it only through `migrated_from`.
     pub fn start(dir: &Path, vu_sock: &Path, cfg: &GuestConfig) -> Guest {
         let a = assets().expect("guest assets");
-        let initrd = initramfs_path();
+        Self::boot(dir, &a.kernel, &initramfs_path(), cfg, Some(vu_sock))
+    }
+
+    /// Boots `kernel` with `initrd` (an [`Initramfs`] whose /init is this
+    /// module's), with a virtio-net NIC on the vhost-user socket `nic` or
+    /// with no NIC at all.
+    pub fn boot(
+        dir: &Path,
+        kernel: &Path,
+        initrd: &Path,
+        cfg: &GuestConfig,
+        nic: Option<&Path>,
+    ) -> Guest {
+        let a = assets().expect("guest assets");
         let serial_path = dir.join("serial.sock");
         let _ = std::fs::remove_file(&serial_path);
         let listener = UnixListener::bind(&serial_path).expect("bind serial socket");
@@ -306,21 +465,30 @@ impl Guest {
             "-numa".into(),
             "node,memdev=mem".into(),
             "-kernel".into(),
-            a.kernel.display().to_string(),
+            kernel.display().to_string(),
             "-initrd".into(),
             initrd.display().to_string(),
             "-append".into(),
-            format!("console=ttyS0 quiet loglevel=1 panic=-1 svq.ip={}", cfg.ip),
+            match nic {
+                Some(_) => format!("console=ttyS0 quiet loglevel=1 panic=-1 svq.ip={}", cfg.ip),
+                None => "console=ttyS0 quiet loglevel=1 panic=-1".to_string(),
+            },
             "-chardev".into(),
             format!("socket,id=ser0,path={}", serial_path.display()),
             "-serial".into(),
             "chardev:ser0".into(),
-            "-chardev".into(),
-            format!("socket,id=vu0,path={}", vu_sock.display()),
-            "-netdev".into(),
-            format!("vhost-user,id=net0,chardev=vu0,queues={}", cfg.pairs),
-            "-device".into(),
-            format!("virtio-net-pci,netdev=net0,mac={GUEST_MAC},romfile={mq}"),
+        ]);
+        if let Some(vu_sock) = nic {
+            args.extend([
+                "-chardev".into(),
+                format!("socket,id=vu0,path={}", vu_sock.display()),
+                "-netdev".into(),
+                format!("vhost-user,id=net0,chardev=vu0,queues={}", cfg.pairs),
+                "-device".into(),
+                format!("virtio-net-pci,netdev=net0,mac={GUEST_MAC},romfile={mq}"),
+            ]);
+        }
+        args.extend([
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", qmp_path.display()),
         ]);

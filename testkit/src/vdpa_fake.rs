@@ -299,6 +299,17 @@ impl Device {
         }
     }
 
+    /// Linux (since 6.7, drivers/vhost/vdpa.c) refuses VHOST_SET_VRING_ADDR
+    /// and VHOST_SET_VRING_BASE with EINVAL once DRIVER_OK is set, unless
+    /// the device is suspended: found when the relay first ran on a real
+    /// vhost-vdpa (tests/vdpa_kernel.rs).
+    fn refuse_ring_change_while_running(&self) -> io::Result<()> {
+        if self.status & S_DRIVER_OK != 0 && !self.suspended {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        Ok(())
+    }
+
     fn vring(&mut self, q: u32) -> io::Result<&mut FakeVring> {
         self.vrings
             .get_mut(q as usize)
@@ -758,6 +769,7 @@ impl VdpaIoctls for FakeVdpa {
 
     fn set_vring_addr(&self, queue: u32, addrs: &VringAddrs) -> io::Result<()> {
         self.call(Op::SetVringAddr(queue, *addrs), |d| {
+            d.refuse_ring_change_while_running()?;
             d.vring(queue)?.addrs = Some(*addrs);
             Ok(())
         })
@@ -765,6 +777,7 @@ impl VdpaIoctls for FakeVdpa {
 
     fn set_vring_base(&self, queue: u32, base: u16) -> io::Result<()> {
         self.call(Op::SetVringBase(queue, base), |d| {
+            d.refuse_ring_change_while_running()?;
             let v = d.vring(queue)?;
             v.base = base;
             v.used = base;

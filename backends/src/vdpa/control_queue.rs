@@ -27,9 +27,10 @@ impl VdpaNet {
                 state.queue_pairs, self.queue_pairs
             )));
         }
-        // What can be negotiated now, or what was.
+        // What can be negotiated now, or what was (or what a device stopped
+        // by a reset gets again at `resume`).
         let have = self
-            .features
+            .negotiated_features()
             .unwrap_or(self.offered & (BACKEND_ACKED | bits::NET_F_MQ));
         let cvq = self.cvq.is_some() && have & bits::NET_F_CTRL_VQ != 0;
         let need = |b: u64| cvq && have & b != 0;

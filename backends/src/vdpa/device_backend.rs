@@ -8,7 +8,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::dma::invalidate_msg;
 use super::net::{bits, status, BACKEND_ACKED, BACKEND_OWNED};
 use super::sys::{backend_bits, IotlbMsg};
-use super::{ctx, VdpaNet, Vring, LOG};
+use super::{ctx, Stop, VdpaNet, Vring, LOG};
 use crate::{BackendError, DeviceBackend, DmaRegion, IovaRange, NetCtrlState, Result, VringAddrs};
 
 const BUSY: &str = "status bits are cleared only by a reset (status 0)";
@@ -27,7 +27,7 @@ impl DeviceBackend for VdpaNet {
         if extra != 0 {
             return Err(BackendError::UnsupportedFeatures(extra));
         }
-        if self.status & status::DRIVER_OK != 0 {
+        if self.shown_status() & status::DRIVER_OK != 0 {
             return Err(BackendError::InvalidState {
                 op: "set_features",
                 why: "the device is running (reset it first)",
@@ -94,16 +94,23 @@ impl DeviceBackend for VdpaNet {
             return Ok(());
         }
         let managed = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
-        let target = new | (self.status & managed);
-        if self.status & !target != 0 {
+        let shown = self.shown_status();
+        let target = new | (shown & managed);
+        if shown & !target != 0 {
             return Err(BackendError::InvalidState {
                 op: "set_status",
                 why: BUSY,
             });
         }
-        let add = target & !self.status;
+        let add = target & !shown;
         if add == 0 {
             return Ok(());
+        }
+        if matches!(self.stop, Stop::ByReset { .. }) {
+            return Err(BackendError::InvalidState {
+                op: "set_status",
+                why: "the device is stopped by a reset (resume it first)",
+            });
         }
         if add & (status::FEATURES_OK | status::DRIVER_OK) != 0 && self.features.is_none() {
             return Err(BackendError::InvalidState {
@@ -124,7 +131,7 @@ impl DeviceBackend for VdpaNet {
     }
 
     fn status(&self) -> u8 {
-        self.status
+        self.shown_status()
     }
 
     fn dma_map(&mut self, region: DmaRegion) -> Result<()> {
@@ -155,6 +162,7 @@ impl DeviceBackend for VdpaNet {
         if num == 0 || !num.is_power_of_two() || num > max {
             return Err(BackendError::InvalidQueueSize(num, max));
         }
+        self.stop_for_late_ring()?;
         if !self.deferring() {
             self.dev
                 .set_vring_num(q, num)
@@ -172,6 +180,7 @@ impl DeviceBackend for VdpaNet {
                 why: "ring addresses must be aligned (desc 16, avail 2, used 4)",
             });
         }
+        self.stop_for_late_ring()?;
         if !self.deferring() {
             self.dev
                 .set_vring_addr(q, &addrs)
@@ -183,6 +192,7 @@ impl DeviceBackend for VdpaNet {
 
     fn set_vring_base(&mut self, queue: usize, base: u16) -> Result<()> {
         let q = self.data_queue(queue)?;
+        self.stop_for_late_ring()?;
         if !self.deferring() {
             self.dev
                 .set_vring_base(q, base)
@@ -194,16 +204,30 @@ impl DeviceBackend for VdpaNet {
 
     fn vring_base(&mut self, queue: usize) -> Result<u16> {
         let q = self.data_queue(queue)?;
+        if self.running() && !self.vrings[queue].enabled {
+            // Disabled while the device ran: where it stopped.
+            if let Some(b) = self.vrings[queue].base {
+                return Ok(b);
+            }
+        }
         if self.deferring() {
             if let Some(b) = self.vrings[queue].base {
                 return Ok(b);
             }
         }
+        if let Stop::ByReset { .. } = self.stop {
+            // The device's ring state went with the reset: not asked.
+            let b = self.stopped_position(queue)?;
+            if self.vrings[queue].stopped_used.is_some() {
+                self.vrings[queue].base = Some(b);
+            }
+            return Ok(b);
+        }
         let b = self
             .dev
             .get_vring_base(q)
             .map_err(ctx("VHOST_GET_VRING_BASE"))?;
-        if self.suspended {
+        if self.stop == Stop::Suspended {
             self.vrings[queue].base = Some(b);
         }
         Ok(b)
@@ -233,26 +257,39 @@ impl DeviceBackend for VdpaNet {
 
     fn set_vring_enable(&mut self, queue: usize, enable: bool) -> Result<()> {
         let q = self.data_queue(queue)?;
+        if !enable && self.vrings[queue].enabled && self.running() {
+            return self.disable_running_ring(queue);
+        }
+        if enable
+            && !self.vrings[queue].enabled
+            && !self.has_backend(backend_bits::ENABLE_AFTER_DRIVER_OK)
+        {
+            self.stop_for_late_ring()?;
+        }
         if !self.deferring() {
             self.dev
                 .set_vring_enable(q, enable)
                 .map_err(ctx("VHOST_VDPA_SET_VRING_ENABLE"))?;
         }
         self.vrings[queue].enabled = enable;
+        if enable && self.late_ring {
+            log::debug!(target: LOG, "queue {queue} set up after DRIVER_OK: restarting the device with it");
+            return self.resume();
+        }
         Ok(())
     }
 
     fn suspend(&mut self) -> Result<()> {
-        if !self.has_backend(backend_bits::SUSPEND) {
-            return Err(BackendError::Unsupported(
-                "suspend (the device does not offer VHOST_BACKEND_F_SUSPEND)",
-            ));
-        }
-        if self.suspended {
+        if self.stop != Stop::No {
+            // Stopped for a late ring: from here the relay resumes it.
+            self.late_ring = false;
             return Ok(());
         }
+        if !self.has_backend(backend_bits::SUSPEND) {
+            return self.suspend_by_reset();
+        }
         self.dev.suspend().map_err(ctx("VHOST_VDPA_SUSPEND"))?;
-        self.suspended = true;
+        self.stop = Stop::Suspended;
         for v in &mut self.vrings {
             v.base = None;
         }
@@ -260,18 +297,64 @@ impl DeviceBackend for VdpaNet {
     }
 
     fn resume(&mut self) -> Result<()> {
-        if !self.suspended {
-            return Ok(());
+        self.late_ring = false;
+        match self.stop {
+            Stop::No => Ok(()),
+            Stop::ByReset { .. } => self.resume_by_reset(),
+            Stop::Suspended if !self.has_backend(backend_bits::RESUME) => self.resume_by_reset(),
+            Stop::Suspended => {
+                self.dev.resume().map_err(ctx("VHOST_VDPA_RESUME"))?;
+                self.stop = Stop::No;
+                Ok(())
+            }
         }
-        if !self.has_backend(backend_bits::RESUME) {
-            return self.resume_by_reset();
-        }
-        self.dev.resume().map_err(ctx("VHOST_VDPA_RESUME"))?;
-        self.suspended = false;
-        Ok(())
     }
 
     fn apply_net_ctrl(&mut self, state: &NetCtrlState) -> Result<()> {
         self.apply_net_state(state)
+    }
+}
+
+impl VdpaNet {
+    fn running(&self) -> bool {
+        self.stop == Stop::No && self.status & status::DRIVER_OK != 0
+    }
+
+    /// Disabling one ring of a running device: vhost-vdpa passes it on as
+    /// `set_vq_ready(false)`, which not every parent honours while DRIVER_OK
+    /// is set (VDUSE does not even tell its device), yet the relay reads the
+    /// ring's position next and relies on the device touching it no more.
+    /// So the device is stopped (suspended, or reset where it cannot
+    /// suspend), the ring's position read, the ring disabled, and the device
+    /// restarted with the other rings.
+    fn disable_running_ring(&mut self, queue: usize) -> Result<()> {
+        self.suspend()?;
+        let base = self.vring_base(queue)?;
+        self.vrings[queue].base = Some(base);
+        if !self.deferring() {
+            let q = self.data_queue(queue)?;
+            self.dev
+                .set_vring_enable(q, false)
+                .map_err(ctx("VHOST_VDPA_SET_VRING_ENABLE"))?;
+        }
+        self.vrings[queue].enabled = false;
+        log::debug!(target: LOG, "queue {queue} disabled at {base}: restarting the device without it");
+        self.resume()
+    }
+
+    /// A ring set up (or, without ENABLE_AFTER_DRIVER_OK, enabled) while
+    /// the device runs: the kernel refuses ring changes after DRIVER_OK
+    /// unless the device is suspended, so the device is stopped (suspended,
+    /// or reset where it cannot suspend), the ring is set up with the others
+    /// and the device restarts when the ring is enabled. That is how the
+    /// relay's rings reach a vhost-vdpa device one at a time, as the VMM
+    /// starts them.
+    fn stop_for_late_ring(&mut self) -> Result<()> {
+        if self.stop != Stop::No || self.status & status::DRIVER_OK == 0 {
+            return Ok(());
+        }
+        self.suspend()?;
+        self.late_ring = true;
+        Ok(())
     }
 }

@@ -45,13 +45,29 @@
 //! - Rings are handed to the device as the relay sets them; a ring enabled
 //!   after DRIVER_OK relies on the device honouring that (the kernel
 //!   advertises it as VHOST_BACKEND_F_ENABLE_AFTER_DRIVER_OK).
-//! - `suspend` is VHOST_VDPA_SUSPEND and fails with
-//!   [`BackendError::Unsupported`] when the device does not offer
-//!   VHOST_BACKEND_F_SUSPEND: the daemon then cannot switch a running device
-//!   to shadow rings (it has no way to stop the device without losing ring
-//!   state). After `suspend`, `vring_base` is what the device reports through
-//!   VHOST_GET_VRING_BASE: the kernel contract for SUSPEND is that the device
-//!   keeps its ring state and touches no ring afterwards.
+//! - `suspend` is VHOST_VDPA_SUSPEND when the device offers
+//!   VHOST_BACKEND_F_SUSPEND. After it, `vring_base` is what the device
+//!   reports through VHOST_GET_VRING_BASE: the kernel contract for SUSPEND is
+//!   that the device keeps its ring state and touches no ring afterwards.
+//! - Without SUSPEND (VDUSE devices, Linux 6.12), `suspend` of a running
+//!   device resets it, as QEMU's vhost-vdpa does with devices that cannot
+//!   suspend (the reset of `set_status(0)`: mappings sent again without
+//!   IOTLB_PERSIST). The backend is then stopped by reset: the device's own
+//!   ring state is gone, so `vring_base` never asks the device. A base set
+//!   with `set_vring_base` since the stop wins; a ring the device was
+//!   running (num, addrs, enabled) continues at the used index in its ring
+//!   memory (`used + 2`, read through this backend's mappings, as QEMU's
+//!   `virtio_queue_restore_last_avail_idx`); any other ring reports the base
+//!   set for it, or 0. A used index outside every mapping is
+//!   [`BackendError::NotMapped`] naming its address, from that `vring_base`
+//!   (or `resume`), not from `suspend`. A chain the device had taken but not
+//!   completed is thus made available again: at worst a TX packet is sent
+//!   twice (an RX buffer it had started to fill is filled again; the guest
+//!   never saw it). While stopped, `status` shows the status the device ran
+//!   with, `set_status` adds no bits (0 is a plain reset), ring changes are
+//!   only remembered, and `resume` sets the device up as below without a
+//!   second reset. A device not at DRIVER_OK runs nothing: `suspend` leaves
+//!   it alone then.
 //! - `resume` is VHOST_VDPA_RESUME when the device offers
 //!   VHOST_BACKEND_F_RESUME. Without it (devices that can suspend but not
 //!   resume), ring changes made while suspended are only remembered, and
@@ -59,7 +75,8 @@
 //!   relay did not set, resets, negotiates the same features, sets every
 //!   ring up (at the bases the relay set or the device stopped at), sets
 //!   DRIVER_OK and sends the wanted [`NetCtrlState`] again (a reset drops
-//!   what the control queue set).
+//!   what the control queue set). After a stop by reset it does the same
+//!   with the bases from ring memory.
 //! - Dropping [`VdpaNet`] closes the fd; the kernel then resets the device and
 //!   drops every mapping before the memory is released.
 //!
@@ -119,12 +136,30 @@ struct Vring {
     num: Option<u16>,
     addrs: Option<VringAddrs>,
     /// The base to program at that point: set by `set_vring_base`, forgotten
-    /// at `suspend` (the device has moved on), read back from the device
-    /// while suspended.
+    /// at `suspend` for a ring the device ran (it has moved on), read back
+    /// while suspended (from the device, or from the ring memory when
+    /// stopped by a reset).
     base: Option<u16>,
     kick: Option<Arc<EventFd>>,
     call: Option<Arc<EventFd>>,
     enabled: bool,
+    /// Stopped by a reset while the device ran this ring: the IOVA of the
+    /// used ring it ran on, where the ring's position is read.
+    stopped_used: Option<u64>,
+}
+
+/// Whether the device is stopped, and how.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    /// Running (or never started).
+    No,
+    /// VHOST_VDPA_SUSPEND: the device keeps its ring state.
+    Suspended,
+    /// Reset in place of VHOST_VDPA_SUSPEND (the device does not offer
+    /// VHOST_BACKEND_F_SUSPEND): the device's own ring state is gone, ring
+    /// positions come from the used indexes in ring memory. `features` and
+    /// `status` are what it ran with, which `resume` sets again.
+    ByReset { features: u64, status: u8 },
 }
 
 /// A virtio-net vDPA device.
@@ -154,7 +189,11 @@ pub struct VdpaNet {
     applied: Option<NetCtrlState>,
     vrings: Vec<Vring>,
     config_call: Option<Arc<EventFd>>,
-    suspended: bool,
+    stop: Stop,
+    /// The backend stopped the device itself to set a ring up after
+    /// DRIVER_OK (the kernel refuses that on a running device) and resumes
+    /// it when that ring is enabled. The relay's own `suspend` takes over.
+    late_ring: bool,
 }
 
 /// Adds the name of the failed kernel call to its error.
@@ -304,7 +343,8 @@ impl VdpaNet {
                 .map(|_| Vring::default())
                 .collect(),
             config_call: None,
-            suspended: false,
+            stop: Stop::No,
+            late_ring: false,
         };
         this.add_status(status::ACKNOWLEDGE | status::DRIVER)?;
         log::debug!(
@@ -324,9 +364,13 @@ impl VdpaNet {
     }
 
     /// Features the device accepted, including the bits the backend owns;
-    /// `None` before `set_features`.
+    /// `None` before `set_features`. While stopped by a reset, the features
+    /// it ran with (which `resume` negotiates again).
     pub fn negotiated_features(&self) -> Option<u64> {
-        self.features
+        match self.stop {
+            Stop::ByReset { features, .. } => Some(features),
+            _ => self.features,
+        }
     }
 
     /// The device's own IOVA range (`iova_range` may be one page smaller).
@@ -370,7 +414,7 @@ impl VdpaNet {
         let mut count = self.vrings.len();
         // Without MQ only pair 0 exists and index 2 is the control queue.
         if self
-            .features
+            .negotiated_features()
             .is_some_and(|f| f & bits::NET_F_MQ == 0 && count > 2)
         {
             count = 2;

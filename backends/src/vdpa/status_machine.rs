@@ -1,10 +1,11 @@
 //! The device status and reset machine: feature negotiation with
 //! FEATURES_OK, adding status bits, reset (and what must be set up again
-//! after it), and `resume` emulated by a reset on devices without RESUME.
+//! after it), `suspend` emulated by a reset on devices without SUSPEND and
+//! `resume` emulated by a reset on devices without RESUME.
 
 use super::net::{bits, status};
 use super::sys::backend_bits;
-use super::{ctx, VdpaNet, LOG};
+use super::{ctx, Stop, VdpaNet, LOG};
 use crate::{BackendError, DeviceBackend, Result};
 
 impl VdpaNet {
@@ -28,33 +29,124 @@ impl VdpaNet {
         Ok(())
     }
 
-    /// Suspended on a device that cannot resume: ring changes are only
-    /// remembered, and `resume` sets everything up again after a reset.
+    /// Suspended on a device that cannot resume, or stopped by a reset:
+    /// ring changes are only remembered, and `resume` sets everything up
+    /// again after a reset.
     pub(super) fn deferring(&self) -> bool {
-        self.suspended && !self.has_backend(backend_bits::RESUME)
+        match self.stop {
+            Stop::No => false,
+            Stop::Suspended => !self.has_backend(backend_bits::RESUME),
+            Stop::ByReset { .. } => true,
+        }
+    }
+
+    /// The status the relay sees: while stopped by a reset, the one the
+    /// device ran with (and gets back at `resume`).
+    pub(super) fn shown_status(&self) -> u8 {
+        match self.stop {
+            Stop::ByReset { status, .. } => status,
+            _ => self.status,
+        }
+    }
+
+    /// `suspend` without VHOST_BACKEND_F_SUSPEND, the way QEMU's vhost-vdpa
+    /// stops a device that cannot suspend: reset it. Its ring state is gone
+    /// with it; each ring it ran is later placed at the used index in its
+    /// ring memory ([`stopped_position`](Self::stopped_position)). A device
+    /// not at DRIVER_OK runs nothing, so there is nothing to stop.
+    pub(super) fn suspend_by_reset(&mut self) -> Result<()> {
+        let (Some(features), true) = (self.features, self.status & status::DRIVER_OK != 0) else {
+            return Ok(());
+        };
+        let ran = self.status;
+        log::debug!(target: LOG, "suspend without VHOST_BACKEND_F_SUSPEND: resetting the device");
+        let res = self.reset_device();
+        if self.status & status::DRIVER_OK != 0 {
+            // SET_STATUS 0 failed: the device still runs as it did.
+            return res;
+        }
+        // From here the device's ring state is gone, even if re-sending the
+        // mappings failed: `resume` (or a reset) is what brings it back.
+        for v in &mut self.vrings {
+            v.stopped_used = match (v.num, v.addrs, v.enabled) {
+                (Some(_), Some(a), true) => Some(a.used),
+                _ => None,
+            };
+            if v.stopped_used.is_some() {
+                v.base = None;
+            }
+        }
+        self.stop = Stop::ByReset {
+            features,
+            status: ran,
+        };
+        res
+    }
+
+    /// Where ring `q` of a device stopped by a reset continues: the base the
+    /// relay set since, else for a ring the device ran the used index in its
+    /// ring memory (QEMU's virtio_queue_restore_last_avail_idx), else the
+    /// base set before (or 0). A chain the device had taken but not
+    /// completed is thus made available again.
+    pub(super) fn stopped_position(&self, q: usize) -> Result<u16> {
+        let v = &self.vrings[q];
+        if let Some(b) = v.base {
+            return Ok(b);
+        }
+        let Some(used) = v.stopped_used else {
+            return Ok(0);
+        };
+        let at = used.checked_add(2).ok_or(BackendError::NotMapped {
+            iova: used,
+            size: 4,
+        })?;
+        self.dma.read_u16(at).inspect_err(|e| {
+            log::warn!(target: LOG, "queue {q}: reading the used index after a reset: {e}");
+        })
     }
 
     /// `resume` without VHOST_VDPA_RESUME, the way QEMU restarts a vDPA
     /// device: read the ring positions the device stopped at, reset it, and
     /// negotiate, set up every ring at those positions (or at the ones the
-    /// relay set meanwhile), DRIVER_OK and the control state again.
+    /// relay set meanwhile), DRIVER_OK and the control state again. After a
+    /// stop by reset the positions come from ring memory and the device is
+    /// not reset a second time unless it left its reset state.
     pub(super) fn resume_by_reset(&mut self) -> Result<()> {
-        let (Some(full), true) = (self.features, self.status & status::DRIVER_OK != 0) else {
+        let by_reset = matches!(self.stop, Stop::ByReset { .. });
+        let Some(full) = self
+            .negotiated_features()
+            .filter(|_| self.shown_status() & status::DRIVER_OK != 0)
+        else {
             // Nothing was running, so nothing was stopped.
-            self.suspended = false;
+            self.stop = Stop::No;
             return Ok(());
         };
+        // Every position first: a failure leaves the device stopped as it
+        // was, for the relay to set the base and resume again.
         for q in 0..self.vrings.len() {
             if self.vrings[q].num.is_some() && self.vrings[q].base.is_none() {
-                let b = self
-                    .dev
-                    .get_vring_base(q as u32)
-                    .map_err(ctx("VHOST_GET_VRING_BASE"))?;
+                let b = if by_reset {
+                    self.stopped_position(q)?
+                } else {
+                    self.dev
+                        .get_vring_base(q as u32)
+                        .map_err(ctx("VHOST_GET_VRING_BASE"))?
+                };
                 self.vrings[q].base = Some(b);
             }
         }
-        log::debug!(target: LOG, "resume without VHOST_BACKEND_F_RESUME: resetting the device");
-        self.reset_device()?;
+        let fresh = self.features.is_none() && self.status == status::ACKNOWLEDGE | status::DRIVER;
+        if by_reset && fresh {
+            // Still as the stop left it: reset, only mappings changed.
+            log::debug!(target: LOG, "resume after a stop by reset: setting the device up again");
+            self.stop = Stop::No;
+        } else {
+            log::debug!(target: LOG, "resume without VHOST_BACKEND_F_RESUME: resetting the device");
+            self.reset_device()?;
+        }
+        for v in &mut self.vrings {
+            v.stopped_used = None;
+        }
         self.negotiate(full)?;
         for q in 0..self.vrings.len() {
             let v = &self.vrings[q];
@@ -114,7 +206,10 @@ impl VdpaNet {
         self.cvq_index = None;
         self.cvq_asid = 0;
         self.applied = None;
-        self.suspended = false;
+        self.stop = Stop::No;
+        for v in &mut self.vrings {
+            v.stopped_used = None;
+        }
         if !self.has_backend(backend_bits::IOTLB_PERSIST) {
             self.replay_mappings()?;
         }

@@ -1,0 +1,313 @@
+//! svq-relay on the kernel's own vhost-vdpa: Linux 6.12 booted under QEMU
+//! TCG, the software NIC served as a VDUSE device (`svq-vduse-net`), added
+//! to the vDPA bus with iproute2's `vdpa` and bound to `vhost_vdpa`, and the
+//! relay on `--backend vdpa:/dev/vhost-vdpa-0` with the project's test VMM
+//! as its frontend.
+//!
+//! The host test builds the guest's initramfs (busybox, the vDPA modules,
+//! `vdpa` and its libraries, the relay, the VDUSE server and this very test
+//! binary), boots it and runs the `guest_*` tests of this binary inside the
+//! guest, one command each; they are `#[ignore]`d so that they run only
+//! there. Every packet the test VMM sends goes through the relay, the
+//! kernel's vhost-vdpa and VDUSE, the sim, and back.
+
+use std::path::Path;
+use std::time::Duration;
+
+use testkit::daemon::{bin, target_tmpdir, tempdir};
+use testkit::migrate::{load_state, migration_proto, pages_of, save_state, set_log_base, Log};
+use testkit::qemu::{assets, qemu_or_skip, Guest, GuestConfig, Initramfs, QemuVersion};
+use testkit::{pump, Daemon, Qmp, Until, Vmm, VmmConfig};
+use vhost::VhostBackend;
+use virtio_features::F_LOG_ALL;
+
+/// The vDPA stack of Linux 6.12, in load order.
+const VDPA_MODULES: &[&str] = &[
+    "kernel/virt/lib/irqbypass.ko.xz",
+    "kernel/drivers/vhost/vhost_iotlb.ko.xz",
+    "kernel/drivers/vdpa/vdpa.ko.xz",
+    "kernel/drivers/vhost/vhost.ko.xz",
+    "kernel/drivers/vhost/vhost_vdpa.ko.xz",
+    "kernel/drivers/vdpa/vdpa_user/vduse.ko.xz",
+];
+
+const DEV_ENV: &str = "SVQ_RELAY_VDPA_DEV";
+const GUEST_TEST: &str = "/svq/deps/vdpa_kernel";
+
+// --- inside the guest --------------------------------------------------------
+
+fn device() -> String {
+    std::env::var(DEV_ENV).unwrap_or_else(|_| {
+        panic!("{DEV_ENV} unset: this test runs inside the guest that relay_on_the_kernels_vhost_vdpa boots")
+    })
+}
+
+fn mode(qmp: &mut Qmp) -> String {
+    qmp.query("net0")["mode"]
+        .as_str()
+        .unwrap_or("?")
+        .to_string()
+}
+
+fn frames(vmm: &Vmm) -> u32 {
+    vmm.pairs.iter().map(|p| p.next_seq).max().unwrap_or(0)
+}
+
+#[test]
+#[ignore = "runs inside the VDUSE guest (relay_on_the_kernels_vhost_vdpa)"]
+fn guest_passthrough_and_switches() {
+    let backend = format!("vdpa:{}", device());
+    let d = Daemon::spawn(&["--backend", &backend]);
+    let mut qmp = Qmp::connect_ready(&d.qmp);
+    let mut vmm = Vmm::start(&d.socket, VmmConfig::default());
+    pump(&mut vmm.pairs, Until::Frames(64))
+        .unwrap_or_else(|e| panic!("passthrough: {e}\n{}", d.stderr()));
+    assert_eq!(mode(&mut qmp), "passthrough");
+    for (round, (on, want)) in [(true, "shadow"), (false, "passthrough"), (true, "shadow")]
+        .into_iter()
+        .enumerate()
+    {
+        let r = qmp.enable_shadow("net0", on);
+        assert!(
+            r.get("return").is_some(),
+            "enable-shadow-vq {on}: {r}\n{}",
+            d.stderr()
+        );
+        assert_eq!(mode(&mut qmp), want);
+        let n = frames(&vmm) + 64;
+        pump(&mut vmm.pairs, Until::Frames(n))
+            .unwrap_or_else(|e| panic!("after switch {round} to {want}: {e}\n{}", d.stderr()));
+    }
+    for p in &vmm.pairs {
+        assert!(p.quiescent(), "{}", p.describe());
+        assert!(p.rx_received.iter().all(|&r| r), "{}", p.describe());
+    }
+    vmm.check_final_bases();
+    assert!(!d.stderr().contains("ERROR"), "{}", d.stderr());
+    println!("GUEST-RESULT switches frames={}", frames(&vmm));
+}
+
+#[test]
+#[ignore = "runs inside the VDUSE guest (relay_on_the_kernels_vhost_vdpa)"]
+fn guest_shadow_from_the_start() {
+    let backend = format!("vdpa:{}", device());
+    let d = Daemon::spawn(&["--backend", &backend, "--shadow", "on"]);
+    let mut qmp = Qmp::connect_ready(&d.qmp);
+    let mut vmm = Vmm::start(&d.socket, VmmConfig::default());
+    pump(&mut vmm.pairs, Until::Frames(128))
+        .unwrap_or_else(|e| panic!("shadow: {e}\n{}", d.stderr()));
+    assert_eq!(mode(&mut qmp), "shadow");
+    vmm.check_final_bases();
+    assert!(!d.stderr().contains("ERROR"), "{}", d.stderr());
+    println!("GUEST-RESULT shadow frames={}", frames(&vmm));
+}
+
+#[test]
+#[ignore = "runs inside the VDUSE guest (relay_on_the_kernels_vhost_vdpa)"]
+fn guest_save_and_load_into_a_second_daemon() {
+    let backend = format!("vdpa:{}", device());
+    let mut src = Daemon::spawn(&["--backend", &backend]);
+    let mut qmp = Qmp::connect_ready(&src.qmp);
+    let mut vmm = Vmm::start_with(&src.socket, VmmConfig::default(), migration_proto());
+    pump(&mut vmm.pairs, Until::Frames(64))
+        .unwrap_or_else(|e| panic!("before: {e}\n{}", src.stderr()));
+
+    // Logging on, as a migration starts: the relay shadows the rings (the
+    // device cannot log) and marks every page the device writes.
+    let log = Log::new(vmm.mem.size);
+    vmm.record_written(true);
+    set_log_base(&vmm.fe, &log);
+    vmm.acked |= F_LOG_ALL;
+    vmm.fe
+        .set_features(vmm.acked)
+        .expect("SET_FEATURES +LOG_ALL");
+    assert_eq!(mode(&mut qmp), "shadow");
+    let n = frames(&vmm) + 64;
+    pump(&mut vmm.pairs, Until::Frames(n))
+        .unwrap_or_else(|e| panic!("logging: {e}\n{}", src.stderr()));
+
+    // Stop with frames in flight, save, and let the device go: vhost-vdpa
+    // has one owner at a time, so the source closes it before the
+    // destination opens it.
+    for p in vmm.pairs.iter_mut() {
+        p.send(16);
+    }
+    let bases = vmm.get_vring_bases();
+    for p in vmm.pairs.iter_mut() {
+        p.service()
+            .unwrap_or_else(|e| panic!("after the stop: {e}"));
+    }
+    let state = save_state(&vmm.fe).unwrap_or_else(|e| panic!("{e}\n{}", src.stderr()));
+    let expected = pages_of(&vmm.written_ranges());
+    vmm.record_written(false);
+    let logged = log.pages();
+    let missed: Vec<u64> = expected.difference(&logged).copied().collect();
+    assert!(
+        missed.is_empty(),
+        "{} written pages not logged: {missed:x?}",
+        missed.len()
+    );
+    assert!(
+        !expected.is_empty(),
+        "the device wrote nothing while logging"
+    );
+    assert!(!src.stderr().contains("ERROR"), "{}", src.stderr());
+    src.terminate();
+
+    let dst = Daemon::spawn(&["--backend", &backend]);
+    vmm.move_to(&dst.socket);
+    load_state(&vmm.fe, &state).unwrap_or_else(|e| panic!("{e}\n{}", dst.stderr()));
+    for (q, &b) in bases.iter().enumerate() {
+        vmm.restart_queue(q, b as u16)
+            .unwrap_or_else(|e| panic!("restart queue {q} at {b}: {e}"));
+    }
+    let n = frames(&vmm) + 64;
+    pump(&mut vmm.pairs, Until::Frames(n))
+        .unwrap_or_else(|e| panic!("after the load: {e}\n{}", dst.stderr()));
+    for p in &vmm.pairs {
+        assert!(p.quiescent(), "{}", p.describe());
+        assert!(p.rx_received.iter().all(|&r| r), "{}", p.describe());
+    }
+    vmm.check_final_bases();
+    assert!(!dst.stderr().contains("ERROR"), "{}", dst.stderr());
+    println!(
+        "GUEST-RESULT migration frames={} pages-logged={}",
+        frames(&vmm),
+        logged.len()
+    );
+}
+
+// --- on the host ---------------------------------------------------------------
+
+fn initramfs(path: &Path) {
+    let a = assets().expect("assets");
+    let mut fs = Initramfs::new();
+    for m in VDPA_MODULES {
+        fs = fs.module(&a.vdpa_modules.join(m));
+    }
+    let me = std::env::current_exe().expect("the test's own path");
+    fs.program("bin/vdpa", Path::new("/sbin/vdpa"))
+        .program("svq/svq-relay", bin())
+        .program(
+            "svq/svq-vduse-net",
+            Path::new(env!("CARGO_BIN_EXE_svq-vduse-net")),
+        )
+        .program(GUEST_TEST, &me)
+        .build(path);
+}
+
+/// Runs one `guest_*` test in the guest; returns its output.
+fn run_guest_test(g: &mut Guest, name: &str) -> String {
+    let cmd = format!(
+        "{DEV_ENV}=/dev/vhost-vdpa-0 {GUEST_TEST} --ignored --exact {name} --nocapture --test-threads=1 2>&1"
+    );
+    let (rc, out) = g.run(&cmd, Duration::from_secs(600));
+    let vduse = g.sh("tail -n 30 /tmp/vduse.err");
+    assert_eq!(
+        rc, 0,
+        "{name} failed in the guest:\n{out}\nVDUSE server:\n{vduse}"
+    );
+    assert!(out.contains("test result: ok. 1 passed"), "{name}:\n{out}");
+    out
+}
+
+/// `key N` from the VDUSE server's counters line.
+fn counter(text: &str, line_has: &str, key: &str) -> u64 {
+    let line = text
+        .lines()
+        .find(|l| l.contains(line_has))
+        .unwrap_or_else(|| panic!("no line with {line_has:?} in:\n{text}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let at = words
+        .iter()
+        .position(|w| *w == key)
+        .unwrap_or_else(|| panic!("no {key:?} in {line:?}"));
+    words[at + 1].trim_end_matches([',', ')']).parse().unwrap()
+}
+
+#[test]
+fn relay_on_the_kernels_vhost_vdpa() {
+    if !qemu_or_skip() {
+        return;
+    }
+    if !Path::new("/sbin/vdpa").exists() {
+        testkit::peers::missing_peer("iproute2's vdpa (package iproute2) not installed");
+        return;
+    }
+    let a = assets().expect("assets");
+    let initrd = target_tmpdir().join(format!("svq-vdpa-initramfs.{}.cpio", std::process::id()));
+    initramfs(&initrd);
+    let dir = tempdir();
+    let cfg = GuestConfig {
+        qemu: QemuVersion::V10,
+        mem_mb: 1024,
+        ..GuestConfig::default()
+    };
+    let mut g = Guest::boot(dir.path(), &a.vdpa_kernel, &initrd, &cfg, None);
+    g.wait_ready();
+    let _ = std::fs::remove_file(&initrd);
+    let lsmod = g.sh("cat /proc/modules | cut -d' ' -f1");
+    for m in ["vduse", "vhost_vdpa", "vdpa"] {
+        assert!(
+            lsmod.lines().any(|l| l == m),
+            "{m} not loaded:\n{lsmod}\n{}",
+            g.console()
+        );
+    }
+
+    g.sh("/svq/svq-vduse-net --name vduse0 --log-level info >/tmp/vduse.out 2>/tmp/vduse.err & echo $! >/tmp/vduse.pid");
+    g.sh("n=0; until grep -q ready /tmp/vduse.out; do n=$((n+1)); [ $n -lt 300 ] || { cat /tmp/vduse.err; exit 1; }; sleep 0.1; done");
+    g.sh("vdpa dev add name vduse0 mgmtdev vduse");
+    let dev = g.sh("n=0; until [ -e /dev/vhost-vdpa-0 ]; do n=$((n+1)); [ $n -lt 300 ] || exit 1; sleep 0.1; done; vdpa dev show vduse0");
+    assert!(dev.contains("vduse0"), "{dev}");
+
+    let mut results = Vec::new();
+    for t in [
+        "guest_passthrough_and_switches",
+        "guest_shadow_from_the_start",
+        "guest_save_and_load_into_a_second_daemon",
+    ] {
+        let out = run_guest_test(&mut g, t);
+        // With --nocapture the harness's "test NAME ... " can share the line.
+        results.extend(
+            out.lines()
+                .filter_map(|l| l.find("GUEST-RESULT").map(|at| l[at..].trim().to_string())),
+        );
+    }
+    assert_eq!(results.len(), 3, "{results:?}");
+
+    // Off the bus, then stopped: the server prints its counters.
+    g.sh("vdpa dev del vduse0");
+    g.sh("kill $(cat /tmp/vduse.pid); n=0; while kill -0 $(cat /tmp/vduse.pid) 2>/dev/null; do n=$((n+1)); [ $n -lt 100 ] || exit 1; sleep 0.1; done");
+    let out = g.sh("cat /tmp/vduse.out");
+    let log = g.sh("cat /tmp/vduse.err");
+    eprintln!("{}\n{out}", results.join("\n"));
+    // Every frame the test VMM sent went through the device and back.
+    let sent: u64 = results
+        .iter()
+        .map(|r| {
+            let f = r
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("frames="))
+                .unwrap();
+            f.parse::<u64>().unwrap()
+        })
+        .sum();
+    let tx = counter(&out, "queue 1 (tx)", "packets");
+    let rx = counter(&out, "queue 0 (rx)", "packets");
+    assert!(
+        tx >= sent && rx >= sent,
+        "device saw tx {tx} rx {rx} of {sent} frames:\n{out}"
+    );
+    // The kernel passed on the relay's mappings: the guest memory in
+    // passthrough, the shadow rings' memory in shadow mode, and their
+    // removal.
+    let maps = counter(&out, "requests", "maps");
+    let unmaps = counter(&out, "requests", "unmaps");
+    assert!(
+        maps >= 2 && unmaps >= 1,
+        "maps {maps} unmaps {unmaps}:\n{out}\n{log}"
+    );
+    assert_eq!(counter(&out, "requests", "(failed"), 0, "{out}\n{log}");
+    assert!(!log.contains("ERROR"), "{log}");
+}
