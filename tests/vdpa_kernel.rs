@@ -49,6 +49,15 @@ fn mode(qmp: &mut Qmp) -> String {
         .to_string()
 }
 
+/// The relay's IOTLB messages, for the host side to find in what VDUSE saw.
+fn print_iotlb(d: &Daemon) {
+    for l in d.stderr().lines() {
+        if let Some(at) = l.find("IOTLB ") {
+            println!("GUEST-IOTLB {}", &l[at..]);
+        }
+    }
+}
+
 fn frames(vmm: &Vmm) -> u32 {
     vmm.pairs.iter().map(|p| p.next_seq).max().unwrap_or(0)
 }
@@ -84,6 +93,7 @@ fn guest_passthrough_and_switches() {
     }
     vmm.check_final_bases();
     assert!(!d.stderr().contains("ERROR"), "{}", d.stderr());
+    print_iotlb(&d);
     println!("GUEST-RESULT switches frames={}", frames(&vmm));
 }
 
@@ -99,6 +109,7 @@ fn guest_shadow_from_the_start() {
     assert_eq!(mode(&mut qmp), "shadow");
     vmm.check_final_bases();
     assert!(!d.stderr().contains("ERROR"), "{}", d.stderr());
+    print_iotlb(&d);
     println!("GUEST-RESULT shadow frames={}", frames(&vmm));
 }
 
@@ -152,6 +163,7 @@ fn guest_save_and_load_into_a_second_daemon() {
         "the device wrote nothing while logging"
     );
     assert!(!src.stderr().contains("ERROR"), "{}", src.stderr());
+    print_iotlb(&src);
     src.terminate();
 
     let dst = Daemon::spawn(&["--backend", &backend]);
@@ -170,6 +182,7 @@ fn guest_save_and_load_into_a_second_daemon() {
     }
     vmm.check_final_bases();
     assert!(!dst.stderr().contains("ERROR"), "{}", dst.stderr());
+    print_iotlb(&dst);
     println!(
         "GUEST-RESULT migration frames={} pages-logged={}",
         frames(&vmm),
@@ -262,6 +275,7 @@ fn relay_on_the_kernels_vhost_vdpa() {
     assert!(dev.contains("vduse0"), "{dev}");
 
     let mut results = Vec::new();
+    let mut iotlb = Vec::new();
     for t in [
         "guest_passthrough_and_switches",
         "guest_shadow_from_the_start",
@@ -269,10 +283,12 @@ fn relay_on_the_kernels_vhost_vdpa() {
     ] {
         let out = run_guest_test(&mut g, t);
         // With --nocapture the harness's "test NAME ... " can share the line.
-        results.extend(
+        let tagged = |tag: &'static str| {
             out.lines()
-                .filter_map(|l| l.find("GUEST-RESULT").map(|at| l[at..].trim().to_string())),
-        );
+                .filter_map(move |l| l.find(tag).map(|at| l[at + tag.len()..].trim().to_string()))
+        };
+        results.extend(tagged("GUEST-RESULT "));
+        iotlb.extend(tagged("GUEST-IOTLB "));
     }
     assert_eq!(results.len(), 3, "{results:?}");
 
@@ -295,19 +311,44 @@ fn relay_on_the_kernels_vhost_vdpa() {
         .sum();
     let tx = counter(&out, "queue 1 (tx)", "packets");
     let rx = counter(&out, "queue 0 (rx)", "packets");
+    // Looped back whole: every byte sent came back.
+    assert_eq!(
+        counter(&out, "queue 1 (tx)", "bytes"),
+        counter(&out, "queue 0 (rx)", "bytes"),
+        "{out}"
+    );
     assert!(
         tx >= sent && rx >= sent,
         "device saw tx {tx} rx {rx} of {sent} frames:\n{out}"
     );
-    // The kernel passed on the relay's mappings: the guest memory in
-    // passthrough, the shadow rings' memory in shadow mode, and their
-    // removal.
+    // Every mapping the relay sent reached the device through the kernel,
+    // and every one it took back was taken from the device. (A batch that
+    // re-sends a mapping unchanged, after a reset, changes nothing for the
+    // device: ranges are compared, not messages.)
+    let mut updates = 0;
+    for msg in &iotlb {
+        // "IOTLB UPDATE asid 0 0x0..=0x1ffffff"
+        let w: Vec<&str> = msg.split_whitespace().collect();
+        let (kind, range) = (w[1], w[4]);
+        let seen = |l: &str| {
+            let l = l.trim_end();
+            if kind == "UPDATE" {
+                l.contains(&format!("vduse] mapped {range} "))
+            } else {
+                l.ends_with(&format!("vduse] unmapped {range}"))
+            }
+        };
+        updates += usize::from(kind == "UPDATE");
+        assert!(
+            log.lines().any(seen),
+            "the relay sent {msg:?}, the device never saw it:\n{log}"
+        );
+    }
+    // Guest memory (passthrough), shadow areas, two daemons at least.
+    assert!(updates >= 4, "{iotlb:?}");
     let maps = counter(&out, "requests", "maps");
     let unmaps = counter(&out, "requests", "unmaps");
-    assert!(
-        maps >= 2 && unmaps >= 1,
-        "maps {maps} unmaps {unmaps}:\n{out}\n{log}"
-    );
+    assert_eq!(maps, unmaps, "every mapping taken back at the end:\n{out}");
     assert_eq!(counter(&out, "requests", "(failed"), 0, "{out}\n{log}");
     assert!(!log.contains("ERROR"), "{log}");
 }

@@ -76,6 +76,15 @@ impl VdpaNet {
                 res = Err(ctx(op)(e));
                 break;
             }
+            // One line per mapping change: rare (memory tables, shadow
+            // areas), and what an operator compares with the device's view.
+            log::info!(
+                target: LOG,
+                "{op} asid {} {:#x}..={:#x}",
+                m.asid,
+                m.iova,
+                m.iova.saturating_add(m.size.saturating_sub(1))
+            );
             sent += 1;
         }
         if batch {
