@@ -60,6 +60,11 @@ pub struct Args {
     /// shadow mode is refused.
     #[arg(long)]
     pub in_order: bool,
+    /// Offer VIRTIO_F_RING_PACKED when the device offers it (a vhost-user
+    /// device). Passthrough only (needs --shadow off): while the VMM has it
+    /// negotiated, switching to shadow mode is refused.
+    #[arg(long)]
+    pub packed: bool,
     /// CPUs for the queue-pair workers, e.g. 2,3 or 2-5: worker N runs on
     /// the Nth CPU of the list (round robin when there are fewer CPUs).
     #[arg(long, value_name = "CPUS")]
@@ -140,6 +145,8 @@ pub struct RunConfig {
     pub worker_cpus: Vec<usize>,
     /// `--in-order`: offer IN_ORDER (passthrough only).
     pub in_order: bool,
+    /// `--packed`: offer RING_PACKED (passthrough only).
+    pub packed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,6 +187,8 @@ pub enum ConfigError {
     BadLogLevel(String),
     #[error("--in-order needs --shadow off: shadow mode does not keep IN_ORDER, and --shadow {0} may switch to it")]
     InOrderNeedsPassthrough(String),
+    #[error("--packed needs --shadow off: shadow mode relays split rings only, and --shadow {0} may switch to it")]
+    PackedNeedsPassthrough(String),
     #[error("--poll {0}: expected off, adaptive or always")]
     BadPoll(String),
     #[error("--poll-budget-us {0}: must be 1..=1000000")]
@@ -305,6 +314,9 @@ impl TryFrom<Args> for Config {
         if args.in_order && shadow != ShadowPolicy::Off {
             return Err(ConfigError::InOrderNeedsPassthrough(args.shadow));
         }
+        if args.packed && shadow != ShadowPolicy::Off {
+            return Err(ConfigError::PackedNeedsPassthrough(args.shadow));
+        }
         let mode = match args.poll.as_str() {
             "off" => PollMode::Off,
             "adaptive" => PollMode::Adaptive,
@@ -334,6 +346,7 @@ impl TryFrom<Args> for Config {
                 },
                 worker_cpus,
                 in_order: args.in_order,
+                packed: args.packed,
             }),
             log_level,
         })
@@ -384,6 +397,7 @@ mod tests {
                 },
                 worker_cpus: vec![],
                 in_order: false,
+                packed: false,
             }
         );
         assert_eq!(
@@ -477,6 +491,14 @@ mod tests {
             p(&["--in-order", "--shadow", "off"]),
             Ok(Config {
                 command: Command::Run(RunConfig { in_order: true, .. }),
+                ..
+            })
+        ));
+        assert_eq!(p(&["--packed"]), Err(PackedNeedsPassthrough("auto".into())));
+        assert!(matches!(
+            p(&["--packed", "--shadow", "off"]),
+            Ok(Config {
+                command: Command::Run(RunConfig { packed: true, .. }),
                 ..
             })
         ));

@@ -161,7 +161,7 @@ impl RequestHandler for VuHandler {
     }
 
     fn get_vring_base(&mut self, index: u32) -> HandlerResult<u32> {
-        Ok(self.dev().get_vring_base(index)?.into())
+        Ok(self.dev().get_vring_base(index)?)
     }
 
     fn set_vring_kick(&mut self, index: u8, file: Option<File>) -> HandlerResult<()> {

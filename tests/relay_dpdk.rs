@@ -198,6 +198,48 @@ fn relay_dpdk_in_order_passthrough() {
     assert_eq!(dev["mode"], "passthrough", "{dev}");
 }
 
+/// `--packed`: testpmd virtio-user with `packed_vq=1` through the relay to
+/// net_vhost (both speak packed rings): traffic both ways on the guest's
+/// packed rings, the switch to shadow refused by name, traffic after it.
+#[test]
+fn relay_dpdk_packed_passthrough() {
+    if !testpmd_or_skip() {
+        return;
+    }
+    let _g = serial();
+    let dir = tempdir();
+    let dev_sock = dir.path().join("dev.sock");
+    let mut device = device_pmd(dir.path(), &dev_sock, 1, false);
+    let d = relay(&dev_sock, &["--shadow", "off", "--packed"]);
+    let mut guest = Testpmd::virtio_user(&d.socket)
+        .dir(dir.path())
+        .cpu(1)
+        .tx_first()
+        .vdev_opts(",packed_vq=1")
+        .spawn();
+    guest.wait_forwarding();
+    let seen = device.wait_traffic(Counts::default(), 2000, "packed");
+    let mut qmp = Qmp::connect_ready(&d.qmp);
+    let dev = qmp.query("net0");
+    assert_eq!(
+        dev["packed"], true,
+        "the guest negotiated packed rings: {dev}"
+    );
+    let r = qmp.enable_shadow("net0", true);
+    let desc = r["error"]["desc"].as_str().unwrap_or_default();
+    assert!(
+        desc.contains("RING_PACKED"),
+        "packed negotiated, so no shadow: {r}"
+    );
+    device.wait_traffic(seen, 2000, "after the refused switch");
+    let g = stop(&mut guest);
+    let dev = qmp.query("net0");
+    let dv = stop(&mut device);
+    check_ends(g, dv, 1);
+    assert_eq!(dev["mode"], "passthrough", "{dev}");
+    assert!(!d.stderr().contains("ERROR"), "{}", d.stderr());
+}
+
 /// Four pairs in shadow: guest memory plus the shadow rings of eight queues
 /// must fit DPDK's eight memory regions (one shared shadow area).
 #[test]

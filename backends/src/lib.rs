@@ -208,6 +208,20 @@ pub trait DeviceBackend: Send {
     fn set_vring_base(&mut self, queue: usize, base: u16) -> Result<()>;
     /// Read the ring position; see the trait-level contract.
     fn vring_base(&mut self, queue: usize) -> Result<u16>;
+    /// [`set_vring_base`](Self::set_vring_base) for a packed ring
+    /// (VIRTIO_F_RING_PACKED negotiated): the position as vhost-user carries
+    /// it, the next avail index with the driver's wrap counter in bit 15 and
+    /// the used index with the device's wrap counter in bits 16..=31 (QEMU's
+    /// layout; DPDK reads only the low half). A backend whose device cannot
+    /// run packed rings never offers RING_PACKED and refuses this.
+    fn set_vring_base_packed(&mut self, _queue: usize, _base: u32) -> Result<()> {
+        Err(BackendError::Unsupported("packed rings"))
+    }
+    /// [`vring_base`](Self::vring_base) for a packed ring, in the layout of
+    /// [`set_vring_base_packed`](Self::set_vring_base_packed).
+    fn vring_base_packed(&mut self, _queue: usize) -> Result<u32> {
+        Err(BackendError::Unsupported("packed rings"))
+    }
     /// The eventfd the driver writes to notify the device.
     fn set_vring_kick(&mut self, queue: usize, fd: Arc<EventFd>) -> Result<()>;
     /// The eventfd the device writes to interrupt the driver; `None` means

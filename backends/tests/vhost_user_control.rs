@@ -428,3 +428,55 @@ fn dirty_logging_needs_a_device_that_logs() {
         Err(BackendError::Unsupported(_))
     ));
 }
+
+/// Packed rings: the device gets the low half of the vhost-user position
+/// (avail index and wrap counter: all DPDK reads); GET_VRING_BASE's answer
+/// comes back whole, and from a device that reports only the low half the
+/// used half is taken to equal it.
+#[test]
+fn packed_positions_reach_the_device_and_come_back_whole() {
+    let d = dir("packed");
+    let path = d.0.join("dev.sock");
+    let packed = virtio_features::F_RING_PACKED;
+    // REPLY_ACK: every message is answered, so the log is complete when a
+    // call returns.
+    let fake = FakeDevice::start(
+        &path,
+        spec(VERSION_1 | F_PROTOCOL | packed, P_MQ | P_REPLY_ACK),
+    );
+    let mut dev = VhostUserNet::connect(&path, 1).unwrap();
+    assert_ne!(dev.device_features() & packed, 0, "RING_PACKED passes");
+    let (_mem, kicks) = bring_up(&mut dev, VERSION_1 | packed);
+    let wrap = 1u32 << 15;
+    // Stopped and started again the way the relay does it.
+    let restart = |dev: &mut VhostUserNet, pos: u32| {
+        dev.set_vring_base_packed(1, pos).unwrap();
+        dev.set_vring_kick(1, Arc::clone(&kicks[1])).unwrap();
+        dev.set_vring_enable(1, true).unwrap();
+    };
+    dev.set_vring_enable(1, false).unwrap();
+    let _ = dev.vring_base_packed(1).unwrap();
+    let pos = (7 | wrap) | ((6 | wrap) << 16);
+    restart(&mut dev, pos);
+    let sent: Vec<Msg> = fake
+        .log()
+        .into_iter()
+        .filter(|m| m.req == SET_VRING_BASE && m.u32_at(0) == 1)
+        .collect();
+    assert_eq!(
+        sent.last().unwrap().u32_at(4),
+        7 | wrap,
+        "the low half reaches the device"
+    );
+    // DPDK's answer: one position.
+    fake.set_base(1, 9 | wrap);
+    assert_eq!(
+        dev.vring_base_packed(1).unwrap(),
+        (9 | wrap) | ((9 | wrap) << 16)
+    );
+    // A device that reports both halves keeps them.
+    restart(&mut dev, pos);
+    let both = (12 | wrap) | (11 << 16);
+    fake.set_base(1, both);
+    assert_eq!(dev.vring_base_packed(1).unwrap(), both);
+}

@@ -8,8 +8,9 @@ use super::error::{DeviceError, Result};
 use super::model::Device;
 
 /// Virtio feature bits the relay can carry (device-class and transport).
-/// Never packed rings, and IN_ORDER only on request (`--in-order`, see
-/// [`Device::set_in_order`]): the SVQ completes out of order.
+/// IN_ORDER and packed rings only on request (`--in-order`, `--packed`, see
+/// [`Device::set_passthrough_only`]): the SVQ completes out of order and
+/// relays split rings only.
 pub const RELAY_FEATURES: u64 = vf::F_VERSION_1
     | vf::F_ANY_LAYOUT
     | vf::NET_F_MAC
@@ -20,28 +21,45 @@ pub const RELAY_FEATURES: u64 = vf::F_VERSION_1
     | vf::RING_F_INDIRECT_DESC
     | vf::NET_F_MQ;
 
+/// Features offered only on request, passthrough only.
+pub const PASSTHROUGH_ONLY: u64 = vf::F_IN_ORDER | vf::F_RING_PACKED;
+
 impl Device {
     /// LOG_ALL is always offered: the SVQ logs what the device writes (and a
     /// backend that logs by itself gets the log forwarded).
     pub fn offered_features(&self) -> u64 {
         let transport_ok = svq::SUPPORTED_FEATURES | !TRANSPORT_MASK;
-        let in_order = if self.in_order { vf::F_IN_ORDER } else { 0 };
-        (self.backend.device_features() & ((RELAY_FEATURES & transport_ok) | in_order))
+        (self.backend.device_features() & ((RELAY_FEATURES & transport_ok) | self.passthrough_only))
             | F_PROTOCOL_FEATURES
             | F_LOG_ALL
     }
 
-    /// `--in-order`: offer VIRTIO_F_IN_ORDER when the device offers it. Only
-    /// the passthrough data path keeps it (the device completes in order
-    /// on the guest's own ring); while the VMM has it negotiated, shadow
-    /// mode is refused ([`DeviceError::InOrderShadow`]).
-    pub fn set_in_order(&mut self, on: bool) {
-        self.in_order = on;
+    /// `--in-order` and `--packed`: offer VIRTIO_F_IN_ORDER and
+    /// VIRTIO_F_RING_PACKED (any of [`PASSTHROUGH_ONLY`]) when the device
+    /// offers them. Only the passthrough data path keeps them (the device
+    /// works on the guest's own ring); while the VMM has one negotiated,
+    /// shadow mode is refused ([`DeviceError::PassthroughOnly`]).
+    pub fn set_passthrough_only(&mut self, features: u64) {
+        self.passthrough_only = features & PASSTHROUGH_ONLY;
     }
 
-    /// The VMM negotiated IN_ORDER: the data path must stay in passthrough.
-    pub(crate) fn in_order_negotiated(&self) -> bool {
-        self.acked_features.is_some_and(|f| f & vf::F_IN_ORDER != 0)
+    /// The passthrough-only feature the VMM negotiated, if any: the data
+    /// path must stay in passthrough.
+    pub(crate) fn passthrough_only_negotiated(&self) -> Option<&'static str> {
+        let acked = self.acked_features?;
+        if acked & vf::F_RING_PACKED != 0 {
+            Some("VIRTIO_F_RING_PACKED")
+        } else if acked & vf::F_IN_ORDER != 0 {
+            Some("VIRTIO_F_IN_ORDER")
+        } else {
+            None
+        }
+    }
+
+    /// The VMM negotiated packed rings.
+    pub(crate) fn packed_negotiated(&self) -> bool {
+        self.acked_features
+            .is_some_and(|f| f & vf::F_RING_PACKED != 0)
     }
 
     pub fn set_features(&mut self, acked: u64) -> Result<()> {

@@ -32,6 +32,11 @@ pub struct DeviceStatus {
     pub mode: Mode,
     /// The backend kind (`sim`, `vhost-user`, `vdpa`).
     pub backend: String,
+    /// The VMM negotiated packed rings (`--packed`, passthrough only): the
+    /// queues' indexes are then the positions last set or read (the low 15
+    /// bits of each half of the vhost-user position, wrap counter in bit
+    /// 15), not read from guest memory.
+    pub packed: bool,
     pub queues: Vec<QueueStatus>,
 }
 
@@ -90,6 +95,7 @@ impl Device {
             started: self.is_started(),
             mode: Mode::of(self.shadow),
             backend: self.backend.kind().to_string(),
+            packed: self.packed_negotiated(),
             queues,
         }
     }

@@ -31,6 +31,19 @@ pub(crate) fn ring_sizes(num: u16) -> (u64, u64, u64) {
     (16 * n, 6 + 2 * n, 6 + 8 * n)
 }
 
+impl Device {
+    /// Byte sizes of the guest ring's descriptor, driver and device areas:
+    /// a split ring's, or a packed ring's (descriptors, then the two 4-byte
+    /// event suppression structures) once the VMM negotiated RING_PACKED.
+    pub(crate) fn guest_ring_sizes(&self, num: u16) -> (u64, u64, u64) {
+        if self.packed_negotiated() {
+            (16 * u64::from(num), 4, 4)
+        } else {
+            ring_sizes(num)
+        }
+    }
+}
+
 /// virtio status bits the backend gets when the first ring starts.
 /// Even data queues receive (RX of pair k is 2k). The control queue is not
 /// relayed, so no even index is anything else.
@@ -88,8 +101,8 @@ impl Device {
         if !self.is_started() {
             self.push_backend_features()?;
         }
-        if self.shadow && self.in_order_negotiated() {
-            return Err(DeviceError::InOrderShadow);
+        if let Some(feature) = self.passthrough_only_negotiated().filter(|_| self.shadow) {
+            return Err(DeviceError::PassthroughOnly(feature));
         }
         let (avail, used) = (self.vrings[q].base, self.vrings[q].used_base);
         let res = if self.shadow {
@@ -123,7 +136,7 @@ impl Device {
         let Some(a) = v.addrs else {
             return Ok(());
         };
-        let (dl, al, ul) = ring_sizes(v.num);
+        let (dl, al, ul) = self.guest_ring_sizes(v.num);
         for (what, gpa, len) in [
             ("descriptor", a.desc, dl),
             ("avail", a.avail, al),
@@ -144,7 +157,7 @@ impl Device {
     fn guest_ring_iovas(&self, q: usize) -> Result<VringAddrs> {
         let v = &self.vrings[q];
         let a = v.addrs.ok_or(DeviceError::NoMemTable { queue: q })?;
-        let (dl, al, ul) = ring_sizes(v.num);
+        let (dl, al, ul) = self.guest_ring_sizes(v.num);
         Ok(VringAddrs {
             desc: self
                 .tree
@@ -165,10 +178,14 @@ impl Device {
         let kick = v.kick.clone().ok_or(DeviceError::NotStarted)?;
         let call = v.call.clone();
         let num = v.num;
+        let packed = self.packed_negotiated().then_some(v.packed_base);
         let res = (|| -> Result<()> {
             self.backend.set_vring_num(q, num)?;
             self.backend.set_vring_addr(q, addrs)?;
-            self.backend.set_vring_base(q, avail)?;
+            match packed {
+                Some(base) => self.backend.set_vring_base_packed(q, base)?,
+                None => self.backend.set_vring_base(q, avail)?,
+            }
             self.backend.set_vring_kick(q, kick)?;
             self.backend.set_vring_call(q, call)?;
             self.backend.set_vring_enable(q, true)?;
@@ -490,8 +507,21 @@ impl Device {
                     log::warn!(target: LOG, "{}: queue {q}: disable: {e}", self.name);
                 }
                 self.vrings[q].running = Running::Stopped;
-                match self.backend.vring_base(q) {
-                    Ok(b) => RingIndexes { avail: b, used: b },
+                let base = if self.packed_negotiated() {
+                    self.backend.vring_base_packed(q).map(|b| {
+                        self.vrings[q].packed_base = b;
+                        RingIndexes {
+                            avail: b as u16,
+                            used: (b >> 16) as u16,
+                        }
+                    })
+                } else {
+                    self.backend
+                        .vring_base(q)
+                        .map(|b| RingIndexes { avail: b, used: b })
+                };
+                match base {
+                    Ok(idx) => idx,
                     Err(e) => {
                         log::error!(target: LOG, "{}: queue {q}: reading the vring base: {e}", self.name);
                         let v = &self.vrings[q];
@@ -568,6 +598,11 @@ impl Device {
     /// Guest ring indexes as they are in guest memory (for query in
     /// passthrough, where the device owns the ring).
     pub(crate) fn read_guest_indexes(&self, q: usize) -> Option<(u16, u16)> {
+        // A packed ring keeps its positions in its descriptors, not in two
+        // index fields.
+        if self.packed_negotiated() {
+            return None;
+        }
         let a = self.vrings[q].addrs?;
         let avail: u16 = self
             .guest_mem

@@ -127,9 +127,9 @@ impl Device {
         }
         if st.mode == RelayMode::Shadow
             && !self.auto_shadow
-            && st.features.virtio & virtio_features::F_IN_ORDER != 0
+            && st.features.virtio & super::features::PASSTHROUGH_ONLY != 0
         {
-            return refuse("saved in shadow mode with IN_ORDER negotiated".into());
+            return refuse("saved in shadow mode with IN_ORDER or RING_PACKED negotiated".into());
         }
         if st.nic.mac != mac {
             self.backend

@@ -10,7 +10,6 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::error::{DeviceError, Result};
 use super::model::{Device, RingGpas, Running, LOG};
-use super::rings::ring_sizes;
 
 impl Device {
     pub fn set_vring_num(&mut self, index: u32, num: u32) -> Result<()> {
@@ -41,7 +40,7 @@ impl Device {
         }
         let (dl, al, ul) = match self.vrings[q].num {
             0 => (1, 1, 1),
-            n => ring_sizes(n),
+            n => self.guest_ring_sizes(n),
         };
         let tr = |what, addr, len| {
             self.mem
@@ -85,11 +84,21 @@ impl Device {
 
     pub fn set_vring_base(&mut self, index: u32, base: u32) -> Result<()> {
         let q = self.check_queue(index.into())?;
-        let base16 = u16::try_from(base).map_err(|_| DeviceError::BadBase { queue: q, base })?;
         if self.vrings[q].running.is_running() {
             log::warn!(target: LOG, "{}: queue {q}: SET_VRING_BASE on a running ring ignored", self.name);
             return Ok(());
         }
+        if self.packed_negotiated() {
+            // Avail index and wrap counter below, used index and wrap counter
+            // above (QEMU's layout), handed to the device as they are.
+            let v = &mut self.vrings[q];
+            v.packed_base = base;
+            v.base = base as u16;
+            v.used_base = (base >> 16) as u16;
+            self.stats[q].set_indexes(v.base, v.used_base);
+            return Ok(());
+        }
+        let base16 = u16::try_from(base).map_err(|_| DeviceError::BadBase { queue: q, base })?;
         self.vrings[q].base = base16;
         self.vrings[q].used_base = base16;
         self.stats[q].set_indexes(base16, base16);
@@ -97,9 +106,14 @@ impl Device {
     }
 
     /// GET_VRING_BASE: stop the ring and return where the guest ring is.
-    pub fn get_vring_base(&mut self, index: u32) -> Result<u16> {
+    pub fn get_vring_base(&mut self, index: u32) -> Result<u32> {
         let q = self.check_queue(index.into())?;
         let base = self.stop_ring(q);
+        let base = if self.packed_negotiated() {
+            self.vrings[q].packed_base
+        } else {
+            u32::from(base)
+        };
         // The VMM restarts a ring with a new kick (and enable); until then it
         // stays stopped.
         let v = &mut self.vrings[q];

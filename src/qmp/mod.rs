@@ -323,6 +323,7 @@ mod tests {
                     Mode::Passthrough
                 },
                 backend: "fake".into(),
+                packed: false,
                 queues: Vec::new(),
             }
         }

@@ -348,6 +348,8 @@ pub struct GuestConfig {
     pub ip: String,
     /// `-incoming` URI (a migration destination).
     pub incoming: Option<String>,
+    /// `packed=on` on the virtio-net device: packed virtqueues.
+    pub packed: bool,
 }
 
 impl Default for GuestConfig {
@@ -359,6 +361,7 @@ impl Default for GuestConfig {
             cpus: 1,
             ip: GUEST_IP.into(),
             incoming: None,
+            packed: false,
         }
     }
 }
@@ -485,7 +488,10 @@ impl Guest {
                 "-netdev".into(),
                 format!("vhost-user,id=net0,chardev=vu0,queues={}", cfg.pairs),
                 "-device".into(),
-                format!("virtio-net-pci,netdev=net0,mac={GUEST_MAC},romfile={mq}"),
+                format!(
+                    "virtio-net-pci,netdev=net0,mac={GUEST_MAC},romfile={mq}{}",
+                    if cfg.packed { ",packed=on" } else { "" }
+                ),
             ]);
         }
         args.extend([

@@ -10,8 +10,6 @@ pub(crate) use virtio_features::status;
 
 /// Bits the relay never passes on, whatever the device offers:
 /// - PROTOCOL_FEATURES is vhost-user plumbing between us and the device.
-/// - RING_PACKED: `DeviceBackend::vring_base` is a split-ring u16; it cannot
-///   carry the packed wrap counters.
 /// - ACCESS_PLATFORM: the device would send IOTLB misses over a backend
 ///   channel we do not open; our memory table already is the IOVA space.
 /// - NOTIFICATION_DATA, RING_RESET: kicks are plain eventfds, rings reset only
@@ -19,11 +17,11 @@ pub(crate) use virtio_features::status;
 /// - the control-queue family: the trait has data queues only (2 per pair),
 ///   like the sim; the daemon handles control commands itself.
 ///
-/// IN_ORDER passes: rings are handed to the device as they are, and whether
-/// the VMM may have it is the daemon's decision (its shadow data path does
-/// not keep it).
+/// IN_ORDER and RING_PACKED pass: rings are handed to the device as they
+/// are (packed positions through `set_vring_base_packed`), and whether the
+/// VMM may have them is the daemon's decision (its shadow data path keeps
+/// neither).
 const NEVER: u64 = bits::F_PROTOCOL_FEATURES
-    | bits::F_RING_PACKED
     | bits::F_ACCESS_PLATFORM
     | bits::F_NOTIFICATION_DATA
     | bits::F_RING_RESET
@@ -123,7 +121,7 @@ mod tests {
         | bits::NET_F_GUEST_ANNOUNCE;
 
     #[test]
-    fn protocol_packed_and_ctrl_vq_are_masked_in_order_passes() {
+    fn protocol_and_ctrl_vq_are_masked_in_order_and_packed_pass() {
         let offer = DPDK_OFFER
             | bits::F_PROTOCOL_FEATURES
             | bits::NET_F_CTRL_VQ
@@ -133,7 +131,6 @@ mod tests {
         let f = relay_features(offer, false, 2);
         for b in [
             bits::F_PROTOCOL_FEATURES,
-            bits::F_RING_PACKED,
             bits::NET_F_CTRL_VQ,
             bits::NET_F_CTRL_RX,
             bits::F_ACCESS_PLATFORM,
@@ -142,6 +139,7 @@ mod tests {
         }
         assert_ne!(f & bits::NET_F_MQ, 0);
         assert_ne!(f & bits::F_IN_ORDER, 0);
+        assert_ne!(f & bits::F_RING_PACKED, 0);
         // Everything else the device offers passes.
         assert_eq!(f, offer & !NEVER);
     }

@@ -27,7 +27,13 @@ const BUSY: &str = "the queue is running (disable it or suspend the device first
 pub(crate) struct Ring {
     pub(crate) num: Option<u16>,
     pub(crate) addrs: Option<VringAddrs>,
+    /// The position given to the device: the next avail index (split), or
+    /// the avail index with its wrap counter in bit 15 (packed).
     pub(crate) base: u16,
+    /// Packed rings: the used index with its wrap counter, the high half of
+    /// the vhost-user position (the device gets only the low half: the
+    /// vhost crate's SET_VRING_BASE carries 16 bits, which is all DPDK reads).
+    pub(crate) used_half: u16,
     pub(crate) kick: Option<Arc<EventFd>>,
     pub(crate) call: Option<Arc<EventFd>>,
     pub(crate) enabled: bool,
@@ -356,8 +362,10 @@ impl Inner {
             let got = self.io("GET_VRING_BASE", |c| c.fe.get_vring_base(q))?;
             let r = &mut self.rings[q];
             if let Some(b) = got {
-                // Split ring: the next avail index, in the low 16 bits.
+                // The next avail index (with its wrap counter for packed
+                // rings) in the low 16 bits; a packed used position above.
                 r.base = b as u16;
+                r.used_half = (b >> 16) as u16;
                 r.armed = false;
                 r.lost = false;
             }
@@ -389,10 +397,22 @@ impl Inner {
         Ok(base)
     }
 
+    fn packed(&self) -> bool {
+        self.features.is_some_and(|f| f & bits::F_RING_PACKED != 0)
+    }
+
     /// The ring position when the device does not have the ring.
     fn position(&mut self, q: usize) -> Result<u16> {
         let r = &self.rings[q];
         if !r.lost {
+            return Ok(r.base);
+        }
+        if self.packed() {
+            // A packed ring has no used index in memory to read back: it
+            // restarts where the device last reported or was told.
+            log::warn!(target: LOG, "queue {q}: the device went away with a packed ring; it restarts at its last known position");
+            let r = &mut self.rings[q];
+            r.lost = false;
             return Ok(r.base);
         }
         let used = r
@@ -622,6 +642,21 @@ impl Inner {
         r.base = base;
         r.lost = false;
         self.arm_eligible()
+    }
+
+    pub(crate) fn set_vring_base_packed(&mut self, q: usize, base: u32) -> Result<()> {
+        self.set_vring_base(q, base as u16)?;
+        self.rings[q].used_half = (base >> 16) as u16;
+        Ok(())
+    }
+
+    /// A device that keeps one position (DPDK: used = avail once it
+    /// completed what it took) reports no used half: the avail half is it.
+    pub(crate) fn vring_base_packed(&mut self, q: usize) -> Result<u32> {
+        let low = self.vring_base(q)?;
+        let r = &self.rings[q];
+        let high = if r.used_half == 0 { low } else { r.used_half };
+        Ok(u32::from(low) | (u32::from(high) << 16))
     }
 
     pub(crate) fn vring_base(&mut self, q: usize) -> Result<u16> {

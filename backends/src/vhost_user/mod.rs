@@ -353,6 +353,14 @@ impl DeviceBackend for VhostUserNet {
         self.with_queue(queue, |i| i.vring_base(queue))
     }
 
+    fn set_vring_base_packed(&mut self, queue: usize, base: u32) -> Result<()> {
+        self.with_queue(queue, |i| i.set_vring_base_packed(queue, base))
+    }
+
+    fn vring_base_packed(&mut self, queue: usize) -> Result<u32> {
+        self.with_queue(queue, |i| i.vring_base_packed(queue))
+    }
+
     fn set_vring_kick(&mut self, queue: usize, fd: Arc<EventFd>) -> Result<()> {
         self.with_queue(queue, |i| i.set_vring_kick(queue, fd))
     }

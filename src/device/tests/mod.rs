@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::model::Running;
 use super::{Device, DeviceError, Mode, RELAY_FEATURES};
 use crate::memory::tests::region;
-use virtio_features::{F_IN_ORDER, F_LOG_ALL, F_PROTOCOL_FEATURES};
+use virtio_features::{F_IN_ORDER, F_LOG_ALL, F_PROTOCOL_FEATURES, F_RING_PACKED};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Op {
@@ -24,6 +24,7 @@ enum Op {
     Num(usize, u16),
     Addr(usize, VringAddrs),
     Base(usize, u16),
+    BasePacked(usize, u32),
     Kick(usize, i32),
     Call(usize, Option<i32>),
     Enable(usize, bool),
@@ -39,6 +40,8 @@ struct FakeState {
     /// Per queue: what vring_base returns (set_vring_base writes it; tests
     /// move it to simulate device progress).
     bases: [u16; 4],
+    /// The same for packed rings.
+    packed_bases: [u32; 4],
     status: u8,
     /// The device logs dirty pages itself.
     logs: bool,
@@ -70,7 +73,8 @@ impl DeviceBackend for Fake {
         "fake"
     }
     fn device_features(&self) -> u64 {
-        RELAY_FEATURES | (1 << 35) // IN_ORDER must never be offered
+        // IN_ORDER and RING_PACKED are offered to the VMM only on request.
+        RELAY_FEATURES | F_IN_ORDER | F_RING_PACKED
     }
     fn set_features(&mut self, f: u64) -> backends::Result<()> {
         self.push(Op::Features(f));
@@ -131,6 +135,14 @@ impl DeviceBackend for Fake {
     }
     fn vring_base(&mut self, q: usize) -> backends::Result<u16> {
         Ok(self.0.lock().unwrap().bases[q])
+    }
+    fn set_vring_base_packed(&mut self, q: usize, b: u32) -> backends::Result<()> {
+        self.0.lock().unwrap().packed_bases[q] = b;
+        self.push(Op::BasePacked(q, b));
+        Ok(())
+    }
+    fn vring_base_packed(&mut self, q: usize) -> backends::Result<u32> {
+        Ok(self.0.lock().unwrap().packed_bases[q])
     }
     fn set_vring_kick(&mut self, q: usize, fd: Arc<EventFd>) -> backends::Result<()> {
         self.push(Op::Kick(q, fd_of(&fd)));
@@ -212,7 +224,11 @@ fn configure(dev: &mut Device, q: u32, base: u16) {
 fn negotiated(shadow: bool) -> (Device, Fake) {
     let (mut dev, fake) = device(shadow);
     let offered = dev.offered_features();
-    assert_eq!(offered & (1 << 35), 0, "IN_ORDER offered");
+    assert_eq!(
+        offered & (F_IN_ORDER | F_RING_PACKED),
+        0,
+        "IN_ORDER or RING_PACKED offered"
+    );
     assert_ne!(offered & F_PROTOCOL_FEATURES, 0);
     // LOG_ALL is a migration request, not part of a plain negotiation.
     dev.set_features(offered & !F_LOG_ALL).unwrap();
@@ -236,7 +252,7 @@ fn features_and_memory_reach_the_backend() {
 /// A `--in-order` device with `acked` negotiated and queue 1 running.
 fn in_order_started(acked: impl FnOnce(u64) -> u64) -> (Device, Fake) {
     let (mut dev, fake) = device(false);
-    dev.set_in_order(true);
+    dev.set_passthrough_only(virtio_features::F_IN_ORDER);
     let offered = dev.offered_features();
     dev.set_features(acked(offered) & !F_LOG_ALL).unwrap();
     dev.set_mem_table(vec![region(0, MEM, UADDR)]).unwrap();
@@ -266,13 +282,60 @@ fn in_order_is_offered_on_request_and_keeps_the_data_path_in_passthrough() {
     );
     assert!(matches!(
         dev.set_shadow(true),
-        Err(DeviceError::InOrderShadow)
+        Err(DeviceError::PassthroughOnly("VIRTIO_F_IN_ORDER"))
     ));
     assert!(!dev.shadow());
     assert_eq!(dev.query().queues[1].mode, Mode::Passthrough);
     // Without IN_ORDER acked the same device switches.
     let (mut dev, _fake) = in_order_started(|offered| offered & !F_IN_ORDER);
     assert!(dev.set_shadow(true).unwrap());
+}
+
+/// `--packed`: RING_PACKED offered on request; the VMM's 32-bit packed
+/// positions (QEMU: avail index and wrap counter below, used above) reach
+/// the device whole and come back whole; shadow mode is refused.
+#[test]
+fn packed_rings_are_offered_on_request_and_their_positions_pass_whole() {
+    let (mut dev, fake) = device(false);
+    assert_eq!(
+        dev.offered_features() & F_RING_PACKED,
+        0,
+        "not without --packed"
+    );
+    dev.set_passthrough_only(F_RING_PACKED);
+    let offered = dev.offered_features();
+    assert_ne!(offered & F_RING_PACKED, 0, "{offered:#x}");
+    assert_eq!(offered & F_IN_ORDER, 0, "only what was asked for");
+    dev.set_features(offered & !F_LOG_ALL).unwrap();
+    dev.set_mem_table(vec![region(0, MEM, UADDR)]).unwrap();
+    let wrap = 1 << 15;
+    let pos: u32 = (5 | wrap) | ((3 | wrap) << 16);
+    dev.set_vring_num(1, 256).unwrap();
+    dev.set_vring_base(1, pos).unwrap();
+    // A packed ring's driver and device areas are 4 bytes each: placed at
+    // the very end of guest memory they must still be accepted.
+    let end = UADDR + MEM;
+    dev.set_vring_addr(1, UADDR + 0x4000, end - 4, end - 8, None)
+        .unwrap();
+    dev.set_vring_kick(1, Some(eventfd())).unwrap();
+    dev.set_vring_enable(1, true).unwrap();
+    assert!(dev.is_started());
+    let ops = fake.ops();
+    assert!(ops.contains(&Op::BasePacked(1, pos)), "{ops:?}");
+    assert!(!ops.iter().any(|o| matches!(o, Op::Base(..))), "{ops:?}");
+    assert!(matches!(
+        dev.set_shadow(true),
+        Err(DeviceError::PassthroughOnly("VIRTIO_F_RING_PACKED"))
+    ));
+    // The device moved on: both halves come back to the VMM.
+    let moved: u32 = 9 | ((9 | wrap) << 16);
+    fake.0.lock().unwrap().packed_bases[1] = moved;
+    assert_eq!(dev.get_vring_base(1).unwrap(), moved);
+    // And a restart gives the device what the VMM sets next.
+    dev.set_vring_base(1, moved).unwrap();
+    dev.set_vring_kick(1, Some(eventfd())).unwrap();
+    dev.set_vring_enable(1, true).unwrap();
+    assert!(fake.ops().contains(&Op::BasePacked(1, moved)));
 }
 
 #[test]
