@@ -1,6 +1,7 @@
 //! What `--print-capabilities` adds to the CLI's `{"type": "net"}`: the
-//! vhost-user protocol features offered, the migration support, and why
-//! postcopy is not offered.
+//! vhost-user protocol features offered, the virtio features the relay can
+//! carry (always, or on request and in passthrough only), the migration
+//! support, and why postcopy is not offered.
 
 use serde_json::{json, Value};
 
@@ -16,6 +17,7 @@ pub fn with_migration(base: &str) -> String {
         | crate::migration::control::Migration::features_for(offer.is_ok());
     if let Some(obj) = v.as_object_mut() {
         obj.insert("protocol-features".into(), json!(protocol_names(offered)));
+        obj.insert("virtio-features".into(), virtio_features_json());
         obj.insert(
             "migration".into(),
             json!({
@@ -27,6 +29,33 @@ pub fn with_migration(base: &str) -> String {
         obj.insert("postcopy".into(), postcopy);
     }
     v.to_string()
+}
+
+/// The virtio features the relay carries when the device offers them: the
+/// ones always offered, and the passthrough-only ones with the option that
+/// offers each.
+fn virtio_features_json() -> Value {
+    use virtio_features as vf;
+    let always = [
+        (vf::F_VERSION_1, "VERSION_1"),
+        (vf::F_ANY_LAYOUT, "ANY_LAYOUT"),
+        (vf::NET_F_MAC, "NET_F_MAC"),
+        (vf::NET_F_MTU, "NET_F_MTU"),
+        (vf::NET_F_STATUS, "NET_F_STATUS"),
+        (vf::NET_F_MRG_RXBUF, "NET_F_MRG_RXBUF"),
+        (vf::RING_F_EVENT_IDX, "RING_F_EVENT_IDX"),
+        (vf::RING_F_INDIRECT_DESC, "RING_F_INDIRECT_DESC"),
+        (vf::NET_F_MQ, "NET_F_MQ"),
+    ];
+    let carried = crate::device::RELAY_FEATURES;
+    debug_assert!(always.iter().all(|(b, _)| carried & b != 0));
+    json!({
+        "always": always.iter().filter(|(b, _)| carried & b != 0).map(|(_, n)| *n).collect::<Vec<_>>(),
+        "passthrough-only": {
+            "IN_ORDER": "--in-order",
+            "RING_PACKED": "--packed",
+        },
+    })
 }
 
 /// The specification's names of the bits in `f`, lowest first.
@@ -41,6 +70,16 @@ mod tests {
         let v: serde_json::Value =
             serde_json::from_str(&super::with_migration(r#"{"type":"net"}"#)).unwrap();
         assert_eq!(v["type"], "net");
+        let vf = &v["virtio-features"];
+        assert_eq!(vf["passthrough-only"]["RING_PACKED"], "--packed");
+        assert_eq!(vf["passthrough-only"]["IN_ORDER"], "--in-order");
+        let always: Vec<&str> = vf["always"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_str().unwrap())
+            .collect();
+        assert!(always.contains(&"RING_F_EVENT_IDX") && !always.contains(&"RING_PACKED"));
         let p = &v["postcopy"];
         assert!(p["supported"] == true || p["reason"].as_str().is_some_and(|r| !r.is_empty()));
         let names: Vec<&str> = v["protocol-features"]

@@ -115,15 +115,7 @@ fn migrate_with(pairs: u16, swaps: usize, driver: DriverOpts) {
     let snapshots = control.join().expect("control thread");
     traffic.unwrap_or_else(|e| panic!("during logging: {e}"));
 
-    // Stop with frames in flight: sent, not waited for.
-    for p in vmm.pairs.iter_mut() {
-        p.send(16);
-    }
-    let bases = vmm.get_vring_bases();
-    for p in vmm.pairs.iter_mut() {
-        p.service()
-            .unwrap_or_else(|e| panic!("after the stop: {e}"));
-    }
+    let bases = vmm.stop_with_frames_in_flight();
     let state = save_state(&vmm.fe).unwrap_or_else(|e| panic!("{e}\n{}", src.stderr()));
 
     for (i, snap) in &snapshots {

@@ -9,11 +9,10 @@
 //! SVQ_RELAY_REQUIRE_PEERS=1 (CI).
 
 use testkit::daemon::tempdir;
-use testkit::migrate::{migration_proto, pages_of, set_log_base, Log, F_LOG_ALL};
+use testkit::migrate::{migration_proto, pages_of, Log};
 use testkit::peers::testpmd_or_skip;
 use testkit::testpmd::Testpmd;
 use testkit::{pump, Daemon, Qmp, Until, Vmm, VmmConfig};
-use vhost::VhostBackend;
 
 #[test]
 fn log_forwarded_to_testpmd_in_passthrough() {
@@ -31,12 +30,7 @@ fn log_forwarded_to_testpmd_in_passthrough() {
     pump(&mut vmm.pairs, Until::Frames(100)).unwrap_or_else(|e| panic!("before: {e}"));
 
     let log = Log::new(vmm.mem.size);
-    vmm.record_written(true);
-    set_log_base(&vmm.fe, &log);
-    vmm.acked |= F_LOG_ALL;
-    vmm.fe
-        .set_features(vmm.acked)
-        .expect("SET_FEATURES +LOG_ALL");
+    vmm.start_logging(&log);
     assert_eq!(qmp.query("net0")["mode"], "passthrough");
     pump(&mut vmm.pairs, Until::Frames(600)).unwrap_or_else(|e| panic!("logging: {e}"));
     vmm.get_vring_bases();

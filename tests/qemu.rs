@@ -166,6 +166,14 @@ fn guest_pings_testpmd_directly() {
     assert_no_loss("direct", s, 20);
 }
 
+/// svq-relay on `pmd` (a vhost-user device) with `flags`.
+fn relay_daemon(pmd: &EchoPmd, flags: &[&str]) -> Daemon {
+    let backend = format!("vhost-user:{}", pmd.sock.display());
+    let mut args = flags.to_vec();
+    args.extend(["--backend", &backend]);
+    Daemon::spawn(&args)
+}
+
 /// The guest pings testpmd through svq-relay, in the given mode, then
 /// while QMP switches the mode back and forth under a fast ping stream.
 fn relay_to_testpmd(qemu: QemuVersion, shadow: &str, switches: u32) {
@@ -174,12 +182,7 @@ fn relay_to_testpmd(qemu: QemuVersion, shadow: &str, switches: u32) {
     }
     let pmd_dir = testkit::daemon::tempdir();
     let pmd = EchoPmd::spawn(pmd_dir.path(), "pmd", 1);
-    let d = Daemon::spawn(&[
-        "--shadow",
-        shadow,
-        "--backend",
-        &format!("vhost-user:{}", pmd.sock.display()),
-    ]);
+    let d = relay_daemon(&pmd, &["--shadow", shadow]);
     pings_through(qemu, &d, shadow, switches);
 }
 
@@ -316,13 +319,7 @@ fn qemu10_relay_packed_passthrough_across_a_vm_stop() {
     }
     let pmd_dir = testkit::daemon::tempdir();
     let pmd = EchoPmd::spawn(pmd_dir.path(), "pmd", 1);
-    let d = Daemon::spawn(&[
-        "--shadow",
-        "off",
-        "--packed",
-        "--backend",
-        &format!("vhost-user:{}", pmd.sock.display()),
-    ]);
+    let d = relay_daemon(&pmd, &["--shadow", "off", "--packed"]);
     let cfg = GuestConfig {
         qemu: QemuVersion::V10,
         packed: true,
@@ -436,14 +433,7 @@ fn multiqueue_relay(qemu: QemuVersion) {
     }
     let pmd_dir = testkit::daemon::tempdir();
     let pmd = EchoPmd::spawn(pmd_dir.path(), "pmd", 2);
-    let d = Daemon::spawn(&[
-        "--queues",
-        "2",
-        "--shadow",
-        "off",
-        "--backend",
-        &format!("vhost-user:{}", pmd.sock.display()),
-    ]);
+    let d = relay_daemon(&pmd, &["--queues", "2", "--shadow", "off"]);
     let cfg = GuestConfig {
         qemu,
         pairs: 2,

@@ -173,29 +173,7 @@ fn relay_dpdk_passthrough() {
 /// carries on.
 #[test]
 fn relay_dpdk_in_order_passthrough() {
-    if !testpmd_or_skip() {
-        return;
-    }
-    let _g = serial();
-    let dir = tempdir();
-    let dev_sock = dir.path().join("dev.sock");
-    let mut device = device_pmd(dir.path(), &dev_sock, 1, false);
-    let d = relay(&dev_sock, &["--shadow", "off", "--in-order"]);
-    let mut guest = guest_pmd(dir.path(), &d.socket, 1);
-    let seen = device.wait_traffic(Counts::default(), 2000, "in order");
-    let mut qmp = Qmp::connect_ready(&d.qmp);
-    let r = qmp.enable_shadow("net0", true);
-    let desc = r["error"]["desc"].as_str().unwrap_or_default();
-    assert!(
-        desc.contains("IN_ORDER"),
-        "IN_ORDER negotiated, so no shadow: {r}"
-    );
-    device.wait_traffic(seen, 2000, "after the refused switch");
-    let g = stop(&mut guest);
-    let dev = qmp.query("net0");
-    let dv = stop(&mut device);
-    check_ends(g, dv, 1);
-    assert_eq!(dev["mode"], "passthrough", "{dev}");
+    passthrough_only_feature("--in-order", "", "IN_ORDER");
 }
 
 /// `--packed`: testpmd virtio-user with `packed_vq=1` through the relay to
@@ -203,33 +181,42 @@ fn relay_dpdk_in_order_passthrough() {
 /// packed rings, the switch to shadow refused by name, traffic after it.
 #[test]
 fn relay_dpdk_packed_passthrough() {
+    if let Some(dev) = passthrough_only_feature("--packed", ",packed_vq=1", "RING_PACKED") {
+        assert_eq!(
+            dev["packed"], true,
+            "the guest negotiated packed rings: {dev}"
+        );
+    }
+}
+
+/// testpmd virtio-user (with `guest_opts`) negotiates the passthrough-only
+/// feature the relay offers with `flag`: traffic both ways, the switch to
+/// shadow refused naming `feature`, traffic after it. Returns the device's
+/// QMP status under traffic (None: skipped, testpmd missing).
+fn passthrough_only_feature(flag: &str, guest_opts: &str, feature: &str) -> Option<Value> {
     if !testpmd_or_skip() {
-        return;
+        return None;
     }
     let _g = serial();
     let dir = tempdir();
     let dev_sock = dir.path().join("dev.sock");
     let mut device = device_pmd(dir.path(), &dev_sock, 1, false);
-    let d = relay(&dev_sock, &["--shadow", "off", "--packed"]);
+    let d = relay(&dev_sock, &["--shadow", "off", flag]);
     let mut guest = Testpmd::virtio_user(&d.socket)
         .dir(dir.path())
         .cpu(1)
         .tx_first()
-        .vdev_opts(",packed_vq=1")
+        .vdev_opts(guest_opts)
         .spawn();
     guest.wait_forwarding();
-    let seen = device.wait_traffic(Counts::default(), 2000, "packed");
+    let seen = device.wait_traffic(Counts::default(), 2000, flag);
     let mut qmp = Qmp::connect_ready(&d.qmp);
-    let dev = qmp.query("net0");
-    assert_eq!(
-        dev["packed"], true,
-        "the guest negotiated packed rings: {dev}"
-    );
+    let running = qmp.query("net0");
     let r = qmp.enable_shadow("net0", true);
     let desc = r["error"]["desc"].as_str().unwrap_or_default();
     assert!(
-        desc.contains("RING_PACKED"),
-        "packed negotiated, so no shadow: {r}"
+        desc.contains(feature),
+        "{feature} negotiated, so no shadow: {r}"
     );
     device.wait_traffic(seen, 2000, "after the refused switch");
     let g = stop(&mut guest);
@@ -238,6 +225,7 @@ fn relay_dpdk_packed_passthrough() {
     check_ends(g, dv, 1);
     assert_eq!(dev["mode"], "passthrough", "{dev}");
     assert!(!d.stderr().contains("ERROR"), "{}", d.stderr());
+    Some(running)
 }
 
 /// Four pairs in shadow: guest memory plus the shadow rings of eight queues

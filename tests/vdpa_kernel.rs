@@ -15,11 +15,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use testkit::daemon::{bin, target_tmpdir, tempdir};
-use testkit::migrate::{load_state, migration_proto, pages_of, save_state, set_log_base, Log};
+use testkit::migrate::{load_state, migration_proto, pages_of, save_state, Log};
 use testkit::qemu::{assets, qemu_or_skip, Guest, GuestConfig, Initramfs, QemuVersion};
 use testkit::{pump, Daemon, Qmp, Until, Vmm, VmmConfig};
-use vhost::VhostBackend;
-use virtio_features::F_LOG_ALL;
 
 /// The vDPA stack of Linux 6.12, in load order.
 const VDPA_MODULES: &[&str] = &[
@@ -126,12 +124,7 @@ fn guest_save_and_load_into_a_second_daemon() {
     // Logging on, as a migration starts: the relay shadows the rings (the
     // device cannot log) and marks every page the device writes.
     let log = Log::new(vmm.mem.size);
-    vmm.record_written(true);
-    set_log_base(&vmm.fe, &log);
-    vmm.acked |= F_LOG_ALL;
-    vmm.fe
-        .set_features(vmm.acked)
-        .expect("SET_FEATURES +LOG_ALL");
+    vmm.start_logging(&log);
     assert_eq!(mode(&mut qmp), "shadow");
     let n = frames(&vmm) + 64;
     pump(&mut vmm.pairs, Until::Frames(n))
@@ -140,14 +133,7 @@ fn guest_save_and_load_into_a_second_daemon() {
     // Stop with frames in flight, save, and let the device go: vhost-vdpa
     // has one owner at a time, so the source closes it before the
     // destination opens it.
-    for p in vmm.pairs.iter_mut() {
-        p.send(16);
-    }
-    let bases = vmm.get_vring_bases();
-    for p in vmm.pairs.iter_mut() {
-        p.service()
-            .unwrap_or_else(|e| panic!("after the stop: {e}"));
-    }
+    let bases = vmm.stop_with_frames_in_flight();
     let state = save_state(&vmm.fe).unwrap_or_else(|e| panic!("{e}\n{}", src.stderr()));
     let expected = pages_of(&vmm.written_ranges());
     vmm.record_written(false);

@@ -192,6 +192,32 @@ impl Vmm {
             .expect("SET_MEM_TABLE on the destination");
     }
 
+    /// Dirty logging on, as a migration starts: device-written ranges
+    /// recorded from here, SET_LOG_BASE with `log`, SET_FEATURES +LOG_ALL.
+    pub fn start_logging(&mut self, log: &Log) {
+        self.record_written(true);
+        set_log_base(&self.fe, log);
+        self.acked |= F_LOG_ALL;
+        self.fe
+            .set_features(self.acked)
+            .expect("SET_FEATURES +LOG_ALL");
+    }
+
+    /// Stops every ring with frames in flight (sent, not waited for), as a
+    /// migration's stop does, then services what completed. Returns the
+    /// positions GET_VRING_BASE gave.
+    pub fn stop_with_frames_in_flight(&mut self) -> Vec<u32> {
+        for p in self.pairs.iter_mut() {
+            p.send(16);
+        }
+        let bases = self.get_vring_bases();
+        for p in self.pairs.iter_mut() {
+            p.service()
+                .unwrap_or_else(|e| panic!("after the stop: {e}"));
+        }
+        bases
+    }
+
     /// Turns recording of device-written ranges on (or off) on every ring.
     pub fn record_written(&mut self, on: bool) {
         for p in self.pairs.iter_mut() {

@@ -19,7 +19,10 @@ impl DeviceBackend for VdpaNet {
     }
 
     fn device_features(&self) -> u64 {
-        self.offered & !BACKEND_OWNED
+        // Packed rings are not shown: this backend keeps split-ring
+        // positions (a reset-stop reads the used index from ring memory),
+        // so it does not implement `set_vring_base_packed`.
+        self.offered & !BACKEND_OWNED & !bits::F_RING_PACKED
     }
 
     fn set_features(&mut self, features: u64) -> Result<()> {
