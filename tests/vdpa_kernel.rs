@@ -95,6 +95,34 @@ fn guest_passthrough_and_switches() {
     println!("GUEST-RESULT switches frames={}", frames(&vmm));
 }
 
+/// Two queue pairs (the VDUSE device offers MQ without a control queue:
+/// 6.12 refuses CTRL_VQ), in passthrough and across a switch and back.
+#[test]
+#[ignore = "runs inside the VDUSE guest (relay_on_the_kernels_vhost_vdpa)"]
+fn guest_two_pairs() {
+    let backend = format!("vdpa:{}", device());
+    let d = Daemon::spawn(&["--backend", &backend, "--queues", "2"]);
+    let mut qmp = Qmp::connect_ready(&d.qmp);
+    let mut vmm = Vmm::start(&d.socket, VmmConfig::pairs(2));
+    pump(&mut vmm.pairs, Until::Frames(64))
+        .unwrap_or_else(|e| panic!("passthrough: {e}\n{}", d.stderr()));
+    for on in [true, false] {
+        let r = qmp.enable_shadow("net0", on);
+        assert!(
+            r.get("return").is_some(),
+            "enable-shadow-vq {on}: {r}\n{}",
+            d.stderr()
+        );
+        let n = frames(&vmm) + 64;
+        pump(&mut vmm.pairs, Until::Frames(n))
+            .unwrap_or_else(|e| panic!("after the switch to {on}: {e}\n{}", d.stderr()));
+    }
+    vmm.check_final_bases();
+    assert!(!d.stderr().contains("ERROR"), "{}", d.stderr());
+    print_iotlb(&d);
+    println!("GUEST-RESULT two-pairs frames={}", frames(&vmm));
+}
+
 #[test]
 #[ignore = "runs inside the VDUSE guest (relay_on_the_kernels_vhost_vdpa)"]
 fn guest_shadow_from_the_start() {
@@ -195,13 +223,48 @@ fn initramfs(path: &Path) {
         .build(path);
 }
 
-/// Runs one `guest_*` test in the guest; returns its output.
-fn run_guest_test(g: &mut Guest, name: &str) -> String {
+/// Starts `svq-vduse-net` as device `name` with `queues` pairs, adds it to
+/// the vDPA bus and returns its /dev/vhost-vdpa-N.
+fn add_device(g: &mut Guest, name: &str, queues: u16) -> String {
+    g.sh(&format!(
+        "/svq/svq-vduse-net --name {name} --queues {queues} --log-level info \
+         >/tmp/{name}.out 2>/tmp/{name}.err & echo $! >/tmp/{name}.pid"
+    ));
+    g.sh(&format!(
+        "n=0; until grep -q ready /tmp/{name}.out; do n=$((n+1)); \
+         [ $n -lt 300 ] || {{ cat /tmp/{name}.err; exit 1; }}; sleep 0.1; done"
+    ));
+    g.sh(&format!("vdpa dev add name {name} mgmtdev vduse"));
+    let dev = g.sh(&format!(
+        "n=0; until ls /sys/bus/vdpa/devices/{name}/ | grep -q vhost-vdpa; do \
+         n=$((n+1)); [ $n -lt 300 ] || exit 1; sleep 0.1; done; \
+         d=$(ls /sys/bus/vdpa/devices/{name}/ | grep vhost-vdpa); \
+         until [ -e /dev/$d ]; do sleep 0.1; done; echo /dev/$d"
+    ));
+    dev.trim().to_string()
+}
+
+/// Takes device `name` off the bus and stops its server; returns what it
+/// printed (its counters) and its log.
+fn remove_device(g: &mut Guest, name: &str) -> (String, String) {
+    g.sh(&format!("vdpa dev del {name}"));
+    g.sh(&format!(
+        "kill $(cat /tmp/{name}.pid); n=0; while kill -0 $(cat /tmp/{name}.pid) 2>/dev/null; do \
+         n=$((n+1)); [ $n -lt 100 ] || exit 1; sleep 0.1; done"
+    ));
+    (
+        g.sh(&format!("cat /tmp/{name}.out")),
+        g.sh(&format!("cat /tmp/{name}.err")),
+    )
+}
+
+/// Runs one `guest_*` test in the guest on `dev`; returns its output.
+fn run_guest_test(g: &mut Guest, dev: &str, name: &str) -> String {
     let cmd = format!(
-        "{DEV_ENV}=/dev/vhost-vdpa-0 {GUEST_TEST} --ignored --exact {name} --nocapture --test-threads=1 2>&1"
+        "{DEV_ENV}={dev} {GUEST_TEST} --ignored --exact {name} --nocapture --test-threads=1 2>&1"
     );
     let (rc, out) = g.run(&cmd, Duration::from_secs(600));
-    let vduse = g.sh("tail -n 30 /tmp/vduse.err");
+    let vduse = g.sh("tail -n 30 /tmp/*.err");
     assert_eq!(
         rc, 0,
         "{name} failed in the guest:\n{out}\nVDUSE server:\n{vduse}"
@@ -254,11 +317,9 @@ fn relay_on_the_kernels_vhost_vdpa() {
         );
     }
 
-    g.sh("/svq/svq-vduse-net --name vduse0 --log-level info >/tmp/vduse.out 2>/tmp/vduse.err & echo $! >/tmp/vduse.pid");
-    g.sh("n=0; until grep -q ready /tmp/vduse.out; do n=$((n+1)); [ $n -lt 300 ] || { cat /tmp/vduse.err; exit 1; }; sleep 0.1; done");
-    g.sh("vdpa dev add name vduse0 mgmtdev vduse");
-    let dev = g.sh("n=0; until [ -e /dev/vhost-vdpa-0 ]; do n=$((n+1)); [ $n -lt 300 ] || exit 1; sleep 0.1; done; vdpa dev show vduse0");
-    assert!(dev.contains("vduse0"), "{dev}");
+    let dev = add_device(&mut g, "vduse0", 1);
+    let shown = g.sh("vdpa dev show vduse0");
+    assert!(shown.contains("vduse0"), "{shown}");
 
     let mut results = Vec::new();
     let mut iotlb = Vec::new();
@@ -267,7 +328,7 @@ fn relay_on_the_kernels_vhost_vdpa() {
         "guest_shadow_from_the_start",
         "guest_save_and_load_into_a_second_daemon",
     ] {
-        let out = run_guest_test(&mut g, t);
+        let out = run_guest_test(&mut g, &dev, t);
         // With --nocapture the harness's "test NAME ... " can share the line.
         let tagged = |tag: &'static str| {
             out.lines()
@@ -279,10 +340,7 @@ fn relay_on_the_kernels_vhost_vdpa() {
     assert_eq!(results.len(), 3, "{results:?}");
 
     // Off the bus, then stopped: the server prints its counters.
-    g.sh("vdpa dev del vduse0");
-    g.sh("kill $(cat /tmp/vduse.pid); n=0; while kill -0 $(cat /tmp/vduse.pid) 2>/dev/null; do n=$((n+1)); [ $n -lt 100 ] || exit 1; sleep 0.1; done");
-    let out = g.sh("cat /tmp/vduse.out");
-    let log = g.sh("cat /tmp/vduse.err");
+    let (out, log) = remove_device(&mut g, "vduse0");
     eprintln!("{}\n{out}", results.join("\n"));
     // Every frame the test VMM sent went through the device and back.
     let sent: u64 = results
@@ -336,5 +394,33 @@ fn relay_on_the_kernels_vhost_vdpa() {
     let unmaps = counter(&out, "requests", "unmaps");
     assert_eq!(maps, unmaps, "every mapping taken back at the end:\n{out}");
     assert_eq!(counter(&out, "requests", "(failed"), 0, "{out}\n{log}");
+    assert!(!log.contains("ERROR"), "{log}");
+
+    // A second device, two queue pairs: every queue carried its pair's
+    // frames.
+    let dev = add_device(&mut g, "vduse1", 2);
+    let out = run_guest_test(&mut g, &dev, "guest_two_pairs");
+    let (counters, log) = remove_device(&mut g, "vduse1");
+    let line = out
+        .lines()
+        .find_map(|l| l.find("GUEST-RESULT ").map(|at| l[at..].to_string()));
+    let frames: u64 = line
+        .as_deref()
+        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("frames=")))
+        .and_then(|f| f.parse().ok())
+        .unwrap_or_else(|| panic!("no result:\n{out}"));
+    for q in 0..4 {
+        let dir = if q % 2 == 0 { "rx" } else { "tx" };
+        let p = counter(&counters, &format!("queue {q} ({dir})"), "packets");
+        assert!(
+            p >= frames,
+            "queue {q}: {p} of {frames} frames:\n{counters}"
+        );
+    }
+    assert_eq!(
+        counter(&counters, "requests", "(failed"),
+        0,
+        "{counters}\n{log}"
+    );
     assert!(!log.contains("ERROR"), "{log}");
 }
