@@ -411,8 +411,13 @@ fn a_ring_enabled_after_driver_ok_starts_at_its_first_kick() {
     rig.negotiate(FEATURES);
     let mut qs = rig.rings([0, 0]);
     rig.fake.0.lock().unwrap().vqs[1].ready = 0;
+    rig.fake.0.lock().unwrap().vqs[1].state[0] = 6;
     rig.driver_ok();
     assert_eq!(rig.server.waiting_queues(), vec![1]);
+    // Its position is still the one the driver set.
+    let r = ok(rig.send(|id| Request::GetVqState { id, index: 1 }));
+    assert_eq!(r.avail_index, Some(6));
+    rig.fake.0.lock().unwrap().vqs[1].state[0] = 0;
     // A kick while still disabled changes nothing.
     rig.kick(1);
     rig.server.kick_while_waiting(1);

@@ -195,10 +195,11 @@ impl<D: VduseIoctls> VduseNet<D> {
 
     fn vq_state(&mut self, index: u32) -> Result<u16, VduseError> {
         let q = self.queue(index)?;
-        if self.status & status::DRIVER_OK != 0 {
+        if self.status & status::DRIVER_OK != 0 && !self.waiting[q] {
             return self.sim.vring_base(q).map_err(VduseError::Device);
         }
-        // Not started: what the driver set is still only in the kernel.
+        // Not started (or not enabled yet): what the driver set is still
+        // only in the kernel.
         Ok(self
             .dev
             .vq_info(index)

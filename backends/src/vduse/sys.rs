@@ -306,6 +306,18 @@ impl Control {
 
     /// VDUSE_CREATE_DEV with `config` followed by the config space bytes.
     pub fn create(&self, config: &DevConfig, space: &[u8]) -> io::Result<()> {
+        // The kernel reads config_size bytes after the struct: they must be
+        // there.
+        if config.config_size as usize != space.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "config_size {} but {} config bytes",
+                    config.config_size,
+                    space.len()
+                ),
+            ));
+        }
         let head = std::mem::size_of::<DevConfig>();
         let mut buf = vec![0u8; head + space.len()];
         // SAFETY: DevConfig is repr(C) plain data with no padding (its size
@@ -317,7 +329,7 @@ impl Control {
         buf[head..].copy_from_slice(space);
         // SAFETY: the kernel reads sizeof(DevConfig) bytes and then
         // config_size bytes after them from `buf`, which holds exactly that
-        // (config_size is space.len(), set by the caller); `buf` outlives the
+        // (config_size == space.len(), checked above); `buf` outlives the
         // call.
         check(unsafe { ioctl_with_ptr(self, VDUSE_CREATE_DEV(), buf.as_ptr()) })?;
         Ok(())
