@@ -10,6 +10,8 @@
 #   direct-no-in-order  the same with virtio-user in_order=0 (what the relay negotiates)
 #   passthrough         guest -> svq-relay --shadow off -> device
 #   passthrough-in-order  the same with --in-order (virtio-user negotiates IN_ORDER)
+#   direct-packed       direct with virtio-user packed_vq=1 (packed rings, in order)
+#   passthrough-packed  passthrough with --packed --in-order, virtio-user packed_vq=1
 #   shadow-event        guest -> svq-relay --shadow on --poll off       (the default: epoll, woken per burst)
 #   shadow-poll         guest -> svq-relay --shadow on --poll adaptive
 #   shadow-always       guest -> svq-relay --shadow on --poll always
@@ -118,10 +120,11 @@ relay_args() { # MODE -> RELAY_ARGS (empty for direct modes)
     case $1 in
         passthrough) RELAY_ARGS="--shadow off" ;;
         passthrough-in-order) RELAY_ARGS="--shadow off --in-order" ;;
+        passthrough-packed) RELAY_ARGS="--shadow off --in-order --packed" ;;
         shadow-event) RELAY_ARGS="--shadow on --poll off" ;;
         shadow-poll) RELAY_ARGS="--shadow on --poll adaptive" ;;
         shadow-always) RELAY_ARGS="--shadow on --poll always" ;;
-        direct | direct-no-in-order) RELAY_ARGS="" ;;
+        direct | direct-no-in-order | direct-packed) RELAY_ARGS="" ;;
         *) echo "bench-dpdk: unknown mode $1" >&2; exit 2 ;;
     esac
 }
@@ -149,6 +152,7 @@ one() {
     wait_for "$dir/device.log" "forwards packets on" 30
     local guest_sock=$dev_sock vdev_opts=""
     [ "$mode" = direct-no-in-order ] && vdev_opts=",in_order=0"
+    case $mode in *-packed) vdev_opts=",packed_vq=1" ;; esac
     relay_args "$mode"
     if [ -n "$RELAY_ARGS" ]; then
         # shellcheck disable=SC2086
