@@ -24,38 +24,47 @@ cd "$DIR"
 # _apt cannot write there, which is harmless.
 download() { apt-get "$@" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2 || true; }
 
-if ! ls kernel/boot/vmlinuz-* >/dev/null 2>&1; then
-  meta=linux-image-cloud-amd64
-  pkg=$(apt-cache depends "$meta" 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}')
+# Runs COMMAND... (which prints a package name) and prints what it found,
+# reading the package lists again once if they do not know it yet.
+resolve() {
+  local pkg
+  pkg=$("$@")
   if [ -z "$pkg" ]; then
-    ${SUDO:-} apt-get update -qq
-    pkg=$(apt-cache depends "$meta" | awk '/Depends: linux-image-/ {print $2; exit}')
+    ${SUDO:-} apt-get update -qq >&2
+    pkg=$("$@")
   fi
-  [ -n "$pkg" ] || { echo "qemu-assets: cannot resolve $meta" >&2; exit 2; }
+  echo "$pkg"
+}
+
+# Downloads the kernel image package PKG and unpacks it into DEST.
+unpack_kernel() { # PKG DEST
   rm -f linux-image-*.deb
-  download download "$pkg"
-  ls linux-image-*.deb >/dev/null || { echo "qemu-assets: download of $pkg failed" >&2; exit 2; }
-  rm -rf kernel.tmp && dpkg-deb -x linux-image-*.deb kernel.tmp && rm -rf kernel && mv kernel.tmp kernel
+  download download "$1"
+  ls linux-image-*.deb >/dev/null || { echo "qemu-assets: download of $1 failed" >&2; exit 2; }
+  rm -rf "$2.tmp" && dpkg-deb -x linux-image-*.deb "$2.tmp" && rm -rf "$2" && mv "$2.tmp" "$2"
   rm -f linux-image-*.deb
+}
+
+cloud_kernel() {
+  apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}'
+}
+
+# The newest 6.12 image of the configured bookworm suites.
+kernel612() {
+  apt-cache search --names-only '^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$' 2>/dev/null \
+    | awk '{print $1}' | sort -V | tail -n1
+}
+
+if ! ls kernel/boot/vmlinuz-* >/dev/null 2>&1; then
+  pkg=$(resolve cloud_kernel)
+  [ -n "$pkg" ] || { echo "qemu-assets: cannot resolve linux-image-cloud-amd64" >&2; exit 2; }
+  unpack_kernel "$pkg" kernel
 fi
 
 if ! ls kernel612/boot/vmlinuz-* >/dev/null 2>&1; then
-  # The newest 6.12 image of the configured bookworm suites.
-  find612() {
-    apt-cache search --names-only '^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$' 2>/dev/null \
-      | awk '{print $1}' | sort -V | tail -n1
-  }
-  pkg=$(find612)
-  if [ -z "$pkg" ]; then
-    ${SUDO:-} apt-get update -qq
-    pkg=$(find612)
-  fi
+  pkg=$(resolve kernel612)
   [ -n "$pkg" ] || { echo "qemu-assets: no linux-image-6.12.*+deb12-amd64-unsigned package" >&2; exit 2; }
-  rm -f linux-image-*.deb
-  download download "$pkg"
-  ls linux-image-*.deb >/dev/null || { echo "qemu-assets: download of $pkg failed" >&2; exit 2; }
-  rm -rf kernel612.tmp && dpkg-deb -x linux-image-*.deb kernel612.tmp && rm -rf kernel612 && mv kernel612.tmp kernel612
-  rm -f linux-image-*.deb
+  unpack_kernel "$pkg" kernel612
 fi
 
 if [ ! -x qemu10/usr/bin/qemu-system-x86_64 ]; then
