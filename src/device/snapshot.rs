@@ -8,7 +8,7 @@ use virtio_features::{F_LOG_ALL, F_PROTOCOL_FEATURES};
 use super::model::{Device, LOG};
 use crate::migration::state_machine::Failure;
 use crate::migration::stream::{
-    DeviceState, Features, Limits, NicState, RelayMode, RxMode, VlanFilter, VringState,
+    DeviceState, Features, Limits, NicState, RelayMode, RingLayout, RxMode, VlanFilter, VringState,
 };
 
 /// virtio_net_config offsets.
@@ -47,6 +47,7 @@ impl Device {
             return Err("rings are still running (GET_VRING_BASE first)".into());
         }
         let (mac, mtu) = self.read_mac_mtu();
+        let packed = self.packed_negotiated();
         Ok(DeviceState {
             features: Features {
                 virtio: self.acked_features.unwrap_or(0),
@@ -69,13 +70,31 @@ impl Device {
             vrings: self
                 .vrings
                 .iter()
-                .map(|v| VringState {
-                    size: v.num,
-                    next_avail: v.base,
-                    used_idx: v.used_base,
-                    enabled: v.enabled,
-                    in_flight: v.in_flight.clone(),
-                    ..Default::default()
+                .map(|v| {
+                    if packed && v.num != 0 {
+                        // The vhost-user position: index and wrap counter
+                        // of each half. Passthrough only: nothing in flight
+                        // the relay knows of.
+                        let (avail, used) = (v.packed_base as u16, (v.packed_base >> 16) as u16);
+                        return VringState {
+                            size: v.num,
+                            next_avail: avail & 0x7fff,
+                            used_idx: used & 0x7fff,
+                            enabled: v.enabled,
+                            layout: RingLayout::Packed,
+                            avail_wrap: avail & 0x8000 != 0,
+                            used_wrap: used & 0x8000 != 0,
+                            in_flight: Vec::new(),
+                        };
+                    }
+                    VringState {
+                        size: v.num,
+                        next_avail: v.base,
+                        used_idx: v.used_base,
+                        enabled: v.enabled,
+                        in_flight: v.in_flight.clone(),
+                        ..Default::default()
+                    }
                 })
                 .collect(),
         })
@@ -140,6 +159,16 @@ impl Device {
             let v = &mut self.vrings[q];
             if s.size != 0 && v.num == 0 {
                 v.num = s.size;
+            }
+            if s.layout == RingLayout::Packed {
+                let avail = s.next_avail | if s.avail_wrap { 0x8000 } else { 0 };
+                let used = s.used_idx | if s.used_wrap { 0x8000 } else { 0 };
+                v.packed_base = u32::from(avail) | (u32::from(used) << 16);
+                v.base = avail;
+                v.used_base = used;
+                v.in_flight.clear();
+                self.stats[q].set_indexes(avail, used);
+                continue;
             }
             v.base = s.next_avail;
             v.used_base = s.used_idx;

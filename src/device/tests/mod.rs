@@ -331,6 +331,20 @@ fn packed_rings_are_offered_on_request_and_their_positions_pass_whole() {
     let moved: u32 = 9 | ((9 | wrap) << 16);
     fake.0.lock().unwrap().packed_bases[1] = moved;
     assert_eq!(dev.get_vring_base(1).unwrap(), moved);
+    // A migration carries the position as a packed record (wrap counters
+    // apart) and a destination with packed rings takes it whole.
+    let st = dev.snapshot_state().unwrap();
+    let r = &st.vrings[1];
+    assert_eq!(r.layout, crate::migration::stream::RingLayout::Packed);
+    assert_eq!(
+        (r.next_avail, r.avail_wrap, r.used_idx, r.used_wrap),
+        (9, false, 9, true)
+    );
+    let (mut dst, _f) = device(false);
+    dst.set_passthrough_only(F_RING_PACKED);
+    dst.set_features(dev.acked_features.unwrap()).unwrap();
+    dst.apply_state(st).unwrap();
+    assert_eq!(dst.vrings[1].packed_base, moved);
     // And a restart gives the device what the VMM sets next.
     dev.set_vring_base(1, moved).unwrap();
     dev.set_vring_kick(1, Some(eventfd())).unwrap();
