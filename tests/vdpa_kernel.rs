@@ -60,39 +60,58 @@ fn frames(vmm: &Vmm) -> u32 {
     vmm.pairs.iter().map(|p| p.next_seq).max().unwrap_or(0)
 }
 
-#[test]
-#[ignore = "runs inside the VDUSE guest (relay_on_the_kernels_vhost_vdpa)"]
-fn guest_passthrough_and_switches() {
-    let backend = format!("vdpa:{}", device());
-    let d = Daemon::spawn(&["--backend", &backend]);
-    let mut qmp = Qmp::connect_ready(&d.qmp);
-    let mut vmm = Vmm::start(&d.socket, VmmConfig::default());
-    pump(&mut vmm.pairs, Until::Frames(64))
-        .unwrap_or_else(|e| panic!("passthrough: {e}\n{}", d.stderr()));
-    assert_eq!(mode(&mut qmp), "passthrough");
-    for (round, (on, want)) in [(true, "shadow"), (false, "passthrough"), (true, "shadow")]
-        .into_iter()
-        .enumerate()
-    {
-        let r = qmp.enable_shadow("net0", on);
-        assert!(
-            r.get("return").is_some(),
-            "enable-shadow-vq {on}: {r}\n{}",
-            d.stderr()
-        );
-        assert_eq!(mode(&mut qmp), want);
-        let n = frames(&vmm) + 64;
-        pump(&mut vmm.pairs, Until::Frames(n))
-            .unwrap_or_else(|e| panic!("after switch {round} to {want}: {e}\n{}", d.stderr()));
-    }
+/// Sends 64 more frames per pair and waits for them all to come back.
+fn pump_more(vmm: &mut Vmm, d: &Daemon, what: &str) {
+    let n = frames(vmm) + 64;
+    pump(&mut vmm.pairs, Until::Frames(n))
+        .unwrap_or_else(|e| panic!("{what}: {e}\n{}", d.stderr()));
+}
+
+/// Every frame came back, the rings end where the VMM expects, the daemon
+/// logged no error; then what the host side reads: the relay's IOTLB
+/// messages and `GUEST-RESULT {tag} frames=N`.
+fn finish(d: &Daemon, vmm: &mut Vmm, tag: &str) {
     for p in &vmm.pairs {
         assert!(p.quiescent(), "{}", p.describe());
         assert!(p.rx_received.iter().all(|&r| r), "{}", p.describe());
     }
     vmm.check_final_bases();
     assert!(!d.stderr().contains("ERROR"), "{}", d.stderr());
-    print_iotlb(&d);
-    println!("GUEST-RESULT switches frames={}", frames(&vmm));
+    print_iotlb(d);
+    println!("GUEST-RESULT {tag} frames={}", frames(vmm));
+}
+
+/// The relay on the device with `flags`, a test VMM with `pairs` pairs
+/// on it: traffic in the starting mode `start`, then through every switch
+/// of `switches` (enable-shadow-vq on/off), checking the mode after each.
+fn switches_under_traffic(flags: &[&str], start: &str, pairs: u16, switches: &[bool], tag: &str) {
+    let backend = format!("vdpa:{}", device());
+    let mut args = vec!["--backend", &backend];
+    args.extend_from_slice(flags);
+    let d = Daemon::spawn(&args);
+    let mut qmp = Qmp::connect_ready(&d.qmp);
+    let mut vmm = Vmm::start(&d.socket, VmmConfig::pairs(pairs));
+    pump(&mut vmm.pairs, Until::Frames(128))
+        .unwrap_or_else(|e| panic!("{start}: {e}\n{}", d.stderr()));
+    assert_eq!(mode(&mut qmp), start);
+    for (round, &on) in switches.iter().enumerate() {
+        let r = qmp.enable_shadow("net0", on);
+        assert!(
+            r.get("return").is_some(),
+            "enable-shadow-vq {on}: {r}\n{}",
+            d.stderr()
+        );
+        let want = if on { "shadow" } else { "passthrough" };
+        assert_eq!(mode(&mut qmp), want);
+        pump_more(&mut vmm, &d, &format!("after switch {round} to {want}"));
+    }
+    finish(&d, &mut vmm, tag);
+}
+
+#[test]
+#[ignore = "runs inside the VDUSE guest (relay_on_the_kernels_vhost_vdpa)"]
+fn guest_passthrough_and_switches() {
+    switches_under_traffic(&[], "passthrough", 1, &[true, false, true], "switches");
 }
 
 /// Two queue pairs (the VDUSE device offers MQ without a control queue:
@@ -100,43 +119,19 @@ fn guest_passthrough_and_switches() {
 #[test]
 #[ignore = "runs inside the VDUSE guest (relay_on_the_kernels_vhost_vdpa)"]
 fn guest_two_pairs() {
-    let backend = format!("vdpa:{}", device());
-    let d = Daemon::spawn(&["--backend", &backend, "--queues", "2"]);
-    let mut qmp = Qmp::connect_ready(&d.qmp);
-    let mut vmm = Vmm::start(&d.socket, VmmConfig::pairs(2));
-    pump(&mut vmm.pairs, Until::Frames(64))
-        .unwrap_or_else(|e| panic!("passthrough: {e}\n{}", d.stderr()));
-    for on in [true, false] {
-        let r = qmp.enable_shadow("net0", on);
-        assert!(
-            r.get("return").is_some(),
-            "enable-shadow-vq {on}: {r}\n{}",
-            d.stderr()
-        );
-        let n = frames(&vmm) + 64;
-        pump(&mut vmm.pairs, Until::Frames(n))
-            .unwrap_or_else(|e| panic!("after the switch to {on}: {e}\n{}", d.stderr()));
-    }
-    vmm.check_final_bases();
-    assert!(!d.stderr().contains("ERROR"), "{}", d.stderr());
-    print_iotlb(&d);
-    println!("GUEST-RESULT two-pairs frames={}", frames(&vmm));
+    switches_under_traffic(
+        &["--queues", "2"],
+        "passthrough",
+        2,
+        &[true, false],
+        "two-pairs",
+    );
 }
 
 #[test]
 #[ignore = "runs inside the VDUSE guest (relay_on_the_kernels_vhost_vdpa)"]
 fn guest_shadow_from_the_start() {
-    let backend = format!("vdpa:{}", device());
-    let d = Daemon::spawn(&["--backend", &backend, "--shadow", "on"]);
-    let mut qmp = Qmp::connect_ready(&d.qmp);
-    let mut vmm = Vmm::start(&d.socket, VmmConfig::default());
-    pump(&mut vmm.pairs, Until::Frames(128))
-        .unwrap_or_else(|e| panic!("shadow: {e}\n{}", d.stderr()));
-    assert_eq!(mode(&mut qmp), "shadow");
-    vmm.check_final_bases();
-    assert!(!d.stderr().contains("ERROR"), "{}", d.stderr());
-    print_iotlb(&d);
-    println!("GUEST-RESULT shadow frames={}", frames(&vmm));
+    switches_under_traffic(&["--shadow", "on"], "shadow", 1, &[], "shadow");
 }
 
 #[test]
@@ -146,17 +141,14 @@ fn guest_save_and_load_into_a_second_daemon() {
     let mut src = Daemon::spawn(&["--backend", &backend]);
     let mut qmp = Qmp::connect_ready(&src.qmp);
     let mut vmm = Vmm::start_with(&src.socket, VmmConfig::default(), migration_proto());
-    pump(&mut vmm.pairs, Until::Frames(64))
-        .unwrap_or_else(|e| panic!("before: {e}\n{}", src.stderr()));
+    pump_more(&mut vmm, &src, "before");
 
     // Logging on, as a migration starts: the relay shadows the rings (the
     // device cannot log) and marks every page the device writes.
     let log = Log::new(vmm.mem.size);
     vmm.start_logging(&log);
     assert_eq!(mode(&mut qmp), "shadow");
-    let n = frames(&vmm) + 64;
-    pump(&mut vmm.pairs, Until::Frames(n))
-        .unwrap_or_else(|e| panic!("logging: {e}\n{}", src.stderr()));
+    pump_more(&mut vmm, &src, "logging");
 
     // Stop with frames in flight, save, and let the device go: vhost-vdpa
     // has one owner at a time, so the source closes it before the
@@ -187,21 +179,9 @@ fn guest_save_and_load_into_a_second_daemon() {
         vmm.restart_queue(q, b as u16)
             .unwrap_or_else(|e| panic!("restart queue {q} at {b}: {e}"));
     }
-    let n = frames(&vmm) + 64;
-    pump(&mut vmm.pairs, Until::Frames(n))
-        .unwrap_or_else(|e| panic!("after the load: {e}\n{}", dst.stderr()));
-    for p in &vmm.pairs {
-        assert!(p.quiescent(), "{}", p.describe());
-        assert!(p.rx_received.iter().all(|&r| r), "{}", p.describe());
-    }
-    vmm.check_final_bases();
-    assert!(!dst.stderr().contains("ERROR"), "{}", dst.stderr());
-    print_iotlb(&dst);
-    println!(
-        "GUEST-RESULT migration frames={} pages-logged={}",
-        frames(&vmm),
-        logged.len()
-    );
+    pump_more(&mut vmm, &dst, "after the load");
+    println!("pages logged: {}", logged.len());
+    finish(&dst, &mut vmm, "migration");
 }
 
 // --- on the host ---------------------------------------------------------------
