@@ -102,6 +102,15 @@ impl Vring {
             in_flight: Vec::new(),
         }
     }
+
+    /// A packed ring's vhost-user position: kept whole for the device, its
+    /// halves (index and wrap counter of avail and of used) as the indexes
+    /// shown and counted.
+    pub(crate) fn set_packed_base(&mut self, base: u32) {
+        self.packed_base = base;
+        self.base = base as u16;
+        self.used_base = (base >> 16) as u16;
+    }
 }
 
 pub struct Device {

@@ -163,11 +163,9 @@ impl Device {
             if s.layout == RingLayout::Packed {
                 let avail = s.next_avail | if s.avail_wrap { 0x8000 } else { 0 };
                 let used = s.used_idx | if s.used_wrap { 0x8000 } else { 0 };
-                v.packed_base = u32::from(avail) | (u32::from(used) << 16);
-                v.base = avail;
-                v.used_base = used;
+                v.set_packed_base(u32::from(avail) | (u32::from(used) << 16));
                 v.in_flight.clear();
-                self.stats[q].set_indexes(avail, used);
+                self.stats[q].set_indexes(v.base, v.used_base);
                 continue;
             }
             v.base = s.next_avail;

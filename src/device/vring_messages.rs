@@ -92,9 +92,7 @@ impl Device {
             // Avail index and wrap counter below, used index and wrap counter
             // above (QEMU's layout), handed to the device as they are.
             let v = &mut self.vrings[q];
-            v.packed_base = base;
-            v.base = base as u16;
-            v.used_base = (base >> 16) as u16;
+            v.set_packed_base(base);
             self.stats[q].set_indexes(v.base, v.used_base);
             return Ok(());
         }
