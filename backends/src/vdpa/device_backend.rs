@@ -259,7 +259,8 @@ impl DeviceBackend for VdpaNet {
     }
 
     fn set_vring_enable(&mut self, queue: usize, enable: bool) -> Result<()> {
-        let q = self.data_queue(queue)?;
+        // Checked before `vrings[queue]` is touched.
+        self.data_queue(queue)?;
         if !enable && self.vrings[queue].enabled && self.running() {
             return self.disable_running_ring(queue);
         }
@@ -269,12 +270,7 @@ impl DeviceBackend for VdpaNet {
         {
             self.stop_for_late_ring()?;
         }
-        if !self.deferring() {
-            self.dev
-                .set_vring_enable(q, enable)
-                .map_err(ctx("VHOST_VDPA_SET_VRING_ENABLE"))?;
-        }
-        self.vrings[queue].enabled = enable;
+        self.program_enable(queue, enable)?;
         if enable && self.late_ring {
             log::debug!(target: LOG, "queue {queue} set up after DRIVER_OK: restarting the device with it");
             return self.resume();
@@ -319,6 +315,19 @@ impl DeviceBackend for VdpaNet {
 }
 
 impl VdpaNet {
+    /// Ring `queue` enabled or not: told to the device now, or remembered
+    /// for `resume` while ring changes are deferred.
+    fn program_enable(&mut self, queue: usize, enable: bool) -> Result<()> {
+        if !self.deferring() {
+            let q = self.data_queue(queue)?;
+            self.dev
+                .set_vring_enable(q, enable)
+                .map_err(ctx("VHOST_VDPA_SET_VRING_ENABLE"))?;
+        }
+        self.vrings[queue].enabled = enable;
+        Ok(())
+    }
+
     fn running(&self) -> bool {
         self.stop == Stop::No && self.status & status::DRIVER_OK != 0
     }
@@ -334,13 +343,7 @@ impl VdpaNet {
         self.suspend()?;
         let base = self.vring_base(queue)?;
         self.vrings[queue].base = Some(base);
-        if !self.deferring() {
-            let q = self.data_queue(queue)?;
-            self.dev
-                .set_vring_enable(q, false)
-                .map_err(ctx("VHOST_VDPA_SET_VRING_ENABLE"))?;
-        }
-        self.vrings[queue].enabled = false;
+        self.program_enable(queue, false)?;
         log::debug!(target: LOG, "queue {queue} disabled at {base}: restarting the device without it");
         self.resume()
     }
@@ -353,7 +356,7 @@ impl VdpaNet {
     /// relay's rings reach a vhost-vdpa device one at a time, as the VMM
     /// starts them.
     fn stop_for_late_ring(&mut self) -> Result<()> {
-        if self.stop != Stop::No || self.status & status::DRIVER_OK == 0 {
+        if !self.running() {
             return Ok(());
         }
         self.suspend()?;
