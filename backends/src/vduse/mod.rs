@@ -139,11 +139,6 @@ impl<D: VduseIoctls> VduseNet<D> {
         self.status
     }
 
-    /// The eventfd the sim signals for queue `q` (tests watch it).
-    pub fn call_fd(&self, q: usize) -> Option<&EventFd> {
-        self.calls.get(q).map(|c| &**c)
-    }
-
     /// Answers every pending request. Returns how many were handled.
     pub fn serve_requests(&mut self) -> io::Result<usize> {
         let mut n = 0;

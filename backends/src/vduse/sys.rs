@@ -166,7 +166,8 @@ impl Request {
         }
     }
 
-    /// The bytes the kernel would send (for tests and the fake).
+    /// The bytes the kernel would send (the parser's round-trip test).
+    #[cfg(test)]
     pub fn encode(&self) -> [u8; MSG_SIZE] {
         let mut b = [0u8; MSG_SIZE];
         let put32 = |b: &mut [u8; MSG_SIZE], at: usize, v: u32| {
@@ -217,14 +218,6 @@ impl Response {
             b[BODY + 4..BODY + 6].copy_from_slice(&avail.to_le_bytes());
         }
         b
-    }
-
-    pub fn parse(b: &[u8; MSG_SIZE]) -> Response {
-        Response {
-            id: u32_at(b, 0),
-            ok: u32_at(b, 4) == RESULT_OK,
-            avail_index: Some(u16::from_le_bytes([b[BODY + 4], b[BODY + 5]])),
-        }
     }
 }
 
