@@ -146,8 +146,8 @@ impl MigrationState {
         self.error.as_deref()
     }
 
-    /// Request the arc `state -> to`.
-    pub fn transition(&mut self, to: MigState) -> Result<(), TransitionError> {
+    /// The current state, if the arc from it to `to` may be taken.
+    fn arc_to(&self, to: MigState) -> Result<MigState, TransitionError> {
         let from = self.state;
         if from == MigState::Error {
             return Err(TransitionError::InError {
@@ -158,6 +158,12 @@ impl MigrationState {
         if !allowed(from, to) {
             return Err(TransitionError::Refused { from, to });
         }
+        Ok(from)
+    }
+
+    /// Request the arc `state -> to`.
+    pub fn transition(&mut self, to: MigState) -> Result<(), TransitionError> {
+        let from = self.arc_to(to)?;
         log::debug!(target: LOG, "device state {from} -> {to}");
         self.state = to;
         Ok(())
@@ -170,16 +176,7 @@ impl MigrationState {
         to: MigState,
         op: impl FnOnce() -> Result<T, (Failure, String)>,
     ) -> Result<T, TransitionError> {
-        let from = self.state;
-        if from == MigState::Error {
-            return Err(TransitionError::InError {
-                to,
-                why: self.error.clone().unwrap_or_default(),
-            });
-        }
-        if !allowed(from, to) {
-            return Err(TransitionError::Refused { from, to });
-        }
+        let from = self.arc_to(to)?;
         match op() {
             Ok(v) => {
                 self.state = to;
