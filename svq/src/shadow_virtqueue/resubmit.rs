@@ -64,21 +64,7 @@ impl ShadowVirtqueue {
                     queue_size: self.cfg.queue_size,
                 });
             }
-            if self.guest_busy.get(head as usize).copied().unwrap_or(false) {
-                return Err(SvqError::HeadAlreadyInFlight { head });
-            }
-            let mut guest_segs = std::mem::take(&mut self.guest_segs);
-            let r = self.guest.walk(mem, v, head, &mut guest_segs);
-            let r = r.and_then(|()| self.check_writable(head, &guest_segs));
-            let r = r.and_then(|()| self.translate(head, &guest_segs, iova));
-            self.guest_segs = guest_segs;
-            r?;
-            if let Some(b) = self.guest_busy.get_mut(head as usize) {
-                *b = true;
-            }
-            if let Some(l) = &self.inflight_log {
-                l.popped(head);
-            }
+            self.take_chain(mem, v, iova, head)?;
             // Keep the order: once one chain waits for room, the rest do.
             if !self.parked.is_empty() || !self.place_cur(iova)? {
                 self.parked.push_back(std::mem::take(&mut self.cur));
