@@ -157,17 +157,22 @@ impl Device {
     fn guest_ring_iovas(&self, q: usize) -> Result<VringAddrs> {
         let v = &self.vrings[q];
         let a = v.addrs.ok_or(DeviceError::NoMemTable { queue: q })?;
-        let (dl, al, ul) = self.guest_ring_sizes(v.num);
+        let sizes = self.guest_ring_sizes(v.num);
+        self.ring_iovas(AddrSpace::Guest, (a.desc, a.avail, a.used), sizes)
+    }
+
+    /// The IOVAs of a ring's three areas at `addrs` in `space`, each of
+    /// its size in `sizes` and contiguous in the device's IOVA space.
+    fn ring_iovas(
+        &self,
+        space: AddrSpace,
+        addrs: (u64, u64, u64),
+        sizes: (u64, u64, u64),
+    ) -> Result<VringAddrs> {
         Ok(VringAddrs {
-            desc: self
-                .tree
-                .translate_contiguous(AddrSpace::Guest, a.desc, dl)?,
-            avail: self
-                .tree
-                .translate_contiguous(AddrSpace::Guest, a.avail, al)?,
-            used: self
-                .tree
-                .translate_contiguous(AddrSpace::Guest, a.used, ul)?,
+            desc: self.tree.translate_contiguous(space, addrs.0, sizes.0)?,
+            avail: self.tree.translate_contiguous(space, addrs.1, sizes.1)?,
+            used: self.tree.translate_contiguous(space, addrs.2, sizes.2)?,
         })
     }
 
@@ -365,18 +370,11 @@ impl Device {
         res: &ShadowRes,
     ) -> Result<()> {
         let h = svq.shadow_ring_hva();
-        let (dl, al, ul) = ring_sizes(shadow_size);
-        let addrs = VringAddrs {
-            desc: self
-                .tree
-                .translate_contiguous(AddrSpace::Host, h.desc, dl)?,
-            avail: self
-                .tree
-                .translate_contiguous(AddrSpace::Host, h.avail, al)?,
-            used: self
-                .tree
-                .translate_contiguous(AddrSpace::Host, h.used, ul)?,
-        };
+        let addrs = self.ring_iovas(
+            AddrSpace::Host,
+            (h.desc, h.avail, h.used),
+            ring_sizes(shadow_size),
+        )?;
         self.backend.set_vring_num(q, shadow_size)?;
         self.backend.set_vring_addr(q, addrs)?;
         self.backend.set_vring_base(q, 0)?;
