@@ -20,6 +20,7 @@ pub mod daemon;
 pub mod mem;
 pub mod migrate;
 pub mod net;
+pub mod packed_ring;
 pub mod packet;
 pub mod peers;
 pub mod qemu;
