@@ -32,8 +32,8 @@ pub fn with_migration(base: &str) -> String {
 }
 
 /// The virtio features the relay carries when the device offers them: the
-/// ones always offered, and the passthrough-only ones with the option that
-/// offers each.
+/// ones always offered, the ones offered on request with the option for
+/// each, and which of those stay in passthrough.
 fn virtio_features_json() -> Value {
     use virtio_features as vf;
     let always = [
@@ -51,10 +51,11 @@ fn virtio_features_json() -> Value {
     debug_assert!(always.iter().all(|(b, _)| carried & b != 0));
     json!({
         "always": always.iter().filter(|(b, _)| carried & b != 0).map(|(_, n)| *n).collect::<Vec<_>>(),
-        "passthrough-only": {
+        "on-request": {
             "IN_ORDER": "--in-order",
             "RING_PACKED": "--packed",
         },
+        "passthrough-only": ["IN_ORDER"],
     })
 }
 
@@ -71,8 +72,9 @@ mod tests {
             serde_json::from_str(&super::with_migration(r#"{"type":"net"}"#)).unwrap();
         assert_eq!(v["type"], "net");
         let vf = &v["virtio-features"];
-        assert_eq!(vf["passthrough-only"]["RING_PACKED"], "--packed");
-        assert_eq!(vf["passthrough-only"]["IN_ORDER"], "--in-order");
+        assert_eq!(vf["on-request"]["RING_PACKED"], "--packed");
+        assert_eq!(vf["on-request"]["IN_ORDER"], "--in-order");
+        assert_eq!(vf["passthrough-only"], serde_json::json!(["IN_ORDER"]));
         let always: Vec<&str> = vf["always"]
             .as_array()
             .unwrap()

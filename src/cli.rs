@@ -61,8 +61,9 @@ pub struct Args {
     #[arg(long)]
     pub in_order: bool,
     /// Offer VIRTIO_F_RING_PACKED when the device offers it (a vhost-user
-    /// device). Passthrough only (needs --shadow off): while the VMM has it
-    /// negotiated, switching to shadow mode is refused.
+    /// device). Relayed in passthrough and shadow mode alike: the shadow
+    /// rings are packed too. Rings are not resubmitted from an
+    /// INFLIGHT_SHMFD region (its packed layout is not implemented).
     #[arg(long)]
     pub packed: bool,
     /// CPUs for the queue-pair workers, e.g. 2,3 or 2-5: worker N runs on
@@ -145,7 +146,7 @@ pub struct RunConfig {
     pub worker_cpus: Vec<usize>,
     /// `--in-order`: offer IN_ORDER (passthrough only).
     pub in_order: bool,
-    /// `--packed`: offer RING_PACKED (passthrough only).
+    /// `--packed`: offer RING_PACKED.
     pub packed: bool,
 }
 
@@ -187,8 +188,6 @@ pub enum ConfigError {
     BadLogLevel(String),
     #[error("--in-order needs --shadow off: shadow mode does not keep IN_ORDER, and --shadow {0} may switch to it")]
     InOrderNeedsPassthrough(String),
-    #[error("--packed needs --shadow off: shadow mode relays split rings only, and --shadow {0} may switch to it")]
-    PackedNeedsPassthrough(String),
     #[error("--poll {0}: expected off, adaptive or always")]
     BadPoll(String),
     #[error("--poll-budget-us {0}: must be 1..=1000000")]
@@ -313,9 +312,6 @@ impl TryFrom<Args> for Config {
         };
         if args.in_order && shadow != ShadowPolicy::Off {
             return Err(ConfigError::InOrderNeedsPassthrough(args.shadow));
-        }
-        if args.packed && shadow != ShadowPolicy::Off {
-            return Err(ConfigError::PackedNeedsPassthrough(args.shadow));
         }
         let mode = match args.poll.as_str() {
             "off" => PollMode::Off,
@@ -494,9 +490,8 @@ mod tests {
                 ..
             })
         ));
-        assert_eq!(p(&["--packed"]), Err(PackedNeedsPassthrough("auto".into())));
         assert!(matches!(
-            p(&["--packed", "--shadow", "off"]),
+            p(&["--packed", "--shadow", "on"]),
             Ok(Config {
                 command: Command::Run(RunConfig { packed: true, .. }),
                 ..

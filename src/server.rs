@@ -245,14 +245,14 @@ pub fn run(cfg: RunConfig) -> Result<(), RunError> {
         cfg.shadow == ShadowPolicy::On,
     )?));
     lock(&device).set_auto_shadow(cfg.shadow == ShadowPolicy::Auto);
-    let mut passthrough_only = 0;
+    let mut on_request = 0;
     if cfg.in_order {
-        passthrough_only |= virtio_features::F_IN_ORDER;
+        on_request |= virtio_features::F_IN_ORDER;
     }
     if cfg.packed {
-        passthrough_only |= virtio_features::F_RING_PACKED;
+        on_request |= virtio_features::F_RING_PACKED;
     }
-    lock(&device).set_passthrough_only(passthrough_only);
+    lock(&device).set_offered_on_request(on_request);
     lock(&device).configure_workers(cfg.poll, &cfg.worker_cpus)?;
     let sig = crate::signals::install().map_err(RunError::Signals)?;
     let mut cleanup = Cleanup(Vec::new());

@@ -54,13 +54,20 @@ fn device_client_pmd(dir: &Path, sock: &Path) -> Testpmd {
 }
 
 /// The guest: virtio-user on the daemon's socket (lcores on CPU 1), with
-/// `--tx-first`.
-fn guest_pmd(dir: &Path, sock: &Path, pairs: u16) -> Testpmd {
+/// `--tx-first`; packed rings (`packed_vq=1`) when the daemon offers them
+/// (`extra` has `--packed`).
+fn guest_pmd(dir: &Path, sock: &Path, pairs: u16, extra: &[&str]) -> Testpmd {
+    let opts = if extra.contains(&"--packed") {
+        ",packed_vq=1"
+    } else {
+        ""
+    };
     let mut p = Testpmd::virtio_user(sock)
         .dir(dir)
         .queues(pairs)
         .cpu(1)
         .tx_first()
+        .vdev_opts(opts)
         .spawn();
     p.wait_forwarding();
     p
@@ -133,10 +140,12 @@ fn steady_with(mode: &str, pairs: u16, extra: &[&str]) {
     let mut args = vec!["--shadow", mode, "--queues", &q];
     args.extend_from_slice(extra);
     let d = relay(&dev_sock, &args);
-    let mut guest = guest_pmd(dir.path(), &d.socket, pairs);
+    let mut guest = guest_pmd(dir.path(), &d.socket, pairs, extra);
     device.wait_traffic(Counts::default(), 5000, "steady");
-    let g = stop(&mut guest);
     let mut qmp = Qmp::connect_ready(&d.qmp);
+    let running = qmp.query("net0");
+    assert_eq!(running["packed"], extra.contains(&"--packed"), "{running}");
+    let g = stop(&mut guest);
     let dev = qmp.query("net0");
     let dv = stop(&mut device);
     check_ends(g, dv, pairs);
@@ -177,25 +186,43 @@ fn relay_dpdk_in_order_passthrough() {
 }
 
 /// `--packed`: testpmd virtio-user with `packed_vq=1` through the relay to
-/// net_vhost (both speak packed rings): traffic both ways on the guest's
-/// packed rings, the switch to shadow refused by name, traffic after it.
+/// net_vhost (both speak packed rings), the device on the guest's own
+/// packed rings: traffic both ways.
 #[test]
 fn relay_dpdk_packed_passthrough() {
-    if let Some(dev) = passthrough_only_feature("--packed", ",packed_vq=1", "RING_PACKED") {
-        assert_eq!(
-            dev["packed"], true,
-            "the guest negotiated packed rings: {dev}"
-        );
+    if !testpmd_or_skip() {
+        return;
     }
+    steady_with("off", 1, &["--packed"]);
+}
+
+/// Packed rings in shadow mode on two pairs: the SVQ is the device of the
+/// guest's packed rings and the driver of packed shadow rings net_vhost
+/// works on; every packet is counted by the relay and both ends.
+#[test]
+fn relay_dpdk_packed_shadow() {
+    if !testpmd_or_skip() {
+        return;
+    }
+    steady_with("on", 2, &["--packed"]);
+}
+
+/// Packed rings across ten switches under traffic: the positions and wrap
+/// counters go from net_vhost to the SVQ and back each time.
+#[test]
+fn relay_dpdk_packed_across_switches() {
+    if !testpmd_or_skip() {
+        return;
+    }
+    across_switches(&["--packed"]);
 }
 
 /// testpmd virtio-user (with `guest_opts`) negotiates the passthrough-only
 /// feature the relay offers with `flag`: traffic both ways, the switch to
-/// shadow refused naming `feature`, traffic after it. Returns the device's
-/// QMP status under traffic (None: skipped, testpmd missing).
-fn passthrough_only_feature(flag: &str, guest_opts: &str, feature: &str) -> Option<Value> {
+/// shadow refused naming `feature`, traffic after it.
+fn passthrough_only_feature(flag: &str, guest_opts: &str, feature: &str) {
     if !testpmd_or_skip() {
-        return None;
+        return;
     }
     let _g = serial();
     let dir = tempdir();
@@ -211,7 +238,6 @@ fn passthrough_only_feature(flag: &str, guest_opts: &str, feature: &str) -> Opti
     guest.wait_forwarding();
     let seen = device.wait_traffic(Counts::default(), 2000, flag);
     let mut qmp = Qmp::connect_ready(&d.qmp);
-    let running = qmp.query("net0");
     let r = qmp.enable_shadow("net0", true);
     let desc = r["error"]["desc"].as_str().unwrap_or_default();
     assert!(
@@ -225,7 +251,6 @@ fn passthrough_only_feature(flag: &str, guest_opts: &str, feature: &str) -> Opti
     check_ends(g, dv, 1);
     assert_eq!(dev["mode"], "passthrough", "{dev}");
     assert!(!d.stderr().contains("ERROR"), "{}", d.stderr());
-    Some(running)
 }
 
 /// Four pairs in shadow: guest memory plus the shadow rings of eight queues
@@ -296,7 +321,7 @@ fn across_switches(extra: &[&str]) {
     let mut args = vec!["--shadow", "off", "--queues", "2"];
     args.extend_from_slice(extra);
     let d = relay(&dev_sock, &args);
-    let mut guest = guest_pmd(dir.path(), &d.socket, 2);
+    let mut guest = guest_pmd(dir.path(), &d.socket, 2, extra);
     let mut qmp = Qmp::connect_ready(&d.qmp);
     let mut seen = device.wait_traffic(Counts::default(), 1000, "before switching");
     for i in 0..10 {
@@ -312,7 +337,9 @@ fn across_switches(extra: &[&str]) {
     // Ends in passthrough after 5 round trips; once more to shadow, where
     // the relay counts.
     assert_eq!(qmp.enable_shadow("net0", true), json!({"return": {}}));
-    let before = relayed(&qmp.query("net0"));
+    let running = qmp.query("net0");
+    assert_eq!(running["packed"], extra.contains(&"--packed"), "{running}");
+    let before = relayed(&running);
     device.wait_traffic(seen, 1000, "after the last switch");
     let g = stop(&mut guest);
     let dev = qmp.query("net0");
@@ -342,7 +369,7 @@ fn relay_dpdk_device_restart() {
     let dev_sock = dir.path().join("dev.sock");
     let mut device = device_pmd(dir.path(), &dev_sock, 1, false);
     let d = relay(&dev_sock, &["--shadow", "on"]);
-    let mut guest = guest_pmd(dir.path(), &d.socket, 1);
+    let mut guest = guest_pmd(dir.path(), &d.socket, 1, &[]);
     let mut qmp = Qmp::connect_ready(&d.qmp);
     device.wait_traffic(Counts::default(), 1000, "first device");
     const ROUNDS: u64 = 10;
@@ -428,7 +455,7 @@ fn relay_dpdk_device_connects_to_the_daemon() {
     // testpmd drops what its queues hold when forwarding starts: the guest's
     // burst must come after that.
     device.wait_forwarding();
-    let mut guest = guest_pmd(dir.path(), &d.socket, 1);
+    let mut guest = guest_pmd(dir.path(), &d.socket, 1, &[]);
     device.wait_traffic(Counts::default(), 2000, "device connected to the daemon");
     let g = stop(&mut guest);
     let mut qmp = Qmp::connect_ready(&d.qmp);

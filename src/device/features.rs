@@ -9,8 +9,7 @@ use super::model::Device;
 
 /// Virtio feature bits the relay can carry (device-class and transport).
 /// IN_ORDER and packed rings only on request (`--in-order`, `--packed`, see
-/// [`Device::set_passthrough_only`]): the SVQ completes out of order and
-/// relays split rings only.
+/// [`Device::set_offered_on_request`]).
 pub const RELAY_FEATURES: u64 = vf::F_VERSION_1
     | vf::F_ANY_LAYOUT
     | vf::NET_F_MAC
@@ -21,35 +20,38 @@ pub const RELAY_FEATURES: u64 = vf::F_VERSION_1
     | vf::RING_F_INDIRECT_DESC
     | vf::NET_F_MQ;
 
-/// Features offered only on request, passthrough only.
-pub const PASSTHROUGH_ONLY: u64 = vf::F_IN_ORDER | vf::F_RING_PACKED;
+/// Features offered only on request.
+pub const ON_REQUEST: u64 = vf::F_IN_ORDER | vf::F_RING_PACKED;
+
+/// Features only the passthrough data path keeps: the SVQ completes
+/// buffers in the device's order, not the guest's.
+pub const PASSTHROUGH_ONLY: u64 = vf::F_IN_ORDER;
 
 impl Device {
     /// LOG_ALL is always offered: the SVQ logs what the device writes (and a
     /// backend that logs by itself gets the log forwarded).
     pub fn offered_features(&self) -> u64 {
         let transport_ok = svq::SUPPORTED_FEATURES | !TRANSPORT_MASK;
-        (self.backend.device_features() & ((RELAY_FEATURES & transport_ok) | self.passthrough_only))
+        (self.backend.device_features() & ((RELAY_FEATURES & transport_ok) | self.on_request))
             | F_PROTOCOL_FEATURES
             | F_LOG_ALL
     }
 
     /// `--in-order` and `--packed`: offer VIRTIO_F_IN_ORDER and
-    /// VIRTIO_F_RING_PACKED (any of [`PASSTHROUGH_ONLY`]) when the device
-    /// offers them. Only the passthrough data path keeps them (the device
-    /// works on the guest's own ring); while the VMM has one negotiated,
-    /// shadow mode is refused ([`DeviceError::PassthroughOnly`]).
-    pub fn set_passthrough_only(&mut self, features: u64) {
-        self.passthrough_only = features & PASSTHROUGH_ONLY;
+    /// VIRTIO_F_RING_PACKED (any of [`ON_REQUEST`]) when the device offers
+    /// them. Packed rings are relayed in both modes (the shadow ring is
+    /// packed too, as the device negotiated it); IN_ORDER only in
+    /// passthrough: while the VMM has it negotiated, shadow mode is refused
+    /// ([`DeviceError::PassthroughOnly`]).
+    pub fn set_offered_on_request(&mut self, features: u64) {
+        self.on_request = features & ON_REQUEST;
     }
 
     /// The passthrough-only feature the VMM negotiated, if any: the data
     /// path must stay in passthrough.
     pub(crate) fn passthrough_only_negotiated(&self) -> Option<&'static str> {
         let acked = self.acked_features?;
-        if acked & vf::F_RING_PACKED != 0 {
-            Some("VIRTIO_F_RING_PACKED")
-        } else if acked & vf::F_IN_ORDER != 0 {
+        if acked & vf::F_IN_ORDER != 0 {
             Some("VIRTIO_F_IN_ORDER")
         } else {
             None

@@ -6,8 +6,6 @@
 //! in flight inside the device while rings change hands. Guest memory stays
 //! mapped in both directions; only ring set-up changes.
 
-use svq::RingIndexes;
-
 use super::error::{DeviceError, Result};
 use super::model::{Device, Running, LOG};
 use super::rings::ShadowStart;
@@ -80,15 +78,11 @@ impl Device {
     }
 
     fn passthrough_to_shadow_begin(&mut self, q: usize) -> Result<(u16, ShadowStart)> {
-        // Suspended: next avail == used idx of the guest ring.
-        let base = self.backend.vring_base(q)?;
+        // Suspended: nothing in flight inside the device.
+        let idx = self.device_ring_position(q)?;
+        let base = idx.avail;
         self.vrings[q].running = Running::Stopped;
-        self.vrings[q].base = base;
-        self.vrings[q].used_base = base;
-        let idx = RingIndexes {
-            avail: base,
-            used: base,
-        };
+        self.set_ring_position(q, idx);
         match self.start_shadow_begin(q, idx) {
             Ok(s) => Ok((base, s)),
             Err(e) => {
@@ -114,8 +108,7 @@ impl Device {
 
     fn shadow_to_passthrough(&mut self, q: usize) -> Result<()> {
         let idx = self.take_shadow(q);
-        self.vrings[q].base = idx.avail;
-        self.vrings[q].used_base = idx.used;
+        self.set_ring_position(q, idx);
         self.start_passthrough(q, idx.avail)
     }
 }

@@ -73,10 +73,12 @@ pub(crate) struct Vring {
     /// Guest used idx for the next start; equals `base` unless a stop left
     /// chains in flight.
     pub used_base: u16,
-    /// Packed rings (passthrough only): the vhost-user position for the next
+    /// Packed rings: the vhost-user position for the next
     /// start, avail index and wrap counter in the low half, used index and
     /// wrap counter in the high half.
     pub packed_base: u32,
+    /// The packed position GET_VRING_BASE last returned.
+    pub reported_packed_base: Option<u32>,
     pub kick: Option<Arc<EventFd>>,
     pub call: Option<Arc<EventFd>>,
     /// SET_VRING_ENABLE state (only meaningful with protocol features).
@@ -95,6 +97,7 @@ impl Vring {
             base: 0,
             used_base: 0,
             packed_base: 0,
+            reported_packed_base: None,
             kick: None,
             call: None,
             enabled: false,
@@ -141,8 +144,8 @@ pub struct Device {
     pub(crate) ctl_log: DirtyLogReader,
     /// `--shadow auto`: dirty logging switches the data path to shadow.
     pub(crate) auto_shadow: bool,
-    /// `--in-order`, `--packed`: the passthrough-only features offered.
-    pub(crate) passthrough_only: u64,
+    /// `--in-order`, `--packed`: the features offered on request.
+    pub(crate) on_request: u64,
     /// Shadow mode was entered because dirty logging started (and is left
     /// when it stops).
     pub(crate) logging_shadow: bool,
@@ -214,7 +217,7 @@ impl Device {
             migration,
             ctl_log,
             auto_shadow: false,
-            passthrough_only: 0,
+            on_request: 0,
             logging_shadow: false,
             log_forwarded: false,
             log_area: None,

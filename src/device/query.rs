@@ -32,10 +32,9 @@ pub struct DeviceStatus {
     pub mode: Mode,
     /// The backend kind (`sim`, `vhost-user`, `vdpa`).
     pub backend: String,
-    /// The VMM negotiated packed rings (`--packed`, passthrough only): the
-    /// queues' indexes are then the positions last set or read (the low 15
-    /// bits of each half of the vhost-user position, wrap counter in bit
-    /// 15), not read from guest memory.
+    /// The VMM negotiated packed rings (`--packed`): the queues' indexes are
+    /// then positions with the wrap counter in bit 15 (in passthrough the
+    /// ones last set or read, not read from guest memory).
     pub packed: bool,
     pub queues: Vec<QueueStatus>,
 }

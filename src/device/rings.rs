@@ -31,10 +31,16 @@ pub(crate) fn ring_sizes(num: u16) -> (u64, u64, u64) {
     (16 * n, 6 + 2 * n, 6 + 8 * n)
 }
 
+/// A packed shadow ring's vhost-user base: position 0 with wrap counter 1
+/// for both avail and used.
+const PACKED_RING_START: u32 = 0x8000_8000;
+
 impl Device {
-    /// Byte sizes of the guest ring's descriptor, driver and device areas:
-    /// a split ring's, or a packed ring's (descriptors, then the two 4-byte
-    /// event suppression structures) once the VMM negotiated RING_PACKED.
+    /// Byte sizes of a ring's descriptor, driver and device areas: a split
+    /// ring's, or a packed ring's (descriptors, then the two 4-byte event
+    /// suppression structures) once the VMM negotiated RING_PACKED. The
+    /// shadow rings have the guest's layout (the device negotiated the
+    /// guest's features).
     pub(crate) fn guest_ring_sizes(&self, num: u16) -> (u64, u64, u64) {
         if self.packed_negotiated() {
             (16 * u64::from(num), 4, 4)
@@ -373,11 +379,15 @@ impl Device {
         let addrs = self.ring_iovas(
             AddrSpace::Host,
             (h.desc, h.avail, h.used),
-            ring_sizes(shadow_size),
+            self.guest_ring_sizes(shadow_size),
         )?;
         self.backend.set_vring_num(q, shadow_size)?;
         self.backend.set_vring_addr(q, addrs)?;
-        self.backend.set_vring_base(q, 0)?;
+        if self.packed_negotiated() {
+            self.backend.set_vring_base_packed(q, PACKED_RING_START)?;
+        } else {
+            self.backend.set_vring_base(q, 0)?;
+        }
         self.backend.set_vring_kick(q, res.dev_kick.clone())?;
         self.backend.set_vring_call(q, Some(res.dev_call.clone()))?;
         self.backend.set_vring_enable(q, true)?;
@@ -476,7 +486,13 @@ impl Device {
                 }
             }
         }
-        let device_base = self.backend.vring_base(q)?;
+        // Where the device stopped taking chains: on a packed ring the avail
+        // half of its position (wrap counter in bit 15).
+        let device_base = if self.packed_negotiated() {
+            self.backend.vring_base_packed(q)? as u16
+        } else {
+            self.backend.vring_base(q)?
+        };
         let st = svq.stop(&mem, device_base).map_err(svq_err);
         self.stats[q].publish(&svq.stats());
         let st = st?;
@@ -505,20 +521,7 @@ impl Device {
                     log::warn!(target: LOG, "{}: queue {q}: disable: {e}", self.name);
                 }
                 self.vrings[q].running = Running::Stopped;
-                let base = if self.packed_negotiated() {
-                    self.backend.vring_base_packed(q).map(|b| {
-                        self.vrings[q].packed_base = b;
-                        RingIndexes {
-                            avail: b as u16,
-                            used: (b >> 16) as u16,
-                        }
-                    })
-                } else {
-                    self.backend
-                        .vring_base(q)
-                        .map(|b| RingIndexes { avail: b, used: b })
-                };
-                match base {
+                match self.device_ring_position(q) {
                     Ok(idx) => idx,
                     Err(e) => {
                         log::error!(target: LOG, "{}: queue {q}: reading the vring base: {e}", self.name);
@@ -537,9 +540,7 @@ impl Device {
                 self.take_shadow(q)
             }
         };
-        let v = &mut self.vrings[q];
-        v.base = idx.avail;
-        v.used_base = idx.used;
+        self.set_ring_position(q, idx);
         self.stats[q].set_indexes(idx.avail, idx.used);
         log::debug!(target: LOG, "{}: queue {q} stopped at {}/{}", self.name, idx.avail, idx.used);
         if !self.is_started() {
@@ -556,12 +557,16 @@ impl Device {
     /// over, and would otherwise be resubmitted after a later restart.
     /// Passthrough rings are not tracked: the device owns the ring there
     /// (a vhost-user device would need its own INFLIGHT_SHMFD; sim and vdpa
-    /// have none).
+    /// have none). Nor are packed rings: the region's packed layout is not
+    /// implemented.
     fn inflight_log(
         &self,
         q: usize,
         clear_stale: bool,
     ) -> Option<crate::migration::region_hook::RegionLog> {
+        if self.packed_negotiated() {
+            return None;
+        }
         let region = self.migration.inflight()?;
         let q16 = u16::try_from(q).ok()?;
         let iq = region.queue(q16)?;
@@ -580,7 +585,11 @@ impl Device {
     /// Heads the device kept when a ring stopped go to the INFLIGHT_SHMFD
     /// region (when the VMM gave one), so a restarted VMM resubmits them.
     fn record_in_flight(&mut self, q: usize, heads: &[u16]) {
-        let Some(region) = self.migration.inflight() else {
+        let Some(region) = self
+            .migration
+            .inflight()
+            .filter(|_| !self.packed_negotiated())
+        else {
             return;
         };
         let Some(iq) = u16::try_from(q).ok().and_then(|q| region.queue(q)) else {
@@ -590,6 +599,34 @@ impl Device {
             if let Err(e) = iq.mark(h, counter) {
                 log::warn!(target: LOG, "{}: queue {q}: in-flight region: {e}", self.name);
             }
+        }
+    }
+
+    /// Where a device stopped or suspended on the guest ring stands: its
+    /// vring base, which is both avail and used for a split ring; both
+    /// halves of a packed ring's position.
+    pub(crate) fn device_ring_position(&mut self, q: usize) -> Result<RingIndexes> {
+        Ok(if self.packed_negotiated() {
+            let b = self.backend.vring_base_packed(q)?;
+            RingIndexes {
+                avail: b as u16,
+                used: (b >> 16) as u16,
+            }
+        } else {
+            let b = self.backend.vring_base(q)?;
+            RingIndexes { avail: b, used: b }
+        })
+    }
+
+    /// Ring `q` continues at `idx` when it starts next.
+    pub(crate) fn set_ring_position(&mut self, q: usize, idx: RingIndexes) {
+        let packed = self.packed_negotiated();
+        let v = &mut self.vrings[q];
+        if packed {
+            v.set_packed_base(u32::from(idx.avail) | (u32::from(idx.used) << 16));
+        } else {
+            v.base = idx.avail;
+            v.used_base = idx.used;
         }
     }
 

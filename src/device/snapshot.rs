@@ -73,8 +73,9 @@ impl Device {
                 .map(|v| {
                     if packed && v.num != 0 {
                         // The vhost-user position: index and wrap counter
-                        // of each half. Passthrough only: nothing in flight
-                        // the relay knows of.
+                        // of each half. A packed record carries no chains
+                        // in flight (a stop warned of any: the device
+                        // completes what it took before it answers).
                         let (avail, used) = (v.packed_base as u16, (v.packed_base >> 16) as u16);
                         return VringState {
                             size: v.num,
@@ -148,7 +149,7 @@ impl Device {
             && !self.auto_shadow
             && st.features.virtio & super::features::PASSTHROUGH_ONLY != 0
         {
-            return refuse("saved in shadow mode with IN_ORDER or RING_PACKED negotiated".into());
+            return refuse("saved in shadow mode with IN_ORDER negotiated".into());
         }
         if st.nic.mac != mac {
             self.backend

@@ -90,8 +90,17 @@ impl Device {
         }
         if self.packed_negotiated() {
             // Avail index and wrap counter below, used index and wrap counter
-            // above (QEMU's layout), handed to the device as they are.
+            // above (QEMU's layout), handed to the device as they are. A VMM
+            // that sends no used half (DPDK virtio-user: 0x8000 for a new
+            // ring) has nothing in flight: used = avail. An empty used half
+            // the relay itself reported (a full ring in flight at an even
+            // lap) is kept.
             let v = &mut self.vrings[q];
+            let base = if base >> 16 == 0 && v.reported_packed_base != Some(base) {
+                base | (base << 16)
+            } else {
+                base
+            };
             v.set_packed_base(base);
             self.stats[q].set_indexes(v.base, v.used_base);
             return Ok(());
@@ -108,7 +117,9 @@ impl Device {
         let q = self.check_queue(index.into())?;
         let base = self.stop_ring(q);
         let base = if self.packed_negotiated() {
-            self.vrings[q].packed_base
+            let v = &mut self.vrings[q];
+            v.reported_packed_base = Some(v.packed_base);
+            v.packed_base
         } else {
             u32::from(base)
         };

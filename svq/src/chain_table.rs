@@ -7,7 +7,10 @@ use crate::shadow_ring::ShadowSeg;
 /// A guest chain popped, validated and translated.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Chain {
+    /// The guest's head index (split) or buffer id (packed).
     pub guest_head: u16,
+    /// Guest ring slots it occupies (1 on a split ring).
+    pub guest_slots: u16,
     /// Pop order, to report in-flight heads in order.
     pub seq: u64,
     /// Device-writable guest ranges (GPA, len) in chain order.
@@ -22,6 +25,7 @@ pub(crate) struct Chain {
 #[derive(Debug, Default)]
 pub(crate) struct InFlight {
     pub guest_head: u16,
+    pub guest_slots: u16,
     /// Pop order, to report in-flight heads in order.
     pub seq: u64,
     /// Device-writable guest ranges (GPA, len) in chain order.
@@ -70,6 +74,7 @@ impl InFlightTable {
         let h = head as usize;
         if let (Some(slot), Some(live)) = (self.slots.get_mut(h), self.live.get_mut(h)) {
             slot.guest_head = chain.guest_head;
+            slot.guest_slots = chain.guest_slots;
             slot.seq = chain.seq;
             slot.writable_len = chain.writable_len;
             std::mem::swap(&mut slot.writable, &mut chain.writable);

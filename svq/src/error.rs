@@ -66,6 +66,18 @@ pub enum SvqError {
     IndirectTooLong { head: u16, entries: u32, max: u32 },
     #[error("chain {head}: indirect table GPA {addr:#x}+{len:#x} is outside guest memory")]
     IndirectOutsideMemory { head: u16, addr: u64, len: u32 },
+    #[error("packed chain at {head}: descriptor {position} continues it but is not available")]
+    PackedDescNotAvailable { head: u16, position: u16 },
+    #[error("packed chain at {head}: an indirect descriptor also has NEXT set")]
+    IndirectWithNext { head: u16 },
+    #[error("packed chain at {head}: buffer id {id} is outside the queue of size {queue_size}")]
+    BadBufferId { head: u16, id: u16, queue_size: u16 },
+    #[error("packed chain at {head}: {in_ring} descriptor slots would be in flight, more than the queue size {queue_size}")]
+    PackedRingOverrun {
+        head: u16,
+        in_ring: u32,
+        queue_size: u16,
+    },
     #[error("chain {head}: device-readable descriptor after a device-writable one")]
     ReadableAfterWritable { head: u16 },
     #[error(
@@ -117,6 +129,8 @@ pub enum SvqError {
     ShadowAccess { offset: usize },
 
     // --- lifecycle -----------------------------------------------------------
+    #[error("in-flight chains can be resubmitted by head on split rings only")]
+    ResubmitNeedsSplitRing,
     #[error("shadow virtqueue was stopped")]
     Stopped,
 }

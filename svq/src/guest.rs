@@ -21,8 +21,9 @@ use vm_memory::{
     VolatileMemory,
 };
 
+use crate::layouts::{ChainHead, GuestQueue};
 use crate::shadow_ring::need_event;
-use crate::{GuestRing, RingIndexes, SvqError};
+use crate::{DirtyLog, GuestRing, RingIndexes, SvqError};
 
 /// One guest descriptor's buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,18 +47,30 @@ pub(crate) struct RingView<'m> {
     avail: *mut u8,
     used: *mut u8,
     mask: u16,
+    bufs: GuestBuffers<'m>,
+}
+
+/// Checks buffers against guest memory for one call.
+pub(crate) struct GuestBuffers<'m> {
     mem: &'m GuestMemoryMmap,
     /// The region the last buffer was found in: buffers of one call are
     /// usually in the same region, and checking it is cheaper than a lookup.
     hint: Cell<Option<&'m GuestRegionMmap>>,
 }
 
-impl<'m> RingView<'m> {
+impl<'m> GuestBuffers<'m> {
+    pub fn new(mem: &'m GuestMemoryMmap, hint: Option<&'m GuestRegionMmap>) -> Self {
+        GuestBuffers {
+            mem,
+            hint: Cell::new(hint),
+        }
+    }
+
     /// Is `[addr, addr + len)` guest memory? Empty ranges are never
     /// accessed and always pass; a range over several adjacent regions takes
     /// the general path.
     #[inline]
-    fn contains(&self, addr: u64, len: u32) -> bool {
+    pub fn contains(&self, addr: u64, len: u32) -> bool {
         if len == 0 {
             return true;
         }
@@ -79,6 +92,29 @@ impl<'m> RingView<'m> {
         }
     }
 
+    /// Validate one descriptor's buffer (inside guest memory, no readable
+    /// buffer after a writable one) and append it to `out`.
+    #[inline(always)]
+    pub fn push(
+        &self,
+        head: u16,
+        (addr, len, write): (u64, u32, bool),
+        out: &mut Vec<GuestSeg>,
+        seen_write: &mut bool,
+    ) -> Result<(), SvqError> {
+        if !self.contains(addr, len) {
+            return Err(SvqError::DescOutsideMemory { head, addr, len });
+        }
+        if *seen_write && !write {
+            return Err(SvqError::ReadableAfterWritable { head });
+        }
+        *seen_write |= write;
+        out.push(GuestSeg { addr, len, write });
+        Ok(())
+    }
+}
+
+impl<'m> RingView<'m> {
     #[inline]
     fn q(&self) -> usize {
         self.mask as usize + 1
@@ -166,6 +202,8 @@ pub(crate) struct GuestSide {
     /// kick (NO_NOTIFY, or avail_event left behind) and `rearm` asks for
     /// nothing until `request_kicks`.
     kicks_suppressed: bool,
+    /// avail_event was written and not yet reported to a dirty log.
+    avail_event_written: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -244,6 +282,7 @@ impl GuestSide {
             kicks_asked: false,
             flags_written: false,
             kicks_suppressed: false,
+            avail_event_written: false,
         })
     }
 
@@ -273,8 +312,7 @@ impl GuestSide {
                         avail,
                         used,
                         mask: self.size - 1,
-                        mem,
-                        hint: Cell::new(region),
+                        bufs: GuestBuffers::new(mem, region),
                     });
                 }
             }
@@ -293,8 +331,7 @@ impl GuestSide {
             used: ptr("used ring", self.ring.used, 6 + 8 * q, 4)?,
             // size is a power of two (checked in new).
             mask: self.size - 1,
-            mem,
-            hint: Cell::new(region),
+            bufs: GuestBuffers::new(mem, region),
         })
     }
 
@@ -401,7 +438,7 @@ impl GuestSide {
                 if count > max {
                     return Err(SvqError::ChainTooLong { head, max });
                 }
-                push_seg(v, head, &desc, out, &mut seen_write)?;
+                v.bufs.push(head, seg_of(&desc), out, &mut seen_write)?;
             }
             if !desc.has_next() {
                 return Ok(());
@@ -447,7 +484,7 @@ impl GuestSide {
         if entries > max {
             return Err(SvqError::IndirectTooLong { head, entries, max });
         }
-        if !v.contains(table, len) {
+        if !v.bufs.contains(table, len) {
             return Err(SvqError::IndirectOutsideMemory {
                 head,
                 addr: table,
@@ -483,7 +520,7 @@ impl GuestSide {
             if *count > max {
                 return Err(SvqError::ChainTooLong { head, max });
             }
-            push_seg(v, head, &d, out, seen_write)?;
+            v.bufs.push(head, seg_of(&d), out, seen_write)?;
             if !d.has_next() {
                 return Ok(());
             }
@@ -616,7 +653,8 @@ impl GuestSide {
     }
 
     /// EVENT_IDX: kick me for the chain after `next_avail`.
-    fn ask_for_next_avail(&self, v: &RingView) {
+    fn ask_for_next_avail(&mut self, v: &RingView) {
+        self.avail_event_written = true;
         let off = 4 + 8 * self.size as usize;
         v.used_u16(off)
             .store(u16::to_le(self.next_avail()), Ordering::Relaxed);
@@ -665,24 +703,130 @@ impl GuestSide {
     }
 }
 
+impl GuestQueue for GuestSide {
+    type View<'m> = RingView<'m>;
+    const PENDING_IS_EXACT: bool = true;
+
+    fn new(
+        size: u16,
+        ring: GuestRing,
+        start: RingIndexes,
+        event_idx: bool,
+    ) -> Result<Self, SvqError> {
+        GuestSide::new(size, ring, start, event_idx)
+    }
+
+    fn view<'m>(&self, mem: &'m GuestMemoryMmap) -> Result<RingView<'m>, SvqError> {
+        GuestSide::view(self, mem)
+    }
+
+    fn next_avail(&self) -> u16 {
+        GuestSide::next_avail(self)
+    }
+
+    fn next_used(&self) -> u16 {
+        GuestSide::next_used(self)
+    }
+
+    #[inline(always)]
+    fn pending(&self, v: &RingView) -> Result<u16, SvqError> {
+        GuestSide::pending(self, v)
+    }
+
+    #[inline(always)]
+    fn walk_next(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        v: &RingView,
+        out: &mut Vec<GuestSeg>,
+    ) -> Result<ChainHead, SvqError> {
+        let head = self.read_head(v)?;
+        self.walk(mem, v, head, out)?;
+        Ok(ChainHead { id: head, slots: 1 })
+    }
+
+    fn walk_head(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        v: &RingView,
+        head: u16,
+        out: &mut Vec<GuestSeg>,
+    ) -> Result<ChainHead, SvqError> {
+        // `walk` relies on a checked head (the region is shared memory).
+        if head >= self.size {
+            return Err(SvqError::BadHeadIndex {
+                head,
+                queue_size: self.size,
+            });
+        }
+        self.walk(mem, v, head, out)?;
+        Ok(ChainHead { id: head, slots: 1 })
+    }
+
+    #[inline(always)]
+    fn advance(&mut self, _slots: u16) {
+        GuestSide::advance(self)
+    }
+
+    fn rewind(&mut self, chains: u16, _slots: u32) {
+        GuestSide::rewind(self, chains)
+    }
+
+    #[inline(always)]
+    fn add_used(&mut self, v: &RingView, id: u16, len: u32, _slots: u16) {
+        GuestSide::add_used(self, v, id, len)
+    }
+
+    /// The entries, and the used idx, once per call as the kernel's vhost
+    /// logs them.
+    #[inline(always)]
+    fn log_used_since(&self, old: u16, log: &dyn DirtyLog) {
+        let n = self.next_used().wrapping_sub(old);
+        if n == 0 {
+            return;
+        }
+        let (gpa, len, wrapped) = self.used_entries_log(old, n);
+        log.mark(gpa, len);
+        if wrapped > 0 {
+            log.mark(self.used_ring_log(), wrapped);
+        }
+        let (gpa, len) = self.used_idx_log();
+        log.mark(gpa, len);
+    }
+
+    fn should_notify(&self, v: &RingView, old: u16) -> Result<bool, SvqError> {
+        GuestSide::should_notify(self, v, old)
+    }
+
+    fn rearm(&mut self, v: &RingView) -> Result<bool, SvqError> {
+        GuestSide::rearm(self, v)
+    }
+
+    fn suppress_kicks(&mut self, v: &RingView) {
+        GuestSide::suppress_kicks(self, v)
+    }
+
+    fn request_kicks(&mut self, v: &RingView) -> Result<bool, SvqError> {
+        GuestSide::request_kicks(self, v)
+    }
+
+    fn kicks_suppressed(&self) -> bool {
+        GuestSide::kicks_suppressed(self)
+    }
+
+    fn flush_dirty(&mut self, log: &dyn DirtyLog) {
+        if std::mem::take(&mut self.avail_event_written) {
+            let (gpa, len) = self.avail_event_log();
+            log.mark(gpa, len);
+        }
+        if self.take_flags_written() {
+            let (gpa, len) = self.used_flags_log();
+            log.mark(gpa, len);
+        }
+    }
+}
+
 #[inline(always)]
-fn push_seg(
-    v: &RingView,
-    head: u16,
-    d: &Descriptor,
-    out: &mut Vec<GuestSeg>,
-    seen_write: &mut bool,
-) -> Result<(), SvqError> {
-    let addr = d.addr().0;
-    let len = d.len();
-    if !v.contains(addr, len) {
-        return Err(SvqError::DescOutsideMemory { head, addr, len });
-    }
-    let write = d.is_write_only();
-    if *seen_write && !write {
-        return Err(SvqError::ReadableAfterWritable { head });
-    }
-    *seen_write |= write;
-    out.push(GuestSeg { addr, len, write });
-    Ok(())
+fn seg_of(d: &Descriptor) -> (u64, u32, bool) {
+    (d.addr().0, d.len(), d.is_write_only())
 }

@@ -1,5 +1,6 @@
-//! The shadow virtqueue (SVQ): relays one guest split virtqueue to a device
-//! through a driver-side ring in memory the daemon owns.
+//! The shadow virtqueue (SVQ): relays one guest virtqueue (split or packed)
+//! to a device through a driver-side ring (split or packed) in memory the
+//! daemon owns.
 //!
 //! The guest ring is read (and its used ring written) through vm-memory, every
 //! descriptor validated; buffers are handed to the device as IOVAs from an
@@ -9,13 +10,17 @@
 //! whether the guest must be signalled.
 //!
 //! Not offered toward the guest: `VIRTIO_F_IN_ORDER` (the relay completes
-//! buffers in whatever order the device does) and packed rings.
+//! buffers in whatever order the device does).
 
 mod chain_table;
 mod dirty;
 mod error;
 mod guest;
+mod guest_packed;
+mod layouts;
 mod memory;
+mod packed;
+mod shadow_packed;
 mod shadow_ring;
 mod shadow_virtqueue;
 mod tracking_hook;
@@ -26,7 +31,7 @@ mod tests;
 pub use dirty::{DirtyLog, NoDirtyLog};
 pub use error::SvqError;
 pub use memory::ShadowLayout;
-pub use shadow_virtqueue::ShadowVirtqueue;
+pub use shadow_virtqueue::{ShadowVirtqueue, Svq};
 pub use tracking_hook::InflightLog;
 
 /// Transport/ring features the SVQ implements toward the guest. The daemon
@@ -35,14 +40,17 @@ pub use tracking_hook::InflightLog;
 pub const SUPPORTED_FEATURES: u64 = virtio_features::F_VERSION_1
     | virtio_features::F_ANY_LAYOUT
     | virtio_features::RING_F_EVENT_IDX
-    | virtio_features::RING_F_INDIRECT_DESC;
+    | virtio_features::RING_F_INDIRECT_DESC
+    | virtio_features::F_RING_PACKED;
 
 /// Feature bit masks used internally.
 pub(crate) use virtio_features::{
-    RING_F_EVENT_IDX as F_EVENT_IDX, RING_F_INDIRECT_DESC as F_INDIRECT_DESC,
+    F_RING_PACKED, RING_F_EVENT_IDX as F_EVENT_IDX, RING_F_INDIRECT_DESC as F_INDIRECT_DESC,
 };
 
-/// Guest-physical addresses of the guest's split ring.
+/// Guest-physical addresses of the guest's ring: a split ring's descriptor
+/// table, avail and used rings, or a packed ring's descriptor ring, driver
+/// and device areas.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct GuestRing {
     pub desc: u64,

@@ -15,8 +15,9 @@ use virtio_bindings::bindings::virtio_ring::{
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::MmapRegion;
 
+use crate::layouts::ShadowQueue;
 use crate::memory::{ShadowLayout, ShadowMem};
-use crate::SvqError;
+use crate::{ShadowRingAddrs, SvqError};
 
 /// One buffer segment as the device sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -402,5 +403,133 @@ impl ShadowRing {
 
     pub fn calls_suppressed(&self) -> bool {
         self.calls_suppressed
+    }
+}
+
+impl ShadowQueue for ShadowRing {
+    const PENDING_IS_EXACT: bool = true;
+
+    fn new(layout: ShadowLayout, device_event_idx: bool) -> Result<Self, SvqError> {
+        ShadowRing::new(layout, device_event_idx)
+    }
+
+    fn use_memory(&mut self, mem: ShadowMem) -> Result<(), SvqError> {
+        ShadowRing::use_memory(self, mem)
+    }
+
+    fn region(&self) -> &Arc<MmapRegion> {
+        ShadowRing::region(self)
+    }
+
+    fn layout(&self) -> &ShadowLayout {
+        ShadowRing::layout(self)
+    }
+
+    fn ring_hva(&self) -> ShadowRingAddrs {
+        ShadowRingAddrs {
+            desc: self.desc_hva(),
+            avail: self.avail_hva(),
+            used: self.used_hva(),
+        }
+    }
+
+    fn table_hva(&self, table: u16) -> u64 {
+        ShadowRing::table_hva(self, table)
+    }
+
+    #[inline(always)]
+    fn num_free(&self) -> u16 {
+        ShadowRing::num_free(self)
+    }
+
+    fn next_free_table(&self) -> Option<u16> {
+        ShadowRing::next_free_table(self)
+    }
+
+    #[inline(always)]
+    fn avail_idx(&self) -> u16 {
+        ShadowRing::avail_idx(self)
+    }
+
+    #[inline(always)]
+    fn last_used(&self) -> u16 {
+        ShadowRing::last_used(self)
+    }
+
+    #[inline(always)]
+    fn add_direct(&mut self, segs: &[ShadowSeg]) -> u16 {
+        ShadowRing::add_direct(self, segs)
+    }
+
+    fn add_indirect(
+        &mut self,
+        segs: &[ShadowSeg],
+        table: u16,
+        table_iova: u64,
+    ) -> Result<u16, SvqError> {
+        ShadowRing::add_indirect(self, segs, table, table_iova)
+    }
+
+    #[inline(always)]
+    fn free_chain(&mut self, id: u16, ndescs: u16, table: Option<u16>) {
+        ShadowRing::free_chain(self, id, ndescs, table)
+    }
+
+    fn publish(&mut self) -> Result<bool, SvqError> {
+        ShadowRing::publish(self)
+    }
+
+    #[inline(always)]
+    fn used_pending(&self, in_flight: usize) -> Result<u16, SvqError> {
+        let used_idx = self.used_idx()?;
+        let last = self.last_used;
+        let ahead = used_idx.wrapping_sub(last);
+        if ahead as usize > in_flight {
+            return Err(SvqError::UsedIdxTooFarAhead {
+                used_idx,
+                last_used: last,
+                ahead,
+                in_flight,
+            });
+        }
+        Ok(ahead)
+    }
+
+    #[inline(always)]
+    fn pop_used(&mut self) -> (u32, u32) {
+        ShadowRing::pop_used(self)
+    }
+
+    fn rearm(&mut self) -> Result<bool, SvqError> {
+        ShadowRing::rearm(self)
+    }
+
+    fn suppress_calls(&mut self) -> Result<(), SvqError> {
+        ShadowRing::suppress_calls(self)
+    }
+
+    fn request_calls(&mut self) -> Result<bool, SvqError> {
+        ShadowRing::request_calls(self)
+    }
+
+    fn calls_suppressed(&self) -> bool {
+        ShadowRing::calls_suppressed(self)
+    }
+
+    fn not_taken(&self, device_next_avail: u16, out: &mut Vec<(u16, u16)>) -> bool {
+        out.clear();
+        let n = self.avail_idx.wrapping_sub(device_next_avail);
+        if n > self.size {
+            return false;
+        }
+        out.extend((0..n).map(|i| {
+            let pos = device_next_avail.wrapping_add(i);
+            (pos, self.slot_head(pos))
+        }));
+        true
+    }
+
+    fn unpublish_to(&mut self, from: u16) {
+        ShadowRing::unpublish_to(self, from)
     }
 }

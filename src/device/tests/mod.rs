@@ -252,7 +252,7 @@ fn features_and_memory_reach_the_backend() {
 /// A `--in-order` device with `acked` negotiated and queue 1 running.
 fn in_order_started(acked: impl FnOnce(u64) -> u64) -> (Device, Fake) {
     let (mut dev, fake) = device(false);
-    dev.set_passthrough_only(virtio_features::F_IN_ORDER);
+    dev.set_offered_on_request(virtio_features::F_IN_ORDER);
     let offered = dev.offered_features();
     dev.set_features(acked(offered) & !F_LOG_ALL).unwrap();
     dev.set_mem_table(vec![region(0, MEM, UADDR)]).unwrap();
@@ -293,7 +293,9 @@ fn in_order_is_offered_on_request_and_keeps_the_data_path_in_passthrough() {
 
 /// `--packed`: RING_PACKED offered on request; the VMM's 32-bit packed
 /// positions (QEMU: avail index and wrap counter below, used above) reach
-/// the device whole and come back whole; shadow mode is refused.
+/// the device whole and come back whole; in shadow mode the device gets a
+/// packed shadow ring from its start, and the guest position survives the
+/// round trip.
 #[test]
 fn packed_rings_are_offered_on_request_and_their_positions_pass_whole() {
     let (mut dev, fake) = device(false);
@@ -302,7 +304,7 @@ fn packed_rings_are_offered_on_request_and_their_positions_pass_whole() {
         0,
         "not without --packed"
     );
-    dev.set_passthrough_only(F_RING_PACKED);
+    dev.set_offered_on_request(F_RING_PACKED);
     let offered = dev.offered_features();
     assert_ne!(offered & F_RING_PACKED, 0, "{offered:#x}");
     assert_eq!(offered & F_IN_ORDER, 0, "only what was asked for");
@@ -323,10 +325,16 @@ fn packed_rings_are_offered_on_request_and_their_positions_pass_whole() {
     let ops = fake.ops();
     assert!(ops.contains(&Op::BasePacked(1, pos)), "{ops:?}");
     assert!(!ops.iter().any(|o| matches!(o, Op::Base(..))), "{ops:?}");
-    assert!(matches!(
-        dev.set_shadow(true),
-        Err(DeviceError::PassthroughOnly("VIRTIO_F_RING_PACKED"))
-    ));
+    assert!(dev.set_shadow(true).unwrap());
+    let ops = fake.ops();
+    let shadow_start = (1 << 15) | ((1 << 15) << 16);
+    assert!(ops.contains(&Op::BasePacked(1, shadow_start)), "{ops:?}");
+    assert!(dev.set_shadow(false).unwrap());
+    let ops = fake.ops();
+    assert!(
+        ops.contains(&Op::BasePacked(1, pos)),
+        "the guest position again after shadow: {ops:?}"
+    );
     // The device moved on: both halves come back to the VMM.
     let moved: u32 = 9 | ((9 | wrap) << 16);
     fake.0.lock().unwrap().packed_bases[1] = moved;
@@ -341,7 +349,7 @@ fn packed_rings_are_offered_on_request_and_their_positions_pass_whole() {
         (9, false, 9, true)
     );
     let (mut dst, _f) = device(false);
-    dst.set_passthrough_only(F_RING_PACKED);
+    dst.set_offered_on_request(F_RING_PACKED);
     dst.set_features(dev.acked_features.unwrap()).unwrap();
     dst.apply_state(st).unwrap();
     assert_eq!(dst.vrings[1].packed_base, moved);

@@ -1,4 +1,6 @@
-//! One shadow virtqueue: guest ring → shadow ring → guest used ring.
+//! One shadow virtqueue: guest ring → shadow ring → guest used ring, for
+//! any pairing of ring layouts (`Relay<G, S>`; the public
+//! [`ShadowVirtqueue`] in `api.rs` picks the pairing from the features).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -7,9 +9,10 @@ use iova::{AddrSpace, IovaTree, Mapping, Segment};
 use vm_memory::{GuestMemoryMmap, MmapRegion};
 
 use crate::chain_table::{Chain, InFlightTable};
-use crate::guest::{GuestSeg, GuestSide, RingView};
+use crate::guest::GuestSeg;
+use crate::layouts::{ChainHead, GuestQueue, ShadowQueue};
 use crate::memory::{ShadowLayout, ShadowMem};
-use crate::shadow_ring::{ShadowRing, ShadowSeg};
+use crate::shadow_ring::ShadowSeg;
 use crate::{
     CallOutcome, DirtyLog, GuestRing, InflightLog, RingIndexes, ShadowRingAddrs, StopState,
     SvqConfig, SvqError, SvqStats, F_EVENT_IDX, F_INDIRECT_DESC,
@@ -17,12 +20,15 @@ use crate::{
 
 const LOG: &str = "svq";
 
+mod api;
 mod resubmit;
 
-pub struct ShadowVirtqueue {
+pub use api::{ShadowVirtqueue, Svq};
+
+pub(crate) struct Relay<G, S> {
     cfg: SvqConfig,
-    guest: GuestSide,
-    shadow: ShadowRing,
+    guest: G,
+    shadow: S,
     inflight: InFlightTable,
     /// Popped chains waiting for room on the shadow ring, oldest first.
     parked: VecDeque<Chain>,
@@ -30,13 +36,8 @@ pub struct ShadowVirtqueue {
     /// a head that is still in flight.
     guest_busy: Vec<bool>,
     device_indirect: bool,
-    guest_event_idx: bool,
     broken: Option<SvqError>,
     stopped: bool,
-    /// avail_event was written and not yet reported to a dirty log.
-    avail_event_dirty: bool,
-    /// The guest used flags were written and not yet reported to a dirty log.
-    used_flags_dirty: bool,
     /// Device-writable bytes every guest chain must offer (0: no check).
     min_writable: u32,
     seq: u64,
@@ -56,38 +57,12 @@ pub struct ShadowVirtqueue {
     cur: Chain,
     /// Told of every head popped, completed or given back (INFLIGHT_SHMFD).
     inflight_log: Option<Box<dyn InflightLog>>,
+    /// Scratch for `stop`: the chains the device never took.
+    not_taken: Vec<(u16, u16)>,
 }
 
-impl ShadowVirtqueue {
-    /// A queue relaying `guest` from the positions in `start`. The shadow
-    /// ring starts at index 0 on both avail and used: give the device vring
-    /// base 0 for it.
-    pub fn new(cfg: SvqConfig, guest: GuestRing, start: RingIndexes) -> Result<Self, SvqError> {
-        Self::build(cfg, guest, start, None)
-    }
-
-    /// As [`new`](Self::new), with the shadow rings and indirect tables in
-    /// memory the caller provides: at least [`shadow_memory_size`] bytes at
-    /// a page-aligned address, not used by anything else while the queue
-    /// lives. [`shadow_memory`](Self::shadow_memory) then returns `memory`.
-    ///
-    /// [`shadow_memory_size`]: Self::shadow_memory_size
-    pub fn with_shadow_memory(
-        cfg: SvqConfig,
-        guest: GuestRing,
-        start: RingIndexes,
-        memory: Arc<MmapRegion>,
-    ) -> Result<Self, SvqError> {
-        Self::build(cfg, guest, start, Some(memory))
-    }
-
-    /// Bytes of shadow memory a queue with `cfg` needs.
-    pub fn shadow_memory_size(cfg: &SvqConfig) -> usize {
-        let device_indirect = cfg.device_features & F_INDIRECT_DESC != 0;
-        ShadowLayout::new(cfg.shadow_size, cfg.queue_size, device_indirect).total
-    }
-
-    fn build(
+impl<G: GuestQueue, S: ShadowQueue> Relay<G, S> {
+    pub(crate) fn build(
         cfg: SvqConfig,
         guest: GuestRing,
         start: RingIndexes,
@@ -100,9 +75,9 @@ impl ShadowVirtqueue {
         let guest_event_idx = cfg.guest_features & F_EVENT_IDX != 0;
         let device_event_idx = cfg.device_features & F_EVENT_IDX != 0;
         let device_indirect = cfg.device_features & F_INDIRECT_DESC != 0;
-        let guest_side = GuestSide::new(cfg.queue_size, guest, start, guest_event_idx)?;
+        let guest_side = G::new(cfg.queue_size, guest, start, guest_event_idx)?;
         let layout = ShadowLayout::new(s, cfg.queue_size, device_indirect);
-        let mut shadow = ShadowRing::new(layout, device_event_idx)?;
+        let mut shadow = S::new(layout, device_event_idx)?;
         if let Some(m) = memory {
             shadow.use_memory(ShadowMem::from_region(m, layout.total)?)?;
         }
@@ -111,7 +86,7 @@ impl ShadowVirtqueue {
             "new SVQ: queue size {} shadow size {} start avail {} used {} shadow memory {:#x} bytes",
             cfg.queue_size, s, start.avail, start.used, layout.total
         );
-        Ok(ShadowVirtqueue {
+        Ok(Relay {
             cfg,
             guest: guest_side,
             shadow,
@@ -119,11 +94,8 @@ impl ShadowVirtqueue {
             parked: VecDeque::new(),
             guest_busy: vec![false; cfg.queue_size as usize],
             device_indirect,
-            guest_event_idx,
             broken: None,
             stopped: false,
-            avail_event_dirty: false,
-            used_flags_dirty: false,
             min_writable: 0,
             seq: 0,
             relayed: 0,
@@ -134,81 +106,8 @@ impl ShadowVirtqueue {
             last_map: None,
             cur: Chain::default(),
             inflight_log: None,
+            not_taken: Vec::new(),
         })
-    }
-
-    pub fn config(&self) -> SvqConfig {
-        self.cfg
-    }
-
-    /// Require every guest chain popped from now on to offer at least
-    /// `bytes` device-writable bytes; a chain with fewer breaks the queue
-    /// with [`SvqError::TooFewWritableBytes`] and is left on the guest ring.
-    /// 0 (the default) checks nothing.
-    ///
-    /// The SVQ does not know the device class, so the caller sets it: for a
-    /// virtio-net receive queue, the size of the virtio-net header (12 bytes
-    /// with VERSION_1 or MRG_RXBUF, else 10), which the device must always be
-    /// able to write (virtio 1.2, 5.1.6.3.1 and 5.1.6.4). Otherwise such a
-    /// chain is relayed and the device waits on it forever.
-    pub fn set_min_writable(&mut self, bytes: u32) {
-        self.min_writable = bytes;
-    }
-
-    /// Report every guest head popped, completed or given back to `log`
-    /// from now on (the daemon's INFLIGHT_SHMFD region).
-    pub fn set_inflight_log(&mut self, log: Box<dyn InflightLog>) {
-        self.inflight_log = Some(log);
-    }
-
-    /// The minimum set by [`set_min_writable`](Self::set_min_writable).
-    pub fn min_writable(&self) -> u32 {
-        self.min_writable
-    }
-
-    /// Memory holding the shadow rings and indirect tables (memfd-backed,
-    /// page aligned). Map it in the IOVA tree as `(AddrSpace::Host,
-    /// as_ptr() as u64, size())` and DMA-map it before the first kick.
-    pub fn shadow_memory(&self) -> Arc<MmapRegion> {
-        self.shadow.region().clone()
-    }
-
-    /// Where each part lives inside `shadow_memory`.
-    pub fn shadow_layout(&self) -> ShadowLayout {
-        *self.shadow.layout()
-    }
-
-    /// HVAs of the shadow rings; translate them with the tree for the device.
-    pub fn shadow_ring_hva(&self) -> ShadowRingAddrs {
-        ShadowRingAddrs {
-            desc: self.shadow.desc_hva(),
-            avail: self.shadow.avail_hva(),
-            used: self.shadow.used_hva(),
-        }
-    }
-
-    pub fn is_broken(&self) -> bool {
-        self.broken.is_some()
-    }
-
-    /// The error that broke the queue.
-    pub fn broken_reason(&self) -> Option<&SvqError> {
-        self.broken.as_ref()
-    }
-
-    pub fn stats(&self) -> SvqStats {
-        SvqStats {
-            guest_avail_idx: self.guest.next_avail(),
-            guest_used_idx: self.guest.next_used(),
-            shadow_avail_idx: self.shadow.avail_idx(),
-            shadow_used_idx: self.shadow.last_used(),
-            relayed: self.relayed,
-            bytes_written: self.bytes_written,
-            in_flight: self.inflight.len() as u32,
-            parked: self.parked.len() as u32,
-            errors: self.errors,
-            broken: self.broken.as_ref().map(|e| e.to_string()),
-        }
     }
 
     fn usable(&self) -> Result<(), SvqError> {
@@ -228,118 +127,6 @@ impl ShadowVirtqueue {
         Err(e)
     }
 
-    /// Guest kicked (or start / retry): pop, validate, translate and relay
-    /// every available chain. `Ok(true)`: kick the device.
-    pub fn handle_guest_kick(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        iova: &IovaTree,
-    ) -> Result<bool, SvqError> {
-        self.usable()?;
-        let r = self.guest.view(mem).and_then(|v| self.relay(mem, &v, iova));
-        match r {
-            Ok(kick) => Ok(kick),
-            Err(e) => self.fail(e),
-        }
-    }
-
-    /// As `handle_guest_kick`, also reporting the guest ring fields the SVQ
-    /// wrote (avail_event under EVENT_IDX, the used flags) to `log`.
-    pub fn handle_guest_kick_logged(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        iova: &IovaTree,
-        log: &dyn DirtyLog,
-    ) -> Result<bool, SvqError> {
-        let r = self.handle_guest_kick(mem, iova);
-        self.flush_dirty(log);
-        r
-    }
-
-    /// Report guest ring fields written since the last report (avail_event,
-    /// the used flags).
-    /// `handle_device_call` does this itself; call it before the final log
-    /// sync of a migration.
-    pub fn flush_dirty(&mut self, log: &dyn DirtyLog) {
-        if std::mem::take(&mut self.avail_event_dirty) {
-            let (gpa, len) = self.guest.avail_event_log();
-            log.mark(gpa, len);
-        }
-        if std::mem::take(&mut self.used_flags_dirty) {
-            let (gpa, len) = self.guest.used_flags_log();
-            log.mark(gpa, len);
-        }
-    }
-
-    /// The worker polls this queue from now on: tell the guest not to kick
-    /// and the device not to interrupt, and stop re-arming either after
-    /// each pass. Report the guest ring field written with `flush_dirty`.
-    ///
-    /// Polling passes are [`handle_device_call`](Self::handle_device_call)
-    /// calls: each completes what the device used and relays what the
-    /// guest made available, with at most one kick and one guest signal.
-    pub fn suppress_notifications(&mut self, mem: &GuestMemoryMmap) -> Result<(), SvqError> {
-        self.usable()?;
-        let r = self.guest.view(mem).and_then(|v| {
-            self.guest.suppress_kicks(&v);
-            self.shadow.suppress_calls()
-        });
-        self.used_flags_dirty |= self.guest.take_flags_written();
-        r.or_else(|e| self.fail(e))
-    }
-
-    /// The worker stops polling: ask the guest for kicks and the device for
-    /// interrupts again. Returns true when work arrived while they were
-    /// suppressed (guest chains or device used entries no notification will
-    /// announce): the caller must run a pass before it sleeps. Works on a
-    /// stopped or broken queue too, so that a ring handed back to a device
-    /// never keeps the guest's NO_NOTIFY.
-    pub fn request_notifications(&mut self, mem: &GuestMemoryMmap) -> Result<bool, SvqError> {
-        if !self.notifications_suppressed() {
-            return Ok(false);
-        }
-        let r = self.guest.view(mem).and_then(|v| {
-            let guest = self.guest.request_kicks(&v)?;
-            let device = self.shadow.request_calls()?;
-            Ok(guest || device)
-        });
-        self.used_flags_dirty |= self.guest.take_flags_written();
-        self.avail_event_dirty |= self.guest_event_idx;
-        r
-    }
-
-    /// Between `suppress_notifications` and `request_notifications`.
-    pub fn notifications_suppressed(&self) -> bool {
-        self.guest.kicks_suppressed() || self.shadow.calls_suppressed()
-    }
-
-    /// Where the guest ring stands (next avail to pop, used idx): a poller
-    /// compares it across a pass to tell whether the pass did any work.
-    pub fn guest_position(&self) -> RingIndexes {
-        RingIndexes {
-            avail: self.guest.next_avail(),
-            used: self.guest.next_used(),
-        }
-    }
-
-    /// Device signalled: consume and validate shadow used entries, log and
-    /// complete them to the guest, then relay parked and newly available
-    /// chains.
-    pub fn handle_device_call(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        iova: &IovaTree,
-        log: &dyn DirtyLog,
-    ) -> Result<CallOutcome, SvqError> {
-        self.usable()?;
-        let r = self.device_call(mem, iova, log);
-        self.flush_dirty(log);
-        match r {
-            Ok(o) => Ok(o),
-            Err(e) => self.fail(e),
-        }
-    }
-
     fn device_call(
         &mut self,
         mem: &GuestMemoryMmap,
@@ -349,10 +136,10 @@ impl ShadowVirtqueue {
         let v = self.guest.view(mem)?;
         let old_used = self.guest.next_used();
         let r = self.consume_used(&v, log);
-        // The guest used entries written and the used idx, once per call
-        // as the kernel's vhost logs them, also when a bad entry stopped
-        // the loop after some completions.
-        self.log_used_since(old_used, log);
+        // The guest used entries written, once per call as the kernel's
+        // vhost logs them, also when a bad entry stopped the loop after
+        // some completions.
+        self.guest.log_used_since(old_used, log);
         r?;
         let notify_guest = self.guest.should_notify(&v, old_used)?;
         let kick_device = self.relay(mem, &v, iova)?;
@@ -362,46 +149,21 @@ impl ShadowVirtqueue {
         })
     }
 
-    #[inline(always)]
-    fn log_used_since(&self, old_used: u16, log: &dyn DirtyLog) {
-        let n = self.guest.next_used().wrapping_sub(old_used);
-        if n == 0 {
-            return;
-        }
-        let (gpa, len, wrapped) = self.guest.used_entries_log(old_used, n);
-        log.mark(gpa, len);
-        if wrapped > 0 {
-            log.mark(self.guest.used_ring_log(), wrapped);
-        }
-        let (gpa, len) = self.guest.used_idx_log();
-        log.mark(gpa, len);
-    }
-
     /// Complete every used entry the device published, re-arming until
     /// none arrives meanwhile.
-    fn consume_used(&mut self, v: &RingView, log: &dyn DirtyLog) -> Result<(), SvqError> {
+    fn consume_used(&mut self, v: &G::View<'_>, log: &dyn DirtyLog) -> Result<(), SvqError> {
         loop {
-            let used_idx = self.shadow.used_idx()?;
-            let last = self.shadow.last_used();
-            let ahead = used_idx.wrapping_sub(last);
-            if ahead as usize > self.inflight.len() {
-                return Err(SvqError::UsedIdxTooFarAhead {
-                    used_idx,
-                    last_used: last,
-                    ahead,
-                    in_flight: self.inflight.len(),
-                });
-            }
-            for _ in 0..ahead {
+            let ready = self.shadow.used_pending(self.inflight.len())?;
+            for _ in 0..ready {
                 self.complete_one(v, log)?;
             }
-            if !self.shadow.rearm()? {
+            if (S::PENDING_IS_EXACT || ready == 0) && !self.shadow.rearm()? {
                 return Ok(());
             }
         }
     }
 
-    fn complete_one(&mut self, v: &RingView, log: &dyn DirtyLog) -> Result<(), SvqError> {
+    fn complete_one(&mut self, v: &G::View<'_>, log: &dyn DirtyLog) -> Result<(), SvqError> {
         let (id, len) = self.shadow.pop_used();
         let size = self.cfg.shadow_size;
         if id >= size as u32 {
@@ -414,6 +176,11 @@ impl ShadowVirtqueue {
             Some(e) => e.writable_len,
             None => return Err(SvqError::UsedIdNotInFlight { id }),
         };
+        // Nothing can have been written to a chain without writable
+        // buffers, whatever the length says: DPDK's packed dequeue leaves
+        // the driver's descriptor length in the first used entry of a
+        // batch.
+        let len = if max == 0 { 0 } else { len };
         if len as u64 > max {
             return Err(SvqError::UsedLenTooBig { id, len, max });
         }
@@ -436,11 +203,11 @@ impl ShadowVirtqueue {
             }
             left -= n;
         }
-        let guest_head = chain.guest_head;
+        let (guest_head, slots) = (chain.guest_head, chain.guest_slots);
         if let Some(l) = &self.inflight_log {
             l.completing(guest_head);
         }
-        self.guest.add_used(v, guest_head, len);
+        self.guest.add_used(v, guest_head, len, slots);
         if let Some(l) = &self.inflight_log {
             l.completed(guest_head, self.guest.next_used());
         }
@@ -457,7 +224,7 @@ impl ShadowVirtqueue {
     fn relay(
         &mut self,
         mem: &GuestMemoryMmap,
-        v: &RingView,
+        v: &G::View<'_>,
         iova: &IovaTree,
     ) -> Result<bool, SvqError> {
         self.last_map = None;
@@ -472,7 +239,7 @@ impl ShadowVirtqueue {
     fn relay_inner(
         &mut self,
         mem: &GuestMemoryMmap,
-        v: &RingView,
+        v: &G::View<'_>,
         iova: &IovaTree,
     ) -> Result<(), SvqError> {
         while let Some(chain) = self.parked.pop_front() {
@@ -492,59 +259,74 @@ impl ShadowVirtqueue {
                     return Ok(());
                 }
             }
-            // rearm writes avail_event under guest EVENT_IDX, and without
-            // it clears a NO_NOTIFY left by the ring's previous owner once.
-            self.avail_event_dirty |= self.guest_event_idx;
-            let more = self.guest.rearm(v)?;
-            self.used_flags_dirty |= self.guest.take_flags_written();
-            if !more {
+            // Ask for the next kick (and clear what the ring's previous
+            // owner may have left there); relay what came meanwhile.
+            if (G::PENDING_IS_EXACT || pending == 0) && !self.guest.rearm(v)? {
                 return Ok(());
             }
         }
     }
 
-    /// Pop the chain at the guest's next avail index into `cur`: read,
-    /// validate and translate it, and only then advance the guest index.
+    /// Pop the chain at the guest's next avail position into `cur`: read,
+    /// validate and translate it, and only then advance the guest position.
     fn pop(
         &mut self,
         mem: &GuestMemoryMmap,
-        v: &RingView,
+        v: &G::View<'_>,
         iova: &IovaTree,
     ) -> Result<(), SvqError> {
-        let head = self.guest.read_head(v)?;
-        self.take_chain(mem, v, iova, head)?;
-        self.guest.advance();
+        let slots = self.take_chain(mem, v, iova, None)?;
+        self.guest.advance(slots);
         Ok(())
     }
 
-    /// The guest chain at `head` (a checked index) into `cur`: not already
-    /// in flight, walked, validated and translated; then marked in flight.
+    /// The guest chain at the next avail position (or at `head`, for a
+    /// resubmission) into `cur`: walked, validated, not already in flight,
+    /// translated; then marked in flight. Returns its ring slots.
     /// Always inlined: `pop` is the hot path, and as a call it cost ~6
     /// instructions per descriptor (callgrind, batch 32).
     #[inline(always)]
     pub(super) fn take_chain(
         &mut self,
         mem: &GuestMemoryMmap,
-        v: &RingView,
+        v: &G::View<'_>,
         iova: &IovaTree,
-        head: u16,
-    ) -> Result<(), SvqError> {
-        if self.guest_busy.get(head as usize).copied().unwrap_or(false) {
-            return Err(SvqError::HeadAlreadyInFlight { head });
-        }
+        head: Option<u16>,
+    ) -> Result<u16, SvqError> {
         let mut guest_segs = std::mem::take(&mut self.guest_segs);
-        let r = self.guest.walk(mem, v, head, &mut guest_segs);
-        let r = r.and_then(|()| self.check_writable(head, &guest_segs));
-        let r = r.and_then(|()| self.translate(head, &guest_segs, iova));
+        let r = self.walk_and_translate(mem, v, iova, head, &mut guest_segs);
         self.guest_segs = guest_segs;
-        r?;
+        let chain = r?;
+        let head = chain.id;
+        self.cur.guest_slots = chain.slots;
         if let Some(b) = self.guest_busy.get_mut(head as usize) {
             *b = true;
         }
         if let Some(l) = &self.inflight_log {
             l.popped(head);
         }
-        Ok(())
+        Ok(chain.slots)
+    }
+
+    #[inline(always)]
+    fn walk_and_translate(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        v: &G::View<'_>,
+        iova: &IovaTree,
+        head: Option<u16>,
+        guest_segs: &mut Vec<GuestSeg>,
+    ) -> Result<ChainHead, SvqError> {
+        let c = match head {
+            None => self.guest.walk_next(mem, v, guest_segs)?,
+            Some(h) => self.guest.walk_head(mem, v, h, guest_segs)?,
+        };
+        if self.guest_busy.get(c.id as usize).copied().unwrap_or(false) {
+            return Err(SvqError::HeadAlreadyInFlight { head: c.id });
+        }
+        self.check_writable(c.id, guest_segs)?;
+        self.translate(c.id, guest_segs, iova)?;
+        Ok(c)
     }
 
     /// Checked before translation: a chain the device could never use is
@@ -701,15 +483,136 @@ impl ShadowVirtqueue {
             .insert(head, &mut self.cur, 1, Some(table), avail_pos);
         Ok(true)
     }
+}
 
-    /// Stop relaying. `device_next_avail` is the device's vring base on the
-    /// shadow ring after it was suspended and `handle_device_call` ran once
-    /// more. Chains the device never took and parked chains are given back
-    /// to the guest ring by rewinding its avail index over them.
-    ///
-    /// Works on a broken queue too (the daemon still needs the indexes).
-    /// On `InvalidDeviceBase` nothing changes and the call may be retried.
-    pub fn stop(
+impl<G: GuestQueue, S: ShadowQueue> Svq for Relay<G, S> {
+    fn config(&self) -> SvqConfig {
+        self.cfg
+    }
+
+    fn set_min_writable(&mut self, bytes: u32) {
+        self.min_writable = bytes;
+    }
+
+    fn set_inflight_log(&mut self, log: Box<dyn InflightLog>) {
+        self.inflight_log = Some(log);
+    }
+
+    fn min_writable(&self) -> u32 {
+        self.min_writable
+    }
+
+    fn shadow_memory(&self) -> Arc<MmapRegion> {
+        self.shadow.region().clone()
+    }
+
+    fn shadow_layout(&self) -> ShadowLayout {
+        *self.shadow.layout()
+    }
+
+    fn shadow_ring_hva(&self) -> ShadowRingAddrs {
+        self.shadow.ring_hva()
+    }
+
+    fn is_broken(&self) -> bool {
+        self.broken.is_some()
+    }
+
+    fn broken_reason(&self) -> Option<&SvqError> {
+        self.broken.as_ref()
+    }
+
+    fn stats(&self) -> SvqStats {
+        SvqStats {
+            guest_avail_idx: self.guest.next_avail(),
+            guest_used_idx: self.guest.next_used(),
+            shadow_avail_idx: self.shadow.avail_idx(),
+            shadow_used_idx: self.shadow.last_used(),
+            relayed: self.relayed,
+            bytes_written: self.bytes_written,
+            in_flight: self.inflight.len() as u32,
+            parked: self.parked.len() as u32,
+            errors: self.errors,
+            broken: self.broken.as_ref().map(|e| e.to_string()),
+        }
+    }
+
+    fn handle_guest_kick(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        iova: &IovaTree,
+    ) -> Result<bool, SvqError> {
+        self.usable()?;
+        let r = self.guest.view(mem).and_then(|v| self.relay(mem, &v, iova));
+        match r {
+            Ok(kick) => Ok(kick),
+            Err(e) => self.fail(e),
+        }
+    }
+
+    fn handle_guest_kick_logged(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        iova: &IovaTree,
+        log: &dyn DirtyLog,
+    ) -> Result<bool, SvqError> {
+        let r = self.handle_guest_kick(mem, iova);
+        self.flush_dirty(log);
+        r
+    }
+
+    fn flush_dirty(&mut self, log: &dyn DirtyLog) {
+        self.guest.flush_dirty(log);
+    }
+
+    fn suppress_notifications(&mut self, mem: &GuestMemoryMmap) -> Result<(), SvqError> {
+        self.usable()?;
+        let r = self.guest.view(mem).and_then(|v| {
+            self.guest.suppress_kicks(&v);
+            self.shadow.suppress_calls()
+        });
+        r.or_else(|e| self.fail(e))
+    }
+
+    fn request_notifications(&mut self, mem: &GuestMemoryMmap) -> Result<bool, SvqError> {
+        if !self.notifications_suppressed() {
+            return Ok(false);
+        }
+        let r = self.guest.view(mem).and_then(|v| {
+            let guest = self.guest.request_kicks(&v)?;
+            let device = self.shadow.request_calls()?;
+            Ok(guest || device)
+        });
+        r
+    }
+
+    fn notifications_suppressed(&self) -> bool {
+        self.guest.kicks_suppressed() || self.shadow.calls_suppressed()
+    }
+
+    fn guest_position(&self) -> RingIndexes {
+        RingIndexes {
+            avail: self.guest.next_avail(),
+            used: self.guest.next_used(),
+        }
+    }
+
+    fn handle_device_call(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        iova: &IovaTree,
+        log: &dyn DirtyLog,
+    ) -> Result<CallOutcome, SvqError> {
+        self.usable()?;
+        let r = self.device_call(mem, iova, log);
+        self.flush_dirty(log);
+        match r {
+            Ok(o) => Ok(o),
+            Err(e) => self.fail(e),
+        }
+    }
+
+    fn stop(
         &mut self,
         _mem: &GuestMemoryMmap,
         device_next_avail: u16,
@@ -718,25 +621,25 @@ impl ShadowVirtqueue {
             return Err(SvqError::Stopped);
         }
         let shadow_avail = self.shadow.avail_idx();
-        let not_taken = shadow_avail.wrapping_sub(device_next_avail);
         let bad = SvqError::InvalidDeviceBase {
             device_next_avail,
             shadow_avail,
         };
-        if not_taken as usize > self.inflight.len() {
+        let mut not_taken = std::mem::take(&mut self.not_taken);
+        let consistent = self.shadow.not_taken(device_next_avail, &mut not_taken)
+            && not_taken.len() <= self.inflight.len()
+            && not_taken
+                .iter()
+                .all(|&(pos, id)| self.inflight.get(id as u32).map(|e| e.avail_pos) == Some(pos));
+        if !consistent {
+            self.not_taken = not_taken;
             return Err(bad);
         }
-        for i in 0..not_taken {
-            let pos = device_next_avail.wrapping_add(i);
-            let head = self.shadow.slot_head(pos);
-            if self.inflight.get(head as u32).map(|e| e.avail_pos) != Some(pos) {
-                return Err(bad);
-            }
-        }
-        for i in 0..not_taken {
-            let head = self.shadow.slot_head(device_next_avail.wrapping_add(i));
-            if let Some(e) = self.inflight.remove(head as u32) {
-                self.shadow.free_chain(head, e.ndescs, e.table);
+        let mut slots = 0u32;
+        for &(_, id) in &not_taken {
+            if let Some(e) = self.inflight.remove(id as u32) {
+                slots += u32::from(e.guest_slots);
+                self.shadow.free_chain(id, e.ndescs, e.table);
                 if let Some(b) = self.guest_busy.get_mut(e.guest_head as usize) {
                     *b = false;
                 }
@@ -745,9 +648,11 @@ impl ShadowVirtqueue {
                 }
             }
         }
+        let chains = not_taken.len() + self.parked.len();
+        self.not_taken = not_taken;
         self.shadow.unpublish_to(device_next_avail);
-        let rewind = not_taken as usize + self.parked.len();
         for c in self.parked.drain(..) {
+            slots += u32::from(c.guest_slots);
             if let Some(b) = self.guest_busy.get_mut(c.guest_head as usize) {
                 *b = false;
             }
@@ -755,7 +660,7 @@ impl ShadowVirtqueue {
                 l.returned(c.guest_head);
             }
         }
-        self.guest.rewind(rewind as u16);
+        self.guest.rewind(chains as u16, slots);
         self.stopped = true;
         let state = StopState {
             indexes: RingIndexes {
@@ -766,9 +671,18 @@ impl ShadowVirtqueue {
         };
         log::debug!(
             target: LOG,
-            "SVQ stopped: rewound {rewind}, continue at avail {} used {}, {} in flight",
+            "SVQ stopped: rewound {chains}, continue at avail {} used {}, {} in flight",
             state.indexes.avail, state.indexes.used, state.in_flight.len()
         );
         Ok(state)
+    }
+
+    fn resubmit(
+        &mut self,
+        heads: &[u16],
+        mem: &GuestMemoryMmap,
+        iova: &IovaTree,
+    ) -> Result<bool, SvqError> {
+        self.resubmit_heads(heads, mem, iova)
     }
 }

@@ -5,19 +5,13 @@
 use iova::IovaTree;
 use vm_memory::GuestMemoryMmap;
 
-use super::ShadowVirtqueue;
-use crate::guest::RingView;
+use super::Relay;
+use crate::layouts::{GuestQueue, ShadowQueue};
 use crate::SvqError;
 
-impl ShadowVirtqueue {
-    /// Relay `heads` (oldest first) before any new avail entry: each chain
-    /// is read from the guest descriptor table, validated and translated as
-    /// a popped chain is, and completes to the guest used ring exactly once.
-    /// Call it right after construction, before the first guest kick; the
-    /// caller starts the queue with the guest avail index already past
-    /// these heads (used idx + `heads.len()`, as libvhost-user does).
-    /// `Ok(true)`: kick the device. An invalid chain breaks the queue.
-    pub fn resubmit(
+impl<G: GuestQueue, S: ShadowQueue> Relay<G, S> {
+    /// [`Svq::resubmit`](super::Svq::resubmit).
+    pub(super) fn resubmit_heads(
         &mut self,
         heads: &[u16],
         mem: &GuestMemoryMmap,
@@ -38,7 +32,7 @@ impl ShadowVirtqueue {
         &mut self,
         heads: &[u16],
         mem: &GuestMemoryMmap,
-        v: &RingView,
+        v: &G::View<'_>,
         iova: &IovaTree,
     ) -> Result<bool, SvqError> {
         self.last_map = None;
@@ -53,18 +47,11 @@ impl ShadowVirtqueue {
         &mut self,
         heads: &[u16],
         mem: &GuestMemoryMmap,
-        v: &RingView,
+        v: &G::View<'_>,
         iova: &IovaTree,
     ) -> Result<(), SvqError> {
         for &head in heads {
-            // `walk` relies on a checked head (the region is shared memory).
-            if head >= self.cfg.queue_size {
-                return Err(SvqError::BadHeadIndex {
-                    head,
-                    queue_size: self.cfg.queue_size,
-                });
-            }
-            self.take_chain(mem, v, iova, head)?;
+            self.take_chain(mem, v, iova, Some(head))?;
             // Keep the order: once one chain waits for room, the rest do.
             if !self.parked.is_empty() || !self.place_cur(iova)? {
                 self.parked.push_back(std::mem::take(&mut self.cur));

@@ -4,6 +4,7 @@
 
 mod adversarial;
 mod harness;
+mod packed;
 mod polling;
 mod prop;
 mod resubmit;
