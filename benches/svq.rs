@@ -7,13 +7,15 @@
 //!   `handle_device_call` → guest used ring, with a dirty log that counts.
 //!
 //! Both run the same driver and the same device code, so `shadow - direct`
-//! is what the SVQ adds. After criterion's own report the bench times both
-//! loops again, interleaved, and prints that difference and the ratio.
+//! is what the SVQ adds. Each runs on split rings and on packed rings
+//! (`direct-packed`, `shadow-packed`: a packed guest ring relayed to a
+//! packed shadow ring). After criterion's own report the bench times the
+//! loops again, interleaved, and prints the differences and ratios.
 //!
 //! For deterministic instruction counts (the machine is shared and noisy):
 //!
 //! ```text
-//! SVQ_BENCH_ROUNDS=20000 SVQ_BENCH_MODE=shadow SVQ_BENCH_BATCH=32 \
+//! SVQ_BENCH_ROUNDS=20000 SVQ_BENCH_MODE=shadow SVQ_BENCH_BATCH=32 \   # or shadow-packed
 //!   valgrind --tool=callgrind --toggle-collect='*handle_guest_kick*' \
 //!   --toggle-collect='*handle_device_call*' target/release/deps/svq-HASH
 //! ```
@@ -28,7 +30,7 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, Throughput};
 use iova::{AddrSpace, IovaTree};
 use svq::{GuestRing, RingIndexes, ShadowVirtqueue, SvqConfig};
-use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_config::{VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1};
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, MmapRegion, VolatileMemory,
@@ -43,6 +45,166 @@ const USED_GPA: u64 = 0x2000;
 const BUF_GPA: u64 = 0x1_0000;
 const MEM_SIZE: usize = 4 << 20;
 const FEATURES: u64 = 1 << VIRTIO_F_VERSION_1;
+const F_RING_PACKED: u64 = 1 << VIRTIO_F_RING_PACKED;
+const PACKED_AVAIL: u16 = 1 << 7;
+const PACKED_USED: u16 = 1 << 15;
+
+/// The two ends of a ring layout.
+trait Layout {
+    const FEATURES: u64;
+    type Driver: RingDriver;
+    type Device: RingDevice;
+}
+
+trait RingDriver {
+    fn new(ring: RingAt) -> Self;
+    fn add(&mut self, m: &VolatileSlice<()>, n: usize);
+    fn collect(&mut self, m: &VolatileSlice<()>) -> u64;
+}
+
+trait RingDevice {
+    fn new(ring: RingAt) -> Self;
+    fn run(&mut self, m: &VolatileSlice<()>) -> usize;
+}
+
+struct Split;
+impl Layout for Split {
+    const FEATURES: u64 = FEATURES;
+    type Driver = Driver;
+    type Device = Device;
+}
+
+struct Packed;
+impl Layout for Packed {
+    const FEATURES: u64 = FEATURES | F_RING_PACKED;
+    type Driver = PackedDriver;
+    type Device = PackedDevice;
+}
+
+/// A packed ring position and its wrap counter.
+#[derive(Clone, Copy)]
+struct Pos {
+    pos: u16,
+    wrap: bool,
+}
+
+impl Pos {
+    fn start() -> Self {
+        Pos { pos: 0, wrap: true }
+    }
+
+    fn next(&mut self, size: u16) {
+        self.pos += 1;
+        if self.pos == size {
+            self.pos = 0;
+            self.wrap = !self.wrap;
+        }
+    }
+
+    fn avail_flags(self) -> u16 {
+        if self.wrap {
+            PACKED_AVAIL
+        } else {
+            PACKED_USED
+        }
+    }
+
+    fn used_flags(self) -> u16 {
+        if self.wrap {
+            PACKED_AVAIL | PACKED_USED
+        } else {
+            0
+        }
+    }
+}
+
+/// The guest's packed driver: one descriptor per chain, id = position.
+struct PackedDriver {
+    ring: RingAt,
+    avail: Pos,
+    used: Pos,
+}
+
+impl RingDriver for PackedDriver {
+    fn new(ring: RingAt) -> Self {
+        PackedDriver {
+            ring,
+            avail: Pos::start(),
+            used: Pos::start(),
+        }
+    }
+
+    fn add(&mut self, m: &VolatileSlice<()>, n: usize) {
+        let r = self.ring;
+        for _ in 0..n {
+            let p = self.avail;
+            let d = r.desc + 16 * p.pos as usize;
+            let addr = BUF_GPA + p.pos as u64 * 0x800;
+            m.store(addr.to_le(), d, Ordering::Relaxed).unwrap();
+            m.store(BUF_LEN.to_le(), d + 8, Ordering::Relaxed).unwrap();
+            m.store(p.pos.to_le(), d + 12, Ordering::Relaxed).unwrap();
+            let flags = VRING_DESC_F_WRITE as u16 | p.avail_flags();
+            m.store(flags.to_le(), d + 14, Ordering::Release).unwrap();
+            self.avail.next(r.size);
+        }
+    }
+
+    fn collect(&mut self, m: &VolatileSlice<()>) -> u64 {
+        let r = self.ring;
+        let mut bytes = 0u64;
+        loop {
+            let d = r.desc + 16 * self.used.pos as usize;
+            let flags = u16::from_le(m.load(d + 14, Ordering::Acquire).unwrap());
+            if flags & (PACKED_AVAIL | PACKED_USED) != self.used.used_flags() {
+                return bytes;
+            }
+            let id = u16::from_le(m.load(d + 12, Ordering::Relaxed).unwrap());
+            assert!(id < r.size, "bad used id {id}");
+            bytes += u32::from_le(m.load(d + 8, Ordering::Relaxed).unwrap()) as u64;
+            self.used.next(r.size);
+        }
+    }
+}
+
+/// A packed device completing every chain of one descriptor with all its
+/// bytes, in order.
+struct PackedDevice {
+    ring: RingAt,
+    avail: Pos,
+    used: Pos,
+}
+
+impl RingDevice for PackedDevice {
+    fn new(ring: RingAt) -> Self {
+        PackedDevice {
+            ring,
+            avail: Pos::start(),
+            used: Pos::start(),
+        }
+    }
+
+    fn run(&mut self, m: &VolatileSlice<()>) -> usize {
+        let r = self.ring;
+        let mut n = 0;
+        loop {
+            let d = r.desc + 16 * self.avail.pos as usize;
+            let flags = u16::from_le(m.load(d + 14, Ordering::Acquire).unwrap());
+            if flags & (PACKED_AVAIL | PACKED_USED) != self.avail.avail_flags() {
+                return n;
+            }
+            let len = u32::from_le(m.load(d + 8, Ordering::Relaxed).unwrap());
+            let id = u16::from_le(m.load(d + 12, Ordering::Relaxed).unwrap());
+            let u = r.desc + 16 * self.used.pos as usize;
+            m.store(len.to_le(), u + 8, Ordering::Relaxed).unwrap();
+            m.store(id.to_le(), u + 12, Ordering::Relaxed).unwrap();
+            m.store(self.used.used_flags().to_le(), u + 14, Ordering::Release)
+                .unwrap();
+            self.avail.next(r.size);
+            self.used.next(r.size);
+            n += 1;
+        }
+    }
+}
 
 /// Offsets of a split ring inside one volatile slice.
 #[derive(Clone, Copy)]
@@ -60,7 +222,15 @@ struct Driver {
     last_used: u16,
 }
 
-impl Driver {
+impl RingDriver for Driver {
+    fn new(ring: RingAt) -> Self {
+        Driver {
+            ring,
+            avail_idx: 0,
+            last_used: 0,
+        }
+    }
+
     fn add(&mut self, m: &VolatileSlice<()>, n: usize) {
         let r = self.ring;
         for _ in 0..n {
@@ -113,7 +283,15 @@ struct Device {
     used_idx: u16,
 }
 
-impl Device {
+impl RingDevice for Device {
+    fn new(ring: RingAt) -> Self {
+        Device {
+            ring,
+            last_avail: 0,
+            used_idx: 0,
+        }
+    }
+
     fn run(&mut self, m: &VolatileSlice<()>) -> usize {
         let r = self.ring;
         let idx = u16::from_le(m.load(r.avail + 2, Ordering::Acquire).unwrap());
@@ -168,26 +346,18 @@ fn guest_slice(mem: &GuestMemoryMmap) -> VolatileSlice<'_, ()> {
 }
 
 /// Driver and device on the guest ring, no SVQ.
-struct Direct {
+struct Direct<L: Layout> {
     mem: GuestMemoryMmap,
-    drv: Driver,
-    dev: Device,
+    drv: L::Driver,
+    dev: L::Device,
 }
 
-impl Direct {
+impl<L: Layout> Direct<L> {
     fn new() -> Self {
         Direct {
             mem: guest_memory(),
-            drv: Driver {
-                ring: guest_ring_at(),
-                avail_idx: 0,
-                last_used: 0,
-            },
-            dev: Device {
-                ring: guest_ring_at(),
-                last_avail: 0,
-                used_idx: 0,
-            },
+            drv: L::Driver::new(guest_ring_at()),
+            dev: L::Device::new(guest_ring_at()),
         }
     }
 
@@ -202,17 +372,17 @@ impl Direct {
 }
 
 /// The same driver and device with an SVQ between them.
-struct Shadow {
+struct Shadow<L: Layout> {
     mem: GuestMemoryMmap,
     tree: IovaTree,
     svq: ShadowVirtqueue,
     shadow: std::sync::Arc<MmapRegion>,
-    drv: Driver,
-    dev: Device,
+    drv: L::Driver,
+    dev: L::Device,
     marked: Cell<u64>,
 }
 
-impl Shadow {
+impl<L: Layout> Shadow<L> {
     fn new() -> Self {
         let mem = guest_memory();
         // IOVA != GPA, as behind a vDPA device with a high window.
@@ -222,8 +392,8 @@ impl Shadow {
         let cfg = SvqConfig {
             queue_size: QSIZE,
             shadow_size: QSIZE,
-            guest_features: FEATURES,
-            device_features: FEATURES,
+            guest_features: L::FEATURES,
+            device_features: L::FEATURES,
         };
         let ring = GuestRing {
             desc: DESC_GPA,
@@ -237,26 +407,18 @@ impl Shadow {
         tree.map(AddrSpace::Host, base, shadow.size() as u64)
             .expect("map shadow");
         let hva = svq.shadow_ring_hva();
-        let dev = Device {
-            ring: RingAt {
-                desc: (hva.desc - base) as usize,
-                avail: (hva.avail - base) as usize,
-                used: (hva.used - base) as usize,
-                size: QSIZE,
-            },
-            last_avail: 0,
-            used_idx: 0,
-        };
+        let dev = L::Device::new(RingAt {
+            desc: (hva.desc - base) as usize,
+            avail: (hva.avail - base) as usize,
+            used: (hva.used - base) as usize,
+            size: QSIZE,
+        });
         Shadow {
             mem,
             tree,
             svq,
             shadow,
-            drv: Driver {
-                ring: guest_ring_at(),
-                avail_idx: 0,
-                last_used: 0,
-            },
+            drv: L::Driver::new(guest_ring_at()),
             dev,
             marked: Cell::new(0),
         }
@@ -299,8 +461,13 @@ fn median(v: &mut [f64]) -> f64 {
 
 /// Interleaved direct/shadow timings; prints the SVQ's added cost.
 fn added_cost() {
+    added_cost_of::<Split>("split");
+    added_cost_of::<Packed>("packed");
+}
+
+fn added_cost_of<L: Layout>(layout: &str) {
     for batch in [1usize, 32] {
-        let (mut d, mut s) = (Direct::new(), Shadow::new());
+        let (mut d, mut s) = (Direct::<L>::new(), Shadow::<L>::new());
         let rounds = (200_000 / batch) as u32;
         let (mut dv, mut sv) = (Vec::new(), Vec::new());
         for _ in 0..11 {
@@ -312,7 +479,7 @@ fn added_cost() {
         let (dm, sm) = (median(&mut dv), median(&mut sv));
         let (dn, sn) = (dv[0], sv[0]);
         println!(
-            "svq added cost, batch {batch}: min: direct {dn:.1} ns/desc, shadow {sn:.1} ns/desc, \
+            "svq added cost, {layout} rings, batch {batch}: min: direct {dn:.1} ns/desc, shadow {sn:.1} ns/desc, \
              SVQ adds {:.1} ns/desc ({:.2}x); median: direct {dm:.1}, shadow {sm:.1}, \
              SVQ adds {:.1} ns/desc ({:.2}x) (11 interleaved runs)",
             sn - dn,
@@ -327,12 +494,20 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("svq_handlers");
     for batch in [1usize, 32] {
         group.throughput(Throughput::Elements(batch as u64));
-        let mut d = Direct::new();
+        let mut d = Direct::<Split>::new();
         group.bench_function(BenchmarkId::new("direct", batch), |b| {
             b.iter(|| d.round(batch))
         });
-        let mut s = Shadow::new();
+        let mut s = Shadow::<Split>::new();
         group.bench_function(BenchmarkId::new("shadow", batch), |b| {
+            b.iter(|| s.round(batch))
+        });
+        let mut d = Direct::<Packed>::new();
+        group.bench_function(BenchmarkId::new("direct-packed", batch), |b| {
+            b.iter(|| d.round(batch))
+        });
+        let mut s = Shadow::<Packed>::new();
+        group.bench_function(BenchmarkId::new("shadow-packed", batch), |b| {
             b.iter(|| s.round(batch))
         });
     }
@@ -340,7 +515,8 @@ fn bench(c: &mut Criterion) {
 }
 
 /// Fixed work for callgrind: `SVQ_BENCH_ROUNDS` rounds of `SVQ_BENCH_MODE`
-/// (`shadow` or `direct`) at `SVQ_BENCH_BATCH` (default 32).
+/// (`shadow`, `direct`, `shadow-packed` or `direct-packed`) at
+/// `SVQ_BENCH_BATCH` (default 32).
 fn fixed_rounds(rounds: u32) {
     let env = |k: &str| std::env::var(k).ok();
     let batch: usize = env("SVQ_BENCH_BATCH")
@@ -348,11 +524,19 @@ fn fixed_rounds(rounds: u32) {
         .unwrap_or(32);
     match env("SVQ_BENCH_MODE").as_deref() {
         Some("direct") => {
-            let mut d = Direct::new();
+            let mut d = Direct::<Split>::new();
             (0..rounds).for_each(|_| d.round(batch));
         }
+        Some("direct-packed") => {
+            let mut d = Direct::<Packed>::new();
+            (0..rounds).for_each(|_| d.round(batch));
+        }
+        Some("shadow-packed") => {
+            let mut s = Shadow::<Packed>::new();
+            (0..rounds).for_each(|_| s.round(batch));
+        }
         _ => {
-            let mut s = Shadow::new();
+            let mut s = Shadow::<Split>::new();
             (0..rounds).for_each(|_| s.round(batch));
         }
     }

@@ -15,6 +15,9 @@
 #   shadow-event        guest -> svq-relay --shadow on --poll off       (the default: epoll, woken per burst)
 #   shadow-poll         guest -> svq-relay --shadow on --poll adaptive
 #   shadow-always       guest -> svq-relay --shadow on --poll always
+#   direct-packed-no-in-order  direct with packed_vq=1,in_order=0 (what shadow-packed negotiates)
+#   shadow-packed       shadow-event with --packed, virtio-user packed_vq=1 (packed guest and shadow rings)
+#   shadow-packed-poll  shadow-poll with --packed, virtio-user packed_vq=1
 #
 # Directions (DIRS):
 #   tx  guest txonly -> device rxonly; the device's Rx-pps is measured
@@ -124,7 +127,9 @@ relay_args() { # MODE -> RELAY_ARGS (empty for direct modes)
         shadow-event) RELAY_ARGS="--shadow on --poll off" ;;
         shadow-poll) RELAY_ARGS="--shadow on --poll adaptive" ;;
         shadow-always) RELAY_ARGS="--shadow on --poll always" ;;
-        direct | direct-no-in-order | direct-packed) RELAY_ARGS="" ;;
+        shadow-packed) RELAY_ARGS="--shadow on --poll off --packed" ;;
+        shadow-packed-poll) RELAY_ARGS="--shadow on --poll adaptive --packed" ;;
+        direct | direct-no-in-order | direct-packed | direct-packed-no-in-order) RELAY_ARGS="" ;;
         *) echo "bench-dpdk: unknown mode $1" >&2; exit 2 ;;
     esac
 }
@@ -152,7 +157,10 @@ one() {
     wait_for "$dir/device.log" "forwards packets on" 30
     local guest_sock=$dev_sock vdev_opts=""
     [ "$mode" = direct-no-in-order ] && vdev_opts=",in_order=0"
-    case $mode in *-packed) vdev_opts=",packed_vq=1" ;; esac
+    case $mode in
+        *-packed | shadow-packed-poll) vdev_opts=",packed_vq=1" ;;
+        direct-packed-no-in-order) vdev_opts=",packed_vq=1,in_order=0" ;;
+    esac
     relay_args "$mode"
     if [ -n "$RELAY_ARGS" ]; then
         # shellcheck disable=SC2086

@@ -307,12 +307,15 @@ fn qemu10_relay_passthrough() {
 }
 
 /// `--packed`: QEMU's virtio-net with `packed=on` through the relay to
-/// testpmd in passthrough. The VM is stopped and continued between two ping
-/// runs: QEMU takes each ring back with GET_VRING_BASE and restarts it with
-/// SET_VRING_BASE carrying its packed position (avail and used index with
-/// their wrap counters), which must reach the device and come back intact.
+/// testpmd, in passthrough and then in shadow (the SVQ relays the guest's
+/// packed rings to packed shadow rings). In each mode the VM is stopped and
+/// continued between ping runs: QEMU takes each ring back with
+/// GET_VRING_BASE and restarts it with SET_VRING_BASE carrying its packed
+/// position (avail and used index with their wrap counters), which must
+/// come back intact from the device, or from the SVQ; then back to
+/// passthrough. No ping is lost anywhere.
 #[test]
-fn qemu10_relay_packed_passthrough_across_a_vm_stop() {
+fn qemu10_relay_packed_across_vm_stops_and_switches() {
     let _one = one_at_a_time();
     if !ready() {
         return;
@@ -332,23 +335,43 @@ fn qemu10_relay_packed_passthrough_across_a_vm_stop() {
     assert_eq!(dev["packed"], true, "QEMU negotiated packed rings: {dev}");
     assert_eq!(dev["mode"], "passthrough");
     assert_no_loss("packed", ping(&mut g, 20, "0.05"), 20);
-    for _ in 0..2 {
-        g.qmp.execute("stop", serde_json::json!({}));
-        // QEMU took the rings back: stopped, at the positions the device
-        // reported (TX carried the pings: not at 0).
-        let stopped = q.query("net0");
-        let queues = stopped["queues"].as_array().unwrap();
-        assert!(queues.iter().all(|v| v["enabled"] == false), "{stopped}");
-        assert_ne!(queues[1]["avail_idx"], 0, "{stopped}");
-        g.qmp.execute("cont", serde_json::json!({}));
-        assert_no_loss("packed after stop/cont", ping(&mut g, 20, "0.05"), 20);
+    for mode in ["passthrough", "shadow"] {
+        if mode == "shadow" {
+            assert_eq!(
+                q.enable_shadow("net0", true),
+                serde_json::json!({"return": {}})
+            );
+            assert_no_loss("packed in shadow", ping(&mut g, 20, "0.05"), 20);
+            let dev = q.query("net0");
+            assert_eq!(dev["mode"], "shadow", "{dev}");
+            assert!(u64_of(&dev["queues"][1]["relayed"]) >= 20, "{dev}");
+        }
+        for _ in 0..2 {
+            g.qmp.execute("stop", serde_json::json!({}));
+            // QEMU took the rings back: stopped, at the positions the
+            // device (or the SVQ) reported (TX carried the pings: not 0).
+            let stopped = q.query("net0");
+            let queues = stopped["queues"].as_array().unwrap();
+            assert!(queues.iter().all(|v| v["enabled"] == false), "{stopped}");
+            assert_ne!(queues[1]["avail_idx"], 0, "{stopped}");
+            g.qmp.execute("cont", serde_json::json!({}));
+            let what = format!("packed after stop/cont in {mode}");
+            assert_no_loss(&what, ping(&mut g, 20, "0.05"), 20);
+        }
+        assert_eq!(q.query("net0")["mode"], mode);
     }
-    let r = q.enable_shadow("net0", true);
-    let desc = r["error"]["desc"].as_str().unwrap_or_default();
-    assert!(desc.contains("RING_PACKED"), "{r}");
+    assert_eq!(
+        q.enable_shadow("net0", false),
+        serde_json::json!({"return": {}})
+    );
+    assert_no_loss("packed back in passthrough", ping(&mut g, 20, "0.05"), 20);
     let log = d.stderr();
     let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
     assert!(errors.is_empty(), "the daemon logged errors: {errors:#?}");
+}
+
+fn u64_of(v: &serde_json::Value) -> u64 {
+    v.as_u64().unwrap_or(0)
 }
 
 #[test]
@@ -687,21 +710,32 @@ fn qemu10_migration_between_relays_log_forwarded() {
     migration_between_relays(QemuVersion::V10, &["--shadow", "auto"]);
 }
 
-/// Packed rings (`--packed`, passthrough only) migrate too when the device
-/// logs by itself: QEMU 10 guests with `packed=on`, testpmd logging, the
-/// log forwarded, no ping lost, and the destination gets the packed
-/// positions QEMU migrated.
+/// Packed rings migrate when the device logs by itself: QEMU 10 guests
+/// with `packed=on`, testpmd logging, the log forwarded, no ping lost, and
+/// the destination gets the packed positions QEMU migrated.
 #[test]
 fn qemu10_migration_between_relays_packed_log_forwarded() {
     let _one = one_at_a_time();
+    packed_migration(&["--shadow", "off", "--packed"]);
+}
+
+/// Packed rings in shadow mode migrate with the relay's own dirty log:
+/// every page the device wrote through the packed shadow rings and every
+/// used descriptor and event area the SVQ wrote in the guest's rings.
+#[test]
+fn qemu10_migration_between_relays_packed_shadow() {
+    let _one = one_at_a_time();
+    packed_migration(&["--shadow", "on", "--packed"]);
+}
+
+fn packed_migration(flags: &'static [&'static str]) {
     if !ready() {
         return;
     }
-    let flags: &'static [&'static str] = &["--shadow", "off", "--packed"];
     let (m, s, a, b) = migrate_pinging_with(QemuVersion::V10, &Backend::Relay(flags), false, true);
     assert_eq!(
         s.received, s.sent,
-        "packed: {} of {} pings answered across the migration ({m})",
+        "packed ({flags:?}): {} of {} pings answered across the migration ({m})",
         s.received, s.sent
     );
     // QEMU 10 moved the relay's state too: packed ring records (positions
