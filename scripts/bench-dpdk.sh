@@ -18,6 +18,7 @@
 #   direct-packed-no-in-order  direct with packed_vq=1,in_order=0 (what shadow-packed negotiates)
 #   shadow-packed       shadow-event with --packed, virtio-user packed_vq=1 (packed guest and shadow rings)
 #   shadow-packed-poll  shadow-poll with --packed, virtio-user packed_vq=1
+#   shadow-in-order     shadow-event with --in-order (virtio-user negotiates IN_ORDER)
 #
 # Directions (DIRS):
 #   tx  guest txonly -> device rxonly; the device's Rx-pps is measured
@@ -128,6 +129,7 @@ relay_args() { # MODE -> RELAY_ARGS (empty for direct modes)
         shadow-poll) RELAY_ARGS="--shadow on --poll adaptive" ;;
         shadow-always) RELAY_ARGS="--shadow on --poll always" ;;
         shadow-packed) RELAY_ARGS="--shadow on --poll off --packed" ;;
+        shadow-in-order) RELAY_ARGS="--shadow on --poll off --in-order" ;;
         shadow-packed-poll) RELAY_ARGS="--shadow on --poll adaptive --packed" ;;
         direct | direct-no-in-order | direct-packed | direct-packed-no-in-order) RELAY_ARGS="" ;;
         *) echo "bench-dpdk: unknown mode $1" >&2; exit 2 ;;

@@ -55,9 +55,9 @@ pub struct Args {
     /// Idle microseconds before an adaptive worker sleeps (1..=1000000).
     #[arg(long, value_name = "US", default_value_t = DEFAULT_POLL_BUDGET.as_micros() as u64)]
     pub poll_budget_us: u64,
-    /// Offer VIRTIO_F_IN_ORDER when the device offers it. Passthrough only
-    /// (needs --shadow off): while the VMM has it negotiated, switching to
-    /// shadow mode is refused.
+    /// Offer VIRTIO_F_IN_ORDER when the device offers it. Kept in shadow
+    /// mode too: used entries go to the guest in its order, and the shadow
+    /// ring is in order toward the device.
     #[arg(long)]
     pub in_order: bool,
     /// Offer VIRTIO_F_RING_PACKED when the device offers it (a vhost-user
@@ -144,7 +144,7 @@ pub struct RunConfig {
     pub poll: PollConfig,
     /// Worker N is pinned to `worker_cpus[N % len]` (none: not pinned).
     pub worker_cpus: Vec<usize>,
-    /// `--in-order`: offer IN_ORDER (passthrough only).
+    /// `--in-order`: offer IN_ORDER.
     pub in_order: bool,
     /// `--packed`: offer RING_PACKED.
     pub packed: bool,
@@ -186,8 +186,6 @@ pub enum ConfigError {
     BadShadow(String),
     #[error("--log-level {0}: expected error, warn, info, debug or trace")]
     BadLogLevel(String),
-    #[error("--in-order needs --shadow off: shadow mode does not keep IN_ORDER, and --shadow {0} may switch to it")]
-    InOrderNeedsPassthrough(String),
     #[error("--poll {0}: expected off, adaptive or always")]
     BadPoll(String),
     #[error("--poll-budget-us {0}: must be 1..=1000000")]
@@ -310,9 +308,6 @@ impl TryFrom<Args> for Config {
             "auto" => ShadowPolicy::Auto,
             other => return Err(ConfigError::BadShadow(other.to_string())),
         };
-        if args.in_order && shadow != ShadowPolicy::Off {
-            return Err(ConfigError::InOrderNeedsPassthrough(args.shadow));
-        }
         let mode = match args.poll.as_str() {
             "off" => PollMode::Off,
             "adaptive" => PollMode::Adaptive,
@@ -475,16 +470,8 @@ mod tests {
         assert_eq!(p(&["--queue-size", "32"]), Err(BadQueueSize(32)));
         assert_eq!(p(&["--queue-size", "65536"]), Err(BadQueueSize(65536)));
         assert_eq!(p(&["--shadow", "maybe"]), Err(BadShadow("maybe".into())));
-        assert_eq!(
-            p(&["--in-order"]),
-            Err(InOrderNeedsPassthrough("auto".into()))
-        );
-        assert_eq!(
-            p(&["--in-order", "--shadow", "on"]),
-            Err(InOrderNeedsPassthrough("on".into()))
-        );
         assert!(matches!(
-            p(&["--in-order", "--shadow", "off"]),
+            p(&["--in-order", "--shadow", "on"]),
             Ok(Config {
                 command: Command::Run(RunConfig { in_order: true, .. }),
                 ..

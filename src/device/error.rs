@@ -54,13 +54,6 @@ pub enum DeviceError {
     Worker(#[from] WorkerError),
     #[error("Device is not started")]
     NotStarted,
-    /// `--in-order` / `--packed`: the VMM negotiated a feature only the
-    /// passthrough data path keeps.
-    #[error(
-        "the VMM negotiated {0}, which shadow mode does not keep: \
-         the data path stays in passthrough"
-    )]
-    PassthroughOnly(&'static str),
     #[error("migration: {0}")]
     Migration(#[from] MigrationError),
     #[error("postcopy: {0}")]

@@ -23,10 +23,6 @@ pub const RELAY_FEATURES: u64 = vf::F_VERSION_1
 /// Features offered only on request.
 pub const ON_REQUEST: u64 = vf::F_IN_ORDER | vf::F_RING_PACKED;
 
-/// Features only the passthrough data path keeps: the SVQ completes
-/// buffers in the device's order, not the guest's.
-pub const PASSTHROUGH_ONLY: u64 = vf::F_IN_ORDER;
-
 impl Device {
     /// LOG_ALL is always offered: the SVQ logs what the device writes (and a
     /// backend that logs by itself gets the log forwarded).
@@ -39,23 +35,10 @@ impl Device {
 
     /// `--in-order` and `--packed`: offer VIRTIO_F_IN_ORDER and
     /// VIRTIO_F_RING_PACKED (any of [`ON_REQUEST`]) when the device offers
-    /// them. Packed rings are relayed in both modes (the shadow ring is
-    /// packed too, as the device negotiated it); IN_ORDER only in
-    /// passthrough: while the VMM has it negotiated, shadow mode is refused
-    /// ([`DeviceError::PassthroughOnly`]).
+    /// them. Both are relayed in either mode: the shadow ring has the
+    /// guest's layout and the SVQ keeps the order on both sides.
     pub fn set_offered_on_request(&mut self, features: u64) {
         self.on_request = features & ON_REQUEST;
-    }
-
-    /// The passthrough-only feature the VMM negotiated, if any: the data
-    /// path must stay in passthrough.
-    pub(crate) fn passthrough_only_negotiated(&self) -> Option<&'static str> {
-        let acked = self.acked_features?;
-        if acked & vf::F_IN_ORDER != 0 {
-            Some("VIRTIO_F_IN_ORDER")
-        } else {
-            None
-        }
     }
 
     /// The VMM negotiated packed rings.

@@ -18,9 +18,6 @@ impl Device {
         if !self.is_started() {
             return Err(DeviceError::NotStarted);
         }
-        if let Some(feature) = self.passthrough_only_negotiated().filter(|_| enable) {
-            return Err(DeviceError::PassthroughOnly(feature));
-        }
         let to_switch: Vec<usize> = (0..self.num_queues())
             .filter(|&q| match self.vrings[q].running {
                 Running::Stopped => false,

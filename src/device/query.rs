@@ -36,6 +36,8 @@ pub struct DeviceStatus {
     /// then positions with the wrap counter in bit 15 (in passthrough the
     /// ones last set or read, not read from guest memory).
     pub packed: bool,
+    /// The VMM negotiated VIRTIO_F_IN_ORDER (`--in-order`).
+    pub in_order: bool,
     pub queues: Vec<QueueStatus>,
 }
 
@@ -95,6 +97,9 @@ impl Device {
             mode: Mode::of(self.shadow),
             backend: self.backend.kind().to_string(),
             packed: self.packed_negotiated(),
+            in_order: self
+                .acked_features
+                .is_some_and(|f| f & virtio_features::F_IN_ORDER != 0),
             queues,
         }
     }

@@ -107,9 +107,6 @@ impl Device {
         if !self.is_started() {
             self.push_backend_features()?;
         }
-        if let Some(feature) = self.passthrough_only_negotiated().filter(|_| self.shadow) {
-            return Err(DeviceError::PassthroughOnly(feature));
-        }
         let (avail, used) = (self.vrings[q].base, self.vrings[q].used_base);
         let res = if self.shadow {
             self.start_shadow(q, RingIndexes { avail, used })

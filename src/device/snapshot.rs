@@ -145,12 +145,6 @@ impl Device {
                 st.nic.queue_pairs, self.queue_pairs
             ));
         }
-        if st.mode == RelayMode::Shadow
-            && !self.auto_shadow
-            && st.features.virtio & super::features::PASSTHROUGH_ONLY != 0
-        {
-            return refuse("saved in shadow mode with IN_ORDER negotiated".into());
-        }
         if st.nic.mac != mac {
             self.backend
                 .set_config(CFG_MAC, &st.nic.mac)

@@ -324,6 +324,7 @@ mod tests {
                 },
                 backend: "fake".into(),
                 packed: false,
+                in_order: false,
                 queues: Vec::new(),
             }
         }

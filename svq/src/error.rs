@@ -118,6 +118,8 @@ pub enum SvqError {
     BadUsedId { id: u32, shadow_size: u16 },
     #[error("shadow used entry names id {id}, which is not in flight")]
     UsedIdNotInFlight { id: u32 },
+    #[error("an IN_ORDER batch of {batch} used entries goes past the {ready} the used idx covers")]
+    BatchPastUsedIdx { batch: u16, ready: u16 },
     #[error("shadow used entry for id {id} has len {len}, more than the {max} writable bytes of its chain")]
     UsedLenTooBig { id: u32, len: u32, max: u64 },
     #[error("device vring base {device_next_avail} is inconsistent with the shadow avail idx {shadow_avail}")]

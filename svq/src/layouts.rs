@@ -116,7 +116,9 @@ pub(crate) trait GuestQueue: Send + Sized {
 
 /// The driver side of a shadow ring.
 pub(crate) trait ShadowQueue: Send + Sized {
-    fn new(layout: ShadowLayout, device_event_idx: bool) -> Result<Self, SvqError>;
+    /// `in_order`: the device negotiated IN_ORDER, so chains use the
+    /// descriptors in ring order.
+    fn new(layout: ShadowLayout, device_event_idx: bool, in_order: bool) -> Result<Self, SvqError>;
 
     /// Moves a ring nothing has been written to yet onto other memory.
     fn use_memory(&mut self, mem: ShadowMem) -> Result<(), SvqError>;
@@ -171,6 +173,10 @@ pub(crate) trait ShadowQueue: Send + Sized {
 
     /// The used entry at `last_used` (id, len), and past it.
     fn pop_used(&mut self) -> (u32, u32);
+
+    /// Past the used entry chain `id` would have had: an IN_ORDER batch
+    /// completed it without naming it.
+    fn skip_used(&mut self, id: u16);
 
     /// Ask for an interrupt at the next used entry; true when entries
     /// arrived meanwhile.

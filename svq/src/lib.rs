@@ -9,8 +9,9 @@
 //! sockets: the two handlers return whether the device must be kicked and
 //! whether the guest must be signalled.
 //!
-//! Not offered toward the guest: `VIRTIO_F_IN_ORDER` (the relay completes
-//! buffers in whatever order the device does).
+//! `VIRTIO_F_IN_ORDER` is honoured on both sides: used entries go to the
+//! guest in the order it made chains available, and a device's batched
+//! used entry completes every older chain.
 
 mod chain_table;
 mod dirty;
@@ -41,11 +42,13 @@ pub const SUPPORTED_FEATURES: u64 = virtio_features::F_VERSION_1
     | virtio_features::F_ANY_LAYOUT
     | virtio_features::RING_F_EVENT_IDX
     | virtio_features::RING_F_INDIRECT_DESC
-    | virtio_features::F_RING_PACKED;
+    | virtio_features::F_RING_PACKED
+    | virtio_features::F_IN_ORDER;
 
 /// Feature bit masks used internally.
 pub(crate) use virtio_features::{
-    F_RING_PACKED, RING_F_EVENT_IDX as F_EVENT_IDX, RING_F_INDIRECT_DESC as F_INDIRECT_DESC,
+    F_IN_ORDER, F_RING_PACKED, RING_F_EVENT_IDX as F_EVENT_IDX,
+    RING_F_INDIRECT_DESC as F_INDIRECT_DESC,
 };
 
 /// Guest-physical addresses of the guest's ring: a split ring's descriptor

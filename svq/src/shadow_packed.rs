@@ -162,7 +162,13 @@ impl PackedShadowRing {
 impl ShadowQueue for PackedShadowRing {
     const PENDING_IS_EXACT: bool = false;
 
-    fn new(layout: ShadowLayout, device_event_idx: bool) -> Result<Self, SvqError> {
+    /// Chains are written in ring order whether or not the device has
+    /// IN_ORDER; ids come from the free list either way.
+    fn new(
+        layout: ShadowLayout,
+        device_event_idx: bool,
+        _in_order: bool,
+    ) -> Result<Self, SvqError> {
         let size = layout.shadow_size;
         let mem = ShadowMem::new(layout.total)?;
         check_layout(&mem, &layout)?;
@@ -334,6 +340,11 @@ impl ShadowQueue for PackedShadowRing {
         let slots = self.chain_len.get(id as usize).copied().unwrap_or(1);
         self.used = self.used.add(slots.clamp(1, self.size), self.size);
         (u32::from(id), len)
+    }
+
+    fn skip_used(&mut self, id: u16) {
+        let slots = self.chain_len.get(id as usize).copied().unwrap_or(1);
+        self.used = self.used.add(slots.clamp(1, self.size), self.size);
     }
 
     fn rearm(&mut self) -> Result<bool, SvqError> {

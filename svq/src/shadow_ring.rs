@@ -82,10 +82,18 @@ pub(crate) struct ShadowRing {
     /// A polling worker reads the used ring itself: the device is told not
     /// to interrupt and `rearm` asks for nothing until `request_calls`.
     calls_suppressed: bool,
+    /// IN_ORDER: descriptors are used in ring order from `next_desc` (the
+    /// device returns them in that order), not from the free list.
+    in_order: bool,
+    next_desc: u16,
 }
 
 impl ShadowRing {
-    pub fn new(layout: ShadowLayout, device_event_idx: bool) -> Result<Self, SvqError> {
+    pub fn new(
+        layout: ShadowLayout,
+        device_event_idx: bool,
+        in_order: bool,
+    ) -> Result<Self, SvqError> {
         let size = layout.shadow_size;
         let mem = ShadowMem::new(layout.total)?;
         check_layout(&mem, &layout)?;
@@ -105,6 +113,8 @@ impl ShadowRing {
             last_used: 0,
             free_tables: (0..layout.indirect_tables).rev().collect(),
             calls_suppressed: false,
+            in_order,
+            next_desc: 0,
         })
     }
 
@@ -224,6 +234,9 @@ impl ShadowRing {
     /// Write a chain into free descriptors; the caller checked `num_free`.
     pub fn add_direct(&mut self, segs: &[ShadowSeg]) -> u16 {
         debug_assert!(!segs.is_empty() && segs.len() <= self.num_free as usize);
+        if self.in_order {
+            return self.add_in_order(segs);
+        }
         let head = self.free_head;
         let mut cur = head;
         let n = segs.len();
@@ -234,6 +247,23 @@ impl ShadowRing {
         }
         // cur is now the free-list successor of the chain's last descriptor.
         self.free_head = cur;
+        self.num_free -= n as u16;
+        self.push_avail(head);
+        head
+    }
+
+    /// IN_ORDER: the chain on the descriptors from `next_desc` on, in ring
+    /// order. Free: the device returned the older ones in order.
+    #[cold]
+    fn add_in_order(&mut self, segs: &[ShadowSeg]) -> u16 {
+        let head = self.next_desc;
+        let n = segs.len();
+        for (i, seg) in segs.iter().enumerate() {
+            let at = head.wrapping_add(i as u16) & self.mask;
+            let next = at.wrapping_add(1) & self.mask;
+            self.write_desc(at, seg.iova, seg.len, Self::flags(seg, i + 1 < n), next);
+        }
+        self.next_desc = head.wrapping_add(n as u16) & self.mask;
         self.num_free -= n as u16;
         self.push_avail(head);
         head
@@ -256,7 +286,11 @@ impl ShadowRing {
             self.mem.write_obj(base + i * 16, d)?;
         }
         self.free_tables.retain(|&t| t != table);
-        let head = self.free_head;
+        let head = if self.in_order {
+            self.next_desc
+        } else {
+            self.free_head
+        };
         self.write_desc(
             head,
             table_iova,
@@ -264,7 +298,11 @@ impl ShadowRing {
             VRING_DESC_F_INDIRECT as u16,
             0,
         );
-        self.free_head = self.next[head as usize];
+        if self.in_order {
+            self.next_desc = head.wrapping_add(1) & self.mask;
+        } else {
+            self.free_head = self.next[head as usize];
+        }
         self.num_free -= 1;
         self.push_avail(head);
         Ok(head)
@@ -272,6 +310,14 @@ impl ShadowRing {
 
     /// Return a chain's descriptors (and table) to the free lists.
     pub fn free_chain(&mut self, head: u16, ndescs: u16, table: Option<u16>) {
+        if self.in_order {
+            // Returned in ring order: they are the ones after next_desc.
+            self.num_free += ndescs;
+            if let Some(t) = table {
+                self.free_tables.push(t);
+            }
+            return;
+        }
         let mut last = head;
         for _ in 1..ndescs {
             last = self.next[last as usize];
@@ -409,8 +455,8 @@ impl ShadowRing {
 impl ShadowQueue for ShadowRing {
     const PENDING_IS_EXACT: bool = true;
 
-    fn new(layout: ShadowLayout, device_event_idx: bool) -> Result<Self, SvqError> {
-        ShadowRing::new(layout, device_event_idx)
+    fn new(layout: ShadowLayout, device_event_idx: bool, in_order: bool) -> Result<Self, SvqError> {
+        ShadowRing::new(layout, device_event_idx, in_order)
     }
 
     fn use_memory(&mut self, mem: ShadowMem) -> Result<(), SvqError> {
@@ -498,6 +544,10 @@ impl ShadowQueue for ShadowRing {
     #[inline(always)]
     fn pop_used(&mut self) -> (u32, u32) {
         ShadowRing::pop_used(self)
+    }
+
+    fn skip_used(&mut self, _id: u16) {
+        self.last_used = self.last_used.wrapping_add(1);
     }
 
     fn rearm(&mut self) -> Result<bool, SvqError> {

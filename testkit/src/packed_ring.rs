@@ -998,6 +998,19 @@ impl PackedDevice {
         self.used_since_signal = self.used_since_signal.wrapping_add(slots);
     }
 
+    /// IN_ORDER: one used descriptor for the batch `ids` (oldest first),
+    /// naming the last (`len` bytes), the used position moving over all
+    /// their `slots` (DPDK's `vhost_shadow_dequeue_batch_packed_inorder`).
+    pub fn push_used_batch(&mut self, mem: &dyn RingMemory, ids: &[u16], len: u32, slots: u16) {
+        let Some((&last, older)) = ids.split_last() else {
+            return;
+        };
+        for id in older {
+            self.taken.remove(id);
+        }
+        self.push_used(mem, last, len, slots);
+    }
+
     /// Whether the driver wants an interrupt for the used descriptors
     /// written since the last call (QEMU `virtio_packed_should_notify`):
     /// reads the DRIVER area; DISABLE never, ENABLE always, EVENT_DESC once

@@ -264,7 +264,7 @@ fn in_order_started(acked: impl FnOnce(u64) -> u64) -> (Device, Fake) {
 }
 
 #[test]
-fn in_order_is_offered_on_request_and_keeps_the_data_path_in_passthrough() {
+fn in_order_is_offered_on_request_and_kept_in_shadow_mode() {
     let (mut dev, fake) = in_order_started(|offered| {
         assert_ne!(
             offered & F_IN_ORDER,
@@ -280,15 +280,10 @@ fn in_order_is_offered_on_request_and_keeps_the_data_path_in_passthrough() {
         Op::Features(to_device),
         "the device gets IN_ORDER"
     );
-    assert!(matches!(
-        dev.set_shadow(true),
-        Err(DeviceError::PassthroughOnly("VIRTIO_F_IN_ORDER"))
-    ));
-    assert!(!dev.shadow());
-    assert_eq!(dev.query().queues[1].mode, Mode::Passthrough);
-    // Without IN_ORDER acked the same device switches.
-    let (mut dev, _fake) = in_order_started(|offered| offered & !F_IN_ORDER);
     assert!(dev.set_shadow(true).unwrap());
+    assert_eq!(dev.query().queues[1].mode, Mode::Shadow);
+    assert!(dev.set_shadow(false).unwrap());
+    assert_eq!(dev.query().queues[1].mode, Mode::Passthrough);
 }
 
 /// `--packed`: RING_PACKED offered on request; the VMM's 32-bit packed

@@ -15,12 +15,14 @@ use crate::memory::{ShadowLayout, ShadowMem};
 use crate::shadow_ring::ShadowSeg;
 use crate::{
     CallOutcome, DirtyLog, GuestRing, InflightLog, RingIndexes, ShadowRingAddrs, StopState,
-    SvqConfig, SvqError, SvqStats, F_EVENT_IDX, F_INDIRECT_DESC,
+    SvqConfig, SvqError, SvqStats, F_EVENT_IDX, F_INDIRECT_DESC, F_IN_ORDER,
 };
+use in_order::InOrder;
 
 const LOG: &str = "svq";
 
 mod api;
+mod in_order;
 mod resubmit;
 
 pub use api::{ShadowVirtqueue, Svq};
@@ -59,6 +61,8 @@ pub(crate) struct Relay<G, S> {
     inflight_log: Option<Box<dyn InflightLog>>,
     /// Scratch for `stop`: the chains the device never took.
     not_taken: Vec<(u16, u16)>,
+    /// IN_ORDER on either side: the chains in the order they were placed.
+    ordered: Option<InOrder>,
 }
 
 impl<G: GuestQueue, S: ShadowQueue> Relay<G, S> {
@@ -77,7 +81,8 @@ impl<G: GuestQueue, S: ShadowQueue> Relay<G, S> {
         let device_indirect = cfg.device_features & F_INDIRECT_DESC != 0;
         let guest_side = G::new(cfg.queue_size, guest, start, guest_event_idx)?;
         let layout = ShadowLayout::new(s, cfg.queue_size, device_indirect);
-        let mut shadow = S::new(layout, device_event_idx)?;
+        let device_in_order = cfg.device_features & F_IN_ORDER != 0;
+        let mut shadow = S::new(layout, device_event_idx, device_in_order)?;
         if let Some(m) = memory {
             shadow.use_memory(ShadowMem::from_region(m, layout.total)?)?;
         }
@@ -107,6 +112,10 @@ impl<G: GuestQueue, S: ShadowQueue> Relay<G, S> {
             cur: Chain::default(),
             inflight_log: None,
             not_taken: Vec::new(),
+            ordered: InOrder::new(
+                cfg.guest_features & F_IN_ORDER != 0,
+                cfg.device_features & F_IN_ORDER != 0,
+            ),
         })
     }
 
@@ -154,8 +163,14 @@ impl<G: GuestQueue, S: ShadowQueue> Relay<G, S> {
     fn consume_used(&mut self, v: &G::View<'_>, log: &dyn DirtyLog) -> Result<(), SvqError> {
         loop {
             let ready = self.shadow.used_pending(self.inflight.len())?;
-            for _ in 0..ready {
-                self.complete_one(v, log)?;
+            let mut left = ready;
+            while left > 0 {
+                let n = self.complete_one(v, log)?;
+                // A split ring's used idx counts every entry of a batch.
+                if S::PENDING_IS_EXACT && n > left {
+                    return Err(SvqError::BatchPastUsedIdx { batch: n, ready });
+                }
+                left = left.saturating_sub(n);
             }
             if (S::PENDING_IS_EXACT || ready == 0) && !self.shadow.rearm()? {
                 return Ok(());
@@ -163,7 +178,9 @@ impl<G: GuestQueue, S: ShadowQueue> Relay<G, S> {
         }
     }
 
-    fn complete_one(&mut self, v: &G::View<'_>, log: &dyn DirtyLog) -> Result<(), SvqError> {
+    /// Complete the next used entry; returns how many entries it stood for
+    /// (more than 1 for an IN_ORDER device's batch).
+    fn complete_one(&mut self, v: &G::View<'_>, log: &dyn DirtyLog) -> Result<u16, SvqError> {
         let (id, len) = self.shadow.pop_used();
         let size = self.cfg.shadow_size;
         if id >= size as u32 {
@@ -184,15 +201,33 @@ impl<G: GuestQueue, S: ShadowQueue> Relay<G, S> {
         if len as u64 > max {
             return Err(SvqError::UsedLenTooBig { id, len, max });
         }
+        if self.ordered.is_some() {
+            return self.complete_in_order(v, log, id as u16, len);
+        }
+        let (guest_head, slots) = self.retire(id as u16, Some(len), log)?;
+        self.give_back(v, guest_head, slots, len);
+        Ok(1)
+    }
+
+    /// Take chain `id` off the shadow ring, `len` bytes written (None: not
+    /// said, as for the chains an IN_ORDER batch completes without naming
+    /// them: all their writable bytes are logged). Returns its guest head
+    /// and slots.
+    #[inline(always)]
+    fn retire(
+        &mut self,
+        id: u16,
+        len: Option<u32>,
+        log: &dyn DirtyLog,
+    ) -> Result<(u16, u16), SvqError> {
         // The chain is read in place in its slot: no move, no allocation.
-        let Some(entry) = self.inflight.remove(id) else {
-            return Err(SvqError::UsedIdNotInFlight { id });
+        let Some(chain) = self.inflight.remove(u32::from(id)) else {
+            return Err(SvqError::UsedIdNotInFlight { id: u32::from(id) });
         };
-        self.shadow.free_chain(id as u16, entry.ndescs, entry.table);
-        let chain = entry;
+        self.shadow.free_chain(id, chain.ndescs, chain.table);
         // Written data first, so the log never lags the used entry that
         // makes it visible to the guest.
-        let mut left = len as u64;
+        let mut left = len.map_or(chain.writable_len, u64::from);
         for &(gpa, seg_len) in &chain.writable {
             if left == 0 {
                 break;
@@ -203,7 +238,12 @@ impl<G: GuestQueue, S: ShadowQueue> Relay<G, S> {
             }
             left -= n;
         }
-        let (guest_head, slots) = (chain.guest_head, chain.guest_slots);
+        Ok((chain.guest_head, chain.guest_slots))
+    }
+
+    /// Write the guest's used entry for `guest_head`.
+    #[inline(always)]
+    fn give_back(&mut self, v: &G::View<'_>, guest_head: u16, slots: u16, len: u32) {
         if let Some(l) = &self.inflight_log {
             l.completing(guest_head);
         }
@@ -216,7 +256,6 @@ impl<G: GuestQueue, S: ShadowQueue> Relay<G, S> {
         }
         self.relayed += 1;
         self.bytes_written += len as u64;
-        Ok(())
     }
 
     /// Place parked chains, then pop new guest chains until the guest ring
@@ -456,6 +495,7 @@ impl<G: GuestQueue, S: ShadowQueue> Relay<G, S> {
             }
             let avail_pos = self.shadow.avail_idx();
             let head = self.shadow.add_direct(&self.cur.segs);
+            self.placed(head);
             self.inflight
                 .insert(head, &mut self.cur, n as u16, None, avail_pos);
             return Ok(true);
@@ -479,6 +519,7 @@ impl<G: GuestQueue, S: ShadowQueue> Relay<G, S> {
         let head = self
             .shadow
             .add_indirect(&self.cur.segs, table, table_iova)?;
+        self.placed(head);
         self.inflight
             .insert(head, &mut self.cur, 1, Some(table), avail_pos);
         Ok(true)
@@ -649,6 +690,9 @@ impl<G: GuestQueue, S: ShadowQueue> Svq for Relay<G, S> {
             }
         }
         let chains = not_taken.len() + self.parked.len();
+        if let Some(o) = &mut self.ordered {
+            o.forget_newest(not_taken.len());
+        }
         self.not_taken = not_taken;
         self.shadow.unpublish_to(device_next_avail);
         for c in self.parked.drain(..) {
@@ -667,7 +711,12 @@ impl<G: GuestQueue, S: ShadowQueue> Svq for Relay<G, S> {
                 avail: self.guest.next_avail(),
                 used: self.guest.next_used(),
             },
-            in_flight: self.inflight.guest_heads_in_order(),
+            in_flight: match &self.ordered {
+                // Completed but waiting for an older chain count too: the
+                // guest has not seen them.
+                Some(o) => o.guest_heads(),
+                None => self.inflight.guest_heads_in_order(),
+            },
         };
         log::debug!(
             target: LOG,

@@ -467,6 +467,19 @@ impl FakeDevice {
             .store(u16::to_le(self.used_idx), self.used + 2, Ordering::Release)
             .unwrap();
     }
+
+    /// An IN_ORDER batch: one used entry naming `id`, the last chain of
+    /// the batch, written at the used idx, which then moves by `batch`.
+    pub fn push_used_batch(&mut self, id: u32, len: u32, batch: u16) {
+        let slot = (self.used_idx % self.size) as usize;
+        let off = self.used + 4 + 8 * slot;
+        self.vs().write_obj(u32::to_le(id), off).unwrap();
+        self.vs().write_obj(u32::to_le(len), off + 4).unwrap();
+        self.used_idx = self.used_idx.wrapping_add(batch);
+        self.vs()
+            .store(u16::to_le(self.used_idx), self.used + 2, Ordering::Release)
+            .unwrap();
+    }
 }
 
 /// A device processing the guest ring directly (passthrough mode), built on

@@ -4,6 +4,7 @@
 
 mod adversarial;
 mod harness;
+mod in_order;
 mod packed;
 mod polling;
 mod prop;
