@@ -125,6 +125,14 @@ fn check_ends(guest: Counts, device: Counts, pairs: u16) {
     close("device TX vs guest RX", device.tx, guest.rx, slack);
 }
 
+/// The guest negotiated packed rings and IN_ORDER exactly when the relay
+/// offered them (`--packed`, `--in-order` in `extra`).
+fn negotiated_as_offered(running: &Value, extra: &[&str]) {
+    assert_eq!(running["packed"], extra.contains(&"--packed"), "{running}");
+    let in_order = extra.contains(&"--in-order");
+    assert_eq!(running["in_order"], in_order, "{running}");
+}
+
 /// One run with the guest and device up from the start.
 fn steady(mode: &str, pairs: u16) {
     steady_with(mode, pairs, &[]);
@@ -144,12 +152,7 @@ fn steady_with(mode: &str, pairs: u16, extra: &[&str]) {
     device.wait_traffic(Counts::default(), 5000, "steady");
     let mut qmp = Qmp::connect_ready(&d.qmp);
     let running = qmp.query("net0");
-    assert_eq!(running["packed"], extra.contains(&"--packed"), "{running}");
-    assert_eq!(
-        running["in_order"],
-        extra.contains(&"--in-order"),
-        "{running}"
-    );
+    negotiated_as_offered(&running, extra);
     let g = stop(&mut guest);
     let dev = qmp.query("net0");
     let dv = stop(&mut device);
@@ -322,12 +325,7 @@ fn across_switches(extra: &[&str]) {
     // the relay counts.
     assert_eq!(qmp.enable_shadow("net0", true), json!({"return": {}}));
     let running = qmp.query("net0");
-    assert_eq!(running["packed"], extra.contains(&"--packed"), "{running}");
-    assert_eq!(
-        running["in_order"],
-        extra.contains(&"--in-order"),
-        "{running}"
-    );
+    negotiated_as_offered(&running, extra);
     let before = relayed(&running);
     device.wait_traffic(seen, 1000, "after the last switch");
     let g = stop(&mut guest);

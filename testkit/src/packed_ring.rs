@@ -625,19 +625,7 @@ impl PackedRing {
     /// Reads the bytes of the written part of a completed buffer (`len`
     /// bytes over its writable segments).
     pub fn read_written(&self, used: &Used) -> Vec<u8> {
-        let mut out = Vec::with_capacity(used.len as usize);
-        let mut left = used.len as usize;
-        for s in used.segs.iter().filter(|s| s.write) {
-            if left == 0 {
-                break;
-            }
-            let n = left.min(s.len as usize);
-            let mut buf = vec![0u8; n];
-            self.mem.read_slice(&mut buf, s.addr).expect("read buffer");
-            out.extend_from_slice(&buf);
-            left -= n;
-        }
-        out
+        crate::ring::read_written(&self.mem, used)
     }
 }
 

@@ -427,20 +427,26 @@ impl SplitRing {
     /// Reads the bytes of the written part of a completed chain (`len` bytes
     /// over its writable segments).
     pub fn read_written(&self, used: &Used) -> Vec<u8> {
-        let mut out = Vec::with_capacity(used.len as usize);
-        let mut left = used.len as usize;
-        for s in used.segs.iter().filter(|s| s.write) {
-            if left == 0 {
-                break;
-            }
-            let n = left.min(s.len as usize);
-            let mut buf = vec![0u8; n];
-            self.mem.read_slice(&mut buf, s.addr).expect("read buffer");
-            out.extend_from_slice(&buf);
-            left -= n;
-        }
-        out
+        read_written(&self.mem, used)
     }
+}
+
+/// The written part of a completed chain: `used.len` bytes over its
+/// writable segments, read from `mem` (split and packed drivers alike).
+pub fn read_written(mem: &GuestMemoryMmap, used: &Used) -> Vec<u8> {
+    let mut out = Vec::with_capacity(used.len as usize);
+    let mut left = used.len as usize;
+    for s in used.segs.iter().filter(|s| s.write) {
+        if left == 0 {
+            break;
+        }
+        let n = left.min(s.len as usize);
+        let mut buf = vec![0u8; n];
+        mem.read_slice(&mut buf, s.addr).expect("read buffer");
+        out.extend_from_slice(&buf);
+        left -= n;
+    }
+    out
 }
 
 /// Waits until at least one of the eventfds `fds` is readable, at most
