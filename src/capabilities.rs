@@ -1,6 +1,6 @@
 //! What `--print-capabilities` adds to the CLI's `{"type": "net"}`: the
 //! vhost-user protocol features offered, the virtio features the relay can
-//! carry (always, or on request and in passthrough only), the migration
+//! carry (always, or on request), the migration
 //! support, and why postcopy is not offered.
 
 use serde_json::{json, Value};
