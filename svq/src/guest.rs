@@ -224,117 +224,6 @@ fn bump(gen: &mut u32, stamps: &mut [u32]) {
 }
 
 impl GuestSide {
-    pub fn new(
-        size: u16,
-        ring: GuestRing,
-        start: RingIndexes,
-        event_idx: bool,
-    ) -> Result<Self, SvqError> {
-        let bad_size = SvqError::InvalidQueueSize(size);
-        if size == 0 || !size.is_power_of_two() || size > 32768 {
-            return Err(bad_size);
-        }
-        for (name, addr, align) in [
-            ("descriptor", ring.desc, 16),
-            ("avail", ring.avail, 2),
-            ("used", ring.used, 4),
-        ] {
-            if addr & (align - 1) != 0 {
-                return Err(SvqError::MisalignedRing {
-                    ring: name,
-                    addr,
-                    align,
-                });
-            }
-        }
-        if start.avail.wrapping_sub(start.used) > size {
-            return Err(SvqError::InvalidStartIndexes {
-                avail: start.avail,
-                used: start.used,
-                queue_size: size,
-            });
-        }
-        let mut queue = Queue::new(size).map_err(|_| bad_size.clone())?;
-        let misaligned = |ring, addr, align| SvqError::MisalignedRing { ring, addr, align };
-        queue
-            .try_set_desc_table_address(GuestAddress(ring.desc))
-            .map_err(|_| misaligned("descriptor", ring.desc, 16))?;
-        queue
-            .try_set_avail_ring_address(GuestAddress(ring.avail))
-            .map_err(|_| misaligned("avail", ring.avail, 2))?;
-        queue
-            .try_set_used_ring_address(GuestAddress(ring.used))
-            .map_err(|_| misaligned("used", ring.used, 4))?;
-        queue.set_event_idx(event_idx);
-        queue.set_next_avail(start.avail);
-        queue.set_next_used(start.used);
-        queue.set_ready(true);
-        Ok(GuestSide {
-            queue,
-            size,
-            ring,
-            event_idx,
-            direct_stamp: vec![0; size as usize],
-            indirect_stamp: vec![0; size as usize],
-            direct_gen: 0,
-            indirect_gen: 0,
-            ring_offsets: Cell::new(None),
-            kicks_asked: false,
-            flags_written: false,
-            kicks_suppressed: false,
-            avail_event_written: false,
-        })
-    }
-
-    /// Resolve the three rings; each must lie inside one memory region.
-    pub fn view<'m>(&self, mem: &'m GuestMemoryMmap) -> Result<RingView<'m>, SvqError> {
-        let q = self.size as usize;
-        // The rings normally share a region: look it up once. get_slice
-        // checks that the whole ring is inside one region; the alignment
-        // check keeps the accessors' atomics and reads aligned even if a
-        // region's host mapping were oddly placed.
-        let region = mem.find_region(GuestAddress(self.ring.desc));
-        let desc_align = std::mem::align_of::<Descriptor>();
-        if let Some(r) = region {
-            if let Some(o) = self.ring_offsets_in(r.start_addr().0, r.size()) {
-                let base = r.as_ptr();
-                // SAFETY: ring_offsets_in checked each offset plus its ring
-                // length against this region's size, so each pointer is
-                // inside the mapping, which `mem` keeps for 'm.
-                let (desc, avail, used) =
-                    unsafe { (base.add(o.desc), base.add(o.avail), base.add(o.used)) };
-                let aligned = (desc as usize).is_multiple_of(desc_align)
-                    && (avail as usize).is_multiple_of(2)
-                    && (used as usize).is_multiple_of(4);
-                if aligned {
-                    return Ok(RingView {
-                        desc: desc.cast(),
-                        avail,
-                        used,
-                        mask: self.size - 1,
-                        bufs: GuestBuffers::new(mem, region),
-                    });
-                }
-            }
-        }
-        let ptr = |what, addr: u64, len: usize, align: usize| {
-            region
-                .and_then(|r| r.get_slice(r.to_region_addr(GuestAddress(addr))?, len).ok())
-                .or_else(|| mem.get_slice(GuestAddress(addr), len).ok())
-                .map(|s| s.ptr_guard_mut().as_ptr())
-                .filter(|p| (*p as usize).is_multiple_of(align))
-                .ok_or(SvqError::GuestRingAccess { what, addr })
-        };
-        Ok(RingView {
-            avail: ptr("avail ring", self.ring.avail, 6 + 2 * q, 2)?,
-            desc: ptr("descriptor table", self.ring.desc, 16 * q, desc_align)?.cast(),
-            used: ptr("used ring", self.ring.used, 6 + 8 * q, 4)?,
-            // size is a power of two (checked in new).
-            mask: self.size - 1,
-            bufs: GuestBuffers::new(mem, region),
-        })
-    }
-
     /// Offsets of the rings in the region `[start, start + size)` holding
     /// the descriptor table, if all three rings lie inside it; cached by
     /// region start and size.
@@ -360,45 +249,8 @@ impl GuestSide {
         Some(o)
     }
 
-    pub fn next_avail(&self) -> u16 {
-        self.queue.next_avail()
-    }
-
-    pub fn next_used(&self) -> u16 {
-        self.queue.next_used()
-    }
-
-    pub fn advance(&mut self) {
-        self.queue
-            .set_next_avail(self.queue.next_avail().wrapping_add(1));
-    }
-
-    pub fn rewind(&mut self, n: u16) {
-        self.queue
-            .set_next_avail(self.queue.next_avail().wrapping_sub(n));
-    }
-
-    pub fn avail_idx(&self, v: &RingView) -> Result<u16, SvqError> {
-        Ok(v.avail_idx())
-    }
-
-    /// Chains available and not yet popped; the guest may not be more than a
-    /// whole ring ahead.
-    pub fn pending(&self, v: &RingView) -> Result<u16, SvqError> {
-        let idx = self.avail_idx(v)?;
-        let n = idx.wrapping_sub(self.next_avail());
-        if n > self.size {
-            return Err(SvqError::AvailIdxTooFarAhead {
-                avail_idx: idx,
-                last_avail: self.next_avail(),
-                queue_size: self.size,
-            });
-        }
-        Ok(n)
-    }
-
     /// Head index in the avail slot of `next_avail`.
-    pub fn read_head(&self, v: &RingView) -> Result<u16, SvqError> {
+    fn read_head(&self, v: &RingView) -> Result<u16, SvqError> {
         let head = v.avail_slot(self.next_avail());
         if head >= self.size {
             return Err(SvqError::BadHeadIndex {
@@ -410,7 +262,7 @@ impl GuestSide {
     }
 
     /// Walk and validate the chain at `head` into `out` (cleared first).
-    pub fn walk(
+    fn walk(
         &mut self,
         mem: &GuestMemoryMmap,
         v: &RingView,
@@ -537,119 +389,17 @@ impl GuestSide {
         }
     }
 
-    /// Write a used entry at `next_used` and publish it.
-    pub fn add_used(&mut self, v: &RingView, head: u16, len: u32) {
-        let at = self.next_used();
-        let off = 4 + 8 * (at & v.mask) as usize;
-        v.used_u32(off)
-            .store(u32::to_le(head as u32), Ordering::Relaxed);
-        v.used_u32(off + 4)
-            .store(u32::to_le(len), Ordering::Relaxed);
-        let next = at.wrapping_add(1);
-        // Release: the entry is visible before the index that covers it.
-        v.used_u16(2).store(u16::to_le(next), Ordering::Release);
-        self.queue.set_next_used(next);
-    }
-
     /// GPA ranges (for the dirty log) of the `n` (1..=size) used entries
     /// from `at`: `(gpa, len)` up to the end of the ring, and the bytes
     /// that wrapped around to its first entry (usually 0).
     #[inline]
-    pub fn used_entries_log(&self, at: u16, n: u16) -> (u64, u64, u64) {
+    fn used_entries_log(&self, at: u16, n: u16) -> (u64, u64, u64) {
         let size = u64::from(self.size);
         let n = u64::from(n).min(size);
         let first = u64::from(at & (self.size - 1));
         let head = n.min(size - first);
         let gpa = self.ring.used_log.wrapping_add(4 + 8 * first);
         (gpa, 8 * head, 8 * (n - head))
-    }
-
-    /// GPA of the first used entry.
-    pub fn used_ring_log(&self) -> u64 {
-        self.ring.used_log.wrapping_add(4)
-    }
-
-    /// GPA range (for the dirty log) of the used idx.
-    pub fn used_idx_log(&self) -> (u64, u64) {
-        (self.ring.used_log.wrapping_add(2), 2)
-    }
-
-    pub fn avail_event_log(&self) -> (u64, u64) {
-        (self.ring.used_log.wrapping_add(4 + 8 * self.size as u64), 2)
-    }
-
-    /// Does the guest want an interrupt for used entries `[old, next_used)`?
-    pub fn should_notify(&self, v: &RingView, old: u16) -> Result<bool, SvqError> {
-        let new = self.next_used();
-        if new == old {
-            return Ok(false);
-        }
-        // The used idx store must be visible before we read the guest's
-        // suppression state, or we could miss it re-enabling interrupts.
-        fence(Ordering::SeqCst);
-        if self.event_idx {
-            let off = 4 + 2 * self.size as usize;
-            let used_event = u16::from_le(v.avail_u16(off).load(Ordering::Relaxed));
-            Ok(need_event(used_event, new, old))
-        } else {
-            let flags = u16::from_le(v.avail_u16(0).load(Ordering::Relaxed));
-            Ok(flags & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
-        }
-    }
-
-    /// Ask the guest to kick for the next chain after `next_avail`: under
-    /// EVENT_IDX by writing avail_event; without it by clearing the used
-    /// flags once (a device that polled the ring before the SVQ took it over
-    /// may have left VRING_USED_F_NO_NOTIFY there, and the SVQ does not poll:
-    /// the guest would never kick again). Returns true when chains arrived
-    /// meanwhile.
-    pub fn rearm(&mut self, v: &RingView) -> Result<bool, SvqError> {
-        if self.kicks_suppressed {
-            // The poller comes back to the ring by itself.
-            return Ok(false);
-        }
-        if self.event_idx {
-            self.ask_for_next_avail(v);
-        } else if !self.kicks_asked {
-            self.kicks_asked = true;
-            if !self.set_no_notify(v, false) {
-                return Ok(false);
-            }
-        } else {
-            return Ok(false);
-        }
-        self.avail_moved(v)
-    }
-
-    /// Tell the guest not to kick: the ring is polled. Without EVENT_IDX by
-    /// setting VRING_USED_F_NO_NOTIFY; under EVENT_IDX avail_event is simply
-    /// no longer advanced, so it stays behind the guest's avail idx and
-    /// `vring_need_event` is false for every chain the guest adds (as the
-    /// kernel's vhost does in `vhost_disable_notify`).
-    pub fn suppress_kicks(&mut self, v: &RingView) {
-        if self.kicks_suppressed {
-            return;
-        }
-        self.kicks_suppressed = true;
-        if !self.event_idx {
-            self.set_no_notify(v, true);
-        }
-    }
-
-    /// Ask the guest to kick again (the poller is going to sleep): clear
-    /// NO_NOTIFY, or under EVENT_IDX set avail_event to the next chain.
-    /// Returns true when chains arrived that no kick will announce: the
-    /// guest added them while it was told not to kick, so the caller must
-    /// relay them instead of sleeping.
-    pub fn request_kicks(&mut self, v: &RingView) -> Result<bool, SvqError> {
-        self.kicks_suppressed = false;
-        self.kicks_asked = true;
-        if self.event_idx {
-            self.ask_for_next_avail(v);
-        } else {
-            self.set_no_notify(v, false);
-        }
-        self.avail_moved(v)
     }
 
     /// EVENT_IDX: kick me for the chain after `next_avail`.
@@ -684,22 +434,7 @@ impl GuestSide {
     /// would wait for the next kick.
     fn avail_moved(&self, v: &RingView) -> Result<bool, SvqError> {
         fence(Ordering::SeqCst);
-        Ok(self.avail_idx(v)? != self.next_avail())
-    }
-
-    pub fn kicks_suppressed(&self) -> bool {
-        self.kicks_suppressed
-    }
-
-    /// Whether `rearm` wrote the used flags since the last call (reported to
-    /// the dirty log like avail_event).
-    pub fn take_flags_written(&mut self) -> bool {
-        std::mem::take(&mut self.flags_written)
-    }
-
-    /// GPA range (for the dirty log) of the used ring's flags.
-    pub fn used_flags_log(&self) -> (u64, u64) {
-        (self.ring.used_log, 2)
+        Ok(v.avail_idx() != self.next_avail())
     }
 }
 
@@ -713,24 +448,133 @@ impl GuestQueue for GuestSide {
         start: RingIndexes,
         event_idx: bool,
     ) -> Result<Self, SvqError> {
-        GuestSide::new(size, ring, start, event_idx)
+        let bad_size = SvqError::InvalidQueueSize(size);
+        if size == 0 || !size.is_power_of_two() || size > 32768 {
+            return Err(bad_size);
+        }
+        for (name, addr, align) in [
+            ("descriptor", ring.desc, 16),
+            ("avail", ring.avail, 2),
+            ("used", ring.used, 4),
+        ] {
+            if addr & (align - 1) != 0 {
+                return Err(SvqError::MisalignedRing {
+                    ring: name,
+                    addr,
+                    align,
+                });
+            }
+        }
+        if start.avail.wrapping_sub(start.used) > size {
+            return Err(SvqError::InvalidStartIndexes {
+                avail: start.avail,
+                used: start.used,
+                queue_size: size,
+            });
+        }
+        let mut queue = Queue::new(size).map_err(|_| bad_size.clone())?;
+        let misaligned = |ring, addr, align| SvqError::MisalignedRing { ring, addr, align };
+        queue
+            .try_set_desc_table_address(GuestAddress(ring.desc))
+            .map_err(|_| misaligned("descriptor", ring.desc, 16))?;
+        queue
+            .try_set_avail_ring_address(GuestAddress(ring.avail))
+            .map_err(|_| misaligned("avail", ring.avail, 2))?;
+        queue
+            .try_set_used_ring_address(GuestAddress(ring.used))
+            .map_err(|_| misaligned("used", ring.used, 4))?;
+        queue.set_event_idx(event_idx);
+        queue.set_next_avail(start.avail);
+        queue.set_next_used(start.used);
+        queue.set_ready(true);
+        Ok(GuestSide {
+            queue,
+            size,
+            ring,
+            event_idx,
+            direct_stamp: vec![0; size as usize],
+            indirect_stamp: vec![0; size as usize],
+            direct_gen: 0,
+            indirect_gen: 0,
+            ring_offsets: Cell::new(None),
+            kicks_asked: false,
+            flags_written: false,
+            kicks_suppressed: false,
+            avail_event_written: false,
+        })
     }
 
+    /// Resolve the three rings; each must lie inside one memory region.
     fn view<'m>(&self, mem: &'m GuestMemoryMmap) -> Result<RingView<'m>, SvqError> {
-        GuestSide::view(self, mem)
+        let q = self.size as usize;
+        // The rings normally share a region: look it up once. get_slice
+        // checks that the whole ring is inside one region; the alignment
+        // check keeps the accessors' atomics and reads aligned even if a
+        // region's host mapping were oddly placed.
+        let region = mem.find_region(GuestAddress(self.ring.desc));
+        let desc_align = std::mem::align_of::<Descriptor>();
+        if let Some(r) = region {
+            if let Some(o) = self.ring_offsets_in(r.start_addr().0, r.size()) {
+                let base = r.as_ptr();
+                // SAFETY: ring_offsets_in checked each offset plus its ring
+                // length against this region's size, so each pointer is
+                // inside the mapping, which `mem` keeps for 'm.
+                let (desc, avail, used) =
+                    unsafe { (base.add(o.desc), base.add(o.avail), base.add(o.used)) };
+                let aligned = (desc as usize).is_multiple_of(desc_align)
+                    && (avail as usize).is_multiple_of(2)
+                    && (used as usize).is_multiple_of(4);
+                if aligned {
+                    return Ok(RingView {
+                        desc: desc.cast(),
+                        avail,
+                        used,
+                        mask: self.size - 1,
+                        bufs: GuestBuffers::new(mem, region),
+                    });
+                }
+            }
+        }
+        let ptr = |what, addr: u64, len: usize, align: usize| {
+            region
+                .and_then(|r| r.get_slice(r.to_region_addr(GuestAddress(addr))?, len).ok())
+                .or_else(|| mem.get_slice(GuestAddress(addr), len).ok())
+                .map(|s| s.ptr_guard_mut().as_ptr())
+                .filter(|p| (*p as usize).is_multiple_of(align))
+                .ok_or(SvqError::GuestRingAccess { what, addr })
+        };
+        Ok(RingView {
+            avail: ptr("avail ring", self.ring.avail, 6 + 2 * q, 2)?,
+            desc: ptr("descriptor table", self.ring.desc, 16 * q, desc_align)?.cast(),
+            used: ptr("used ring", self.ring.used, 6 + 8 * q, 4)?,
+            // size is a power of two (checked in new).
+            mask: self.size - 1,
+            bufs: GuestBuffers::new(mem, region),
+        })
     }
 
     fn next_avail(&self) -> u16 {
-        GuestSide::next_avail(self)
+        self.queue.next_avail()
     }
 
     fn next_used(&self) -> u16 {
-        GuestSide::next_used(self)
+        self.queue.next_used()
     }
 
+    /// Chains available and not yet popped; the guest may not be more than a
+    /// whole ring ahead.
     #[inline(always)]
     fn pending(&self, v: &RingView) -> Result<u16, SvqError> {
-        GuestSide::pending(self, v)
+        let idx = v.avail_idx();
+        let n = idx.wrapping_sub(self.next_avail());
+        if n > self.size {
+            return Err(SvqError::AvailIdxTooFarAhead {
+                avail_idx: idx,
+                last_avail: self.next_avail(),
+                queue_size: self.size,
+            });
+        }
+        Ok(n)
     }
 
     #[inline(always)]
@@ -765,16 +609,28 @@ impl GuestQueue for GuestSide {
 
     #[inline(always)]
     fn advance(&mut self, _slots: u16) {
-        GuestSide::advance(self)
+        self.queue
+            .set_next_avail(self.queue.next_avail().wrapping_add(1));
     }
 
     fn rewind(&mut self, chains: u16, _slots: u32) {
-        GuestSide::rewind(self, chains)
+        self.queue
+            .set_next_avail(self.queue.next_avail().wrapping_sub(chains));
     }
 
+    /// Write a used entry at `next_used` and publish it.
     #[inline(always)]
     fn add_used(&mut self, v: &RingView, id: u16, len: u32, _slots: u16) {
-        GuestSide::add_used(self, v, id, len)
+        let at = self.next_used();
+        let off = 4 + 8 * (at & v.mask) as usize;
+        v.used_u32(off)
+            .store(u32::to_le(id as u32), Ordering::Relaxed);
+        v.used_u32(off + 4)
+            .store(u32::to_le(len), Ordering::Relaxed);
+        let next = at.wrapping_add(1);
+        // Release: the entry is visible before the index that covers it.
+        v.used_u16(2).store(u16::to_le(next), Ordering::Release);
+        self.queue.set_next_used(next);
     }
 
     /// The entries, and the used idx, once per call as the kernel's vhost
@@ -788,40 +644,98 @@ impl GuestQueue for GuestSide {
         let (gpa, len, wrapped) = self.used_entries_log(old, n);
         log.mark(gpa, len);
         if wrapped > 0 {
-            log.mark(self.used_ring_log(), wrapped);
+            // The first used entry.
+            log.mark(self.ring.used_log.wrapping_add(4), wrapped);
         }
-        let (gpa, len) = self.used_idx_log();
-        log.mark(gpa, len);
+        // The used idx.
+        log.mark(self.ring.used_log.wrapping_add(2), 2);
     }
 
+    /// Does the guest want an interrupt for used entries `[old, next_used)`?
     fn should_notify(&self, v: &RingView, old: u16) -> Result<bool, SvqError> {
-        GuestSide::should_notify(self, v, old)
+        let new = self.next_used();
+        if new == old {
+            return Ok(false);
+        }
+        // The used idx store must be visible before we read the guest's
+        // suppression state, or we could miss it re-enabling interrupts.
+        fence(Ordering::SeqCst);
+        if self.event_idx {
+            let off = 4 + 2 * self.size as usize;
+            let used_event = u16::from_le(v.avail_u16(off).load(Ordering::Relaxed));
+            Ok(need_event(used_event, new, old))
+        } else {
+            let flags = u16::from_le(v.avail_u16(0).load(Ordering::Relaxed));
+            Ok(flags & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
+        }
     }
 
+    /// Ask the guest to kick for the next chain after `next_avail`: under
+    /// EVENT_IDX by writing avail_event; without it by clearing the used
+    /// flags once (a device that polled the ring before the SVQ took it over
+    /// may have left VRING_USED_F_NO_NOTIFY there, and the SVQ does not poll:
+    /// the guest would never kick again). Returns true when chains arrived
+    /// meanwhile.
     fn rearm(&mut self, v: &RingView) -> Result<bool, SvqError> {
-        GuestSide::rearm(self, v)
+        if self.kicks_suppressed {
+            // The poller comes back to the ring by itself.
+            return Ok(false);
+        }
+        if self.event_idx {
+            self.ask_for_next_avail(v);
+        } else if !self.kicks_asked {
+            self.kicks_asked = true;
+            if !self.set_no_notify(v, false) {
+                return Ok(false);
+            }
+        } else {
+            return Ok(false);
+        }
+        self.avail_moved(v)
     }
 
+    /// Tell the guest not to kick: the ring is polled. Without EVENT_IDX by
+    /// setting VRING_USED_F_NO_NOTIFY; under EVENT_IDX avail_event is simply
+    /// no longer advanced, so it stays behind the guest's avail idx and
+    /// `vring_need_event` is false for every chain the guest adds (as the
+    /// kernel's vhost does in `vhost_disable_notify`).
     fn suppress_kicks(&mut self, v: &RingView) {
-        GuestSide::suppress_kicks(self, v)
+        if self.kicks_suppressed {
+            return;
+        }
+        self.kicks_suppressed = true;
+        if !self.event_idx {
+            self.set_no_notify(v, true);
+        }
     }
 
+    /// Ask the guest to kick again (the poller is going to sleep): clear
+    /// NO_NOTIFY, or under EVENT_IDX set avail_event to the next chain.
+    /// Returns true when chains arrived that no kick will announce: the
+    /// guest added them while it was told not to kick, so the caller must
+    /// relay them instead of sleeping.
     fn request_kicks(&mut self, v: &RingView) -> Result<bool, SvqError> {
-        GuestSide::request_kicks(self, v)
+        self.kicks_suppressed = false;
+        self.kicks_asked = true;
+        if self.event_idx {
+            self.ask_for_next_avail(v);
+        } else {
+            self.set_no_notify(v, false);
+        }
+        self.avail_moved(v)
     }
 
     fn kicks_suppressed(&self) -> bool {
-        GuestSide::kicks_suppressed(self)
+        self.kicks_suppressed
     }
 
     fn flush_dirty(&mut self, log: &dyn DirtyLog) {
         if std::mem::take(&mut self.avail_event_written) {
-            let (gpa, len) = self.avail_event_log();
-            log.mark(gpa, len);
+            let avail_event = 4 + 8 * u64::from(self.size);
+            log.mark(self.ring.used_log.wrapping_add(avail_event), 2);
         }
-        if self.take_flags_written() {
-            let (gpa, len) = self.used_flags_log();
-            log.mark(gpa, len);
+        if std::mem::take(&mut self.flags_written) {
+            log.mark(self.ring.used_log, 2);
         }
     }
 }

@@ -89,83 +89,7 @@ pub(crate) struct ShadowRing {
 }
 
 impl ShadowRing {
-    pub fn new(
-        layout: ShadowLayout,
-        device_event_idx: bool,
-        in_order: bool,
-    ) -> Result<Self, SvqError> {
-        let size = layout.shadow_size;
-        let mem = ShadowMem::new(layout.total)?;
-        check_layout(&mem, &layout)?;
-        let next = (1..=size).map(|i| if i == size { 0 } else { i }).collect();
-        Ok(ShadowRing {
-            mem,
-            layout,
-            size,
-            mask: size.wrapping_sub(1),
-            event_idx: device_event_idx,
-            next,
-            free_head: 0,
-            num_free: size,
-            avail_idx: 0,
-            published: 0,
-            avail_slots: vec![0; size as usize],
-            last_used: 0,
-            free_tables: (0..layout.indirect_tables).rev().collect(),
-            calls_suppressed: false,
-            in_order,
-            next_desc: 0,
-        })
-    }
-
-    pub fn region(&self) -> &Arc<MmapRegion> {
-        self.mem.region()
-    }
-
-    /// Moves a ring nothing has been written to yet onto other memory.
-    pub fn use_memory(&mut self, mem: ShadowMem) -> Result<(), SvqError> {
-        check_layout(&mem, &self.layout)?;
-        self.mem = mem;
-        Ok(())
-    }
-
-    pub fn layout(&self) -> &ShadowLayout {
-        &self.layout
-    }
-
-    pub fn desc_hva(&self) -> u64 {
-        self.mem.hva(self.layout.desc)
-    }
-
-    pub fn avail_hva(&self) -> u64 {
-        self.mem.hva(self.layout.avail)
-    }
-
-    pub fn used_hva(&self) -> u64 {
-        self.mem.hva(self.layout.used)
-    }
-
-    pub fn table_hva(&self, table: u16) -> u64 {
-        self.mem.hva(self.layout.table_offset(table))
-    }
-
-    pub fn num_free(&self) -> u16 {
-        self.num_free
-    }
-
-    pub fn next_free_table(&self) -> Option<u16> {
-        self.free_tables.last().copied()
-    }
-
-    pub fn avail_idx(&self) -> u16 {
-        self.avail_idx
-    }
-
-    pub fn last_used(&self) -> u16 {
-        self.last_used
-    }
-
-    pub fn slot_head(&self, avail_pos: u16) -> u16 {
+    fn slot_head(&self, avail_pos: u16) -> u16 {
         self.avail_slots[(avail_pos & self.mask) as usize]
     }
 
@@ -231,8 +155,123 @@ impl ShadowRing {
         self.avail_idx = self.avail_idx.wrapping_add(1);
     }
 
+    /// IN_ORDER: the chain on the descriptors from `next_desc` on, in ring
+    /// order. Free: the device returned the older ones in order.
+    #[cold]
+    fn add_in_order(&mut self, segs: &[ShadowSeg]) -> u16 {
+        let head = self.next_desc;
+        let n = segs.len();
+        for (i, seg) in segs.iter().enumerate() {
+            let at = head.wrapping_add(i as u16) & self.mask;
+            let next = at.wrapping_add(1) & self.mask;
+            self.write_desc(at, seg.iova, seg.len, Self::flags(seg, i + 1 < n), next);
+        }
+        self.next_desc = head.wrapping_add(n as u16) & self.mask;
+        self.num_free -= n as u16;
+        self.push_avail(head);
+        head
+    }
+
+    /// The device's used idx.
+    fn used_idx(&self) -> Result<u16, SvqError> {
+        // Acquire: used entries are read after the index that covers them.
+        Ok(u16::from_le(
+            self.mem.load_u16(self.layout.used + 2, Ordering::Acquire)?,
+        ))
+    }
+
+    /// EVENT_IDX: interrupt me at the used entry after `last_used`.
+    fn ask_for_next_used(&self) -> Result<(), SvqError> {
+        let off = self.layout.avail + 4 + 2 * self.size as usize;
+        self.mem
+            .store_u16(off, u16::to_le(self.last_used), Ordering::Relaxed)
+    }
+
+    /// After asking for interrupts: did used entries arrive meanwhile? The
+    /// store must be visible before used idx is re-read.
+    fn used_moved(&self) -> Result<bool, SvqError> {
+        fence(Ordering::SeqCst);
+        Ok(self.used_idx()? != self.last_used)
+    }
+}
+
+impl ShadowQueue for ShadowRing {
+    const PENDING_IS_EXACT: bool = true;
+
+    fn new(layout: ShadowLayout, device_event_idx: bool, in_order: bool) -> Result<Self, SvqError> {
+        let size = layout.shadow_size;
+        let mem = ShadowMem::new(layout.total)?;
+        check_layout(&mem, &layout)?;
+        let next = (1..=size).map(|i| if i == size { 0 } else { i }).collect();
+        Ok(ShadowRing {
+            mem,
+            layout,
+            size,
+            mask: size.wrapping_sub(1),
+            event_idx: device_event_idx,
+            next,
+            free_head: 0,
+            num_free: size,
+            avail_idx: 0,
+            published: 0,
+            avail_slots: vec![0; size as usize],
+            last_used: 0,
+            free_tables: (0..layout.indirect_tables).rev().collect(),
+            calls_suppressed: false,
+            in_order,
+            next_desc: 0,
+        })
+    }
+
+    /// Moves a ring nothing has been written to yet onto other memory.
+    fn use_memory(&mut self, mem: ShadowMem) -> Result<(), SvqError> {
+        check_layout(&mem, &self.layout)?;
+        self.mem = mem;
+        Ok(())
+    }
+
+    fn region(&self) -> &Arc<MmapRegion> {
+        self.mem.region()
+    }
+
+    fn layout(&self) -> &ShadowLayout {
+        &self.layout
+    }
+
+    fn ring_hva(&self) -> ShadowRingAddrs {
+        ShadowRingAddrs {
+            desc: self.mem.hva(self.layout.desc),
+            avail: self.mem.hva(self.layout.avail),
+            used: self.mem.hva(self.layout.used),
+        }
+    }
+
+    fn table_hva(&self, table: u16) -> u64 {
+        self.mem.hva(self.layout.table_offset(table))
+    }
+
+    #[inline(always)]
+    fn num_free(&self) -> u16 {
+        self.num_free
+    }
+
+    fn next_free_table(&self) -> Option<u16> {
+        self.free_tables.last().copied()
+    }
+
+    #[inline(always)]
+    fn avail_idx(&self) -> u16 {
+        self.avail_idx
+    }
+
+    #[inline(always)]
+    fn last_used(&self) -> u16 {
+        self.last_used
+    }
+
     /// Write a chain into free descriptors; the caller checked `num_free`.
-    pub fn add_direct(&mut self, segs: &[ShadowSeg]) -> u16 {
+    #[inline(always)]
+    fn add_direct(&mut self, segs: &[ShadowSeg]) -> u16 {
         debug_assert!(!segs.is_empty() && segs.len() <= self.num_free as usize);
         if self.in_order {
             return self.add_in_order(segs);
@@ -252,27 +291,10 @@ impl ShadowRing {
         head
     }
 
-    /// IN_ORDER: the chain on the descriptors from `next_desc` on, in ring
-    /// order. Free: the device returned the older ones in order.
-    #[cold]
-    fn add_in_order(&mut self, segs: &[ShadowSeg]) -> u16 {
-        let head = self.next_desc;
-        let n = segs.len();
-        for (i, seg) in segs.iter().enumerate() {
-            let at = head.wrapping_add(i as u16) & self.mask;
-            let next = at.wrapping_add(1) & self.mask;
-            self.write_desc(at, seg.iova, seg.len, Self::flags(seg, i + 1 < n), next);
-        }
-        self.next_desc = head.wrapping_add(n as u16) & self.mask;
-        self.num_free -= n as u16;
-        self.push_avail(head);
-        head
-    }
-
     /// Write a chain into an indirect table at `table_iova` and one shadow
     /// descriptor pointing at it; the caller checked a descriptor and a
     /// table are free and `segs` fits a table.
-    pub fn add_indirect(
+    fn add_indirect(
         &mut self,
         segs: &[ShadowSeg],
         table: u16,
@@ -309,7 +331,8 @@ impl ShadowRing {
     }
 
     /// Return a chain's descriptors (and table) to the free lists.
-    pub fn free_chain(&mut self, head: u16, ndescs: u16, table: Option<u16>) {
+    #[inline(always)]
+    fn free_chain(&mut self, head: u16, ndescs: u16, table: Option<u16>) {
         if self.in_order {
             // Returned in ring order: they are the ones after next_desc.
             self.num_free += ndescs;
@@ -330,16 +353,9 @@ impl ShadowRing {
         }
     }
 
-    /// Forget avail entries `[from, avail_idx)` that the device never took,
-    /// so `avail_idx` goes back to `from`.
-    pub fn unpublish_to(&mut self, from: u16) {
-        self.avail_idx = from;
-        self.published = from;
-    }
-
     /// Make every written avail entry visible to the device. Returns whether
     /// the device wants a kick for them.
-    pub fn publish(&mut self) -> Result<bool, SvqError> {
+    fn publish(&mut self) -> Result<bool, SvqError> {
         let old = self.published;
         let new = self.avail_idx;
         if old == new {
@@ -362,16 +378,25 @@ impl ShadowRing {
         }
     }
 
-    /// The device's used idx.
-    pub fn used_idx(&self) -> Result<u16, SvqError> {
-        // Acquire: used entries are read after the index that covers them.
-        Ok(u16::from_le(
-            self.mem.load_u16(self.layout.used + 2, Ordering::Acquire)?,
-        ))
+    #[inline(always)]
+    fn used_pending(&self, in_flight: usize) -> Result<u16, SvqError> {
+        let used_idx = self.used_idx()?;
+        let last = self.last_used;
+        let ahead = used_idx.wrapping_sub(last);
+        if ahead as usize > in_flight {
+            return Err(SvqError::UsedIdxTooFarAhead {
+                used_idx,
+                last_used: last,
+                ahead,
+                in_flight,
+            });
+        }
+        Ok(ahead)
     }
 
     /// Read the used entry at `last_used` and advance past it.
-    pub fn pop_used(&mut self) -> (u32, u32) {
+    #[inline(always)]
+    fn pop_used(&mut self) -> (u32, u32) {
         let off = self.layout.used + 4 + 8 * (self.last_used & self.mask) as usize;
         // SAFETY: new() checked used + 6 + 8 * size <= mapping size with a
         // 4-aligned offset from an aligned base, and the slot is masked, so
@@ -389,10 +414,14 @@ impl ShadowRing {
         (id, len)
     }
 
+    fn skip_used(&mut self, _id: u16) {
+        self.last_used = self.last_used.wrapping_add(1);
+    }
+
     /// Ask for an interrupt at the next used entry (EVENT_IDX only; without
     /// it the avail flags stay 0 and the device always interrupts).
     /// Returns true when entries arrived meanwhile and must be consumed.
-    pub fn rearm(&mut self) -> Result<bool, SvqError> {
+    fn rearm(&mut self) -> Result<bool, SvqError> {
         if !self.event_idx || self.calls_suppressed {
             return Ok(false);
         }
@@ -400,25 +429,11 @@ impl ShadowRing {
         self.used_moved()
     }
 
-    /// EVENT_IDX: interrupt me at the used entry after `last_used`.
-    fn ask_for_next_used(&self) -> Result<(), SvqError> {
-        let off = self.layout.avail + 4 + 2 * self.size as usize;
-        self.mem
-            .store_u16(off, u16::to_le(self.last_used), Ordering::Relaxed)
-    }
-
-    /// After asking for interrupts: did used entries arrive meanwhile? The
-    /// store must be visible before used idx is re-read.
-    fn used_moved(&self) -> Result<bool, SvqError> {
-        fence(Ordering::SeqCst);
-        Ok(self.used_idx()? != self.last_used)
-    }
-
     /// Tell the device not to interrupt: the used ring is polled. Without
     /// EVENT_IDX by setting VRING_AVAIL_F_NO_INTERRUPT; under EVENT_IDX
     /// used_event is no longer advanced, so it stays behind the device's
     /// used idx and the device's `vring_need_event` is false.
-    pub fn suppress_calls(&mut self) -> Result<(), SvqError> {
+    fn suppress_calls(&mut self) -> Result<(), SvqError> {
         if self.calls_suppressed {
             return Ok(());
         }
@@ -436,7 +451,7 @@ impl ShadowRing {
     /// Ask for interrupts again: clear NO_INTERRUPT, or under EVENT_IDX set
     /// used_event to the next used entry. Returns true when used entries
     /// arrived that no interrupt will announce.
-    pub fn request_calls(&mut self) -> Result<bool, SvqError> {
+    fn request_calls(&mut self) -> Result<bool, SvqError> {
         self.calls_suppressed = false;
         if self.event_idx {
             self.ask_for_next_used()?;
@@ -447,123 +462,8 @@ impl ShadowRing {
         self.used_moved()
     }
 
-    pub fn calls_suppressed(&self) -> bool {
-        self.calls_suppressed
-    }
-}
-
-impl ShadowQueue for ShadowRing {
-    const PENDING_IS_EXACT: bool = true;
-
-    fn new(layout: ShadowLayout, device_event_idx: bool, in_order: bool) -> Result<Self, SvqError> {
-        ShadowRing::new(layout, device_event_idx, in_order)
-    }
-
-    fn use_memory(&mut self, mem: ShadowMem) -> Result<(), SvqError> {
-        ShadowRing::use_memory(self, mem)
-    }
-
-    fn region(&self) -> &Arc<MmapRegion> {
-        ShadowRing::region(self)
-    }
-
-    fn layout(&self) -> &ShadowLayout {
-        ShadowRing::layout(self)
-    }
-
-    fn ring_hva(&self) -> ShadowRingAddrs {
-        ShadowRingAddrs {
-            desc: self.desc_hva(),
-            avail: self.avail_hva(),
-            used: self.used_hva(),
-        }
-    }
-
-    fn table_hva(&self, table: u16) -> u64 {
-        ShadowRing::table_hva(self, table)
-    }
-
-    #[inline(always)]
-    fn num_free(&self) -> u16 {
-        ShadowRing::num_free(self)
-    }
-
-    fn next_free_table(&self) -> Option<u16> {
-        ShadowRing::next_free_table(self)
-    }
-
-    #[inline(always)]
-    fn avail_idx(&self) -> u16 {
-        ShadowRing::avail_idx(self)
-    }
-
-    #[inline(always)]
-    fn last_used(&self) -> u16 {
-        ShadowRing::last_used(self)
-    }
-
-    #[inline(always)]
-    fn add_direct(&mut self, segs: &[ShadowSeg]) -> u16 {
-        ShadowRing::add_direct(self, segs)
-    }
-
-    fn add_indirect(
-        &mut self,
-        segs: &[ShadowSeg],
-        table: u16,
-        table_iova: u64,
-    ) -> Result<u16, SvqError> {
-        ShadowRing::add_indirect(self, segs, table, table_iova)
-    }
-
-    #[inline(always)]
-    fn free_chain(&mut self, id: u16, ndescs: u16, table: Option<u16>) {
-        ShadowRing::free_chain(self, id, ndescs, table)
-    }
-
-    fn publish(&mut self) -> Result<bool, SvqError> {
-        ShadowRing::publish(self)
-    }
-
-    #[inline(always)]
-    fn used_pending(&self, in_flight: usize) -> Result<u16, SvqError> {
-        let used_idx = self.used_idx()?;
-        let last = self.last_used;
-        let ahead = used_idx.wrapping_sub(last);
-        if ahead as usize > in_flight {
-            return Err(SvqError::UsedIdxTooFarAhead {
-                used_idx,
-                last_used: last,
-                ahead,
-                in_flight,
-            });
-        }
-        Ok(ahead)
-    }
-
-    #[inline(always)]
-    fn pop_used(&mut self) -> (u32, u32) {
-        ShadowRing::pop_used(self)
-    }
-
-    fn skip_used(&mut self, _id: u16) {
-        self.last_used = self.last_used.wrapping_add(1);
-    }
-
-    fn rearm(&mut self) -> Result<bool, SvqError> {
-        ShadowRing::rearm(self)
-    }
-
-    fn suppress_calls(&mut self) -> Result<(), SvqError> {
-        ShadowRing::suppress_calls(self)
-    }
-
-    fn request_calls(&mut self) -> Result<bool, SvqError> {
-        ShadowRing::request_calls(self)
-    }
-
     fn calls_suppressed(&self) -> bool {
-        ShadowRing::calls_suppressed(self)
+        self.calls_suppressed
     }
 
     fn not_taken(&self, device_next_avail: u16, out: &mut Vec<(u16, u16)>) -> bool {
@@ -579,7 +479,10 @@ impl ShadowQueue for ShadowRing {
         true
     }
 
+    /// Forget avail entries `[from, avail_idx)` that the device never took,
+    /// so `avail_idx` goes back to `from`.
     fn unpublish_to(&mut self, from: u16) {
-        ShadowRing::unpublish_to(self, from)
+        self.avail_idx = from;
+        self.published = from;
     }
 }
