@@ -29,6 +29,8 @@ struct Placed {
 pub(crate) struct InOrder {
     device: bool,
     placed: VecDeque<Placed>,
+    /// Scratch: the older chains a batch completes.
+    batch: Vec<u16>,
 }
 
 impl InOrder {
@@ -37,6 +39,7 @@ impl InOrder {
         (guest || device).then(|| InOrder {
             device,
             placed: VecDeque::new(),
+            batch: Vec::new(),
         })
     }
 
@@ -49,6 +52,39 @@ impl InOrder {
     /// Guest heads the guest has not got back, oldest first.
     pub fn guest_heads(&self) -> Vec<u16> {
         self.placed.iter().map(|p| p.guest_head).collect()
+    }
+
+    /// The device completed `id` with `len`: mark it done, and from an
+    /// IN_ORDER device every older chain not done yet (length 0), their
+    /// shadow ids into `batch`, oldest first. False: `id` is not on the
+    /// ring.
+    fn complete(&mut self, id: u16, len: u32, batch: &mut Vec<u16>) -> bool {
+        let Some(at) = self
+            .placed
+            .iter()
+            .position(|p| p.shadow_id == id && p.done.is_none())
+        else {
+            return false;
+        };
+        if self.device {
+            for p in self.placed.iter_mut().take(at) {
+                if p.done.is_none() {
+                    p.done = Some(0);
+                    batch.push(p.shadow_id);
+                }
+            }
+        }
+        self.placed[at].done = Some(len);
+        true
+    }
+
+    /// The oldest chain, once it is done: (guest head, slots, length).
+    fn pop_done(&mut self) -> Option<(u16, u16, u32)> {
+        let p = self.placed.front()?;
+        let len = p.done?;
+        let (head, slots) = (p.guest_head, p.guest_slots);
+        self.placed.pop_front();
+        Some((head, slots, len))
     }
 }
 
@@ -77,54 +113,41 @@ impl<G: GuestQueue, S: ShadowQueue> Relay<G, S> {
         id: u16,
         len: u32,
     ) -> Result<u16, SvqError> {
-        let Some(o) = &self.ordered else {
+        let Some(o) = &mut self.ordered else {
             return Ok(0);
         };
-        let Some(at) = o
-            .placed
-            .iter()
-            .position(|p| p.shadow_id == id && p.done.is_none())
-        else {
-            return Err(SvqError::UsedIdNotInFlight { id: u32::from(id) });
-        };
-        // Older chains still on the ring: a batch when the device has
-        // IN_ORDER, or the device is ahead of them (completed out of order).
-        let batch: Vec<u16> = if o.device {
-            o.placed
-                .iter()
-                .take(at)
-                .filter(|p| p.done.is_none())
-                .map(|p| p.shadow_id)
-                .collect()
+        let mut batch = std::mem::take(&mut o.batch);
+        let r = if o.complete(id, len, &mut batch) {
+            self.retire_batch(&batch, id, len, log)
         } else {
-            Vec::new()
+            Err(SvqError::UsedIdNotInFlight { id: u32::from(id) })
         };
-        for &older in &batch {
-            self.shadow.skip_used(older);
-            self.retire(older, None, log)?;
-        }
-        self.retire(id, Some(len), log)?;
+        let entries = batch.len() as u16 + 1;
+        batch.clear();
         if let Some(o) = &mut self.ordered {
-            let device = o.device;
-            for (i, p) in o.placed.iter_mut().enumerate().take(at + 1) {
-                if p.done.is_none() && (i == at || device) {
-                    p.done = Some(if i == at { len } else { 0 });
-                }
-            }
+            o.batch = batch;
         }
-        while let Some(p) = self
-            .ordered
-            .as_mut()
-            .and_then(|o| o.placed.front().copied())
-        {
-            let Some(done) = p.done else {
-                break;
-            };
-            if let Some(o) = &mut self.ordered {
-                o.placed.pop_front();
-            }
-            self.give_back(v, p.guest_head, p.guest_slots, done);
+        r?;
+        while let Some((head, slots, done)) = self.ordered.as_mut().and_then(InOrder::pop_done) {
+            self.give_back(v, head, slots, done);
         }
-        Ok(batch.len() as u16 + 1)
+        Ok(entries)
+    }
+
+    /// Off the shadow ring: the `older` chains a batch completed without
+    /// naming them (no length: all their writable bytes are logged), then
+    /// `id`.
+    fn retire_batch(
+        &mut self,
+        older: &[u16],
+        id: u16,
+        len: u32,
+        log: &dyn DirtyLog,
+    ) -> Result<(), SvqError> {
+        for &o in older {
+            self.shadow.skip_used(o);
+            self.retire(o, None, log)?;
+        }
+        self.retire(id, Some(len), log).map(|_| ())
     }
 }
