@@ -438,6 +438,25 @@ impl GuestSide {
     }
 }
 
+/// Host pointer to the ring part `what` at `addr`, `len` bytes inside one
+/// memory region (`region`, the one the descriptor ring is in, tried
+/// first) and aligned to `align`.
+pub(crate) fn ring_ptr(
+    mem: &GuestMemoryMmap,
+    region: Option<&GuestRegionMmap>,
+    what: &'static str,
+    addr: u64,
+    len: usize,
+    align: usize,
+) -> Result<*mut u8, SvqError> {
+    region
+        .and_then(|r| r.get_slice(r.to_region_addr(GuestAddress(addr))?, len).ok())
+        .or_else(|| mem.get_slice(GuestAddress(addr), len).ok())
+        .map(|s| s.ptr_guard_mut().as_ptr())
+        .filter(|p| (*p as usize).is_multiple_of(align))
+        .ok_or(SvqError::GuestRingAccess { what, addr })
+}
+
 impl GuestQueue for GuestSide {
     type View<'m> = RingView<'m>;
     const PENDING_IS_EXACT: bool = true;
@@ -535,14 +554,7 @@ impl GuestQueue for GuestSide {
                 }
             }
         }
-        let ptr = |what, addr: u64, len: usize, align: usize| {
-            region
-                .and_then(|r| r.get_slice(r.to_region_addr(GuestAddress(addr))?, len).ok())
-                .or_else(|| mem.get_slice(GuestAddress(addr), len).ok())
-                .map(|s| s.ptr_guard_mut().as_ptr())
-                .filter(|p| (*p as usize).is_multiple_of(align))
-                .ok_or(SvqError::GuestRingAccess { what, addr })
-        };
+        let ptr = |what, addr, len, align| ring_ptr(mem, region, what, addr, len, align);
         Ok(RingView {
             avail: ptr("avail ring", self.ring.avail, 6 + 2 * q, 2)?,
             desc: ptr("descriptor table", self.ring.desc, 16 * q, desc_align)?.cast(),

@@ -16,7 +16,7 @@ use virtio_bindings::bindings::virtio_ring::{
 use virtio_queue::desc::packed::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileMemory};
 
-use crate::guest::{GuestBuffers, GuestSeg};
+use crate::guest::{ring_ptr, GuestBuffers, GuestSeg};
 use crate::layouts::{ChainHead, GuestQueue};
 use crate::packed::{wants_event, Pos, EVENT_DISABLE, EVENT_ENABLE};
 use crate::{DirtyLog, GuestRing, RingIndexes, SvqError};
@@ -257,13 +257,8 @@ impl GuestQueue for PackedGuest {
     }
 
     fn view<'m>(&self, mem: &'m GuestMemoryMmap) -> Result<PackedView<'m>, SvqError> {
-        let ptr = |what, addr: u64, len: usize, align: usize| {
-            mem.get_slice(GuestAddress(addr), len)
-                .ok()
-                .map(|s| s.ptr_guard_mut().as_ptr())
-                .filter(|p| (*p as usize).is_multiple_of(align))
-                .ok_or(SvqError::GuestRingAccess { what, addr })
-        };
+        let region = mem.find_region(GuestAddress(self.ring.desc));
+        let ptr = |what, addr, len, align| ring_ptr(mem, region, what, addr, len, align);
         let q = self.size as usize;
         Ok(PackedView {
             desc: ptr("descriptor ring", self.ring.desc, 16 * q, 16)?,
@@ -271,7 +266,7 @@ impl GuestQueue for PackedGuest {
             device: ptr("device area", self.ring.used, 4, 4)?,
             // A power of two (checked in new).
             mask: self.size - 1,
-            bufs: GuestBuffers::new(mem, mem.find_region(GuestAddress(self.ring.desc))),
+            bufs: GuestBuffers::new(mem, region),
         })
     }
 

@@ -246,10 +246,7 @@ impl PackedRing {
             desc.0.is_multiple_of(16) && driver.0.is_multiple_of(4) && device.0.is_multiple_of(4)
         );
         let (d, dr, dv) = packed_ring_bytes(size);
-        for (addr, len) in [(desc, d), (driver, dr), (device, dv)] {
-            mem.write_slice(&vec![0u8; len as usize], addr)
-                .expect("zero ring");
-        }
+        crate::ring::zero_ring(mem, [(desc, d), (driver, dr), (device, dv)]);
         PackedRing {
             mem: mem.clone(),
             size,

@@ -72,6 +72,14 @@ pub struct SplitRing {
     pub written: Option<Vec<(u64, u64)>>,
 }
 
+/// Zero the three parts of a ring, `(address, bytes)` each.
+pub fn zero_ring(mem: &GuestMemoryMmap, parts: [(GuestAddress, u64); 3]) {
+    for (addr, len) in parts {
+        mem.write_slice(&vec![0u8; len as usize], addr)
+            .expect("zero ring");
+    }
+}
+
 /// Bytes needed by the three parts of a split ring of `size` entries.
 pub fn ring_bytes(size: u16) -> (u64, u64, u64) {
     let n = size as u64;
@@ -90,10 +98,7 @@ impl SplitRing {
     ) -> SplitRing {
         assert!(size.is_power_of_two());
         let (d, a, u) = ring_bytes(size);
-        for (addr, len) in [(desc, d), (avail, a), (used, u)] {
-            mem.write_slice(&vec![0u8; len as usize], addr)
-                .expect("zero ring");
-        }
+        zero_ring(mem, [(desc, d), (avail, a), (used, u)]);
         SplitRing {
             mem: mem.clone(),
             size,
