@@ -116,7 +116,7 @@ impl Device {
         };
         if res.is_ok() {
             // In shadow mode with an in-flight region they were resubmitted.
-            let resubmitted = self.shadow && self.migration.inflight().is_some();
+            let resubmitted = self.shadow && self.inflight_region().is_some();
             if !self.vrings[q].in_flight.is_empty() && !resubmitted {
                 log::warn!(target: LOG, "{}: queue {q}: {} heads were in flight when it stopped; \
                     the device does not resubmit them", self.name, self.vrings[q].in_flight.len());
@@ -227,7 +227,7 @@ impl Device {
     /// libvhost-user does), since a VMM that lost the back-end sets the
     /// vring base to the used idx and the in-flight heads sit before it.
     fn inflight_to_resubmit(&self, q: usize, idx: RingIndexes) -> (RingIndexes, Vec<u16>) {
-        let Some(region) = self.migration.inflight() else {
+        let Some(region) = self.inflight_region() else {
             return (idx, Vec::new());
         };
         let Some(iq) = u16::try_from(q).ok().and_then(|q| region.queue(q)) else {
@@ -483,13 +483,9 @@ impl Device {
                 }
             }
         }
-        // Where the device stopped taking chains: on a packed ring the avail
-        // half of its position (wrap counter in bit 15).
-        let device_base = if self.packed_negotiated() {
-            self.backend.vring_base_packed(q)? as u16
-        } else {
-            self.backend.vring_base(q)?
-        };
+        // Where the device stopped taking chains on the shadow ring (on a
+        // packed ring with the wrap counter in bit 15).
+        let device_base = self.device_ring_position(q)?.avail;
         let st = svq.stop(&mem, device_base).map_err(svq_err);
         self.stats[q].publish(&svq.stats());
         let st = st?;
@@ -554,17 +550,13 @@ impl Device {
     /// over, and would otherwise be resubmitted after a later restart.
     /// Passthrough rings are not tracked: the device owns the ring there
     /// (a vhost-user device would need its own INFLIGHT_SHMFD; sim and vdpa
-    /// have none). Nor are packed rings: the region's packed layout is not
-    /// implemented.
+    /// have none).
     fn inflight_log(
         &self,
         q: usize,
         clear_stale: bool,
     ) -> Option<crate::migration::region_hook::RegionLog> {
-        if self.packed_negotiated() {
-            return None;
-        }
-        let region = self.migration.inflight()?;
+        let region = self.inflight_region()?;
         let q16 = u16::try_from(q).ok()?;
         let iq = region.queue(q16)?;
         if clear_stale {
@@ -582,11 +574,7 @@ impl Device {
     /// Heads the device kept when a ring stopped go to the INFLIGHT_SHMFD
     /// region (when the VMM gave one), so a restarted VMM resubmits them.
     fn record_in_flight(&mut self, q: usize, heads: &[u16]) {
-        let Some(region) = self
-            .migration
-            .inflight()
-            .filter(|_| !self.packed_negotiated())
-        else {
+        let Some(region) = self.inflight_region() else {
             return;
         };
         let Some(iq) = u16::try_from(q).ok().and_then(|q| region.queue(q)) else {
@@ -599,9 +587,18 @@ impl Device {
         }
     }
 
-    /// Where a device stopped or suspended on the guest ring stands: its
-    /// vring base, which is both avail and used for a split ring; both
-    /// halves of a packed ring's position.
+    /// The VMM's INFLIGHT_SHMFD region, when the rings use its layout:
+    /// split rings only (its packed layout is not implemented, so packed
+    /// rings are neither tracked nor resubmitted).
+    fn inflight_region(&self) -> Option<Arc<crate::migration::inflight_region::InflightRegion>> {
+        self.migration
+            .inflight()
+            .filter(|_| !self.packed_negotiated())
+    }
+
+    /// Where a device stopped or suspended stands on the ring it works on
+    /// (the guest's, or a shadow ring): its vring base, which is both avail
+    /// and used for a split ring; both halves of a packed ring's position.
     pub(crate) fn device_ring_position(&mut self, q: usize) -> Result<RingIndexes> {
         Ok(if self.packed_negotiated() {
             let b = self.backend.vring_base_packed(q)?;
