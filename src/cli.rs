@@ -61,7 +61,7 @@ pub struct Args {
     #[arg(long)]
     pub in_order: bool,
     /// Offer VIRTIO_F_RING_PACKED when the device offers it (a vhost-user
-    /// device). Relayed in passthrough and shadow mode alike: the shadow
+    /// device or the software NIC). Relayed in passthrough and shadow mode alike: the shadow
     /// rings are packed too. Rings are not resubmitted from an
     /// INFLIGHT_SHMFD region (its packed layout is not implemented).
     #[arg(long)]

@@ -198,12 +198,18 @@ fn tap_nic_with(qemu: QemuVersion, shadow: &str, switches: u32, extra: &[&str]) 
     let mut args = vec!["--shadow", shadow];
     args.extend_from_slice(extra);
     let (d, _ifname) = tap_daemon(&args, ns);
-    pings_through(qemu, &d, shadow, switches);
+    pings_through_with(qemu, &d, shadow, switches, extra.contains(&"--packed"));
 }
 
 fn pings_through(qemu: QemuVersion, d: &Daemon, shadow: &str, switches: u32) {
+    pings_through_with(qemu, d, shadow, switches, false);
+}
+
+/// `pings_through` with `packed=on` on the guest's NIC when `packed`.
+fn pings_through_with(qemu: QemuVersion, d: &Daemon, shadow: &str, switches: u32, packed: bool) {
     let cfg = GuestConfig {
         qemu,
+        packed,
         ..Default::default()
     };
     let mut g = Guest::start(d.dir.path(), &d.socket, &cfg);
@@ -214,7 +220,9 @@ fn pings_through(qemu: QemuVersion, d: &Daemon, shadow: &str, switches: u32) {
     } else {
         "passthrough"
     };
-    assert_eq!(q.query("net0")["mode"], want);
+    let running = q.query("net0");
+    assert_eq!(running["mode"], want);
+    assert_eq!(running["packed"], packed, "{running}");
     assert_no_loss(shadow, ping(&mut g, 20, "0.05"), 20);
     let tx_before = g.counter("eth0", "tx_packets");
     if switches > 0 {
@@ -286,6 +294,15 @@ fn qemu10_tap_shadow() {
 fn qemu10_tap_shadow_adaptive_polling_and_switching() {
     let _one = one_at_a_time();
     tap_nic_with(QemuVersion::V10, "on", 10, &["--poll", "adaptive"]);
+}
+
+/// Linux's packed-ring virtio-net driver against the software NIC as a
+/// packed-ring device: in passthrough, then across ten switches under a
+/// ping stream and bulk pings (shadow rings packed on both sides).
+#[test]
+fn qemu10_tap_packed_across_switches() {
+    let _one = one_at_a_time();
+    tap_nic_with(QemuVersion::V10, "off", 10, &["--packed"]);
 }
 
 #[test]
@@ -762,11 +779,26 @@ fn qemu10_migration_on_the_software_nic() {
     migration_on_the_software_nic(QemuVersion::V10);
 }
 
+/// The same with packed rings: the daemon logs the pages of the guest's
+/// packed rings (used descriptors written in the descriptor ring, the
+/// device area) and of the buffers, and moves the positions with their
+/// wrap counters to the destination's software NIC.
+#[test]
+fn qemu10_migration_on_the_software_nic_packed() {
+    let _one = one_at_a_time();
+    migration_on_the_software_nic_with(QemuVersion::V10, &["--shadow", "auto", "--packed"]);
+}
+
 fn migration_on_the_software_nic(qemu: QemuVersion) {
+    migration_on_the_software_nic_with(qemu, &["--shadow", "auto"]);
+}
+
+fn migration_on_the_software_nic_with(qemu: QemuVersion, flags: &'static [&'static str]) {
     let Some(ns) = tap_ready() else {
         return;
     };
-    let (m, s, mut a, b) = migrate_pinging(qemu, &Backend::Tap(&["--shadow", "auto"], ns), false);
+    let packed = flags.contains(&"--packed");
+    let (m, s, mut a, b) = migrate_pinging_with(qemu, &Backend::Tap(flags, ns), false, packed);
     assert_eq!(
         s.received, s.sent,
         "{} of {} pings answered ({m})",

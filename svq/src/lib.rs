@@ -20,11 +20,14 @@ mod guest;
 mod guest_packed;
 mod layouts;
 mod memory;
-mod packed;
 mod shadow_packed;
 mod shadow_ring;
 mod shadow_virtqueue;
 mod tracking_hook;
+
+// One set of packed-ring rules for the guest and shadow sides (and the
+// software NIC in `backends`).
+use packed_ring as packed;
 
 #[cfg(test)]
 mod tests;

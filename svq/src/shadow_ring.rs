@@ -27,11 +27,7 @@ pub(crate) struct ShadowSeg {
     pub write: bool,
 }
 
-/// `vring_need_event` from the virtio spec: has the index moved past `event`
-/// while going from `old` to `new`?
-pub(crate) fn need_event(event: u16, new: u16, old: u16) -> bool {
-    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
-}
+pub(crate) use packed_ring::need_event;
 
 /// The descriptor table, avail ring and used entries are accessed through
 /// pointers (`desc_ptr`, `avail_slot`, `pop_used`) whose bounds and

@@ -29,6 +29,18 @@ pub(crate) enum ChainError {
     ReadOnly { head: u16, addr: u64, len: u32 },
     #[error("chain {head} has a device-readable buffer after a device-writable one")]
     ReadAfterWrite { head: u16 },
+    #[error("packed ring: descriptor {pos} continues chain {head} but is not available")]
+    PackedNotAvailable { head: u16, pos: u16 },
+    #[error("packed ring: chain at {pos} is longer than the ring ({size} descriptors)")]
+    PackedTooLong { pos: u16, size: u16 },
+    #[error("packed ring: chain at {pos} has buffer id {id}, the ring has {size} entries")]
+    BadId { pos: u16, id: u16, size: u16 },
+    #[error("packed ring: indirect descriptor at {pos} also has NEXT")]
+    IndirectWithNext { pos: u16 },
+    #[error("packed ring: indirect table {addr:#x}+{len:#x} at {pos} is empty, misaligned, longer than the ring or unmapped")]
+    BadIndirect { pos: u16, addr: u64, len: u32 },
+    #[error("packed ring: indirect table at {pos} holds an indirect descriptor")]
+    NestedIndirect { pos: u16 },
     #[error("RX chain {head} has {writable} device-writable bytes, too few for the {need}-byte virtio-net header")]
     NoRoomForHeader {
         head: u16,
@@ -45,75 +57,86 @@ pub(crate) struct Segment {
 
 #[derive(Debug)]
 pub(crate) struct Chain {
+    /// The head index (split) or buffer id (packed) the used entry names.
     pub(crate) head: u16,
+    /// Descriptor slots the chain took in a packed ring (a packed used
+    /// entry moves the used position by them); 1 for split chains.
+    pub(crate) slots: u16,
     pub(crate) readable: Vec<Segment>,
     pub(crate) writable: Vec<Segment>,
     pub(crate) read_len: u64,
     pub(crate) write_len: u64,
 }
 
+impl Chain {
+    pub(crate) fn new(head: u16) -> Chain {
+        Chain {
+            head,
+            slots: 1,
+            readable: Vec::new(),
+            writable: Vec::new(),
+            read_len: 0,
+            write_len: 0,
+        }
+    }
+
+    /// Adds one buffer after checking it against the IOTLB (writable ones
+    /// must be writable there) and the order rule (readable before
+    /// writable). The one place both ring layouts check a buffer.
+    pub(crate) fn push(
+        &mut self,
+        view: &IotlbView,
+        addr: u64,
+        len: u32,
+        write: bool,
+    ) -> Result<(), ChainError> {
+        let head = self.head;
+        let seg = Segment { addr, len };
+        if write {
+            if !view.writable(addr, u64::from(len)) {
+                return Err(if view.readable(addr, u64::from(len)) {
+                    ChainError::ReadOnly { head, addr, len }
+                } else {
+                    ChainError::Unmapped { head, addr, len }
+                });
+            }
+            self.write_len += u64::from(len);
+            self.writable.push(seg);
+        } else {
+            if !self.writable.is_empty() {
+                return Err(ChainError::ReadAfterWrite { head });
+            }
+            if !view.readable(addr, u64::from(len)) {
+                return Err(ChainError::Unmapped { head, addr, len });
+            }
+            self.read_len += u64::from(len);
+            self.readable.push(seg);
+        }
+        Ok(())
+    }
+}
+
+/// Walks a split ring's chain (virtio-queue's iterator) into a [`Chain`].
 pub(crate) fn walk<M>(view: &IotlbView, mut chain: DescriptorChain<M>) -> Result<Chain, ChainError>
 where
     M: Deref<Target = GuestMemoryMmap>,
 {
-    let head = chain.head_index();
-    let mut out = Chain {
-        head,
-        readable: Vec::new(),
-        writable: Vec::new(),
-        read_len: 0,
-        write_len: 0,
-    };
+    let mut out = Chain::new(chain.head_index());
     let mut last_has_next = false;
     let mut count = 0usize;
     for desc in chain.by_ref() {
         count += 1;
         last_has_next = desc.has_next();
-        let seg = Segment {
-            addr: desc.addr().0,
-            len: desc.len(),
-        };
-        if desc.is_write_only() {
-            if !view.writable(seg.addr, u64::from(seg.len)) {
-                return Err(if view.readable(seg.addr, u64::from(seg.len)) {
-                    ChainError::ReadOnly {
-                        head,
-                        addr: seg.addr,
-                        len: seg.len,
-                    }
-                } else {
-                    ChainError::Unmapped {
-                        head,
-                        addr: seg.addr,
-                        len: seg.len,
-                    }
-                });
-            }
-            out.write_len += u64::from(seg.len);
-            out.writable.push(seg);
-        } else {
-            if !out.writable.is_empty() {
-                return Err(ChainError::ReadAfterWrite { head });
-            }
-            if !view.readable(seg.addr, u64::from(seg.len)) {
-                return Err(ChainError::Unmapped {
-                    head,
-                    addr: seg.addr,
-                    len: seg.len,
-                });
-            }
-            out.read_len += u64::from(seg.len);
-            out.readable.push(seg);
-        }
+        out.push(view, desc.addr().0, desc.len(), desc.is_write_only())?;
     }
     if count == 0 {
-        return Err(ChainError::Empty { head });
+        return Err(ChainError::Empty { head: out.head });
     }
     // The iterator stops after `queue size` descriptors, on an out-of-range
     // `next`, on an unreadable descriptor and on length overflow; in each case
     // the last descriptor it returned still says NEXT.
     if last_has_next {
-        return Err(ChainError::Malformed { head });
+        return Err(ChainError::Malformed { head: out.head });
     }
     Ok(out)
 }

@@ -13,8 +13,9 @@ pub(crate) const CONFIG_SIZE: usize = 12;
 /// Features offered. MQ is offered only with more than one pair. The spec
 /// makes MQ depend on CTRL_VQ, which the sim does not implement: a relay that
 /// negotiates MQ simply uses every pair (there is no VQ_PAIRS_SET to wait for),
-/// and a guest driver that insists on CTRL_VQ falls back to one pair. IN_ORDER is
-/// never offered.
+/// and a guest driver that insists on CTRL_VQ falls back to one pair. Packed
+/// rings are offered (the sim completes in order, which a packed device may
+/// do without IN_ORDER); IN_ORDER is never offered.
 pub(crate) fn device_features(queue_pairs: u16) -> u64 {
     let mut f = bits::F_VERSION_1
         | bits::F_ANY_LAYOUT
@@ -23,7 +24,8 @@ pub(crate) fn device_features(queue_pairs: u16) -> u64 {
         | bits::NET_F_STATUS
         | bits::NET_F_MRG_RXBUF
         | bits::RING_F_EVENT_IDX
-        | bits::RING_F_INDIRECT_DESC;
+        | bits::RING_F_INDIRECT_DESC
+        | bits::F_RING_PACKED;
     if queue_pairs > 1 {
         f |= bits::NET_F_MQ;
     }

@@ -40,12 +40,17 @@
 //!   "no room", which would hold TX forever, nor merged as an empty buffer.
 //! - MQ is offered with more than one pair, without CTRL_VQ (no control
 //!   queue): all pairs run. IN_ORDER is never offered.
+//! - Split and packed rings (RING_PACKED, offered): with packed rings the
+//!   base is the avail and used positions with their wrap counters
+//!   (`vring_base_packed`); both are equal whenever a control operation
+//!   looks, the sim holding no chain between rounds.
 //!
 //! One worker thread per queue pair; dropping [`SimNet`] stops and joins them.
 
 mod chain;
 mod config;
 mod iotlb;
+mod packed;
 mod tap;
 mod vq;
 mod worker;
@@ -54,8 +59,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use virtio_queue::QueueT;
-use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::{BackendError, DeviceBackend, DmaRegion, IovaRange, Result, VringAddrs};
@@ -214,6 +217,36 @@ impl SimNet {
         Ok(())
     }
 
+    /// Sets a ring's position (split: the low 16 bits; packed: avail and
+    /// used positions with wrap counters), unless it would move a running
+    /// ring.
+    fn set_base(&self, queue: usize, base: u32, packed_call: bool) -> Result<()> {
+        self.with_vq(queue, |st, tx| {
+            let is_active = active(st, tx);
+            let vq = vq_mut(st, tx);
+            if packed_call && !vq.is_packed() {
+                return Err(BackendError::InvalidState {
+                    op: "set_vring_base_packed",
+                    why: "the ring is split (RING_PACKED not negotiated)",
+                });
+            }
+            let base = if vq.is_packed() { base } else { base & 0xffff };
+            if is_active && vq.base() != base {
+                return Err(BackendError::InvalidState {
+                    op: "set_vring_base",
+                    why: BUSY,
+                });
+            }
+            if !vq.set_base(base) {
+                return Err(BackendError::InvalidState {
+                    op: "set_vring_base",
+                    why: "packed ring position outside the ring",
+                });
+            }
+            Ok(())
+        })
+    }
+
     fn publish_iotlb(&self) -> Result<()> {
         let view = Arc::new(self.iotlb.view()?);
         // Taking each pair's lock also waits out a round still using the old
@@ -268,10 +301,11 @@ impl DeviceBackend for SimNet {
         }
         self.features = features;
         let event_idx = features & bits::RING_F_EVENT_IDX != 0;
+        let packed = features & bits::F_RING_PACKED != 0;
         self.each_pair(|st| {
             st.features = features;
-            st.rx.queue.set_event_idx(event_idx);
-            st.tx.queue.set_event_idx(event_idx);
+            st.rx.set_features(packed, event_idx);
+            st.tx.set_features(packed, event_idx);
         })
     }
 
@@ -349,7 +383,7 @@ impl DeviceBackend for SimNet {
         self.with_vq(queue, |st, tx| {
             let is_active = active(st, tx);
             let vq = vq_mut(st, tx);
-            if vq.queue.size() == num {
+            if vq.size() == num {
                 return Ok(());
             }
             if is_active {
@@ -358,8 +392,7 @@ impl DeviceBackend for SimNet {
                     why: BUSY,
                 });
             }
-            vq.queue.set_size(num);
-            vq.set_broken(false);
+            vq.set_size(num);
             Ok(())
         })
     }
@@ -377,46 +410,41 @@ impl DeviceBackend for SimNet {
                     why: BUSY,
                 });
             }
-            let misaligned = BackendError::InvalidState {
-                op: "set_vring_addr",
-                why: "ring addresses must be aligned (desc 16, avail 2, used 4)",
-            };
-            if addrs.desc & 15 != 0 || addrs.avail & 1 != 0 || addrs.used & 3 != 0 {
-                return Err(misaligned);
+            if !vq.set_addrs(addrs) {
+                return Err(BackendError::InvalidState {
+                    op: "set_vring_addr",
+                    why: "ring addresses must be aligned (desc 16, avail 2 (packed: driver area 4), used 4)",
+                });
             }
-            vq.queue
-                .try_set_desc_table_address(GuestAddress(addrs.desc))
-                .and_then(|_| {
-                    vq.queue
-                        .try_set_avail_ring_address(GuestAddress(addrs.avail))
-                })
-                .and_then(|_| vq.queue.try_set_used_ring_address(GuestAddress(addrs.used)))
-                .map_err(|_| misaligned)?;
-            vq.addrs = Some(addrs);
-            vq.set_broken(false);
             Ok(())
         })
     }
 
     fn set_vring_base(&mut self, queue: usize, base: u16) -> Result<()> {
-        self.with_vq(queue, |st, tx| {
-            let is_active = active(st, tx);
-            let vq = vq_mut(st, tx);
-            if is_active && vq.queue.next_avail() != base {
-                return Err(BackendError::InvalidState {
-                    op: "set_vring_base",
-                    why: BUSY,
-                });
-            }
-            vq.queue.set_next_avail(base);
-            vq.queue.set_next_used(base);
-            vq.set_broken(false);
-            Ok(())
-        })
+        // A packed ring given a 16-bit base (avail position and wrap
+        // counter) has nothing in flight: used is the same.
+        self.set_base(queue, u32::from(base) | u32::from(base) << 16, false)
     }
 
     fn vring_base(&mut self, queue: usize) -> Result<u16> {
-        self.with_vq(queue, |st, tx| Ok(vq_mut(st, tx).queue.next_avail()))
+        self.with_vq(queue, |st, tx| Ok(vq_mut(st, tx).base() as u16))
+    }
+
+    fn set_vring_base_packed(&mut self, queue: usize, base: u32) -> Result<()> {
+        self.set_base(queue, base, true)
+    }
+
+    fn vring_base_packed(&mut self, queue: usize) -> Result<u32> {
+        self.with_vq(queue, |st, tx| {
+            let vq = vq_mut(st, tx);
+            if !vq.is_packed() {
+                return Err(BackendError::InvalidState {
+                    op: "vring_base_packed",
+                    why: "the ring is split (RING_PACKED not negotiated)",
+                });
+            }
+            Ok(vq.base())
+        })
     }
 
     fn set_vring_kick(&mut self, queue: usize, fd: Arc<EventFd>) -> Result<()> {
@@ -447,7 +475,7 @@ impl DeviceBackend for SimNet {
                 vq.set_broken(false);
             }
             vq.enabled = enable;
-            vq.queue.set_ready(enable);
+            vq.set_ready(enable);
             Ok(())
         })
     }

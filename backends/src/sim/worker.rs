@@ -11,7 +11,6 @@ use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::{QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -19,7 +18,7 @@ use super::chain::{self, Chain, MAX_PACKET};
 use super::config::{bits, net_hdr_len};
 use super::iotlb::IotlbView;
 use super::tap::{Tap, TAP_HDR_LEN};
-use super::vq::Vq;
+use super::vq::{Broken, Vq};
 
 /// Chains handled per round before the lock is let go, so control operations
 /// never wait behind a busy ring for long.
@@ -93,7 +92,8 @@ enum Deliver {
     Done,
     /// Did not fit one RX chain and MRG_RXBUF is off.
     Dropped,
-    /// Not enough RX buffers; `seen` is the avail idx looked at.
+    /// Not enough RX buffers; `seen` is where the next one would be (a
+    /// [`Vq::mark`]).
     NoRoom {
         seen: u16,
     },
@@ -299,11 +299,12 @@ impl Worker {
             let pkt = match st.tap_pending.take() {
                 Some(p) => p,
                 None => {
-                    let Some(avail) = st.rx.avail_idx(view) else {
+                    let Ok(has_avail) = st.rx.has_avail(view) else {
                         return false;
                     };
-                    if avail == st.rx.queue.next_avail() {
-                        if st.rx.arm_kick(view, avail) {
+                    if !has_avail {
+                        let at = st.rx.mark();
+                        if st.rx.arm_kick(view, at) {
                             continue;
                         }
                         st.tap_starved = true;
@@ -386,50 +387,30 @@ fn each_tx_packet<F>(st: &mut PairState, view: &IotlbView, mut f: F) -> bool
 where
     F: FnMut(&mut PairState, &[u8]) -> TxOutcome,
 {
-    if !st.tx.ready(view) {
-        return false;
-    }
-    if let Err(e) = st.tx.queue.disable_notification(&view.mem) {
-        st.tx.break_queue(&format_args!("writing used flags: {e}"));
+    if !st.tx.ready(view) || st.tx.disable_kicks(view).is_err() {
         return false;
     }
     for _ in 0..ROUND_BUDGET {
-        let start = st.tx.queue.next_avail();
-        let next = match st.tx.queue.iter(&view.mem) {
-            Ok(mut it) => it.next(),
-            Err(e) => {
-                st.tx.break_queue(&format_args!("avail ring: {e}"));
-                return false;
-            }
+        let start = st.tx.mark();
+        let Ok(next) = st.tx.pop(view) else {
+            return false;
         };
-        let Some(desc_chain) = next else {
-            match st.tx.queue.enable_notification(&view.mem) {
-                Ok(true) => continue,
-                Ok(false) => return false,
-                Err(e) => {
-                    st.tx
-                        .break_queue(&format_args!("writing notification state: {e}"));
-                    return false;
-                }
+        let Some(c) = next else {
+            // Ask for a kick at the next chain; one may have come meanwhile.
+            if st.tx.arm_kick(view, start) {
+                continue;
             }
-        };
-        let c = match chain::walk(view, desc_chain) {
-            Ok(c) => c,
-            Err(e) => {
-                st.tx.queue.set_next_avail(start);
-                st.tx.break_queue(&e);
-                return false;
-            }
+            return false;
         };
         match chain::read_readable(view, &c, MAX_PACKET) {
             Ok(Some(pkt)) => match f(st, &pkt) {
                 TxOutcome::Consumed => {}
                 TxOutcome::Retry => {
-                    st.tx.queue.set_next_avail(start);
+                    st.tx.rewind(start);
                     return false;
                 }
                 TxOutcome::RetryNow => {
-                    st.tx.queue.set_next_avail(start);
+                    st.tx.rewind(start);
                     continue;
                 }
             },
@@ -438,13 +419,13 @@ where
                 st.tx.counters.error();
             }
             Err(e) => {
-                st.tx.queue.set_next_avail(start);
+                st.tx.rewind(start);
                 st.tx
                     .break_queue(&format_args!("reading chain {}: {e}", c.head));
                 return false;
             }
         }
-        if !st.tx.add_used(view, c.head, 0) {
+        if !st.tx.add_used(view, &c, 0) {
             return false;
         }
     }
@@ -492,57 +473,42 @@ fn tx_loopback(st: &mut PairState, view: &IotlbView) -> bool {
 fn deliver(rx: &mut Vq, view: &IotlbView, pkt: &[u8], features: u64) -> Deliver {
     let mrg = features & bits::NET_F_MRG_RXBUF != 0;
     let hdr_len = net_hdr_len(features);
-    let start = rx.queue.next_avail();
+    let start = rx.mark();
     let mut chains: Vec<Chain> = Vec::new();
     let mut cap = 0u64;
-    let mut seen = start;
     let mut error = None;
-    let outcome = {
-        let mut it = match rx.queue.iter(&view.mem) {
-            Ok(it) => it,
-            Err(e) => {
-                rx.break_queue(&format_args!("avail ring: {e}"));
-                return Deliver::Broken;
+    let outcome = loop {
+        if cap >= pkt.len() as u64 {
+            break None;
+        }
+        let seen = rx.mark();
+        match rx.pop(view) {
+            Err(Broken) => break Some(Deliver::Broken),
+            Ok(None) => break Some(Deliver::NoRoom { seen }),
+            // The device must always be able to write the header (a
+            // driver MUST with MRG_RXBUF; without it a smaller chain
+            // holds no packet either). Such a chain is a malformed ring,
+            // not a lack of room: waiting would wait forever, and with
+            // MRG_RXBUF it would be merged as an empty buffer.
+            Ok(Some(c)) if c.write_len < hdr_len as u64 => {
+                error = Some(chain::ChainError::NoRoomForHeader {
+                    head: c.head,
+                    writable: c.write_len,
+                    need: hdr_len,
+                });
+                break Some(Deliver::Broken);
             }
-        };
-        loop {
-            if cap >= pkt.len() as u64 {
-                break None;
-            }
-            let Some(dc) = it.next() else {
-                break Some(Deliver::NoRoom { seen });
-            };
-            seen = seen.wrapping_add(1);
-            match chain::walk(view, dc) {
-                // The device must always be able to write the header (a
-                // driver MUST with MRG_RXBUF; without it a smaller chain
-                // holds no packet either). Such a chain is a malformed ring,
-                // not a lack of room: waiting would wait forever, and with
-                // MRG_RXBUF it would be merged as an empty buffer.
-                Ok(c) if c.write_len < hdr_len as u64 => {
-                    error = Some(chain::ChainError::NoRoomForHeader {
-                        head: c.head,
-                        writable: c.write_len,
-                        need: hdr_len,
-                    });
-                    break Some(Deliver::Broken);
+            Ok(Some(c)) => {
+                if !mrg && c.write_len < pkt.len() as u64 {
+                    break Some(Deliver::Dropped);
                 }
-                Ok(c) => {
-                    if !mrg && c.write_len < pkt.len() as u64 {
-                        break Some(Deliver::Dropped);
-                    }
-                    cap += c.write_len;
-                    chains.push(c);
-                }
-                Err(e) => {
-                    error = Some(e);
-                    break Some(Deliver::Broken);
-                }
+                cap += c.write_len;
+                chains.push(c);
             }
         }
     };
     if let Some(outcome) = outcome {
-        rx.queue.set_next_avail(start);
+        rx.rewind(start);
         if let Some(e) = error {
             rx.break_queue(&e);
         }
@@ -564,7 +530,7 @@ fn deliver(rx: &mut Vq, view: &IotlbView, pkt: &[u8], features: u64) -> Deliver 
         };
         off += n;
         // n <= MAX_PACKET, so it fits a u32.
-        if !rx.add_used(view, c.head, n as u32) {
+        if !rx.add_used(view, c, n as u32) {
             return Deliver::Broken;
         }
     }

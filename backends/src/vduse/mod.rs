@@ -95,9 +95,11 @@ pub struct VduseNet<D: VduseIoctls> {
 }
 
 /// The features the VDUSE device is created with: the sim's, plus
-/// ACCESS_PLATFORM (VDUSE requires it), never CTRL_VQ (6.12 refuses it).
+/// ACCESS_PLATFORM (VDUSE requires it), never CTRL_VQ (6.12 refuses it)
+/// nor RING_PACKED (this server moves ring state in the split layout of
+/// VDUSE_VQ_GET_INFO).
 pub fn vduse_features(sim: &SimNet) -> u64 {
-    (sim.device_features() | bits::F_ACCESS_PLATFORM) & !bits::NET_F_CTRL_VQ
+    (sim.device_features() | bits::F_ACCESS_PLATFORM) & !(bits::NET_F_CTRL_VQ | bits::F_RING_PACKED)
 }
 
 impl<D: VduseIoctls> VduseNet<D> {

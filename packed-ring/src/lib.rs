@@ -1,25 +1,25 @@
 //! What both sides of a packed ring share (virtio 1.2, 2.8): descriptor
 //! flag bits, event suppression values and ring positions with their wrap
-//! counter.
+//! counter. The SVQ is both sides (device of the guest's ring, driver of
+//! the shadow ring) and the software NIC is a device; they use these rules
+//! from one place.
 
 use virtio_bindings::bindings::virtio_ring::{
     VRING_PACKED_DESC_F_AVAIL, VRING_PACKED_DESC_F_USED, VRING_PACKED_EVENT_FLAG_DESC,
     VRING_PACKED_EVENT_FLAG_DISABLE, VRING_PACKED_EVENT_FLAG_ENABLE,
 };
 
-use crate::shadow_ring::need_event;
-
-pub(crate) const F_AVAIL: u16 = 1 << VRING_PACKED_DESC_F_AVAIL;
-pub(crate) const F_USED: u16 = 1 << VRING_PACKED_DESC_F_USED;
-pub(crate) const EVENT_ENABLE: u16 = VRING_PACKED_EVENT_FLAG_ENABLE as u16;
-pub(crate) const EVENT_DISABLE: u16 = VRING_PACKED_EVENT_FLAG_DISABLE as u16;
-pub(crate) const EVENT_DESC: u16 = VRING_PACKED_EVENT_FLAG_DESC as u16;
+pub const F_AVAIL: u16 = 1 << VRING_PACKED_DESC_F_AVAIL;
+pub const F_USED: u16 = 1 << VRING_PACKED_DESC_F_USED;
+pub const EVENT_ENABLE: u16 = VRING_PACKED_EVENT_FLAG_ENABLE as u16;
+pub const EVENT_DISABLE: u16 = VRING_PACKED_EVENT_FLAG_DISABLE as u16;
+pub const EVENT_DESC: u16 = VRING_PACKED_EVENT_FLAG_DESC as u16;
 const WRAP: u16 = 1 << 15;
 
 /// A position in a packed ring and the wrap counter it is at. Both wrap
 /// counters start at 1 and flip each time the position passes the end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Pos {
+pub struct Pos {
     pub pos: u16,
     pub wrap: bool,
 }
@@ -116,13 +116,21 @@ impl Pos {
     }
 }
 
+/// `vring_need_event` from the virtio spec: has the index moved past `event`
+/// when it went from `old` to `new`? (Split rings' EVENT_IDX rule, which
+/// the packed DESC mode applies to positions.)
+#[inline]
+pub fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
 /// Does an event suppression structure `(flags, off_wrap)` ask for a
 /// notification now that the position moved from `old` to `new` (at most a
 /// ring apart)? DESC counts only under EVENT_IDX (otherwise the value is
 /// reserved and read as ENABLE); the offset is compared as Linux's
 /// `virtqueue_kick_prepare_packed` and QEMU's `vring_packed_need_event` do:
 /// an offset with the other wrap counter lies one lap back.
-pub(crate) fn wants_event(
+pub fn wants_event(
     flags: u16,
     off_wrap: u16,
     event_idx: bool,
