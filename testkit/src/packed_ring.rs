@@ -535,7 +535,7 @@ impl PackedRing {
     }
 
     /// Is there a used descriptor at the used position?
-    fn used_ready(&self) -> bool {
+    pub fn used_ready(&self) -> bool {
         is_used(self.load_flags(self.used), self.used_wrap)
     }
 
