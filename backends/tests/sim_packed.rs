@@ -7,8 +7,8 @@ mod sim_driver;
 use std::sync::Arc;
 use std::time::Instant;
 
-use backends::sim::{SimConfig, SimNet};
-use backends::{DeviceBackend, DmaRegion, VringAddrs};
+use backends::sim::{SimMode, SimNet};
+use backends::{DeviceBackend, VringAddrs};
 use sim_driver::*;
 use testkit::packed_ring::{
     encode_position, PackedRing, EVENT_DESC, EVENT_DISABLE, EVENT_ENABLE, PACKED_F_AVAIL,
@@ -84,22 +84,7 @@ struct PackedRig {
 impl PackedRig {
     fn new(features: u64, size: u16) -> PackedRig {
         let features = features | F_RING_PACKED;
-        let mut sim = SimNet::new(SimConfig::default()).unwrap();
-        assert_eq!(
-            sim.device_features() & features,
-            features,
-            "the sim offers RING_PACKED"
-        );
-        sim.set_features(features).unwrap();
-        sim.set_status(1 | 2 | 8).unwrap();
-        let region = memfd_region(2 * QUEUE_AREA as usize);
-        sim.dma_map(DmaRegion {
-            iova: IOVA_BASE,
-            memory: Arc::clone(&region),
-            readonly: false,
-        })
-        .unwrap();
-        let mem = driver_view(&region, IOVA_BASE);
+        let (mut sim, region, mem) = negotiated_sim(1, features, SimMode::Loopback);
         let mut q = Vec::new();
         for i in 0..2 {
             let base = IOVA_BASE + i as u64 * QUEUE_AREA;
@@ -135,6 +120,21 @@ impl PackedRig {
             mem,
             q,
         }
+    }
+
+    /// One packet of `len` bytes sent in `tx_segs` descriptors and
+    /// received whole in one RX buffer.
+    fn echo(&mut self, n: u64, len: usize, tx_segs: usize) {
+        let pkt = packet(len, n as u8);
+        self.post_rx(n, 1, 2048);
+        self.send(n, &pkt, tx_segs, false);
+        self.q[TX].wait_used(1);
+        let rx = self.q[RX].wait_used(1);
+        assert_bytes(
+            &self.q[RX].ring.read_written(&rx[0]),
+            &expected_rx(&pkt, 1),
+            &format!("packet {n}"),
+        );
     }
 
     /// Posts one RX chain of `segs` buffers of `seg_len` bytes.
@@ -272,10 +272,7 @@ fn tx_waits_for_rx_buffers_and_asks_for_the_kick() {
 fn interrupts_follow_the_driver_area() {
     let mut rig = PackedRig::new(F_VERSION_1 | F_EVENT_IDX, 8);
     let roundtrip = |rig: &mut PackedRig, n: u64| {
-        rig.post_rx(n, 1, 2048);
-        rig.send(n, &packet(64, n as u8), 1, false);
-        rig.q[TX].wait_used(1);
-        rig.q[RX].wait_used(1);
+        rig.echo(n, 64, 1);
         rig.sim.vring_base_packed(TX).unwrap();
     };
     // Let pop_used leave the driver areas alone from here.
@@ -313,16 +310,7 @@ fn the_ring_continues_from_a_packed_base() {
     assert!(rig.sim.set_vring_base_packed(RX, 8 | 8 << 16).is_err());
     rig.sim.resume().unwrap();
     for n in 0..6 {
-        let pkt = packet(200, n as u8);
-        rig.post_rx(n, 1, 2048);
-        rig.send(n, &pkt, 2, false);
-        rig.q[TX].wait_used(1);
-        let rx = rig.q[RX].wait_used(1);
-        assert_bytes(
-            &rig.q[RX].ring.read_written(&rx[0]),
-            &expected_rx(&pkt, 1),
-            "packet",
-        );
+        rig.echo(n, 200, 2);
     }
     // 5 + 6 slots: position 3 in the next lap (wrap counter 1 again).
     let end = u32::from(encode_position(3, true));
@@ -366,11 +354,7 @@ fn malformed_packed_chains_break_only_their_queue() {
     ];
     for (what, corrupt) in cases {
         let mut rig = PackedRig::new(F_VERSION_1, 8);
-        let pkt = packet(64, 1);
-        rig.post_rx(0, 1, 2048);
-        rig.send(0, &pkt, 1, false);
-        rig.q[TX].wait_used(1);
-        rig.q[RX].wait_used(1);
+        rig.echo(0, 64, 1);
         // Broken TX chain at the driver's next position.
         let pos = rig.q[TX].ring.avail_position() & 0x7fff;
         let buf = rig.q[TX].buf(100).0;
@@ -400,10 +384,7 @@ fn malformed_packed_chains_break_only_their_queue() {
         rig.q[TX].ring = fresh;
         rig.sim.set_vring_base_packed(TX, 0x8000_8000).unwrap();
         rig.sim.set_vring_enable(TX, true).unwrap();
-        rig.post_rx(1, 1, 2048);
-        rig.send(1, &pkt, 1, false);
-        rig.q[TX].wait_used(1);
-        rig.q[RX].wait_used(1);
+        rig.echo(1, 64, 1);
         assert!(!rig.sim.queue_stats(TX).unwrap().broken, "{what}");
     }
 }

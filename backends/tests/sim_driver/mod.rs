@@ -279,6 +279,38 @@ impl DriverQueue {
     }
 }
 
+/// A sim with `features` negotiated (FEATURES_OK, no DRIVER_OK yet) and a
+/// queue area per queue mapped at [`IOVA_BASE`]; the region and the
+/// driver's view of it.
+pub fn negotiated_sim(
+    pairs: u16,
+    features: u64,
+    mode: SimMode,
+) -> (SimNet, Arc<MmapRegion>, GuestMemoryMmap) {
+    let mut sim = SimNet::new(SimConfig {
+        queue_pairs: pairs,
+        mode,
+        ..SimConfig::default()
+    })
+    .unwrap();
+    assert_eq!(
+        sim.device_features() & features,
+        features,
+        "feature not offered"
+    );
+    sim.set_features(features).unwrap();
+    sim.set_status(1 | 2 | 8).unwrap();
+    let region = memfd_region(QUEUE_AREA as usize * 2 * usize::from(pairs));
+    sim.dma_map(DmaRegion {
+        iova: IOVA_BASE,
+        memory: Arc::clone(&region),
+        readonly: false,
+    })
+    .unwrap();
+    let mem = driver_view(&region, IOVA_BASE);
+    (sim, region, mem)
+}
+
 pub struct Rig {
     pub sim: SimNet,
     pub region: Arc<MmapRegion>,
@@ -295,28 +327,8 @@ impl Rig {
     }
 
     pub fn with_mode(pairs: u16, features: u64, qsize: u16, mode: SimMode) -> Rig {
-        let mut sim = SimNet::new(SimConfig {
-            queue_pairs: pairs,
-            mode,
-            ..SimConfig::default()
-        })
-        .unwrap();
-        assert_eq!(
-            sim.device_features() & features,
-            features,
-            "feature not offered"
-        );
-        sim.set_features(features).unwrap();
-        sim.set_status(1 | 2 | 8).unwrap();
+        let (mut sim, region, mem) = negotiated_sim(pairs, features, mode);
         let nq = 2 * usize::from(pairs);
-        let region = memfd_region(QUEUE_AREA as usize * nq);
-        sim.dma_map(DmaRegion {
-            iova: IOVA_BASE,
-            memory: Arc::clone(&region),
-            readonly: false,
-        })
-        .unwrap();
-        let mem = driver_view(&region, IOVA_BASE);
         let mut queues = Vec::new();
         for q in 0..nq {
             let dq = DriverQueue::new(&mem, IOVA_BASE + q as u64 * QUEUE_AREA, qsize, BUF)
