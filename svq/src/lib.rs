@@ -36,7 +36,7 @@ pub use dirty::{DirtyLog, NoDirtyLog};
 pub use error::SvqError;
 pub use memory::ShadowLayout;
 pub use shadow_virtqueue::{ShadowVirtqueue, Svq};
-pub use tracking_hook::InflightLog;
+pub use tracking_hook::{InflightLog, RingDesc};
 
 /// Transport/ring features the SVQ implements toward the guest. The daemon
 /// offers the guest at most `device features & SUPPORTED_FEATURES` for these
