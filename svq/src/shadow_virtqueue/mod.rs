@@ -14,8 +14,8 @@ use crate::layouts::{ChainHead, GuestQueue, ShadowQueue};
 use crate::memory::{ShadowLayout, ShadowMem};
 use crate::shadow_ring::ShadowSeg;
 use crate::{
-    CallOutcome, DirtyLog, GuestRing, InflightLog, RingIndexes, ShadowRingAddrs, StopState,
-    SvqConfig, SvqError, SvqStats, F_EVENT_IDX, F_INDIRECT_DESC, F_IN_ORDER,
+    CallOutcome, DirtyLog, GuestRing, InflightLog, RingDesc, RingIndexes, ShadowRingAddrs,
+    StopState, SvqConfig, SvqError, SvqStats, F_EVENT_IDX, F_INDIRECT_DESC, F_IN_ORDER,
 };
 use in_order::InOrder;
 
@@ -26,6 +26,17 @@ mod in_order;
 mod resubmit;
 
 pub use api::{ShadowVirtqueue, Svq};
+
+/// Where [`Relay::take_chain`] finds the chain.
+#[derive(Clone, Copy)]
+pub(super) enum ChainSource<'a> {
+    /// At the guest's next avail position.
+    Ring,
+    /// A resubmitted split-ring head.
+    Head(u16),
+    /// A resubmitted packed-ring chain, from the copies of its descriptors.
+    Copy(&'a [RingDesc]),
+}
 
 pub(crate) struct Relay<G, S> {
     cfg: SvqConfig,
@@ -314,7 +325,7 @@ impl<G: GuestQueue, S: ShadowQueue> Relay<G, S> {
         v: &G::View<'_>,
         iova: &IovaTree,
     ) -> Result<(), SvqError> {
-        let slots = self.take_chain(mem, v, iova, None)?;
+        let slots = self.take_chain(mem, v, iova, ChainSource::Ring)?;
         self.guest.advance(slots);
         Ok(())
     }
@@ -330,10 +341,10 @@ impl<G: GuestQueue, S: ShadowQueue> Relay<G, S> {
         mem: &GuestMemoryMmap,
         v: &G::View<'_>,
         iova: &IovaTree,
-        head: Option<u16>,
+        from: ChainSource<'_>,
     ) -> Result<u16, SvqError> {
         let mut guest_segs = std::mem::take(&mut self.guest_segs);
-        let r = self.walk_and_translate(mem, v, iova, head, &mut guest_segs);
+        let r = self.walk_and_translate(mem, v, iova, from, &mut guest_segs);
         self.guest_segs = guest_segs;
         let chain = r?;
         let head = chain.id;
@@ -342,7 +353,12 @@ impl<G: GuestQueue, S: ShadowQueue> Relay<G, S> {
             *b = true;
         }
         if let Some(l) = &self.inflight_log {
-            l.popped(head);
+            // Split rings keep nothing (a head names its chain): this is
+            // `popped` there, with no branch left after inlining.
+            match self.guest.kept_descs() {
+                Some(descs) => l.popped_packed(head, descs),
+                None => l.popped(head),
+            }
         }
         Ok(chain.slots)
     }
@@ -353,12 +369,13 @@ impl<G: GuestQueue, S: ShadowQueue> Relay<G, S> {
         mem: &GuestMemoryMmap,
         v: &G::View<'_>,
         iova: &IovaTree,
-        head: Option<u16>,
+        from: ChainSource<'_>,
         guest_segs: &mut Vec<GuestSeg>,
     ) -> Result<ChainHead, SvqError> {
-        let c = match head {
-            None => self.guest.walk_next(mem, v, guest_segs)?,
-            Some(h) => self.guest.walk_head(mem, v, h, guest_segs)?,
+        let c = match from {
+            ChainSource::Ring => self.guest.walk_next(mem, v, guest_segs)?,
+            ChainSource::Head(h) => self.guest.walk_head(mem, v, h, guest_segs)?,
+            ChainSource::Copy(descs) => self.guest.walk_copy(mem, v, descs, guest_segs)?,
         };
         if self.guest_busy.get(c.id as usize).copied().unwrap_or(false) {
             return Err(SvqError::HeadAlreadyInFlight { head: c.id });
@@ -537,6 +554,7 @@ impl<G: GuestQueue, S: ShadowQueue> Svq for Relay<G, S> {
 
     fn set_inflight_log(&mut self, log: Box<dyn InflightLog>) {
         self.inflight_log = Some(log);
+        self.guest.keep_descs();
     }
 
     fn min_writable(&self) -> u32 {
@@ -733,5 +751,14 @@ impl<G: GuestQueue, S: ShadowQueue> Svq for Relay<G, S> {
         iova: &IovaTree,
     ) -> Result<bool, SvqError> {
         self.resubmit_heads(heads, mem, iova)
+    }
+
+    fn resubmit_packed(
+        &mut self,
+        chains: &[Vec<RingDesc>],
+        mem: &GuestMemoryMmap,
+        iova: &IovaTree,
+    ) -> Result<bool, SvqError> {
+        self.resubmit_copies(chains, mem, iova)
     }
 }
