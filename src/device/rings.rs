@@ -705,7 +705,7 @@ impl Device {
     /// The VMM's INFLIGHT_SHMFD region, when the rings use its layout
     /// (fixed when the VMM asked for or gave it: features negotiated
     /// differently since make it useless to these rings).
-    fn inflight_region(&self) -> Option<Arc<InflightRegion>> {
+    pub(crate) fn inflight_region(&self) -> Option<Arc<InflightRegion>> {
         let want = if self.packed_negotiated() {
             Layout::Packed
         } else {
