@@ -404,6 +404,9 @@ impl Device {
             dev_call: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(backends::BackendError::Io)?),
         };
         let r = self.program_shadow(q, &svq, shadow_size, &res);
+        // Where the guest ring stands now (past resubmitted chains) until
+        // the worker's first pass publishes more.
+        self.stats[q].publish(&svq.stats());
         let r = r.and_then(|()| {
             self.workers[q / 2]
                 .attach_begin(Attach {

@@ -124,7 +124,10 @@ pub trait Svq: Send {
     /// Stop relaying. `device_next_avail` is the device's vring base on the
     /// shadow ring after it was suspended and `handle_device_call` ran once
     /// more. Chains the device never took and parked chains are given back
-    /// to the guest ring by rewinding its avail index over them.
+    /// to the guest ring by rewinding its avail index over them, except
+    /// resubmitted ones: those are not where a rewind would find them, and
+    /// stay in flight (last in [`StopState::in_flight`], still in the
+    /// in-flight log) for the next owner to resubmit again.
     ///
     /// Works on a broken queue too (the daemon still needs the indexes).
     /// On `InvalidDeviceBase` nothing changes and the call may be retried.

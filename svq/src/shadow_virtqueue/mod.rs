@@ -349,6 +349,7 @@ impl<G: GuestQueue, S: ShadowQueue> Relay<G, S> {
         let chain = r?;
         let head = chain.id;
         self.cur.guest_slots = chain.slots;
+        self.cur.resubmitted = !matches!(from, ChainSource::Ring);
         if let Some(b) = self.guest_busy.get_mut(head as usize) {
             *b = true;
         }
@@ -694,11 +695,25 @@ impl<G: GuestQueue, S: ShadowQueue> Svq for Relay<G, S> {
             self.not_taken = not_taken;
             return Err(bad);
         }
+        // A resubmitted chain the device never took stays in flight: it is
+        // not on the guest ring where a rewind would find it (the ring
+        // slots before the start avail position hold whatever the guest
+        // and the old daemon left; on a packed ring used descriptors), so
+        // it goes to the next owner the way it came, from the in-flight
+        // region. Resubmitted chains were placed first, so the chains given
+        // back are still the newest: the rewind covers exactly them.
         let mut slots = 0u32;
+        let mut returned = 0usize;
+        let mut kept = Vec::new();
         for &(_, id) in &not_taken {
             if let Some(e) = self.inflight.remove(id as u32) {
-                slots += u32::from(e.guest_slots);
                 self.shadow.free_chain(id, e.ndescs, e.table);
+                if e.resubmitted {
+                    kept.push(e.guest_head);
+                    continue;
+                }
+                returned += 1;
+                slots += u32::from(e.guest_slots);
                 if let Some(b) = self.guest_busy.get_mut(e.guest_head as usize) {
                     *b = false;
                 }
@@ -707,13 +722,17 @@ impl<G: GuestQueue, S: ShadowQueue> Svq for Relay<G, S> {
                 }
             }
         }
-        let chains = not_taken.len() + self.parked.len();
         if let Some(o) = &mut self.ordered {
             o.forget_newest(not_taken.len());
         }
         self.not_taken = not_taken;
         self.shadow.unpublish_to(device_next_avail);
         for c in self.parked.drain(..) {
+            if c.resubmitted {
+                kept.push(c.guest_head);
+                continue;
+            }
+            returned += 1;
             slots += u32::from(c.guest_slots);
             if let Some(b) = self.guest_busy.get_mut(c.guest_head as usize) {
                 *b = false;
@@ -722,6 +741,7 @@ impl<G: GuestQueue, S: ShadowQueue> Svq for Relay<G, S> {
                 l.returned(c.guest_head);
             }
         }
+        let chains = returned;
         self.guest.rewind(chains as u16, slots);
         self.stopped = true;
         let state = StopState {
@@ -729,11 +749,15 @@ impl<G: GuestQueue, S: ShadowQueue> Svq for Relay<G, S> {
                 avail: self.guest.next_avail(),
                 used: self.guest.next_used(),
             },
-            in_flight: match &self.ordered {
-                // Completed but waiting for an older chain count too: the
-                // guest has not seen them.
-                Some(o) => o.guest_heads(),
-                None => self.inflight.guest_heads_in_order(),
+            in_flight: {
+                let mut heads = match &self.ordered {
+                    // Completed but waiting for an older chain count too:
+                    // the guest has not seen them.
+                    Some(o) => o.guest_heads(),
+                    None => self.inflight.guest_heads_in_order(),
+                };
+                heads.extend(kept);
+                heads
             },
         };
         log::debug!(

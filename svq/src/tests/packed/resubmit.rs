@@ -264,3 +264,55 @@ fn resubmitted_copies_are_checked() {
         })
     ));
 }
+
+/// A stop right after a restart, before the device took the resubmitted
+/// chains: they stay in flight (the guest ring no longer holds them where
+/// a rewind would look), the avail position stays past them, and the next
+/// SVQ resubmits them again; each completes once.
+#[test]
+fn resubmitted_chains_the_device_never_took_stay_in_flight() {
+    for shadow_packed in BOTH {
+        let mut f = Fixture::new(8, 8, shadow_packed, 0);
+        let log = Copies::default();
+        f.svq.set_inflight_log(Box::new(log.clone()));
+        let a = f.add(&[(64, true)], 0);
+        let b = f.add(&[(16, false), (64, true)], 1);
+        let c = f.add(&[(64, true)], 2);
+        f.kick().unwrap();
+        let taken = f.take();
+        // a completes; b and c stay with the device.
+        f.complete(&taken[0], 64, 1);
+        f.call().unwrap();
+        assert_eq!(f.drv.pop_used().unwrap()[0].tag, 0);
+        let st = restart(&mut f, shadow_packed, &log);
+        f.svq
+            .resubmit_packed(&copies(&log), &f.mem, &f.tree)
+            .unwrap();
+        // One more chain popped after the resubmitted ones: given back.
+        let d = f.add(&[(64, true)], 3);
+        f.kick().unwrap();
+        let start = if shadow_packed { 0x8000 } else { 0 };
+        let stopped = f.svq.stop(&f.mem, start).unwrap();
+        assert_eq!(stopped.in_flight, [b, c], "shadow packed: {shadow_packed}");
+        assert_eq!(stopped.indexes, st, "rewound over d only");
+        assert_eq!(log.chains().iter().map(|c| c.0).collect::<Vec<_>>(), [b, c]);
+        let _ = (a, d);
+        // The next daemon: b and c again, then d from the ring.
+        restart(&mut f, shadow_packed, &log);
+        f.svq
+            .resubmit_packed(&copies(&log), &f.mem, &f.tree)
+            .unwrap();
+        f.kick().unwrap();
+        let again = f.take();
+        assert_eq!(again.len(), 3);
+        for t in &again {
+            f.complete(t, 64, 2);
+        }
+        f.call().unwrap();
+        let tags: Vec<u64> = f.drv.pop_used().unwrap().iter().map(|u| u.tag).collect();
+        assert_eq!(tags, [1, 2, 3], "each once");
+        assert_eq!(f.drv.num_inflight(), 0);
+        assert!(log.chains().is_empty());
+        f.positions_agree();
+    }
+}
