@@ -62,8 +62,8 @@ pub struct Args {
     pub in_order: bool,
     /// Offer VIRTIO_F_RING_PACKED when the device offers it (a vhost-user
     /// device or the software NIC). Relayed in passthrough and shadow mode alike: the shadow
-    /// rings are packed too. Rings are not resubmitted from an
-    /// INFLIGHT_SHMFD region (its packed layout is not implemented).
+    /// rings are packed too, and the INFLIGHT_SHMFD region has the packed
+    /// layout (DPDK's).
     #[arg(long)]
     pub packed: bool,
     /// CPUs for the queue-pair workers, e.g. 2,3 or 2-5: worker N runs on

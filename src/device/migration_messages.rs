@@ -15,6 +15,7 @@ use super::error::Result;
 use super::model::{Device, LOG};
 use super::postcopy_session::{PostcopyError, PostcopySession};
 use crate::migration::control::Migration;
+use crate::migration::inflight_region::Layout;
 
 impl Device {
     pub fn set_device_state_fd(
@@ -44,17 +45,32 @@ impl Device {
         Ok(r?)
     }
 
+    /// The in-flight region's layout: the rings' as negotiated now (QEMU
+    /// sends SET_FEATURES before GET_INFLIGHT_FD; DPDK picks the layout
+    /// from the features at that point too).
+    fn inflight_layout(&self) -> Layout {
+        if self.packed_negotiated() {
+            Layout::Packed
+        } else {
+            Layout::Split
+        }
+    }
+
     pub fn get_inflight_fd(
         &mut self,
         req: &VhostUserInflight,
     ) -> Result<(VhostUserInflight, File)> {
         let (queues, size) = (self.num_queues() as u16, self.max_queue_size);
-        Ok(self.migration.get_inflight_fd(req, queues, size)?)
+        let layout = self.inflight_layout();
+        Ok(self.migration.get_inflight_fd(req, queues, size, layout)?)
     }
 
     pub fn set_inflight_fd(&mut self, req: &VhostUserInflight, file: &File) -> Result<()> {
         let (queues, size) = (self.num_queues() as u16, self.max_queue_size);
-        Ok(self.migration.set_inflight_fd(req, file, queues, size)?)
+        let layout = self.inflight_layout();
+        Ok(self
+            .migration
+            .set_inflight_fd(req, file, queues, size, layout)?)
     }
 }
 

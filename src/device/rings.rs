@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use backends::VringAddrs;
 use iova::AddrSpace;
-use svq::{GuestRing, RingIndexes, ShadowVirtqueue, SvqConfig};
+use packed_ring::Pos;
+use svq::{GuestRing, RingDesc, RingIndexes, ShadowVirtqueue, SvqConfig};
 use virtio_features::status;
 use vm_memory::{Bytes, GuestAddress, MmapRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -14,8 +15,30 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::error::{DeviceError, Result};
 use super::model::{Device, Running, ShadowRes, LOG};
 use super::shadow_arena::ShadowArena;
+use crate::migration::inflight_region::{InflightRegion, Layout};
 use crate::migration::state_machine::MigState;
 use crate::worker::{Attach, PendingReply};
+
+/// Guest chains an SVQ relays before any new one: what was in flight when
+/// the previous daemon (or ring) stopped, from the INFLIGHT_SHMFD region.
+#[derive(Debug)]
+pub(crate) enum Resubmit {
+    /// Split ring: heads, walked from the guest descriptor table.
+    Heads(Vec<u16>),
+    /// Packed ring: the copies of each chain's ring descriptors.
+    Packed(Vec<Vec<RingDesc>>),
+}
+
+impl Resubmit {
+    const NONE: Resubmit = Resubmit::Heads(Vec::new());
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Resubmit::Heads(h) => h.is_empty(),
+            Resubmit::Packed(c) => c.is_empty(),
+        }
+    }
+}
 
 /// A shadowed queue handed to its worker, answer pending.
 pub(crate) struct ShadowStart {
@@ -217,8 +240,8 @@ impl Device {
     /// Heads the INFLIGHT_SHMFD region holds for `q` (a restarted VMM or
     /// daemon) are resubmitted before any new avail entry.
     pub(crate) fn start_shadow(&mut self, q: usize, idx: RingIndexes) -> Result<()> {
-        let (idx, heads) = self.inflight_to_resubmit(q, idx);
-        let started = self.start_shadow_with(q, idx, &heads)?;
+        let (idx, resubmit) = self.inflight_to_resubmit(q, idx);
+        let started = self.start_shadow_with(q, idx, &resubmit)?;
         self.start_shadow_finish(q, started)
     }
 
@@ -226,28 +249,31 @@ impl Device {
     /// continues: at the guest used idx plus the heads in flight (as
     /// libvhost-user does), since a VMM that lost the back-end sets the
     /// vring base to the used idx and the in-flight heads sit before it.
-    fn inflight_to_resubmit(&self, q: usize, idx: RingIndexes) -> (RingIndexes, Vec<u16>) {
+    fn inflight_to_resubmit(&self, q: usize, idx: RingIndexes) -> (RingIndexes, Resubmit) {
         let Some(region) = self.inflight_region() else {
-            return (idx, Vec::new());
+            return (idx, Resubmit::NONE);
         };
+        if region.layout() == Layout::Packed {
+            return self.inflight_to_resubmit_packed(q, idx, &region);
+        }
         let Some(iq) = u16::try_from(q).ok().and_then(|q| region.queue(q)) else {
-            return (idx, Vec::new());
+            return (idx, Resubmit::NONE);
         };
         if iq.version() == 0 {
-            return (idx, Vec::new());
+            return (idx, Resubmit::NONE);
         }
         let Some((_, used)) = self.read_guest_indexes(q) else {
-            return (idx, Vec::new());
+            return (idx, Resubmit::NONE);
         };
         let heads = match iq.recover(used) {
             Ok(h) => h,
             Err(e) => {
                 log::warn!(target: LOG, "{}: queue {q}: in-flight region: {e}", self.name);
-                return (idx, Vec::new());
+                return (idx, Resubmit::NONE);
             }
         };
         if heads.is_empty() {
-            return (idx, heads);
+            return (idx, Resubmit::NONE);
         }
         let avail = used.wrapping_add(heads.len() as u16);
         if idx.avail != avail && idx.avail != used {
@@ -255,20 +281,78 @@ impl Device {
                 {avail} past the {} heads in flight; continuing at {avail}", self.name, idx.avail, heads.len());
         }
         log::info!(target: LOG, "{}: queue {q}: resubmitting {} heads in flight", self.name, heads.len());
-        (RingIndexes { avail, used }, heads)
+        (RingIndexes { avail, used }, Resubmit::Heads(heads))
+    }
+
+    /// As `inflight_to_resubmit`, packed layout: the region knows the
+    /// guest's used position (a packed ring has no used index to read),
+    /// and the guest avail position is past the slots of the chains in
+    /// flight. An interrupted completion is finished or undone by looking
+    /// at the guest ring's descriptor where it would have been written.
+    fn inflight_to_resubmit_packed(
+        &self,
+        q: usize,
+        idx: RingIndexes,
+        region: &InflightRegion,
+    ) -> (RingIndexes, Resubmit) {
+        let Some(pq) = u16::try_from(q).ok().and_then(|q| region.packed_queue(q)) else {
+            return (idx, Resubmit::NONE);
+        };
+        let (num, addrs) = (self.vrings[q].num, self.vrings[q].addrs);
+        if pq.version() == 0 || region.queue_size() != num {
+            if pq.version() != 0 {
+                log::warn!(target: LOG, "{}: queue {q}: in-flight region is for rings of {}, the ring has {num};                     nothing resubmitted", self.name, region.queue_size());
+            }
+            return (idx, Resubmit::NONE);
+        }
+        let Some(desc) = addrs.map(|a| a.desc) else {
+            return (idx, Resubmit::NONE);
+        };
+        let mem = &self.guest_mem;
+        // (flags, id) of the guest's descriptor at `pos`.
+        let guest_desc = |pos: u16| -> Option<(u16, u16)> {
+            if pos >= num {
+                return None;
+            }
+            let at = desc.checked_add(16 * u64::from(pos))?;
+            let id: u16 = mem.read_obj(GuestAddress(at.checked_add(12)?)).ok()?;
+            let flags: u16 = mem.read_obj(GuestAddress(at.checked_add(14)?)).ok()?;
+            Some((u16::from_le(flags), u16::from_le(id)))
+        };
+        let rec = match pq.recover(&guest_desc) {
+            Ok(r) => r,
+            Err(e) => {
+                log::warn!(target: LOG, "{}: queue {q}: in-flight region: {e}; nothing resubmitted", self.name);
+                return (idx, Resubmit::NONE);
+            }
+        };
+        if rec.chains.is_empty() {
+            return (idx, Resubmit::NONE);
+        }
+        let start = RingIndexes {
+            avail: rec.avail(num).encode(),
+            used: rec.used.encode(),
+        };
+        if idx != start {
+            log::warn!(target: LOG, "{}: queue {q}: vring base {:#06x}/{:#06x} is not the in-flight region's                 {:#06x}/{:#06x} (used position, past {} chains in flight); continuing at the region's",
+                self.name, idx.avail, idx.used, start.avail, start.used, rec.chains.len());
+        }
+        log::info!(target: LOG, "{}: queue {q}: resubmitting {} packed chains in flight", self.name, rec.chains.len());
+        let chains = rec.chains.into_iter().map(|c| c.descs).collect();
+        (start, Resubmit::Packed(chains))
     }
 
     /// Everything up to handing the SVQ to the worker (not waited for).
     pub(crate) fn start_shadow_begin(&mut self, q: usize, idx: RingIndexes) -> Result<ShadowStart> {
-        self.start_shadow_with(q, idx, &[])
+        self.start_shadow_with(q, idx, &Resubmit::NONE)
     }
 
-    /// As `start_shadow_begin`, relaying `resubmit` (guest heads) first.
+    /// As `start_shadow_begin`, relaying `resubmit` (guest chains) first.
     fn start_shadow_with(
         &mut self,
         q: usize,
         idx: RingIndexes,
-        resubmit: &[u16],
+        resubmit: &Resubmit,
     ) -> Result<ShadowStart> {
         let v = &self.vrings[q];
         let a = v.addrs.ok_or(DeviceError::NoMemTable { queue: q })?;
@@ -298,13 +382,15 @@ impl Device {
             // waiting for room forever.
             svq.set_min_writable(net_header_len(cfg.guest_features));
         }
-        if let Some(log) = self.inflight_log(q, resubmit.is_empty()) {
+        if let Some(log) = self.inflight_log(q, resubmit.is_empty(), idx) {
             svq.set_inflight_log(Box::new(log));
         }
         // Before the device gets the shadow ring: it starts with them.
-        let kick_resubmitted = svq
-            .resubmit(resubmit, &self.guest_mem, &self.tree)
-            .map_err(svq_err)?;
+        let kick_resubmitted = match resubmit {
+            Resubmit::Heads(heads) => svq.resubmit(heads, &self.guest_mem, &self.tree),
+            Resubmit::Packed(chains) => svq.resubmit_packed(chains, &self.guest_mem, &self.tree),
+        }
+        .map_err(svq_err)?;
         let mem = svq.shadow_memory();
         let hva = mem.as_ptr() as u64;
         let iova = self
@@ -318,6 +404,9 @@ impl Device {
             dev_call: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(backends::BackendError::Io)?),
         };
         let r = self.program_shadow(q, &svq, shadow_size, &res);
+        // Where the guest ring stands now (past resubmitted chains) until
+        // the worker's first pass publishes more.
+        self.stats[q].publish(&svq.stats());
         let r = r.and_then(|()| {
             self.workers[q / 2]
                 .attach_begin(Attach {
@@ -550,14 +639,28 @@ impl Device {
     /// over, and would otherwise be resubmitted after a later restart.
     /// Passthrough rings are not tracked: the device owns the ring there
     /// (a vhost-user device would need its own INFLIGHT_SHMFD; sim and vdpa
-    /// have none).
+    /// have none). A packed ring starting at `start` without resubmitting
+    /// also gets the region's used position set to its own (the region
+    /// counts a packed ring's positions itself).
     fn inflight_log(
         &self,
         q: usize,
         clear_stale: bool,
+        start: RingIndexes,
     ) -> Option<crate::migration::region_hook::RegionLog> {
         let region = self.inflight_region()?;
         let q16 = u16::try_from(q).ok()?;
+        if let Some(pq) = region.packed_queue(q16) {
+            let num = self.vrings[q].num;
+            if region.queue_size() != num {
+                log::warn!(target: LOG, "{}: queue {q}: in-flight region is for rings of {}, the ring has {num};                     not tracked", self.name, region.queue_size());
+                return None;
+            }
+            if clear_stale {
+                pq.reset(Pos::decode(start.used));
+            }
+            return crate::migration::region_hook::RegionLog::new(region, q16);
+        }
         let iq = region.queue(q16)?;
         if clear_stale {
             let stale = iq.resubmit_list();
@@ -573,10 +676,25 @@ impl Device {
 
     /// Heads the device kept when a ring stopped go to the INFLIGHT_SHMFD
     /// region (when the VMM gave one), so a restarted VMM resubmits them.
+    /// A packed ring's chains need their descriptors, which only the SVQ's
+    /// hook had: they are in the region already, or cannot be put there.
     fn record_in_flight(&mut self, q: usize, heads: &[u16]) {
         let Some(region) = self.inflight_region() else {
             return;
         };
+        if let Some(pq) = u16::try_from(q).ok().and_then(|q| region.packed_queue(q)) {
+            let held: Vec<u16> = pq
+                .chains()
+                .unwrap_or_default()
+                .iter()
+                .map(|c| c.id())
+                .collect();
+            let missing = heads.iter().filter(|h| !held.contains(h)).count();
+            if missing > 0 {
+                log::warn!(target: LOG, "{}: queue {q}: {missing} packed chains in flight are not in the                     in-flight region; a restart cannot resubmit them", self.name);
+            }
+            return;
+        }
         let Some(iq) = u16::try_from(q).ok().and_then(|q| region.queue(q)) else {
             return;
         };
@@ -587,13 +705,16 @@ impl Device {
         }
     }
 
-    /// The VMM's INFLIGHT_SHMFD region, when the rings use its layout:
-    /// split rings only (its packed layout is not implemented, so packed
-    /// rings are neither tracked nor resubmitted).
-    fn inflight_region(&self) -> Option<Arc<crate::migration::inflight_region::InflightRegion>> {
-        self.migration
-            .inflight()
-            .filter(|_| !self.packed_negotiated())
+    /// The VMM's INFLIGHT_SHMFD region, when the rings use its layout
+    /// (fixed when the VMM asked for or gave it: features negotiated
+    /// differently since make it useless to these rings).
+    pub(crate) fn inflight_region(&self) -> Option<Arc<InflightRegion>> {
+        let want = if self.packed_negotiated() {
+            Layout::Packed
+        } else {
+            Layout::Split
+        };
+        self.migration.inflight().filter(|r| r.layout() == want)
     }
 
     /// Where a device stopped or suspended stands on the ring it works on

@@ -14,7 +14,7 @@ use vhost::vhost_user::message::{
 };
 
 use super::dirty_log::{DirtyBitmap, DirtyLogError, SharedDirtyLog};
-use super::inflight_region::{InflightError, InflightRegion};
+use super::inflight_region::{InflightError, InflightRegion, Layout};
 use super::state_machine::{Direction, Failure, MigState, MigrationState, TransitionError};
 use super::stream::{DeviceState, Limits, StateError};
 use super::transfer::{Outcome, Transfer, TransferError};
@@ -258,8 +258,10 @@ impl Migration {
         req: &VhostUserInflight,
         max_queues: u16,
         max_queue_size: u16,
+        layout: Layout,
     ) -> Result<(VhostUserInflight, File), MigrationError> {
-        let (region, reply, file) = InflightRegion::allocate(req, max_queues, max_queue_size)?;
+        let (region, reply, file) =
+            InflightRegion::allocate(req, max_queues, max_queue_size, layout)?;
         self.inflight = Some(Arc::new(region));
         Ok((reply, file))
     }
@@ -271,8 +273,9 @@ impl Migration {
         file: &File,
         max_queues: u16,
         max_queue_size: u16,
+        layout: Layout,
     ) -> Result<(), MigrationError> {
-        let region = InflightRegion::map(req, file, max_queues, max_queue_size)?;
+        let region = InflightRegion::map(req, file, max_queues, max_queue_size, layout)?;
         self.inflight = Some(Arc::new(region));
         Ok(())
     }
@@ -507,17 +510,18 @@ mod tests {
     fn inflight_messages() {
         let mut m = mig();
         let (reply, file) = m
-            .get_inflight_fd(&VhostUserInflight::new(0, 0, 2, 64), 2, 256)
+            .get_inflight_fd(&VhostUserInflight::new(0, 0, 2, 64), 2, 256, Layout::Split)
             .unwrap();
         m.inflight().unwrap().queue(1).unwrap().mark(3, 0).unwrap();
         m.reset();
-        m.set_inflight_fd(&reply, &file, 2, 256).unwrap();
+        m.set_inflight_fd(&reply, &file, 2, 256, Layout::Split)
+            .unwrap();
         assert_eq!(
             m.inflight().unwrap().queue(1).unwrap().recover(0).unwrap(),
             vec![3]
         );
         assert!(m
-            .get_inflight_fd(&VhostUserInflight::new(0, 0, 3, 64), 2, 256)
+            .get_inflight_fd(&VhostUserInflight::new(0, 0, 3, 64), 2, 256, Layout::Split)
             .is_err());
     }
 }

@@ -1,11 +1,14 @@
 //! The vhost-user in-flight region (INFLIGHT_SHMFD: GET_INFLIGHT_FD /
-//! SET_INFLIGHT_FD) for split rings, so that after the daemon (or the VMM)
+//! SET_INFLIGHT_FD), so that after the daemon (or the VMM)
 //! restarts, buffers the device took but never completed are resubmitted.
 //!
 //! Source of the layout and the procedure: QEMU `docs/interop/vhost-user.rst`,
 //! section "Inflight I/O tracking" (read through the project's reference
 //! search, cross-checked with libvhost-user's `VuDescStateSplit` /
-//! `VuVirtqInflight`). One region per queue, back to back:
+//! `VuVirtqInflight`). The region has the layout of the rings negotiated
+//! when it is allocated or mapped ([`Layout`]); this file is the split one,
+//! `inflight_region_packed.rs` the packed one. One region per queue, back
+//! to back:
 //!
 //! ```text
 //! QueueRegionSplit { features: u64, version: u16 (1; 0 = uninitialized),
@@ -29,6 +32,7 @@ use vhost::vhost_user::message::VhostUserInflight;
 
 use hostmem::memfd;
 
+use super::inflight_region_packed::{packed_queue_region_size, PackedInflightQueue};
 use super::mapping::{MapError, SharedMapping};
 
 const LOG: &str = "inflight";
@@ -78,9 +82,43 @@ pub enum InflightError {
     BadHead { queue: u16, head: u16, size: u16 },
     #[error("queue {queue}: in-flight region not initialized")]
     Uninitialized { queue: u16 },
+    #[error("queue {queue}: in-flight region is corrupt: {what} (entry {entry})")]
+    Corrupt {
+        queue: u16,
+        what: &'static str,
+        entry: u16,
+    },
+    #[error(
+        "queue {queue}: a chain of {descs} descriptors for the in-flight region (1 to {size})"
+    )]
+    ChainLength { queue: u16, descs: usize, size: u16 },
+    #[error("queue {queue}: in-flight region has no free entry left")]
+    NoFreeEntry { queue: u16 },
+    #[error("queue {queue}: in-flight entry {entry} is not in flight")]
+    NotInFlight { queue: u16, entry: u16 },
+    #[error("queue {queue}: cannot read the guest ring at position {position} to finish an interrupted completion")]
+    GuestRingUnreadable { queue: u16, position: u16 },
 }
 
-/// Bytes of one queue's region.
+/// Which layout a region has: the one of the rings negotiated when the
+/// VMM asked for it (DPDK: `vq_is_packed(dev)` in GET/SET_INFLIGHT_FD).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    Split,
+    Packed,
+}
+
+impl Layout {
+    /// Bytes of one queue's region.
+    pub fn queue_region_size(self, queue_size: u16) -> u64 {
+        match self {
+            Layout::Split => queue_region_size(queue_size),
+            Layout::Packed => packed_queue_region_size(queue_size),
+        }
+    }
+}
+
+/// Bytes of one queue's region in the split layout.
 pub fn queue_region_size(queue_size: u16) -> u64 {
     let raw = (HEADER + DESC * usize::from(queue_size)) as u64;
     raw.div_ceil(ALIGN) * ALIGN
@@ -93,6 +131,7 @@ pub struct InflightRegion {
     num_queues: u16,
     queue_size: u16,
     stride: usize,
+    layout: Layout,
 }
 
 fn check_geometry(
@@ -120,15 +159,14 @@ impl InflightRegion {
         req: &VhostUserInflight,
         max_queues: u16,
         max_queue_size: u16,
+        layout: Layout,
     ) -> Result<(Self, VhostUserInflight, File), InflightError> {
         check_geometry(req.num_queues, req.queue_size, max_queues, max_queue_size)?;
-        let size = queue_region_size(req.queue_size) * u64::from(req.num_queues);
+        let size = layout.queue_region_size(req.queue_size) * u64::from(req.num_queues);
         let file = memfd(c"svq-relay-inflight", size).map_err(InflightError::Alloc)?;
-        let region = Self::map_checked(&file, size, 0, req.num_queues, req.queue_size)?;
+        let region = Self::map_checked(&file, size, 0, req.num_queues, req.queue_size, layout)?;
         for q in 0..req.num_queues {
-            if let Some(r) = region.queue(q) {
-                r.init();
-            }
+            region.init_queue(q);
         }
         let reply = VhostUserInflight::new(size, 0, req.num_queues, req.queue_size);
         Ok((region, reply, file))
@@ -143,9 +181,10 @@ impl InflightRegion {
         file: &File,
         max_queues: u16,
         max_queue_size: u16,
+        layout: Layout,
     ) -> Result<Self, InflightError> {
         check_geometry(req.num_queues, req.queue_size, max_queues, max_queue_size)?;
-        let need = queue_region_size(req.queue_size) * u64::from(req.num_queues);
+        let need = layout.queue_region_size(req.queue_size) * u64::from(req.num_queues);
         if req.mmap_size < need {
             return Err(InflightError::TooSmall {
                 have: req.mmap_size,
@@ -160,25 +199,44 @@ impl InflightRegion {
             req.mmap_offset,
             req.num_queues,
             req.queue_size,
+            layout,
         )?;
         for q in 0..req.num_queues {
-            if let Some(r) = region.queue(q) {
-                match r.version() {
-                    0 => r.init(),
-                    INFLIGHT_VERSION => {
-                        if r.desc_num() != req.queue_size {
-                            return Err(InflightError::DescNum {
-                                queue: q,
-                                desc_num: r.desc_num(),
-                                queue_size: req.queue_size,
-                            });
-                        }
+            // Both layouts start with features, version, desc_num.
+            let (version, desc_num) = region.header(q);
+            match version {
+                0 => region.init_queue(q),
+                INFLIGHT_VERSION => {
+                    if desc_num != req.queue_size {
+                        return Err(InflightError::DescNum {
+                            queue: q,
+                            desc_num,
+                            queue_size: req.queue_size,
+                        });
                     }
-                    version => return Err(InflightError::Version { queue: q, version }),
                 }
+                version => return Err(InflightError::Version { queue: q, version }),
             }
         }
         Ok(region)
+    }
+
+    fn init_queue(&self, q: u16) {
+        if let Some(r) = self.queue(q) {
+            r.init();
+        }
+        if let Some(r) = self.packed_queue(q) {
+            r.init();
+        }
+    }
+
+    /// Queue `q`'s version and desc_num, whatever the layout.
+    fn header(&self, q: u16) -> (u16, u16) {
+        match (self.queue(q), self.packed_queue(q)) {
+            (Some(r), _) => (r.version(), r.desc_num()),
+            (_, Some(r)) => (r.version(), r.desc_num()),
+            _ => (0, 0),
+        }
     }
 
     fn map_checked(
@@ -187,6 +245,7 @@ impl InflightRegion {
         offset: u64,
         num_queues: u16,
         queue_size: u16,
+        layout: Layout,
     ) -> Result<Self, InflightError> {
         // 8-byte alignment: the counters are u64 atomics.
         let map = SharedMapping::new(file, offset, size, 1 << 32, 8)?;
@@ -194,8 +253,13 @@ impl InflightRegion {
             map,
             num_queues,
             queue_size,
-            stride: queue_region_size(queue_size) as usize,
+            stride: layout.queue_region_size(queue_size) as usize,
+            layout,
         })
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
     }
 
     pub fn num_queues(&self) -> u16 {
@@ -206,9 +270,21 @@ impl InflightRegion {
         self.queue_size
     }
 
-    /// The region of queue `q`.
+    /// The region of queue `q` (split layout).
     pub fn queue(&self, q: u16) -> Option<InflightQueue<'_>> {
-        (q < self.num_queues).then(|| InflightQueue {
+        (q < self.num_queues && self.layout == Layout::Split).then(|| InflightQueue {
+            map: &self.map,
+            base: usize::from(q) * self.stride,
+            queue: q,
+            size: self.queue_size,
+        })
+    }
+}
+
+impl InflightRegion {
+    /// The region of queue `q` (packed layout).
+    pub fn packed_queue(&self, q: u16) -> Option<PackedInflightQueue<'_>> {
+        (q < self.num_queues && self.layout == Layout::Packed).then(|| PackedInflightQueue {
             map: &self.map,
             base: usize::from(q) * self.stride,
             queue: q,
@@ -415,7 +491,8 @@ mod tests {
 
     #[test]
     fn allocation_and_layout() {
-        let (r, reply, file) = InflightRegion::allocate(&req(2, 8), 4, 1024).unwrap();
+        let (r, reply, file) =
+            InflightRegion::allocate(&req(2, 8), 4, 1024, Layout::Split).unwrap();
         assert_eq!(reply.mmap_size, 2 * queue_region_size(8));
         assert_eq!(reply.mmap_offset, 0);
         assert_eq!((reply.num_queues, reply.queue_size), (2, 8));
@@ -447,28 +524,29 @@ mod tests {
             (1, 12, "queue size 12"),
             (1, 2048, "queue size 2048"),
         ] {
-            let e = match InflightRegion::allocate(&req(nq, qs), 4, 1024) {
+            let e = match InflightRegion::allocate(&req(nq, qs), 4, 1024, Layout::Split) {
                 Ok(_) => panic!("{nq} queues of {qs} accepted"),
                 Err(e) => e.to_string(),
             };
             assert!(e.contains(want), "{e}");
         }
-        let (_r, reply, file) = InflightRegion::allocate(&req(2, 8), 4, 1024).unwrap();
+        let (_r, reply, file) =
+            InflightRegion::allocate(&req(2, 8), 4, 1024, Layout::Split).unwrap();
         let mut short = reply;
         short.mmap_size -= 1;
-        let e = InflightRegion::map(&short, &file, 4, 1024)
+        let e = InflightRegion::map(&short, &file, 4, 1024, Layout::Split)
             .unwrap_err()
             .to_string();
         assert!(e.contains("needed for 2 queues of 8"), "{e}");
         let mut beyond = reply;
         beyond.mmap_offset = 64;
-        let e = InflightRegion::map(&beyond, &file, 4, 1024)
+        let e = InflightRegion::map(&beyond, &file, 4, 1024, Layout::Split)
             .unwrap_err()
             .to_string();
         assert!(e.contains("file holds"), "{e}");
         let mut wrong = reply;
         wrong.queue_size = 4; // smaller geometry fits but desc_num disagrees
-        let e = InflightRegion::map(&wrong, &file, 4, 1024)
+        let e = InflightRegion::map(&wrong, &file, 4, 1024, Layout::Split)
             .unwrap_err()
             .to_string();
         assert!(e.contains("holds 8 descriptors, the queue has 4"), "{e}");
@@ -477,7 +555,7 @@ mod tests {
     }
 
     fn r_bad_head(file: &File, reply: VhostUserInflight) -> String {
-        let r = InflightRegion::map(&reply, file, 4, 1024).unwrap();
+        let r = InflightRegion::map(&reply, file, 4, 1024, Layout::Split).unwrap();
         let q = r.queue(0).unwrap();
         assert!(!q.is_in_flight(8));
         q.mark(8, 0).unwrap_err().to_string()
@@ -485,9 +563,10 @@ mod tests {
 
     #[test]
     fn unknown_version_is_refused() {
-        let (_r, reply, file) = InflightRegion::allocate(&req(1, 8), 4, 1024).unwrap();
+        let (_r, reply, file) =
+            InflightRegion::allocate(&req(1, 8), 4, 1024, Layout::Split).unwrap();
         file.write_all_at(&7u16.to_le_bytes(), 8).unwrap();
-        let e = InflightRegion::map(&reply, &file, 4, 1024)
+        let e = InflightRegion::map(&reply, &file, 4, 1024, Layout::Split)
             .unwrap_err()
             .to_string();
         assert!(e.contains("version 7 is not supported"), "{e}");
@@ -497,7 +576,7 @@ mod tests {
     fn uninitialized_region_from_the_vmm_is_initialized() {
         let file = memfd(c"t", 2 * queue_region_size(16)).unwrap();
         let msg = VhostUserInflight::new(2 * queue_region_size(16), 0, 2, 16);
-        let r = InflightRegion::map(&msg, &file, 2, 256).unwrap();
+        let r = InflightRegion::map(&msg, &file, 2, 256, Layout::Split).unwrap();
         let q = r.queue(1).unwrap();
         assert_eq!((q.version(), q.desc_num()), (1, 16));
         assert_eq!(q.recover(0).unwrap(), Vec::<u16>::new());
@@ -505,7 +584,8 @@ mod tests {
 
     #[test]
     fn resubmit_in_counter_order_after_restart() {
-        let (r, reply, file) = InflightRegion::allocate(&req(1, 16), 1, 256).unwrap();
+        let (r, reply, file) =
+            InflightRegion::allocate(&req(1, 16), 1, 256, Layout::Split).unwrap();
         let q = r.queue(0).unwrap();
         for (head, counter) in [(7, 3), (2, 1), (9, 2), (4, 4)] {
             q.mark(head, counter).unwrap();
@@ -516,7 +596,7 @@ mod tests {
         assert_eq!(q.resubmit_list(), vec![2, 9, 7]);
         drop(r);
         // "Restart": a new daemon maps the same memory.
-        let r2 = InflightRegion::map(&reply, &file, 1, 256).unwrap();
+        let r2 = InflightRegion::map(&reply, &file, 1, 256, Layout::Split).unwrap();
         let q2 = r2.queue(0).unwrap();
         assert_eq!(q2.recover(1).unwrap(), vec![2, 9, 7]);
         assert_eq!(q2.next_counter(), 4);
@@ -524,7 +604,8 @@ mod tests {
 
     #[test]
     fn an_uncommitted_batch_is_cleared_on_recovery() {
-        let (r, _reply, _file) = InflightRegion::allocate(&req(1, 8), 1, 256).unwrap();
+        let (r, _reply, _file) =
+            InflightRegion::allocate(&req(1, 8), 1, 256, Layout::Split).unwrap();
         let q = r.queue(0).unwrap();
         for (i, head) in [1u16, 2, 3, 6].into_iter().enumerate() {
             q.mark(head, i as u64).unwrap();
@@ -541,7 +622,8 @@ mod tests {
 
     #[test]
     fn a_corrupt_batch_list_cannot_loop_or_escape() {
-        let (r, _reply, file) = InflightRegion::allocate(&req(1, 8), 1, 256).unwrap();
+        let (r, _reply, file) =
+            InflightRegion::allocate(&req(1, 8), 1, 256, Layout::Split).unwrap();
         let q = r.queue(0).unwrap();
         q.mark(1, 0).unwrap();
         q.mark(2, 1).unwrap();
@@ -575,7 +657,7 @@ mod tests {
             let file = memfd(c"t", bytes.len() as u64).unwrap();
             file.write_all_at(&bytes, 0).unwrap();
             let msg = VhostUserInflight::new(bytes.len() as u64, 0, 2, 8);
-            let mapped = InflightRegion::map(&msg, &file, 2, 256);
+            let mapped = InflightRegion::map(&msg, &file, 2, 256, Layout::Split);
             proptest::prop_assert!(mapped.is_ok() || !valid_header);
             if let Ok(r) = mapped {
                 for q in 0..2 {

@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
-use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapError {
@@ -137,6 +137,20 @@ impl SharedMapping {
         // SAFETY: inside the mapping (checked), aligned for AtomicU16
         // (checked), lives no longer than `self`.
         Some(unsafe { &*(p as *const AtomicU16) })
+    }
+
+    /// The u32 at byte offset `off` (must be 4-aligned and inside).
+    pub fn u32_at(&self, off: usize) -> Option<&AtomicU32> {
+        if !off.is_multiple_of(4) || off.checked_add(4)? > self.len {
+            return None;
+        }
+        let p = self.data.wrapping_add(off);
+        if !(p as usize).is_multiple_of(4) {
+            return None;
+        }
+        // SAFETY: inside the mapping (checked), aligned for AtomicU32
+        // (checked), lives no longer than `self`.
+        Some(unsafe { &*(p as *const AtomicU32) })
     }
 
     /// The u64 at byte offset `off` (must be 8-aligned and inside).

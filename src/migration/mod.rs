@@ -8,6 +8,7 @@
 pub mod control;
 pub mod dirty_log;
 pub mod inflight_region;
+pub mod inflight_region_packed;
 mod mapping;
 pub mod region_hook;
 pub mod state_machine;

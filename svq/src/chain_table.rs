@@ -18,6 +18,8 @@ pub(crate) struct Chain {
     pub writable_len: u64,
     /// Segments for the device.
     pub segs: Vec<ShadowSeg>,
+    /// Resubmitted after a restart, not popped from the ring.
+    pub resubmitted: bool,
 }
 
 /// A chain on the shadow ring: what completing it needs (its segments
@@ -36,6 +38,7 @@ pub(crate) struct InFlight {
     pub table: Option<u16>,
     /// Shadow avail position it was published at.
     pub avail_pos: u16,
+    pub resubmitted: bool,
 }
 
 /// In-flight chains by shadow head. The slots are allocated once and their
@@ -81,6 +84,7 @@ impl InFlightTable {
             slot.ndescs = ndescs;
             slot.table = table;
             slot.avail_pos = avail_pos;
+            slot.resubmitted = chain.resubmitted;
             if !std::mem::replace(live, true) {
                 self.count += 1;
             }

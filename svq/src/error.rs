@@ -131,8 +131,14 @@ pub enum SvqError {
     ShadowAccess { offset: usize },
 
     // --- lifecycle -----------------------------------------------------------
-    #[error("in-flight chains can be resubmitted by head on split rings only")]
-    ResubmitNeedsSplitRing,
+    #[error("in-flight chains resubmitted in the wrong form for the guest ring (packed: {guest_packed}): heads for a split ring, descriptor copies for a packed one")]
+    ResubmitWrongLayout { guest_packed: bool },
+    #[error("resubmitted packed chain of {descs} descriptors (buffer id {id}): {what}")]
+    ResubmitChainMalformed {
+        id: u16,
+        descs: usize,
+        what: &'static str,
+    },
     #[error("shadow virtqueue was stopped")]
     Stopped,
 }

@@ -23,7 +23,7 @@ use vm_memory::{
 
 use crate::layouts::{ChainHead, GuestQueue};
 use crate::shadow_ring::need_event;
-use crate::{DirtyLog, GuestRing, RingIndexes, SvqError};
+use crate::{DirtyLog, GuestRing, RingDesc, RingIndexes, SvqError};
 
 /// One guest descriptor's buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -617,6 +617,18 @@ impl GuestQueue for GuestSide {
         }
         self.walk(mem, v, head, out)?;
         Ok(ChainHead { id: head, slots: 1 })
+    }
+
+    fn walk_copy(
+        &mut self,
+        _mem: &GuestMemoryMmap,
+        _v: &RingView,
+        _descs: &[RingDesc],
+        _out: &mut Vec<GuestSeg>,
+    ) -> Result<ChainHead, SvqError> {
+        Err(SvqError::ResubmitWrongLayout {
+            guest_packed: false,
+        })
     }
 
     #[inline(always)]

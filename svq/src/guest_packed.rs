@@ -19,7 +19,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, Volati
 use crate::guest::{ring_ptr, GuestBuffers, GuestSeg};
 use crate::layouts::{ChainHead, GuestQueue};
 use crate::packed::{wants_event, Pos, EVENT_DISABLE, EVENT_ENABLE};
-use crate::{DirtyLog, GuestRing, RingIndexes, SvqError};
+use crate::{DirtyLog, GuestRing, RingDesc, RingIndexes, SvqError};
 
 const NEXT: u16 = VRING_DESC_F_NEXT as u16;
 const WRITE: u16 = VRING_DESC_F_WRITE as u16;
@@ -129,6 +129,14 @@ pub(crate) struct PackedGuest {
     kicks_suppressed: bool,
     /// The device area was written and not yet reported to a dirty log.
     event_written: bool,
+    /// Copy each chain's ring descriptors into `kept` as it is walked
+    /// (an in-flight log needs them: the slots are overwritten by used
+    /// descriptors while the chain is in flight).
+    keep: bool,
+    kept: Vec<RingDesc>,
+    /// Slots of the chains resubmitted so far: all of them lie between the
+    /// start positions.
+    resubmitted: u32,
 }
 
 impl PackedGuest {
@@ -253,6 +261,9 @@ impl GuestQueue for PackedGuest {
             kicks_asked: false,
             kicks_suppressed: false,
             event_written: false,
+            keep: false,
+            kept: Vec::new(),
+            resubmitted: 0,
         })
     }
 
@@ -295,9 +306,20 @@ impl GuestQueue for PackedGuest {
         let mut seen_write = false;
         let mut at = self.avail;
         let mut slots = 0u16;
+        if self.keep {
+            self.kept.clear();
+        }
         loop {
             let d = v.desc(at.pos);
             let flags = d.flags();
+            if self.keep {
+                self.kept.push(RingDesc {
+                    addr: d.addr().0,
+                    len: d.len(),
+                    id: d.id(),
+                    flags,
+                });
+            }
             // The head was available (pending); the rest of the chain must
             // be too, in its own lap.
             if slots > 0 && !at.is_avail(flags) {
@@ -355,7 +377,94 @@ impl GuestQueue for PackedGuest {
         _head: u16,
         _out: &mut Vec<GuestSeg>,
     ) -> Result<ChainHead, SvqError> {
-        Err(SvqError::ResubmitNeedsSplitRing)
+        Err(SvqError::ResubmitWrongLayout { guest_packed: true })
+    }
+
+    /// As `walk_next`, from copies: the same checks on every descriptor
+    /// (guest memory, readable before writable, indirect tables read from
+    /// guest memory and checked, id below the queue size), NEXT exactly on
+    /// all but the last, and all resubmitted chains together within the
+    /// slots the start positions leave between used and avail. The
+    /// AVAIL/USED bits are not checked: they were, when the chain was
+    /// popped, and the copy keeps what they were then.
+    fn walk_copy(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        v: &PackedView,
+        descs: &[RingDesc],
+        out: &mut Vec<GuestSeg>,
+    ) -> Result<ChainHead, SvqError> {
+        out.clear();
+        let n = descs.len();
+        let id = descs.last().map_or(0, |d| d.id);
+        let malformed = |what| SvqError::ResubmitChainMalformed { id, descs: n, what };
+        if n == 0 {
+            return Err(malformed("no descriptor"));
+        }
+        let max = u32::from(self.size);
+        // Errors name the chain by its id: it has no ring position now.
+        let head = id;
+        if n > usize::from(self.size) {
+            return Err(SvqError::ChainTooLong { head, max });
+        }
+        let mut count = 0u32;
+        let mut seen_write = false;
+        for (k, rd) in descs.iter().enumerate() {
+            let flags = rd.flags;
+            let more = k + 1 < n;
+            if (flags & NEXT != 0) != more {
+                return Err(malformed(if more {
+                    "a descriptor before the last lacks NEXT"
+                } else {
+                    "the last descriptor has NEXT"
+                }));
+            }
+            if flags & INDIRECT != 0 {
+                if more {
+                    return Err(SvqError::IndirectWithNext { head });
+                }
+                let d = Descriptor::new(rd.addr, rd.len, rd.id, flags);
+                self.walk_indirect(mem, v, head, &d, out, &mut count, &mut seen_write)?;
+            } else {
+                count += 1;
+                if count > max {
+                    return Err(SvqError::ChainTooLong { head, max });
+                }
+                let seg = (rd.addr, rd.len, flags & WRITE != 0);
+                v.bufs.push(head, seg, out, &mut seen_write)?;
+            }
+        }
+        if id >= self.size {
+            return Err(SvqError::BadBufferId {
+                head,
+                id,
+                queue_size: self.size,
+            });
+        }
+        let in_ring = self.resubmitted + n as u32;
+        if in_ring > self.used.until(self.avail, self.size) {
+            return Err(malformed(
+                "more slots resubmitted than the start positions leave in flight",
+            ));
+        }
+        self.resubmitted = in_ring;
+        if self.keep {
+            self.kept.clear();
+            self.kept.extend_from_slice(descs);
+        }
+        Ok(ChainHead {
+            id,
+            slots: n as u16,
+        })
+    }
+
+    fn keep_descs(&mut self) {
+        self.keep = true;
+    }
+
+    #[inline(always)]
+    fn kept_descs(&self) -> Option<&[RingDesc]> {
+        self.keep.then_some(self.kept.as_slice())
     }
 
     fn advance(&mut self, slots: u16) {

@@ -19,7 +19,7 @@ use vm_memory::{GuestMemoryMmap, MmapRegion};
 use crate::guest::GuestSeg;
 use crate::memory::{ShadowLayout, ShadowMem};
 use crate::shadow_ring::ShadowSeg;
-use crate::{DirtyLog, GuestRing, RingIndexes, ShadowRingAddrs, SvqError};
+use crate::{DirtyLog, GuestRing, RingDesc, RingIndexes, ShadowRingAddrs, SvqError};
 
 /// A guest chain as the guest ring names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,6 +80,29 @@ pub(crate) trait GuestQueue: Send + Sized {
         head: u16,
         out: &mut Vec<GuestSeg>,
     ) -> Result<ChainHead, SvqError>;
+
+    /// Walk a resubmitted chain from the copies of its ring descriptors
+    /// (packed rings: the device wrote used descriptors over the ring
+    /// slots since), validated as a chain on the ring is.
+    fn walk_copy(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        v: &Self::View<'_>,
+        descs: &[RingDesc],
+        out: &mut Vec<GuestSeg>,
+    ) -> Result<ChainHead, SvqError>;
+
+    /// From now on keep a copy of the ring descriptors of each chain
+    /// walked, for [`kept_descs`](Self::kept_descs). Nothing to keep on a
+    /// split ring (a head names its chain).
+    fn keep_descs(&mut self) {}
+
+    /// The ring descriptors of the chain walked last, when kept; None on a
+    /// split ring.
+    #[inline(always)]
+    fn kept_descs(&self) -> Option<&[RingDesc]> {
+        None
+    }
 
     /// Past the chain just walked.
     fn advance(&mut self, slots: u16);

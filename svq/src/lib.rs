@@ -36,7 +36,7 @@ pub use dirty::{DirtyLog, NoDirtyLog};
 pub use error::SvqError;
 pub use memory::ShadowLayout;
 pub use shadow_virtqueue::{ShadowVirtqueue, Svq};
-pub use tracking_hook::InflightLog;
+pub use tracking_hook::{InflightLog, RingDesc};
 
 /// Transport/ring features the SVQ implements toward the guest. The daemon
 /// offers the guest at most `device features & SUPPORTED_FEATURES` for these
@@ -115,7 +115,8 @@ pub struct StopState {
     /// to read (rewound over chains the device never took), `used` the guest
     /// used idx. `avail == used` when nothing is left in flight.
     pub indexes: RingIndexes,
-    /// Guest heads the device took but never completed, in pop order.
+    /// Guest heads (packed: buffer ids) the device took but never
+    /// completed, in pop order; then resubmitted ones it never took.
     pub in_flight: Vec<u16>,
 }
 

@@ -2,6 +2,7 @@
 //! ring start/stop ordering, vhost-user message validation, mode switching.
 #![allow(clippy::needless_range_loop)]
 
+mod inflight_packed;
 mod nic_control;
 
 use std::sync::{Arc, Mutex};

@@ -17,8 +17,8 @@ use crate::memory::ShadowLayout;
 use crate::shadow_packed::PackedShadowRing;
 use crate::shadow_ring::ShadowRing;
 use crate::{
-    CallOutcome, DirtyLog, GuestRing, InflightLog, RingIndexes, ShadowRingAddrs, StopState,
-    SvqConfig, SvqError, SvqStats, F_INDIRECT_DESC, F_RING_PACKED,
+    CallOutcome, DirtyLog, GuestRing, InflightLog, RingDesc, RingIndexes, ShadowRingAddrs,
+    StopState, SvqConfig, SvqError, SvqStats, F_INDIRECT_DESC, F_RING_PACKED,
 };
 
 /// What a shadow virtqueue does, whatever its ring layouts. Positions in
@@ -124,7 +124,10 @@ pub trait Svq: Send {
     /// Stop relaying. `device_next_avail` is the device's vring base on the
     /// shadow ring after it was suspended and `handle_device_call` ran once
     /// more. Chains the device never took and parked chains are given back
-    /// to the guest ring by rewinding its avail index over them.
+    /// to the guest ring by rewinding its avail index over them, except
+    /// resubmitted ones: those are not where a rewind would find them, and
+    /// stay in flight (last in [`StopState::in_flight`], still in the
+    /// in-flight log) for the next owner to resubmit again.
     ///
     /// Works on a broken queue too (the daemon still needs the indexes).
     /// On `InvalidDeviceBase` nothing changes and the call may be retried.
@@ -142,10 +145,28 @@ pub trait Svq: Send {
     /// these heads (used idx + `heads.len()`, as libvhost-user does).
     /// `Ok(true)`: kick the device. An invalid chain breaks the queue; on a
     /// packed guest ring any head is refused
-    /// ([`SvqError::ResubmitNeedsSplitRing`]).
+    /// ([`SvqError::ResubmitWrongLayout`]: use `resubmit_packed`).
     fn resubmit(
         &mut self,
         heads: &[u16],
+        mem: &GuestMemoryMmap,
+        iova: &IovaTree,
+    ) -> Result<bool, SvqError>;
+
+    /// As [`resubmit`](Self::resubmit) for a packed guest ring: each chain
+    /// is given as the copies of its ring descriptors the in-flight region
+    /// kept ([`InflightLog::popped_packed`]), since the device has written
+    /// used descriptors over the ring slots since. The copies are checked
+    /// as descriptors read from the ring are (guest memory, indirect
+    /// tables, buffer id below the queue size and not in flight twice),
+    /// and all chains together must fit between the start positions: the
+    /// caller starts the queue with avail at the used position plus their
+    /// slots. On a split guest ring any chain is refused
+    /// ([`SvqError::ResubmitWrongLayout`]). With an in-flight log, each
+    /// chain is reported again with `popped_packed` and its copies.
+    fn resubmit_packed(
+        &mut self,
+        chains: &[Vec<RingDesc>],
         mem: &GuestMemoryMmap,
         iova: &IovaTree,
     ) -> Result<bool, SvqError>;

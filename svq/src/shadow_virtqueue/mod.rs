@@ -14,8 +14,8 @@ use crate::layouts::{ChainHead, GuestQueue, ShadowQueue};
 use crate::memory::{ShadowLayout, ShadowMem};
 use crate::shadow_ring::ShadowSeg;
 use crate::{
-    CallOutcome, DirtyLog, GuestRing, InflightLog, RingIndexes, ShadowRingAddrs, StopState,
-    SvqConfig, SvqError, SvqStats, F_EVENT_IDX, F_INDIRECT_DESC, F_IN_ORDER,
+    CallOutcome, DirtyLog, GuestRing, InflightLog, RingDesc, RingIndexes, ShadowRingAddrs,
+    StopState, SvqConfig, SvqError, SvqStats, F_EVENT_IDX, F_INDIRECT_DESC, F_IN_ORDER,
 };
 use in_order::InOrder;
 
@@ -26,6 +26,17 @@ mod in_order;
 mod resubmit;
 
 pub use api::{ShadowVirtqueue, Svq};
+
+/// Where [`Relay::take_chain`] finds the chain.
+#[derive(Clone, Copy)]
+pub(super) enum ChainSource<'a> {
+    /// At the guest's next avail position.
+    Ring,
+    /// A resubmitted split-ring head.
+    Head(u16),
+    /// A resubmitted packed-ring chain, from the copies of its descriptors.
+    Copy(&'a [RingDesc]),
+}
 
 pub(crate) struct Relay<G, S> {
     cfg: SvqConfig,
@@ -314,7 +325,7 @@ impl<G: GuestQueue, S: ShadowQueue> Relay<G, S> {
         v: &G::View<'_>,
         iova: &IovaTree,
     ) -> Result<(), SvqError> {
-        let slots = self.take_chain(mem, v, iova, None)?;
+        let slots = self.take_chain(mem, v, iova, ChainSource::Ring)?;
         self.guest.advance(slots);
         Ok(())
     }
@@ -330,19 +341,25 @@ impl<G: GuestQueue, S: ShadowQueue> Relay<G, S> {
         mem: &GuestMemoryMmap,
         v: &G::View<'_>,
         iova: &IovaTree,
-        head: Option<u16>,
+        from: ChainSource<'_>,
     ) -> Result<u16, SvqError> {
         let mut guest_segs = std::mem::take(&mut self.guest_segs);
-        let r = self.walk_and_translate(mem, v, iova, head, &mut guest_segs);
+        let r = self.walk_and_translate(mem, v, iova, from, &mut guest_segs);
         self.guest_segs = guest_segs;
         let chain = r?;
         let head = chain.id;
         self.cur.guest_slots = chain.slots;
+        self.cur.resubmitted = !matches!(from, ChainSource::Ring);
         if let Some(b) = self.guest_busy.get_mut(head as usize) {
             *b = true;
         }
         if let Some(l) = &self.inflight_log {
-            l.popped(head);
+            // Split rings keep nothing (a head names its chain): this is
+            // `popped` there, with no branch left after inlining.
+            match self.guest.kept_descs() {
+                Some(descs) => l.popped_packed(head, descs),
+                None => l.popped(head),
+            }
         }
         Ok(chain.slots)
     }
@@ -353,12 +370,13 @@ impl<G: GuestQueue, S: ShadowQueue> Relay<G, S> {
         mem: &GuestMemoryMmap,
         v: &G::View<'_>,
         iova: &IovaTree,
-        head: Option<u16>,
+        from: ChainSource<'_>,
         guest_segs: &mut Vec<GuestSeg>,
     ) -> Result<ChainHead, SvqError> {
-        let c = match head {
-            None => self.guest.walk_next(mem, v, guest_segs)?,
-            Some(h) => self.guest.walk_head(mem, v, h, guest_segs)?,
+        let c = match from {
+            ChainSource::Ring => self.guest.walk_next(mem, v, guest_segs)?,
+            ChainSource::Head(h) => self.guest.walk_head(mem, v, h, guest_segs)?,
+            ChainSource::Copy(descs) => self.guest.walk_copy(mem, v, descs, guest_segs)?,
         };
         if self.guest_busy.get(c.id as usize).copied().unwrap_or(false) {
             return Err(SvqError::HeadAlreadyInFlight { head: c.id });
@@ -537,6 +555,7 @@ impl<G: GuestQueue, S: ShadowQueue> Svq for Relay<G, S> {
 
     fn set_inflight_log(&mut self, log: Box<dyn InflightLog>) {
         self.inflight_log = Some(log);
+        self.guest.keep_descs();
     }
 
     fn min_writable(&self) -> u32 {
@@ -676,11 +695,25 @@ impl<G: GuestQueue, S: ShadowQueue> Svq for Relay<G, S> {
             self.not_taken = not_taken;
             return Err(bad);
         }
+        // A resubmitted chain the device never took stays in flight: it is
+        // not on the guest ring where a rewind would find it (the ring
+        // slots before the start avail position hold whatever the guest
+        // and the old daemon left; on a packed ring used descriptors), so
+        // it goes to the next owner the way it came, from the in-flight
+        // region. Resubmitted chains were placed first, so the chains given
+        // back are still the newest: the rewind covers exactly them.
         let mut slots = 0u32;
+        let mut returned = 0usize;
+        let mut kept = Vec::new();
         for &(_, id) in &not_taken {
             if let Some(e) = self.inflight.remove(id as u32) {
-                slots += u32::from(e.guest_slots);
                 self.shadow.free_chain(id, e.ndescs, e.table);
+                if e.resubmitted {
+                    kept.push(e.guest_head);
+                    continue;
+                }
+                returned += 1;
+                slots += u32::from(e.guest_slots);
                 if let Some(b) = self.guest_busy.get_mut(e.guest_head as usize) {
                     *b = false;
                 }
@@ -689,13 +722,17 @@ impl<G: GuestQueue, S: ShadowQueue> Svq for Relay<G, S> {
                 }
             }
         }
-        let chains = not_taken.len() + self.parked.len();
         if let Some(o) = &mut self.ordered {
             o.forget_newest(not_taken.len());
         }
         self.not_taken = not_taken;
         self.shadow.unpublish_to(device_next_avail);
         for c in self.parked.drain(..) {
+            if c.resubmitted {
+                kept.push(c.guest_head);
+                continue;
+            }
+            returned += 1;
             slots += u32::from(c.guest_slots);
             if let Some(b) = self.guest_busy.get_mut(c.guest_head as usize) {
                 *b = false;
@@ -704,6 +741,7 @@ impl<G: GuestQueue, S: ShadowQueue> Svq for Relay<G, S> {
                 l.returned(c.guest_head);
             }
         }
+        let chains = returned;
         self.guest.rewind(chains as u16, slots);
         self.stopped = true;
         let state = StopState {
@@ -711,11 +749,15 @@ impl<G: GuestQueue, S: ShadowQueue> Svq for Relay<G, S> {
                 avail: self.guest.next_avail(),
                 used: self.guest.next_used(),
             },
-            in_flight: match &self.ordered {
-                // Completed but waiting for an older chain count too: the
-                // guest has not seen them.
-                Some(o) => o.guest_heads(),
-                None => self.inflight.guest_heads_in_order(),
+            in_flight: {
+                let mut heads = match &self.ordered {
+                    // Completed but waiting for an older chain count too:
+                    // the guest has not seen them.
+                    Some(o) => o.guest_heads(),
+                    None => self.inflight.guest_heads_in_order(),
+                };
+                heads.extend(kept);
+                heads
             },
         };
         log::debug!(
@@ -733,5 +775,14 @@ impl<G: GuestQueue, S: ShadowQueue> Svq for Relay<G, S> {
         iova: &IovaTree,
     ) -> Result<bool, SvqError> {
         self.resubmit_heads(heads, mem, iova)
+    }
+
+    fn resubmit_packed(
+        &mut self,
+        chains: &[Vec<RingDesc>],
+        mem: &GuestMemoryMmap,
+        iova: &IovaTree,
+    ) -> Result<bool, SvqError> {
+        self.resubmit_copies(chains, mem, iova)
     }
 }

@@ -19,6 +19,8 @@ use super::harness::{
 use super::{F_EVENT_IDX, F_INDIRECT, F_VERSION_1};
 use crate::{RingIndexes, ShadowVirtqueue, SvqConfig, SvqError, F_RING_PACKED};
 
+mod resubmit;
+
 /// A chain as the device took it: buffer id (shadow head), ring slots and
 /// `(iova, len, write)` segments.
 #[derive(Clone, Debug)]

@@ -182,3 +182,35 @@ fn resubmitted_chains_wait_for_room_in_order() {
     }
     assert_eq!(done, heads);
 }
+
+/// A stop before the device took the resubmitted heads keeps them in
+/// flight (not returned, avail not rewound over them): the avail ring
+/// slots before the start index need not hold them.
+#[test]
+fn resubmitted_heads_the_device_never_took_stay_in_flight() {
+    let ev = Events::default();
+    let mut f = Fixture::new(16, 16, 0, 0);
+    let a = f.add(&[(64, true)], false);
+    let b = f.add(&[(64, true)], false);
+    f.kick().unwrap();
+    assert_eq!(f.dev.take_all(&f.tree), 2);
+    // b completes first: avail slot 1 (b) is past the used idx, a in flight.
+    let i = f.dev.taken.iter().position(|t| t.head == 1).unwrap();
+    f.dev.complete(i, 0, 0, &f.mem, &f.tree);
+    f.call().unwrap();
+    assert_eq!(
+        f.drv
+            .collect(&f.mem)
+            .iter()
+            .map(|u| u.1)
+            .collect::<Vec<_>>(),
+        [b]
+    );
+    let start = RingIndexes { avail: 2, used: 1 };
+    restart(&mut f, start, &ev);
+    f.svq.resubmit(&[a], &f.mem, &f.tree).unwrap();
+    let st = f.svq.stop(&f.mem, 0).unwrap();
+    assert_eq!(st.in_flight, [a]);
+    assert_eq!(st.indexes, start, "not rewound onto b's slot");
+    assert_eq!(ev.take(), [Ev::Popped(a)], "not returned");
+}
