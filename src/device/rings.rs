@@ -301,7 +301,7 @@ impl Device {
         let (num, addrs) = (self.vrings[q].num, self.vrings[q].addrs);
         if pq.version() == 0 || region.queue_size() != num {
             if pq.version() != 0 {
-                log::warn!(target: LOG, "{}: queue {q}: in-flight region is for rings of {}, the ring has {num};                     nothing resubmitted", self.name, region.queue_size());
+                log::warn!(target: LOG, "{}: queue {q}: in-flight region is for rings of {}, the ring has {num}; nothing resubmitted", self.name, region.queue_size());
             }
             return (idx, Resubmit::NONE);
         }
@@ -334,7 +334,7 @@ impl Device {
             used: rec.used.encode(),
         };
         if idx != start {
-            log::warn!(target: LOG, "{}: queue {q}: vring base {:#06x}/{:#06x} is not the in-flight region's                 {:#06x}/{:#06x} (used position, past {} chains in flight); continuing at the region's",
+            log::warn!(target: LOG, "{}: queue {q}: vring base {:#06x}/{:#06x} is not the in-flight region's {:#06x}/{:#06x} (used position, past {} chains in flight); continuing at the region's",
                 self.name, idx.avail, idx.used, start.avail, start.used, rec.chains.len());
         }
         log::info!(target: LOG, "{}: queue {q}: resubmitting {} packed chains in flight", self.name, rec.chains.len());
@@ -653,7 +653,7 @@ impl Device {
         if let Some(pq) = region.packed_queue(q16) {
             let num = self.vrings[q].num;
             if region.queue_size() != num {
-                log::warn!(target: LOG, "{}: queue {q}: in-flight region is for rings of {}, the ring has {num};                     not tracked", self.name, region.queue_size());
+                log::warn!(target: LOG, "{}: queue {q}: in-flight region is for rings of {}, the ring has {num}; not tracked", self.name, region.queue_size());
                 return None;
             }
             if clear_stale {
@@ -691,7 +691,7 @@ impl Device {
                 .collect();
             let missing = heads.iter().filter(|h| !held.contains(h)).count();
             if missing > 0 {
-                log::warn!(target: LOG, "{}: queue {q}: {missing} packed chains in flight are not in the                     in-flight region; a restart cannot resubmit them", self.name);
+                log::warn!(target: LOG, "{}: queue {q}: {missing} packed chains in flight are not in the in-flight region; a restart cannot resubmit them", self.name);
             }
             return;
         }
