@@ -405,7 +405,10 @@ impl Device {
         };
         let r = self.program_shadow(q, &svq, shadow_size, &res);
         // Where the guest ring stands now (past resubmitted chains) until
-        // the worker's first pass publishes more.
+        // the worker's first pass publishes more; a new SVQ instance, so its
+        // counts add to what earlier ones relayed (the worker's attach says
+        // the same again, harmlessly).
+        self.stats[q].begin_svq();
         self.stats[q].publish(&svq.stats());
         let r = r.and_then(|()| {
             self.workers[q / 2]
