@@ -558,7 +558,7 @@ enum Backend {
 
 /// One side of a migration: its testpmd, maybe a daemon, and the QEMU.
 struct Side {
-    _pmd: Option<EchoPmd>,
+    pmd: Option<EchoPmd>,
     daemon: Option<Daemon>,
     /// The daemon's QMP, connected before the migration (events).
     qmp: Option<Qmp>,
@@ -591,7 +591,7 @@ fn side(name: &str, b: &Backend) -> (Side, std::path::PathBuf) {
     let qmp = daemon.as_ref().map(|d| Qmp::connect_ready(&d.qmp));
     (
         Side {
-            _pmd: pmd,
+            pmd,
             daemon,
             qmp,
             _dir: dir,
@@ -699,16 +699,39 @@ fn assert_clean(side: &Side, what: &str) {
     }
 }
 
+/// Every ping answered across a migration between relays, except one the
+/// source testpmd took from the guest's transmit ring after QEMU had
+/// stopped its receive ring (QEMU stops the rings one at a time, receive
+/// first): testpmd counts that echo as dropped. That is the device's stop
+/// order, not the relay's doing, so it is allowed once, and only when
+/// testpmd accounts for it.
+fn assert_pings_across(
+    m: &serde_json::Value,
+    s: &testkit::qemu::PingStats,
+    a: &mut Side,
+    b: &mut Side,
+    what: &str,
+) {
+    let dropped: Vec<u64> = [&mut *a, &mut *b]
+        .into_iter()
+        .map(|side| side.pmd.as_mut().map_or(0, |p| p.stop().tx_dropped))
+        .collect();
+    let (src_dropped, dst_dropped) = (dropped[0], dropped[1]);
+    assert!(
+        src_dropped <= 1 && dst_dropped == 0 && s.received + src_dropped as u32 == s.sent,
+        "{what}: {} of {} pings answered across the migration, echoes testpmd dropped: \
+         source {src_dropped}, destination {dst_dropped} ({m})",
+        s.received,
+        s.sent
+    );
+}
+
 fn migration_between_relays(qemu: QemuVersion, flags: &'static [&'static str]) {
     if !ready() {
         return;
     }
-    let (m, s, a, b) = migrate_pinging(qemu, &Backend::Relay(flags), false);
-    assert_eq!(
-        s.received, s.sent,
-        "{flags:?}: {} of {} pings answered across the migration ({m})",
-        s.received, s.sent
-    );
+    let (m, s, mut a, mut b) = migrate_pinging(qemu, &Backend::Relay(flags), false);
+    assert_pings_across(&m, &s, &mut a, &mut b, &format!("{flags:?}"));
     assert_clean(&a, "source");
     assert_clean(&b, "destination");
 }
@@ -749,12 +772,9 @@ fn packed_migration(flags: &'static [&'static str]) {
     if !ready() {
         return;
     }
-    let (m, s, a, b) = migrate_pinging_with(QemuVersion::V10, &Backend::Relay(flags), false, true);
-    assert_eq!(
-        s.received, s.sent,
-        "packed ({flags:?}): {} of {} pings answered across the migration ({m})",
-        s.received, s.sent
-    );
+    let (m, s, mut a, mut b) =
+        migrate_pinging_with(QemuVersion::V10, &Backend::Relay(flags), false, true);
+    assert_pings_across(&m, &s, &mut a, &mut b, &format!("packed ({flags:?})"));
     // QEMU 10 moved the relay's state too: packed ring records (positions
     // with their wrap counters), loaded by the destination.
     let log = b.daemon.as_ref().unwrap().stderr();

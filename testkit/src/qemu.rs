@@ -801,4 +801,9 @@ impl EchoPmd {
     pub fn log(&self) -> String {
         self.pmd.log()
     }
+
+    /// Stops testpmd; its final statistics.
+    pub fn stop(&mut self) -> crate::testpmd::FinalStats {
+        self.pmd.stop()
+    }
 }
