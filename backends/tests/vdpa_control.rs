@@ -601,14 +601,3 @@ fn config_interrupt() {
         vec![Op::SetConfigCall(true), Op::SetConfigCall(false)]
     );
 }
-
-/// This backend keeps split-ring positions only: a device's RING_PACKED is
-/// not passed on (so `--packed` never offers it over vdpa).
-#[test]
-fn packed_rings_are_not_passed_on() {
-    let mut d = Device::net(1);
-    d.offered |= virtio_features::F_RING_PACKED;
-    let (net, _fake) = open(d, 1);
-    assert_eq!(net.device_features() & virtio_features::F_RING_PACKED, 0);
-    assert_ne!(net.device_features() & F_VERSION_1, 0);
-}

@@ -88,7 +88,7 @@ fn ring_setup(q: u32, base: u16) -> Vec<Op> {
     vec![
         SetVringNum(q, 256),
         SetVringAddr(q, ring(q as usize)),
-        SetVringBase(q, base),
+        SetVringBase(q, u32::from(base)),
         SetVringKick(q, true),
         SetVringCall(q, true),
         SetVringEnable(q, true),

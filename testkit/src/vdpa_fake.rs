@@ -25,11 +25,18 @@ pub use virtio_features::status::{
     FEATURES_OK as S_FEATURES_OK,
 };
 pub use virtio_features::{
-    F_ACCESS_PLATFORM, F_VERSION_1, NET_F_CTRL_MAC_ADDR as F_CTRL_MAC_ADDR,
+    F_ACCESS_PLATFORM, F_RING_PACKED, F_VERSION_1, NET_F_CTRL_MAC_ADDR as F_CTRL_MAC_ADDR,
     NET_F_CTRL_RX as F_CTRL_RX, NET_F_CTRL_VLAN as F_CTRL_VLAN, NET_F_CTRL_VQ as F_CTRL_VQ,
     NET_F_MAC as F_MAC, NET_F_MQ as F_MQ, NET_F_MRG_RXBUF as F_MRG_RXBUF, NET_F_MTU as F_MTU,
     NET_F_STATUS as F_STATUS, RING_F_EVENT_IDX as F_EVENT_IDX,
 };
+
+/// Packed descriptor flags (virtio 1.2, 2.8.1), spelled out here rather
+/// than taken from the relay's packed-ring crate: the fake checks the
+/// relay's packed control queue against its own reading of the spec.
+const PACKED_F_AVAIL: u16 = 1 << 7;
+const PACKED_F_USED: u16 = 1 << 15;
+const PACKED_WRAP: u16 = 1 << 15;
 
 pub const fn bf(bit: u32) -> u64 {
     1 << bit
@@ -68,7 +75,7 @@ pub enum Op {
     SetGroupAsid(u32, u32),
     SetVringNum(u32, u16),
     SetVringAddr(u32, VringAddrs),
-    SetVringBase(u32, u16),
+    SetVringBase(u32, u32),
     GetVringBase(u32),
     /// queue, bound (false = unbind)
     SetVringKick(u32, bool),
@@ -132,8 +139,11 @@ pub struct Mapping {
 pub struct FakeVring {
     pub num: u16,
     pub addrs: Option<VringAddrs>,
-    /// Next avail index the device reads.
+    /// Next avail index the device reads (packed: position, wrap counter
+    /// in bit 15).
     pub base: u16,
+    /// Next used index (packed: position and wrap counter) the device
+    /// writes.
     pub used: u16,
     pub kick: Option<EventFd>,
     pub call: Option<EventFd>,
@@ -435,6 +445,9 @@ impl Device {
             return;
         };
         let num = v.num;
+        if self.features & F_RING_PACKED != 0 {
+            return self.process_packed_cvq(q as usize, asid, addrs, num);
+        }
         let Some(avail) = self.read_u16(asid, addrs.avail + 2) else {
             self.cvq_errors.push("avail index not mapped".into());
             return;
@@ -471,10 +484,9 @@ impl Device {
         }
     }
 
-    /// Walks one chain; returns (bytes written, chain well formed).
+    /// Walks one split chain; returns (bytes written, chain well formed).
     fn run_command(&mut self, asid: u32, desc: u64, head: u16, num: u16) -> (u32, bool) {
-        let mut out = Vec::new();
-        let mut ack_at = None;
+        let mut segs = Vec::new();
         let mut i = head;
         for _ in 0..num {
             let Some(d) = self.translate(asid, desc + 16 * u64::from(i), 16, false) else {
@@ -485,7 +497,95 @@ impl Device {
             let len = u32::from_le(d.read_obj::<u32>(8).unwrap_or(0));
             let flags = u16::from_le(d.read_obj::<u16>(12).unwrap_or(0));
             let next = u16::from_le(d.read_obj::<u16>(14).unwrap_or(0));
-            if flags & 2 != 0 {
+            segs.push((addr, len, flags & 2 != 0));
+            if flags & 1 == 0 {
+                break;
+            }
+            i = next;
+        }
+        self.execute(asid, &segs)
+    }
+
+    /// Runs every chain made available on the packed control queue: each
+    /// descriptor must carry the avail flags of its own slot's lap, the used
+    /// descriptor goes in the used position with the last descriptor's id.
+    fn process_packed_cvq(&mut self, q: usize, asid: u32, addrs: VringAddrs, num: u16) {
+        let pos = |v: u16| (v & !PACKED_WRAP, v & PACKED_WRAP != 0);
+        let next = |(p, w): (u16, bool)| if p + 1 == num { (0, !w) } else { (p + 1, w) };
+        let avail_at = |w: bool, flags: u16| {
+            (flags & PACKED_F_AVAIL != 0) == w && (flags & PACKED_F_USED != 0) != w
+        };
+        loop {
+            let start = pos(self.vrings[q].base);
+            let mut at = start;
+            let mut segs = Vec::new();
+            let mut id = 0;
+            for n in 0..num {
+                let Some(d) = self.translate(asid, addrs.desc + 16 * u64::from(at.0), 16, false)
+                else {
+                    self.cvq_errors
+                        .push(format!("descriptor {} not mapped", at.0));
+                    return;
+                };
+                let flags = u16::from_le(d.load::<u16>(14, Ordering::Acquire).unwrap_or(0));
+                if !avail_at(at.1, flags) {
+                    if n == 0 {
+                        // Nothing (more) made available.
+                        if let Some(call) = &self.vrings[q].call {
+                            let _ = call.write(1);
+                        }
+                        return;
+                    }
+                    self.cvq_errors
+                        .push(format!("chain continues into slot {} not available", at.0));
+                    return;
+                }
+                let addr = u64::from_le(d.read_obj::<u64>(0).unwrap_or(0));
+                let len = u32::from_le(d.read_obj::<u32>(8).unwrap_or(0));
+                id = u16::from_le(d.read_obj::<u16>(12).unwrap_or(0));
+                segs.push((addr, len, flags & 2 != 0));
+                at = next(at);
+                if flags & 1 == 0 {
+                    break;
+                }
+            }
+            let (written, ok) = self.execute(asid, &segs);
+            let used = pos(self.vrings[q].used);
+            let slot = addrs.desc + 16 * u64::from(used.0);
+            let Some(u) = self.translate(asid, slot, 16, true) else {
+                self.cvq_errors
+                    .push("used descriptor slot not mapped".into());
+                return;
+            };
+            let _ = u.write_obj(written.to_le(), 8);
+            let _ = u.write_obj(id.to_le(), 12);
+            let flags = if used.1 {
+                PACKED_F_AVAIL | PACKED_F_USED
+            } else {
+                0
+            };
+            let _ = u.store(flags.to_le(), 14, Ordering::Release);
+            let mut u_at = used;
+            for _ in 0..segs.len() {
+                u_at = next(u_at);
+            }
+            let enc = |(p, w): (u16, bool)| p | if w { PACKED_WRAP } else { 0 };
+            let v = &mut self.vrings[q];
+            v.used = enc(u_at);
+            v.base = enc(at);
+            if !ok {
+                return;
+            }
+        }
+    }
+
+    /// Runs one command from its chain's segments (address, length,
+    /// device-writable); returns (bytes written, chain well formed).
+    fn execute(&mut self, asid: u32, segs: &[(u64, u32, bool)]) -> (u32, bool) {
+        let mut out = Vec::new();
+        let mut ack_at = None;
+        for &(addr, len, writable) in segs {
+            if writable {
                 if self.translate(asid, addr, len as usize, true).is_none() || len == 0 {
                     self.cvq_errors.push("ack buffer not writable".into());
                     return (0, false);
@@ -504,10 +604,6 @@ impl Device {
                 let _ = s.read_slice(&mut b, 0);
                 out.extend_from_slice(&b);
             }
-            if flags & 1 == 0 {
-                break;
-            }
-            i = next;
         }
         let Some(ack_at) = ack_at else {
             self.cvq_errors.push("no ack buffer".into());
@@ -775,18 +871,33 @@ impl VdpaIoctls for FakeVdpa {
         })
     }
 
-    fn set_vring_base(&self, queue: u32, base: u16) -> io::Result<()> {
+    /// drivers/vhost/vhost.c: a packed ring's base is avail in the low
+    /// half and used in the high half, a split ring's the avail index.
+    fn set_vring_base(&self, queue: u32, base: u32) -> io::Result<()> {
         self.call(Op::SetVringBase(queue, base), |d| {
             d.refuse_ring_change_while_running()?;
+            let packed = d.features & F_RING_PACKED != 0;
             let v = d.vring(queue)?;
-            v.base = base;
-            v.used = base;
+            v.base = base as u16;
+            v.used = if packed {
+                (base >> 16) as u16
+            } else {
+                base as u16
+            };
             Ok(())
         })
     }
 
-    fn get_vring_base(&self, queue: u32) -> io::Result<u16> {
-        self.call(Op::GetVringBase(queue), |d| Ok(d.vring(queue)?.base))
+    fn get_vring_base(&self, queue: u32) -> io::Result<u32> {
+        self.call(Op::GetVringBase(queue), |d| {
+            let packed = d.features & F_RING_PACKED != 0;
+            let v = d.vring(queue)?;
+            Ok(if packed {
+                u32::from(v.base) | u32::from(v.used) << 16
+            } else {
+                u32::from(v.base)
+            })
+        })
     }
 
     fn set_vring_kick(&self, queue: u32, fd: Option<&EventFd>) -> io::Result<()> {

@@ -101,6 +101,7 @@ impl VdpaNet {
             return Ok(());
         };
         let asid = self.cvq_asid;
+        let packed = self.packed();
         let Some(cvq) = self.cvq.as_ref() else {
             return Ok(());
         };
@@ -116,13 +117,13 @@ impl VdpaNet {
             return Ok(());
         };
         cvq.mapped_asid = Some(asid);
-        cvq.reset_ring()?;
+        cvq.reset_ring(packed)?;
         let d = &self.dev;
         d.set_vring_num(index, cvq.num)
             .map_err(ctx("VHOST_SET_VRING_NUM"))?;
         d.set_vring_addr(index, &cvq.addrs())
             .map_err(ctx("VHOST_SET_VRING_ADDR"))?;
-        d.set_vring_base(index, 0)
+        d.set_vring_base(index, cvq.base())
             .map_err(ctx("VHOST_SET_VRING_BASE"))?;
         d.set_vring_kick(index, Some(&cvq.kick))
             .map_err(ctx("VHOST_SET_VRING_KICK"))?;

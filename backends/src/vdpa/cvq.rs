@@ -1,11 +1,14 @@
 //! A minimal driver for the device's control virtqueue, in memory the daemon
 //! owns.
 //!
-//! One 4 KiB memfd page holds a split ring and the buffers of one command:
-//! the daemon sends one command at a time and waits for its used entry, so
-//! the descriptor chain is always heads 0 -> 1 -> 2 (class+command, data,
-//! ack). The three-descriptor layout is the one the virtio spec requires of
-//! legacy drivers and accepts from every driver.
+//! One 4 KiB memfd page holds the ring and the buffers of one command: the
+//! daemon sends one command at a time and waits for its used entry. The
+//! chain is three descriptors (class+command, data, ack), the layout the
+//! virtio spec requires of legacy drivers and accepts from every driver.
+//! Split rings (heads 0 -> 1 -> 2) or, when the device negotiated
+//! RING_PACKED (which applies to every queue, this one included), a packed
+//! ring: the chain takes the next three slots, its head's flags are written
+//! last, and the device's used descriptor comes back in the head's slot.
 //!
 //! The page is mapped RW in the IOVA space the control queue's group uses
 //! (ASID 1 when the device can isolate it, otherwise ASID 0 at an IOVA the
@@ -19,6 +22,8 @@ use std::time::{Duration, Instant};
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{Bytes, MmapRegion, VolatileMemory, VolatileSlice};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use packed_ring::Pos;
 
 use super::net::ctrl;
 use crate::{BackendError, DmaRegion, Result, VringAddrs};
@@ -38,6 +43,11 @@ const MAX_DATA: usize = ACK_OFF - DATA_OFF;
 
 const VRING_DESC_F_NEXT: u16 = 1;
 const VRING_DESC_F_WRITE: u16 = 2;
+/// The packed ring's wrap counters start at 1 for both sides, position 0
+/// (the kernel's VHOST_SET_VRING_BASE layout).
+pub(crate) const PACKED_START: u32 = 0x8000_8000;
+/// The buffer id of every command (one is outstanding at a time).
+const PACKED_ID: u16 = 0;
 
 /// How long a command may stay unanswered; devices answer synchronously in
 /// practice, so this only bounds a broken device.
@@ -54,6 +64,9 @@ pub(crate) struct Cvq {
     pub(crate) mapped_asid: Option<u32>,
     next_avail: u16,
     last_used: u16,
+    /// Packed layout: where the next chain goes (and its used descriptor
+    /// comes back, one command being outstanding at a time).
+    packed: Option<Pos>,
     pub(crate) kick: Arc<EventFd>,
     pub(crate) call: Arc<EventFd>,
     /// A command went unanswered: its descriptors may still be in use.
@@ -74,6 +87,7 @@ impl Cvq {
             mapped_asid: None,
             next_avail: 0,
             last_used: 0,
+            packed: None,
             kick: Arc::new(EventFd::new(EFD_NONBLOCK)?),
             call: Arc::new(EventFd::new(EFD_NONBLOCK)?),
             broken: false,
@@ -96,16 +110,26 @@ impl Cvq {
         }
     }
 
-    /// Back to an empty ring at index 0 (the device starts there too after
-    /// SET_VRING_BASE 0).
-    pub(crate) fn reset_ring(&mut self) -> Result<()> {
+    /// Back to an empty ring at index 0, split or packed; the device starts
+    /// there too after SET_VRING_BASE with [`base`](Self::base).
+    pub(crate) fn reset_ring(&mut self, packed: bool) -> Result<()> {
         self.slice()
             .write_slice(&[0u8; CVQ_MEM_SIZE], 0)
             .map_err(mem_err)?;
         self.next_avail = 0;
         self.last_used = 0;
+        self.packed = packed.then_some(Pos::START);
         self.broken = false;
         Ok(())
+    }
+
+    /// The VHOST_SET_VRING_BASE value of an empty ring.
+    pub(crate) fn base(&self) -> u32 {
+        if self.packed.is_some() {
+            PACKED_START
+        } else {
+            0
+        }
     }
 
     fn slice(&self) -> VolatileSlice<'_, impl BitmapSlice + '_> {
@@ -149,8 +173,28 @@ impl Cvq {
             .and_then(|_| m.write_slice(data, DATA_OFF))
             .and_then(|_| m.write_obj(0xffu8, ACK_OFF))
             .map_err(mem_err)?;
+        let len = match self.packed {
+            Some(at) => self.send_packed(at, data.len() as u32, timeout)?,
+            None => self.send_split(data.len() as u32, timeout)?,
+        };
+        if len < 1 {
+            return Err(BackendError::Device(format!(
+                "control queue: device wrote no ack for class {class} command {cmd}"
+            )));
+        }
+        let ack = m.read_obj::<u8>(ACK_OFF).map_err(mem_err)?;
+        if ack != ctrl::ACK_OK {
+            return Err(BackendError::CtrlNack { class, cmd, ack });
+        }
+        Ok(())
+    }
+
+    /// The command's chain on the split ring; the length the device wrote.
+    fn send_split(&mut self, data_len: u32, timeout: Duration) -> Result<u32> {
+        let mem = Arc::clone(&self.mem);
+        let m = mem.as_volatile_slice();
         self.write_desc(0, HDR_OFF, 2, VRING_DESC_F_NEXT, 1)?;
-        self.write_desc(1, DATA_OFF, data.len() as u32, VRING_DESC_F_NEXT, 2)?;
+        self.write_desc(1, DATA_OFF, data_len, VRING_DESC_F_NEXT, 2)?;
         self.write_desc(2, ACK_OFF, 1, VRING_DESC_F_WRITE, 0)?;
         let num = usize::from(self.num);
         let slot = usize::from(self.next_avail) % num;
@@ -168,7 +212,11 @@ impl Cvq {
         fence(Ordering::SeqCst);
         self.kick.write(1)?;
         let used = self
-            .wait_used(timeout)
+            .wait_until(timeout, |m| {
+                let used: u16 = m.load(USED_OFF + 2, Ordering::Acquire).map_err(mem_err)?;
+                let used = u16::from_le(used);
+                Ok((used != self.last_used).then_some(used))
+            })
             .inspect_err(|_| self.broken = true)?;
         if used != self.last_used.wrapping_add(1) {
             self.broken = true;
@@ -187,31 +235,75 @@ impl Cvq {
                 "control queue: device used descriptor {id}, only 0 was made available"
             )));
         }
-        if len < 1 {
-            return Err(BackendError::Device(format!(
-                "control queue: device wrote no ack for class {class} command {cmd}"
-            )));
-        }
-        let ack = m.read_obj::<u8>(ACK_OFF).map_err(mem_err)?;
-        if ack != ctrl::ACK_OK {
-            return Err(BackendError::CtrlNack { class, cmd, ack });
-        }
-        Ok(())
+        Ok(len)
     }
 
-    /// The used index once it moved, or a timeout error.
-    fn wait_used(&self, timeout: Duration) -> Result<u16> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let used: u16 = self
-                .slice()
-                .load(USED_OFF + 2, Ordering::Acquire)
+    /// The command's chain in the next three slots of the packed ring at
+    /// `at`; the length the device wrote.
+    fn send_packed(&mut self, at: Pos, data_len: u32, timeout: Duration) -> Result<u32> {
+        let num = self.num;
+        let chain = [
+            (HDR_OFF, 2, VRING_DESC_F_NEXT),
+            (DATA_OFF, data_len, VRING_DESC_F_NEXT),
+            (ACK_OFF, 1, VRING_DESC_F_WRITE),
+        ];
+        // The tail first, then the head's address, length and id: the head's
+        // flags publish the whole chain.
+        let mem = Arc::clone(&self.mem);
+        let m = mem.as_volatile_slice();
+        let mut head_flags = 0;
+        for (i, &(off, len, flags)) in chain.iter().enumerate().rev() {
+            let p = at.add(i as u16, num);
+            let flags = flags | p.avail_flags();
+            let d = DESC_OFF + 16 * usize::from(p.pos);
+            m.write_obj((self.iova + off as u64).to_le(), d)
+                .and_then(|_| m.write_obj(len.to_le(), d + 8))
+                .and_then(|_| m.write_obj(PACKED_ID.to_le(), d + 12))
                 .map_err(mem_err)?;
-            let used = u16::from_le(used);
-            if used != self.last_used {
+            if i == 0 {
+                head_flags = flags;
+            } else {
+                m.write_obj(flags.to_le(), d + 14).map_err(mem_err)?;
+            }
+        }
+        let head = DESC_OFF + 16 * usize::from(at.pos);
+        fence(Ordering::SeqCst);
+        m.store(head_flags.to_le(), head + 14, Ordering::Release)
+            .map_err(mem_err)?;
+        fence(Ordering::SeqCst);
+        self.kick.write(1)?;
+        self.wait_until(timeout, |m| {
+            let flags: u16 = m.load(head + 14, Ordering::Acquire).map_err(mem_err)?;
+            Ok(at.is_used(u16::from_le(flags)).then_some(()))
+        })
+        .inspect_err(|_| self.broken = true)?;
+        // The slots of the chain are the driver's again.
+        self.packed = Some(at.add(chain.len() as u16, num));
+        let id = u16::from_le(m.read_obj::<u16>(head + 12).map_err(mem_err)?);
+        let len = u32::from_le(m.read_obj::<u32>(head + 8).map_err(mem_err)?);
+        if id != PACKED_ID {
+            self.broken = true;
+            return Err(BackendError::Device(format!(
+                "control queue: device used buffer id {id}, only {PACKED_ID} was made available"
+            )));
+        }
+        Ok(len)
+    }
+
+    /// Polls the ring with `done` until it gives a value, or a timeout
+    /// error.
+    fn wait_until<T>(
+        &self,
+        timeout: Duration,
+        mut done: impl FnMut(&VolatileSlice<'_, ()>) -> Result<Option<T>>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + timeout;
+        let mem = Arc::clone(&self.mem);
+        loop {
+            if let Some(v) = done(&mem.as_volatile_slice())? {
                 // Drain the interrupt this entry raised, if any.
                 let _ = self.call.read();
-                return Ok(used);
+                return Ok(v);
             }
             let now = Instant::now();
             if now >= deadline {

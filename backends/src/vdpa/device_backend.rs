@@ -19,10 +19,15 @@ impl DeviceBackend for VdpaNet {
     }
 
     fn device_features(&self) -> u64 {
-        // Packed rings are not shown: this backend keeps split-ring
-        // positions (a reset-stop reads the used index from ring memory),
-        // so it does not implement `set_vring_base_packed`.
-        self.offered & !BACKEND_OWNED & !bits::F_RING_PACKED
+        let mut f = self.offered & !BACKEND_OWNED;
+        if !self.has_backend(backend_bits::SUSPEND) {
+            // Without SUSPEND a stop is a reset, after which a ring's
+            // position is read from ring memory: a split ring's used index
+            // is there, a packed ring's position is not (no index, only
+            // flags that the next lap overwrites).
+            f &= !bits::F_RING_PACKED;
+        }
+        f
     }
 
     fn set_features(&mut self, features: u64) -> Result<()> {
@@ -194,46 +199,32 @@ impl DeviceBackend for VdpaNet {
     }
 
     fn set_vring_base(&mut self, queue: usize, base: u16) -> Result<()> {
-        let q = self.data_queue(queue)?;
-        self.stop_for_late_ring()?;
-        if !self.deferring() {
-            self.dev
-                .set_vring_base(q, base)
-                .map_err(ctx("VHOST_SET_VRING_BASE"))?;
-        }
-        self.vrings[queue].base = Some(base);
-        Ok(())
+        let base = u32::from(base);
+        // A packed ring given one position has nothing in flight: used is
+        // at avail.
+        self.set_base(
+            queue,
+            if self.packed() {
+                base | base << 16
+            } else {
+                base
+            },
+        )
     }
 
     fn vring_base(&mut self, queue: usize) -> Result<u16> {
-        let q = self.data_queue(queue)?;
-        if self.running() && !self.vrings[queue].enabled {
-            // Disabled while the device ran: where it stopped.
-            if let Some(b) = self.vrings[queue].base {
-                return Ok(b);
-            }
-        }
-        if self.deferring() {
-            if let Some(b) = self.vrings[queue].base {
-                return Ok(b);
-            }
-        }
-        if let Stop::ByReset { .. } = self.stop {
-            // The device's ring state went with the reset: not asked.
-            let b = self.stopped_position(queue)?;
-            if self.vrings[queue].stopped_used.is_some() {
-                self.vrings[queue].base = Some(b);
-            }
-            return Ok(b);
-        }
-        let b = self
-            .dev
-            .get_vring_base(q)
-            .map_err(ctx("VHOST_GET_VRING_BASE"))?;
-        if self.stop == Stop::Suspended {
-            self.vrings[queue].base = Some(b);
-        }
-        Ok(b)
+        // Packed: the avail half (position and wrap counter).
+        self.base(queue).map(|b| b as u16)
+    }
+
+    fn set_vring_base_packed(&mut self, queue: usize, base: u32) -> Result<()> {
+        self.require_packed("set_vring_base_packed")?;
+        self.set_base(queue, base)
+    }
+
+    fn vring_base_packed(&mut self, queue: usize) -> Result<u32> {
+        self.require_packed("vring_base_packed")?;
+        self.base(queue)
     }
 
     fn set_vring_kick(&mut self, queue: usize, fd: Arc<EventFd>) -> Result<()> {
@@ -315,6 +306,70 @@ impl DeviceBackend for VdpaNet {
 }
 
 impl VdpaNet {
+    /// Whether the rings are packed (RING_PACKED negotiated, or the
+    /// features a device stopped by a reset ran with).
+    pub(super) fn packed(&self) -> bool {
+        self.negotiated_features()
+            .is_some_and(|f| f & bits::F_RING_PACKED != 0)
+    }
+
+    fn require_packed(&self, op: &'static str) -> Result<()> {
+        if self.packed() {
+            return Ok(());
+        }
+        Err(BackendError::InvalidState {
+            op,
+            why: "the rings are split (RING_PACKED not negotiated)",
+        })
+    }
+
+    /// Sets a ring's position in the kernel's layout (see
+    /// [`VdpaIoctls::set_vring_base`](super::VdpaIoctls::set_vring_base)).
+    fn set_base(&mut self, queue: usize, base: u32) -> Result<()> {
+        let q = self.data_queue(queue)?;
+        self.stop_for_late_ring()?;
+        if !self.deferring() {
+            self.dev
+                .set_vring_base(q, base)
+                .map_err(ctx("VHOST_SET_VRING_BASE"))?;
+        }
+        self.vrings[queue].base = Some(base);
+        Ok(())
+    }
+
+    /// A ring's position in the kernel's layout: where the device stopped,
+    /// or what was set for it while the device could not be asked.
+    pub(super) fn base(&mut self, queue: usize) -> Result<u32> {
+        let q = self.data_queue(queue)?;
+        if self.running() && !self.vrings[queue].enabled {
+            // Disabled while the device ran: where it stopped.
+            if let Some(b) = self.vrings[queue].base {
+                return Ok(b);
+            }
+        }
+        if self.deferring() {
+            if let Some(b) = self.vrings[queue].base {
+                return Ok(b);
+            }
+        }
+        if let Stop::ByReset { .. } = self.stop {
+            // The device's ring state went with the reset: not asked.
+            let b = self.stopped_position(queue)?;
+            if self.vrings[queue].stopped_used.is_some() {
+                self.vrings[queue].base = Some(b);
+            }
+            return Ok(b);
+        }
+        let b = self
+            .dev
+            .get_vring_base(q)
+            .map_err(ctx("VHOST_GET_VRING_BASE"))?;
+        if self.stop == Stop::Suspended {
+            self.vrings[queue].base = Some(b);
+        }
+        Ok(b)
+    }
+
     /// Ring `queue` enabled or not: told to the device now, or remembered
     /// for `resume` while ring changes are deferred.
     fn program_enable(&mut self, queue: usize, enable: bool) -> Result<()> {
@@ -341,10 +396,10 @@ impl VdpaNet {
     /// restarted with the other rings.
     fn disable_running_ring(&mut self, queue: usize) -> Result<()> {
         self.suspend()?;
-        let base = self.vring_base(queue)?;
+        let base = self.base(queue)?;
         self.vrings[queue].base = Some(base);
         self.program_enable(queue, false)?;
-        log::debug!(target: LOG, "queue {queue} disabled at {base}: restarting the device without it");
+        log::debug!(target: LOG, "queue {queue} disabled at {base:#x}: restarting the device without it");
         self.resume()
     }
 

@@ -254,15 +254,12 @@ impl VdpaIoctls for KernelVdpa {
         check(unsafe { ioctl_with_ref(self, VHOST_SET_VRING_ADDR(), &a) })
     }
 
-    fn set_vring_base(&self, queue: u32, base: u16) -> io::Result<()> {
-        self.vring_state(VHOST_SET_VRING_BASE(), queue, u32::from(base))
+    fn set_vring_base(&self, queue: u32, base: u32) -> io::Result<()> {
+        self.vring_state(VHOST_SET_VRING_BASE(), queue, base)
     }
 
-    fn get_vring_base(&self, queue: u32) -> io::Result<u16> {
-        let num = self.vring_state_read(VHOST_GET_VRING_BASE(), queue)?;
-        // A split ring's base is 16 bits; a packed ring puts its wrap counter
-        // in bit 15 of the same value.
-        Ok(num as u16)
+    fn get_vring_base(&self, queue: u32) -> io::Result<u32> {
+        self.vring_state_read(VHOST_GET_VRING_BASE(), queue)
     }
 
     fn set_vring_kick(&self, queue: u32, fd: Option<&EventFd>) -> io::Result<()> {

@@ -77,6 +77,12 @@
 //!   DRIVER_OK and sends the wanted [`NetCtrlState`] again (a reset drops
 //!   what the control queue set). After a stop by reset it does the same
 //!   with the bases from ring memory.
+//! - Packed rings: RING_PACKED is shown only when the device offers
+//!   SUSPEND (without it a stop is a reset, and a packed ring's position is
+//!   not in its ring memory). Bases are the kernel's 32 bits (avail position
+//!   and wrap counter below, used above) both ways; `set_vring_base` with one
+//!   16-bit position means nothing in flight (used = avail). The control
+//!   queue follows the negotiated layout (`cvq.rs`).
 //! - Dropping [`VdpaNet`] closes the fd; the kernel then resets the device and
 //!   drops every mapping before the memory is released.
 //!
@@ -138,8 +144,9 @@ struct Vring {
     /// The base to program at that point: set by `set_vring_base`, forgotten
     /// at `suspend` for a ring the device ran (it has moved on), read back
     /// while suspended (from the device, or from the ring memory when
-    /// stopped by a reset).
-    base: Option<u16>,
+    /// stopped by a reset). The kernel's layout: packed rings carry both
+    /// positions with their wrap counters.
+    base: Option<u32>,
     kick: Option<Arc<EventFd>>,
     call: Option<Arc<EventFd>>,
     enabled: bool,

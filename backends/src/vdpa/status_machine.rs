@@ -88,7 +88,7 @@ impl VdpaNet {
     /// ring memory (QEMU's virtio_queue_restore_last_avail_idx), else the
     /// base set before (or 0). A chain the device had taken but not
     /// completed is thus made available again.
-    pub(super) fn stopped_position(&self, q: usize) -> Result<u16> {
+    pub(super) fn stopped_position(&self, q: usize) -> Result<u32> {
         let v = &self.vrings[q];
         if let Some(b) = v.base {
             return Ok(b);
@@ -96,11 +96,18 @@ impl VdpaNet {
         let Some(used) = v.stopped_used else {
             return Ok(0);
         };
+        if self.packed() {
+            // Not reached: packed rings are offered only with SUSPEND.
+            return Err(BackendError::InvalidState {
+                op: "vring_base",
+                why: "a packed ring's position is not in its ring memory after a reset",
+            });
+        }
         let at = used.checked_add(2).ok_or(BackendError::NotMapped {
             iova: used,
             size: 4,
         })?;
-        self.dma.read_u16(at).inspect_err(|e| {
+        self.dma.read_u16(at).map(u32::from).inspect_err(|e| {
             log::warn!(target: LOG, "queue {q}: reading the used index after a reset: {e}");
         })
     }

@@ -175,10 +175,13 @@ pub trait VdpaIoctls: Send {
     fn set_vring_num(&self, queue: u32, num: u16) -> io::Result<()>;
     /// VHOST_SET_VRING_ADDR (IOVAs, no log address)
     fn set_vring_addr(&self, queue: u32, addrs: &VringAddrs) -> io::Result<()>;
-    /// VHOST_SET_VRING_BASE
-    fn set_vring_base(&self, queue: u32, base: u16) -> io::Result<()>;
-    /// VHOST_GET_VRING_BASE
-    fn get_vring_base(&self, queue: u32) -> io::Result<u16>;
+    /// VHOST_SET_VRING_BASE. Split rings: the next avail index (low 16
+    /// bits). Packed rings (RING_PACKED negotiated): the avail position with
+    /// its wrap counter in bit 15, the used position with its wrap counter
+    /// in bits 16..=31 (drivers/vhost/vhost.c, the vhost-user layout too).
+    fn set_vring_base(&self, queue: u32, base: u32) -> io::Result<()>;
+    /// VHOST_GET_VRING_BASE, in the layout of `set_vring_base`.
+    fn get_vring_base(&self, queue: u32) -> io::Result<u32>;
     /// VHOST_SET_VRING_KICK (`None` unbinds)
     fn set_vring_kick(&self, queue: u32, fd: Option<&EventFd>) -> io::Result<()>;
     /// VHOST_SET_VRING_CALL (`None` unbinds)

@@ -4,6 +4,7 @@
 
 mod inflight_packed;
 mod nic_control;
+mod vdpa_packed;
 
 use std::sync::{Arc, Mutex};
 
