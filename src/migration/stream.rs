@@ -10,7 +10,11 @@
 //! a [`DeviceState`] only when all of it checked out: the caller applies
 //! nothing before that (staging).
 //!
-//! Record payloads (version 1):
+//! Record payloads. Version 1 is split rings only: in its vring records the
+//! wrap bits and the layout byte are 0. Version 2 adds packed rings (wrap
+//! counters in flags bits 1 and 2, layout 1). A daemon writes version 1
+//! whenever every ring is split, so a daemon that reads only version 1
+//! still takes those streams, and reads both.
 //!
 //! | type | name | instance | payload |
 //! |---|---|---|---|
@@ -24,7 +28,10 @@
 use std::io::{Read, Write};
 
 pub const MAGIC: [u8; 4] = *b"SVQR";
-pub const VERSION: u16 = 1;
+/// Split rings only.
+pub const VERSION_SPLIT: u16 = 1;
+/// Vring records may describe packed rings.
+pub const VERSION_PACKED: u16 = 2;
 /// Largest stream accepted (a full one is ~70 KiB per 32768-entry queue).
 pub const MAX_STREAM: usize = 1 << 20;
 
@@ -79,7 +86,7 @@ pub enum StateError {
     TruncatedHeader { len: usize },
     #[error("bad magic {found:02x?} (expected \"SVQR\")")]
     BadMagic { found: [u8; 4] },
-    #[error("unsupported stream version {found} (this daemon reads version {VERSION})")]
+    #[error("unsupported stream version {found} (this daemon reads versions {VERSION_SPLIT} and {VERSION_PACKED})")]
     UnsupportedVersion { found: u16 },
     #[error("truncated record at offset {offset}: needs {need} bytes, {remaining} remain")]
     TruncatedRecord {
@@ -308,7 +315,16 @@ impl DeviceState {
         }
         let mut out = Vec::with_capacity(1024);
         out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
+        let packed = self
+            .vrings
+            .iter()
+            .any(|v| v.layout == RingLayout::Packed || v.avail_wrap || v.used_wrap);
+        let version = if packed {
+            VERSION_PACKED
+        } else {
+            VERSION_SPLIT
+        };
+        out.extend_from_slice(&version.to_le_bytes());
 
         let mut p = Vec::with_capacity(FEATURES_LEN);
         p.extend_from_slice(&self.features.virtio.to_le_bytes());
@@ -397,7 +413,7 @@ impl DeviceState {
             return Err(StateError::BadMagic { found: magic });
         }
         let version = h.u16();
-        if version != VERSION {
+        if version != VERSION_SPLIT && version != VERSION_PACKED {
             return Err(StateError::UnsupportedVersion { found: version });
         }
 
@@ -547,6 +563,17 @@ impl DeviceState {
                     let used_idx = c.u16();
                     let flags = c.u8();
                     let layout = c.u8();
+                    let packed_fields =
+                        flags & (VRING_AVAIL_WRAP | VRING_USED_WRAP) != 0 || layout != 0;
+                    if version == VERSION_SPLIT && packed_fields {
+                        return Err(StateError::Inconsistent {
+                            queue: instance,
+                            why: format!(
+                                "version {VERSION_SPLIT} vring record with packed-ring fields \
+                                 (flags {flags:#04x}, layout {layout})"
+                            ),
+                        });
+                    }
                     if flags & !(VRING_ENABLED | VRING_AVAIL_WRAP | VRING_USED_WRAP) != 0 {
                         return Err(StateError::Inconsistent {
                             queue: instance,

@@ -164,7 +164,46 @@ fn packed_ring_round_trip() {
     s.vrings[0].avail_wrap = true;
     s.vrings[3].used_wrap = true;
     let b = s.to_bytes().unwrap();
+    // Packed rings make it a version 2 stream.
+    assert_eq!(&b[4..6], &[2, 0]);
     assert_eq!(DeviceState::from_bytes(&b, &limits()).unwrap(), s);
+}
+
+/// Version 1 (what daemons before packed rings write and read) has no
+/// packed fields: such a stream still loads, a split-only state is still
+/// written as one, and packed fields in it are refused rather than guessed.
+#[test]
+fn version_1_streams_are_split_rings() {
+    let s = sample();
+    assert_eq!(&s.to_bytes().unwrap()[4..6], &[1, 0]);
+    let recs = sample_records();
+    assert_eq!(
+        DeviceState::from_bytes(&build(1, &recs), &limits()).unwrap(),
+        s
+    );
+    // The same records under version 2 mean the same.
+    assert_eq!(
+        DeviceState::from_bytes(&build(2, &recs), &limits()).unwrap(),
+        s
+    );
+    let mut packed = sample();
+    packed.features.virtio |= F_PACKED;
+    for v in &mut packed.vrings {
+        v.layout = RingLayout::Packed;
+        if v.size != 0 {
+            v.next_avail %= v.size;
+            v.used_idx %= v.size;
+        }
+        v.in_flight.clear();
+    }
+    let recs = records(&packed.to_bytes().unwrap());
+    assert_err(
+        &build(1, &recs),
+        "version 1 vring record with packed-ring fields (flags 0x01, layout 1)",
+    );
+    let mut recs = sample_records();
+    recs.iter_mut().find(|r| r.0 == 4 && r.1 == 2).unwrap().2[6] |= 2;
+    assert_err(&build(1, &recs), "queue 2: version 1 vring record");
 }
 
 #[test]
@@ -193,7 +232,11 @@ fn wrong_magic() {
 
 #[test]
 fn wrong_version() {
-    assert_err(&build(7, &sample_records()), "unsupported stream version 7");
+    assert_err(
+        &build(7, &sample_records()),
+        "unsupported stream version 7 (this daemon reads versions 1 and 2)",
+    );
+    assert_err(&build(3, &sample_records()), "unsupported stream version 3");
     assert_err(&build(0, &sample_records()), "unsupported stream version 0");
 }
 
@@ -350,15 +393,15 @@ fn layout_must_match_features() {
     let mut recs = sample_records();
     recs.iter_mut().find(|r| r.0 == 4 && r.1 == 1).unwrap().2[7] = 1;
     assert_err(
-        &build(1, &recs),
+        &build(2, &recs),
         "queue 1: packed ring but VIRTIO_F_RING_PACKED not negotiated",
     );
     let mut recs = sample_records();
     recs.iter_mut().find(|r| r.0 == 4 && r.1 == 1).unwrap().2[7] = 9;
-    assert_err(&build(1, &recs), "queue 1: unknown ring layout 9");
+    assert_err(&build(2, &recs), "queue 1: unknown ring layout 9");
     let mut recs = sample_records();
     recs.iter_mut().find(|r| r.0 == 4 && r.1 == 1).unwrap().2[6] = 0x10;
-    assert_err(&build(1, &recs), "queue 1: unknown vring flags 0x10");
+    assert_err(&build(2, &recs), "queue 1: unknown vring flags 0x10");
 }
 
 #[test]
@@ -478,7 +521,7 @@ proptest! {
     fn random_records_never_panic(
         recs in proptest::collection::vec((0u16..8, 0u16..6, proptest::collection::vec(any::<u8>(), 0..40)), 0..12),
     ) {
-        let b = build(1, &recs);
+        let b = build(2, &recs);
         if let Ok(s) = DeviceState::from_bytes(&b, &limits()) {
             prop_assert!(s.validate(&limits()).is_ok());
         }
