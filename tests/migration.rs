@@ -310,7 +310,7 @@ fn bad_state_streams_are_refused_by_name() {
     // The first record (features) claims a huge length.
     long_record[10..14].copy_from_slice(&0x7fff_0000u32.to_le_bytes());
     let mut version = good.clone();
-    version[4..6].copy_from_slice(&2u16.to_le_bytes());
+    version[4..6].copy_from_slice(&3u16.to_le_bytes());
     let mut unknown = good[..good.len() - 8].to_vec();
     unknown.extend_from_slice(&0x77u16.to_le_bytes());
     unknown.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
@@ -332,7 +332,7 @@ fn bad_state_streams_are_refused_by_name() {
             &long_record,
             "exceeds the type's maximum",
         ),
-        ("wrong version", &version, "unsupported stream version 2"),
+        ("wrong version", &version, "unsupported stream version 3"),
         ("unknown type", &unknown, "unknown record type 0x0077"),
         (
             "inconsistent",
