@@ -55,7 +55,22 @@ fn virtio_features_json() -> Value {
             "IN_ORDER": "--in-order",
             "RING_PACKED": "--packed",
         },
+        // Of those, what `--shadow on` offers even when the device lacks it.
+        "without-the-device-under-shadow-on": names(crate::device::SHADOW_TRANSLATED),
     })
+}
+
+/// Names of the on-request bits in `f`.
+fn names(f: u64) -> Vec<&'static str> {
+    use virtio_features as vf;
+    [
+        (vf::F_IN_ORDER, "IN_ORDER"),
+        (vf::F_RING_PACKED, "RING_PACKED"),
+    ]
+    .into_iter()
+    .filter(|(b, _)| f & b != 0)
+    .map(|(_, n)| n)
+    .collect()
 }
 
 /// The specification's names of the bits in `f`, lowest first.
@@ -74,6 +89,10 @@ mod tests {
         assert_eq!(vf["on-request"]["RING_PACKED"], "--packed");
         assert_eq!(vf["on-request"]["IN_ORDER"], "--in-order");
         assert!(vf.get("passthrough-only").is_none());
+        assert_eq!(
+            vf["without-the-device-under-shadow-on"],
+            serde_json::json!(["IN_ORDER", "RING_PACKED"])
+        );
         let always: Vec<&str> = vf["always"]
             .as_array()
             .unwrap()

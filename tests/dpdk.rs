@@ -222,3 +222,58 @@ fn testpmd_restart_shadow() {
         assert!(rx <= tx, "round {round}: {dev}");
     }
 }
+
+/// `--shadow on --packed` in front of a device without packed rings (a
+/// second relay on the software NIC, without `--packed`): testpmd's
+/// virtio-user negotiates `packed_vq=1` with the first relay, whose SVQs
+/// relay its packed rings to split shadow rings; every packet counted by
+/// testpmd went through both relays. Passthrough is refused meanwhile.
+#[test]
+fn testpmd_packed_guest_on_a_split_only_device() {
+    if !testpmd_or_skip() {
+        return;
+    }
+    let split = Daemon::spawn(&["--shadow", "on", "--queues", "2"]);
+    let be = format!("vhost-user:{}", split.socket.display());
+    let relay = Daemon::spawn(&[
+        "--shadow",
+        "on",
+        "--packed",
+        "--queues",
+        "2",
+        "--backend",
+        &be,
+    ]);
+    let mut pmd = guest_pmd(relay.dir.path(), &relay.socket, 2, ",packed_vq=1");
+    let mut q = Qmp::connect_ready(&relay.qmp);
+    let mut qs = Qmp::connect_ready(&split.qmp);
+    assert_eq!(q.query("net0")["packed"], true);
+    assert_eq!(qs.query("net0")["packed"], false);
+    let r = q.enable_shadow("net0", false);
+    let err = r["error"]["desc"].as_str().unwrap_or_default().to_string();
+    assert!(err.contains("only shadow mode relays them"), "{r}");
+    sleep(Duration::from_secs(2));
+    let s = pmd.stop();
+    check_testpmd(&s);
+    let dev = q.query("net0");
+    assert_eq!(dev["mode"], "shadow", "{dev}");
+    let (rx, tx) = relayed(&dev);
+    assert!(
+        tx <= s.tx && s.tx <= tx + 2 * BURST,
+        "relay TX {tx} vs testpmd {s:?}"
+    );
+    assert!(
+        s.rx <= rx && rx <= s.rx + 2 * BURST,
+        "relay RX {rx} vs testpmd {s:?}"
+    );
+    // The split device saw the same packets on its rings.
+    let (srx, stx) = relayed(&qs.query("net0"));
+    assert!(
+        stx <= tx && tx <= stx + 2 * BURST,
+        "split device TX {stx} vs {tx}"
+    );
+    assert!(
+        rx <= srx && srx <= rx + 2 * BURST,
+        "split device RX {srx} vs {rx}"
+    );
+}

@@ -305,6 +305,27 @@ fn qemu10_tap_packed_across_switches() {
     tap_nic_with(QemuVersion::V10, "off", 10, &["--packed"]);
 }
 
+/// `--shadow on --packed` on a device without packed rings: a QEMU 10
+/// guest with `packed=on` pings through a relay whose SVQs relay its
+/// packed rings to the split rings of a second relay (the software NIC on
+/// the tap, without `--packed`, in passthrough: the sim works on the first
+/// relay's split shadow rings).
+#[test]
+fn qemu10_packed_guest_on_a_split_only_device() {
+    let _one = one_at_a_time();
+    let Some(ns) = tap_ready() else {
+        return;
+    };
+    let (split, _ifname) = tap_daemon(&["--shadow", "off"], ns);
+    let be = format!("vhost-user:{}", split.socket.display());
+    let relay = Daemon::spawn(&["--shadow", "on", "--packed", "--backend", &be]);
+    pings_through_with(QemuVersion::V10, &relay, "on", 0, true);
+    let mut qs = Qmp::connect_ready(&split.qmp);
+    let dev = qs.query("net0");
+    assert_eq!(dev["packed"], false, "{dev}");
+    assert_eq!(dev["mode"], "passthrough", "{dev}");
+}
+
 #[test]
 fn qemu7_relay_passthrough_and_switching() {
     let _one = one_at_a_time();

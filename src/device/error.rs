@@ -62,6 +62,11 @@ pub enum DeviceError {
     ShadowArena(#[from] ArenaError),
     #[error("queue {queue}: cannot start while the device state is {state}")]
     MigrationBusy { queue: usize, state: MigState },
+    #[error(
+        "the VMM negotiated features {features:#x} (RING_PACKED, IN_ORDER) the device lacks: \
+         only shadow mode relays them"
+    )]
+    NeedsShadow { features: u64 },
 }
 
 pub type Result<T> = std::result::Result<T, DeviceError>;

@@ -23,14 +23,41 @@ pub const RELAY_FEATURES: u64 = vf::F_VERSION_1
 /// Features offered only on request.
 pub const ON_REQUEST: u64 = vf::F_IN_ORDER | vf::F_RING_PACKED;
 
+/// Of those, what the SVQ gives the guest whatever the device does: a
+/// packed guest ring relayed to a split shadow ring, used entries returned
+/// in the guest's order from a device that completes out of order. Offered
+/// without the device under `--shadow on`, where only shadow mode runs.
+pub const SHADOW_TRANSLATED: u64 = vf::F_IN_ORDER | vf::F_RING_PACKED;
+
 impl Device {
     /// LOG_ALL is always offered: the SVQ logs what the device writes (and a
     /// backend that logs by itself gets the log forwarded).
     pub fn offered_features(&self) -> u64 {
         let transport_ok = svq::SUPPORTED_FEATURES | !TRANSPORT_MASK;
-        (self.backend.device_features() & ((RELAY_FEATURES & transport_ok) | self.on_request))
-            | F_PROTOCOL_FEATURES
-            | F_LOG_ALL
+        let mut offered =
+            self.backend.device_features() & ((RELAY_FEATURES & transport_ok) | self.on_request);
+        if self.shadow_only() {
+            offered |= self.on_request & SHADOW_TRANSLATED & transport_ok;
+        }
+        offered | F_PROTOCOL_FEATURES | F_LOG_ALL
+    }
+
+    /// `--shadow on`: the data path never leaves shadow mode by itself
+    /// (`--shadow auto` returns to passthrough after a migration).
+    fn shadow_only(&self) -> bool {
+        self.shadow && !self.auto_shadow
+    }
+
+    /// What the VMM negotiated that the device lacks and the SVQ provides:
+    /// while non-zero, only shadow mode can run the rings.
+    pub(crate) fn shadow_translated(&self) -> u64 {
+        self.acked_features.unwrap_or(0) & SHADOW_TRANSLATED & !self.backend.device_features()
+    }
+
+    /// The device's rings are packed: the VMM's, unless the SVQ relays
+    /// them to split shadow rings.
+    pub(crate) fn device_packed(&self) -> bool {
+        self.device_features() & vf::F_RING_PACKED != 0
     }
 
     /// `--in-order` and `--packed`: offer VIRTIO_F_IN_ORDER and
@@ -75,9 +102,12 @@ impl Device {
             .is_some_and(|f| f & F_PROTOCOL_FEATURES != 0)
     }
 
-    /// Features negotiated with the device: the guest's minus vhost-user bits.
+    /// Features negotiated with the device: the guest's minus vhost-user
+    /// bits and minus what the SVQ translates for a device without it.
     pub(crate) fn device_features(&self) -> u64 {
-        self.acked_features.unwrap_or(0) & !(F_PROTOCOL_FEATURES | F_LOG_ALL)
+        self.acked_features.unwrap_or(0)
+            & !(F_PROTOCOL_FEATURES | F_LOG_ALL)
+            & !(SHADOW_TRANSLATED & !self.backend.device_features())
     }
 
     pub(crate) fn push_backend_features(&mut self) -> Result<()> {

@@ -46,7 +46,7 @@ mod snapshot;
 mod vring_messages;
 
 pub use error::{DeviceError, Result};
-pub use features::{protocol_features, RELAY_FEATURES};
+pub use features::{protocol_features, RELAY_FEATURES, SHADOW_TRANSLATED};
 pub use model::{lock, Device, RingGpas, SharedDevice};
 pub use postcopy_session::PostcopyError;
 pub use query::{DeviceStatus, Mode, QueueStatus};

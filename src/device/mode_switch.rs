@@ -18,6 +18,12 @@ impl Device {
         if !self.is_started() {
             return Err(DeviceError::NotStarted);
         }
+        let translated = self.shadow_translated();
+        if !enable && translated != 0 {
+            return Err(DeviceError::NeedsShadow {
+                features: translated,
+            });
+        }
         let to_switch: Vec<usize> = (0..self.num_queues())
             .filter(|&q| match self.vrings[q].running {
                 Running::Stopped => false,

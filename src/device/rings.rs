@@ -59,19 +59,29 @@ pub(crate) fn ring_sizes(num: u16) -> (u64, u64, u64) {
 const PACKED_RING_START: u32 = 0x8000_8000;
 
 impl Device {
-    /// Byte sizes of a ring's descriptor, driver and device areas: a split
-    /// ring's, or a packed ring's (descriptors, then the two 4-byte event
-    /// suppression structures) once the VMM negotiated RING_PACKED. The
-    /// shadow rings have the guest's layout (the device negotiated the
-    /// guest's features).
+    /// Byte sizes of a guest ring's descriptor, driver and device areas: a
+    /// split ring's, or a packed ring's (descriptors, then the two 4-byte
+    /// event suppression structures) once the VMM negotiated RING_PACKED.
     pub(crate) fn guest_ring_sizes(&self, num: u16) -> (u64, u64, u64) {
-        if self.packed_negotiated() {
-            (16 * u64::from(num), 4, 4)
-        } else {
-            ring_sizes(num)
-        }
+        layout_sizes(self.packed_negotiated(), num)
+    }
+
+    /// The same for the device's rings (a shadow ring is split when the SVQ
+    /// relays a packed guest ring to a device without packed rings).
+    fn device_ring_sizes(&self, num: u16) -> (u64, u64, u64) {
+        layout_sizes(self.device_packed(), num)
     }
 }
+
+fn layout_sizes(packed: bool, num: u16) -> (u64, u64, u64) {
+    if packed {
+        (16 * u64::from(num), 4, 4)
+    } else {
+        ring_sizes(num)
+    }
+}
+
+impl Device {}
 
 /// virtio status bits the backend gets when the first ring starts.
 /// Even data queues receive (RX of pair k is 2k). The control queue is not
@@ -129,6 +139,12 @@ impl Device {
         }
         if !self.is_started() {
             self.push_backend_features()?;
+        }
+        let translated = self.shadow_translated();
+        if !self.shadow && translated != 0 {
+            return Err(DeviceError::NeedsShadow {
+                features: translated,
+            });
         }
         let (avail, used) = (self.vrings[q].base, self.vrings[q].used_base);
         let res = if self.shadow {
@@ -468,11 +484,11 @@ impl Device {
         let addrs = self.ring_iovas(
             AddrSpace::Host,
             (h.desc, h.avail, h.used),
-            self.guest_ring_sizes(shadow_size),
+            self.device_ring_sizes(shadow_size),
         )?;
         self.backend.set_vring_num(q, shadow_size)?;
         self.backend.set_vring_addr(q, addrs)?;
-        if self.packed_negotiated() {
+        if self.device_packed() {
             self.backend.set_vring_base_packed(q, PACKED_RING_START)?;
         } else {
             self.backend.set_vring_base(q, 0)?;
@@ -724,7 +740,7 @@ impl Device {
     /// (the guest's, or a shadow ring): its vring base, which is both avail
     /// and used for a split ring; both halves of a packed ring's position.
     pub(crate) fn device_ring_position(&mut self, q: usize) -> Result<RingIndexes> {
-        Ok(if self.packed_negotiated() {
+        Ok(if self.device_packed() {
             let b = self.backend.vring_base_packed(q)?;
             RingIndexes {
                 avail: b as u16,

@@ -4,6 +4,7 @@
 
 mod inflight_packed;
 mod nic_control;
+mod translated_layout;
 mod vdpa_packed;
 
 use std::sync::{Arc, Mutex};
@@ -49,6 +50,8 @@ struct FakeState {
     logs: bool,
     /// ... but refuses the log it is given.
     refuse_log: bool,
+    /// Features this device does not offer after all.
+    lacks: u64,
 }
 
 #[derive(Clone, Default)]
@@ -76,7 +79,7 @@ impl DeviceBackend for Fake {
     }
     fn device_features(&self) -> u64 {
         // IN_ORDER and RING_PACKED are offered to the VMM only on request.
-        RELAY_FEATURES | F_IN_ORDER | F_RING_PACKED
+        (RELAY_FEATURES | F_IN_ORDER | F_RING_PACKED) & !self.0.lock().unwrap().lacks
     }
     fn set_features(&mut self, f: u64) -> backends::Result<()> {
         self.push(Op::Features(f));
