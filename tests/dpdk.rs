@@ -51,6 +51,26 @@ fn relayed(dev: &Value) -> (u64, u64) {
     (rx, tx)
 }
 
+/// What a shadow-mode relay counted agrees with testpmd's final counts;
+/// returns the relay's (RX, TX).
+fn relayed_agrees(dev: &Value, s: &FinalStats) -> (u64, u64) {
+    let (rx, tx) = relayed(dev);
+    // Every TX buffer the relay completed was one testpmd counted as sent;
+    // only the circulating bursts may have been left in flight at the stop.
+    assert!(
+        tx <= s.tx && s.tx <= tx + 2 * BURST,
+        "relay TX {tx} vs testpmd {s:?}"
+    );
+    // The loopback returns every TX packet on RX; testpmd may not have
+    // picked up the last ones before it stopped.
+    assert!(rx <= tx, "relay RX {rx} > TX {tx}");
+    assert!(
+        s.rx <= rx && rx <= s.rx + 2 * BURST,
+        "relay RX {rx} vs testpmd {s:?}"
+    );
+    (rx, tx)
+}
+
 /// testpmd's own invariants for io mode on a loopback: nothing dropped, and
 /// traffic actually flowed.
 fn check_testpmd(s: &FinalStats) {
@@ -106,20 +126,7 @@ fn shadow_counters_agree(flags: &[&str], vdev_opts: &str) {
     check_testpmd(&s);
     let dev = q.query("net0");
     assert_eq!(dev["mode"], "shadow", "{dev}");
-    let (rx, tx) = relayed(&dev);
-    // Every TX buffer the relay completed was one testpmd counted as sent;
-    // only the circulating bursts may have been left in flight at the stop.
-    assert!(
-        tx <= s.tx && s.tx <= tx + 2 * BURST,
-        "relay TX {tx} vs testpmd {s:?}"
-    );
-    // The loopback returns every TX packet on RX; testpmd may not have
-    // picked up the last ones before it stopped.
-    assert!(rx <= tx, "relay RX {rx} > TX {tx}");
-    assert!(
-        s.rx <= rx && rx <= s.rx + 2 * BURST,
-        "relay RX {rx} vs testpmd {s:?}"
-    );
+    relayed_agrees(&dev, &s);
     // The guest indexes the relay reports are its counts modulo 2^16:
     // the relay saw every buffer from index 0. (A packed ring's position
     // counts descriptors, not buffers.)
@@ -257,15 +264,7 @@ fn testpmd_packed_guest_on_a_split_only_device() {
     check_testpmd(&s);
     let dev = q.query("net0");
     assert_eq!(dev["mode"], "shadow", "{dev}");
-    let (rx, tx) = relayed(&dev);
-    assert!(
-        tx <= s.tx && s.tx <= tx + 2 * BURST,
-        "relay TX {tx} vs testpmd {s:?}"
-    );
-    assert!(
-        s.rx <= rx && rx <= s.rx + 2 * BURST,
-        "relay RX {rx} vs testpmd {s:?}"
-    );
+    let (rx, tx) = relayed_agrees(&dev, &s);
     // The split device saw the same packets on its rings.
     let (srx, stx) = relayed(&qs.query("net0"));
     assert!(

@@ -127,31 +127,6 @@ fn config_size_falls_back_to_the_features() {
     assert_eq!(net.config_size(), 12);
 }
 
-/// Sets features, one data pair's rings and DRIVER_OK the way the daemon does.
-fn start(net: &mut VdpaNet, features: u64) {
-    net.set_features(features).unwrap();
-    for q in 0..2 {
-        net.set_vring_num(q, 256).unwrap();
-        let base = 0x10_0000 * (q as u64 + 1);
-        net.set_vring_addr(
-            q,
-            VringAddrs {
-                desc: base,
-                avail: base + 0x1000,
-                used: base + 0x2000,
-            },
-        )
-        .unwrap();
-        net.set_vring_base(q, 0).unwrap();
-        net.set_vring_kick(q, Arc::new(EventFd::new(0).unwrap()))
-            .unwrap();
-        net.set_vring_call(q, Some(Arc::new(EventFd::new(0).unwrap())))
-            .unwrap();
-        net.set_vring_enable(q, true).unwrap();
-    }
-    net.set_status(S_DRIVER_OK).unwrap();
-}
-
 #[test]
 fn negotiation_and_driver_ok_with_an_isolated_control_queue() {
     let (mut net, fake) = open(Device::net(4), 2);
@@ -317,7 +292,7 @@ fn status_rules() {
         net.set_status(S_DRIVER_OK),
         Err(BackendError::InvalidState { .. })
     ));
-    start(&mut net, RELAY);
+    start_pair(&mut net, RELAY);
     assert_eq!(fake.lock().status, 0xf);
     // Re-sending the same bits is a no-op; clearing one needs a reset.
     fake.lock().calls.clear();
@@ -337,7 +312,7 @@ fn status_rules() {
     assert_eq!(net.negotiated_features(), None);
     assert_eq!(net.control_queue(), None);
     // And the device can be brought up again.
-    start(&mut net, RELAY);
+    start_pair(&mut net, RELAY);
     assert_eq!(net.status(), 0xf);
 }
 
@@ -354,7 +329,7 @@ fn driver_ok_that_does_not_stick_is_an_error() {
 #[test]
 fn suspend_and_resume_when_offered() {
     let (mut net, fake) = open(Device::net(1), 1);
-    start(&mut net, RELAY);
+    start_pair(&mut net, RELAY);
     fake.lock().vrings[0].base = 17;
     fake.lock().vrings[1].base = 42;
     fake.lock().calls.clear();
@@ -379,7 +354,7 @@ fn suspend_without_the_backend_feature_resets_the_device() {
     let mut d = Device::net(1);
     d.backend_offered &= !(bf(backend_bits::SUSPEND) | bf(backend_bits::RESUME));
     let (mut net, fake) = open(d, 1);
-    start(&mut net, RELAY);
+    start_pair(&mut net, RELAY);
     fake.lock().calls.clear();
     net.suspend().unwrap();
     let calls = fake.lock().take_calls();
@@ -401,7 +376,7 @@ fn resume_without_the_backend_feature_restarts_the_device() {
     let mut d = Device::net(1);
     d.backend_offered &= !bf(backend_bits::RESUME);
     let (mut net, fake) = open(d, 1);
-    start(&mut net, RELAY);
+    start_pair(&mut net, RELAY);
     let mac = [0x02, 9, 9, 9, 9, 9];
     net.apply_net_state(&backends::NetCtrlState {
         mac: Some(mac),
@@ -486,7 +461,7 @@ fn a_reset_forgets_the_rings() {
     let mut d = Device::net(1);
     d.backend_offered &= !bf(backend_bits::RESUME);
     let (mut net, fake) = open(d, 1);
-    start(&mut net, RELAY);
+    start_pair(&mut net, RELAY);
     net.set_status(0).unwrap();
     net.set_features(RELAY).unwrap();
     net.set_status(S_DRIVER_OK).unwrap();

@@ -9,13 +9,11 @@
 //! (vdpa_sim_net is split-only, VDUSE cannot suspend), so the fake is as
 //! far as these run.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use backends::vdpa::{backend_bits, VdpaNet};
-use backends::{BackendError, DeviceBackend, NetCtrlState, VringAddrs};
+use backends::vdpa::backend_bits;
+use backends::{BackendError, DeviceBackend, NetCtrlState};
 use testkit::vdpa_fake::*;
-use vmm_sys_util::eventfd::EventFd;
 
 const WRAP: u16 = 1 << 15;
 /// Position 0, both wrap counters 1: an empty packed ring.
@@ -26,36 +24,6 @@ fn packed_device(pairs: u16) -> Device {
     let mut d = Device::net(pairs);
     d.offered |= F_RING_PACKED;
     d
-}
-
-fn ring(q: usize) -> VringAddrs {
-    let base = 0x10_0000 * (q as u64 + 1);
-    VringAddrs {
-        desc: base,
-        avail: base + 0x1000,
-        used: base + 0x2000,
-    }
-}
-
-/// Features, one pair of rings at their start (packed: `START`),
-/// DRIVER_OK.
-fn start(net: &mut VdpaNet, features: u64) {
-    net.set_features(features).unwrap();
-    for q in 0..2 {
-        net.set_vring_num(q, 256).unwrap();
-        net.set_vring_addr(q, ring(q)).unwrap();
-        if features & F_RING_PACKED != 0 {
-            net.set_vring_base_packed(q, START).unwrap();
-        } else {
-            net.set_vring_base(q, 0).unwrap();
-        }
-        net.set_vring_kick(q, Arc::new(EventFd::new(0).unwrap()))
-            .unwrap();
-        net.set_vring_call(q, Some(Arc::new(EventFd::new(0).unwrap())))
-            .unwrap();
-        net.set_vring_enable(q, true).unwrap();
-    }
-    net.set_status(S_DRIVER_OK).unwrap();
 }
 
 /// The device ran ring `q` to avail `avail` and used `used` (both with
@@ -95,7 +63,7 @@ fn packed_rings_are_offered_only_with_suspend() {
 #[test]
 fn packed_positions_reach_the_device_in_the_kernel_layout() {
     let (mut net, fake) = open(packed_device(1), 1);
-    start(&mut net, PACKED);
+    start_pair(&mut net, PACKED);
     assert!(fake.lock().calls.contains(&Op::SetVringBase(0, START)));
     {
         let d = fake.lock();
@@ -131,7 +99,7 @@ fn one_position_on_a_packed_ring_means_nothing_in_flight() {
 #[test]
 fn packed_calls_on_split_rings_are_refused() {
     let (mut net, fake) = open(packed_device(1), 1);
-    start(&mut net, RELAY);
+    start_pair(&mut net, RELAY);
     let e = net.set_vring_base_packed(0, START).unwrap_err();
     assert!(
         matches!(
@@ -157,7 +125,7 @@ fn a_restart_without_resume_sets_both_packed_halves_again() {
     let mut d = packed_device(1);
     d.backend_offered &= !bf(backend_bits::RESUME);
     let (mut net, fake) = open(d, 1);
-    start(&mut net, PACKED);
+    start_pair(&mut net, PACKED);
     device_ran(&fake, 0, 12 | WRAP, 9 | WRAP);
     device_ran(&fake, 1, 3, 250 | WRAP);
     net.suspend().unwrap();
@@ -183,7 +151,7 @@ fn a_restart_without_resume_sets_both_packed_halves_again() {
 #[test]
 fn a_packed_ring_disabled_while_running_reports_where_it_stopped() {
     let (mut net, fake) = open(packed_device(1), 1);
-    start(&mut net, PACKED);
+    start_pair(&mut net, PACKED);
     device_ran(&fake, 1, 40, 38);
     fake.lock().calls.clear();
     net.set_vring_enable(1, false).unwrap();
@@ -204,7 +172,7 @@ fn a_packed_ring_disabled_while_running_reports_where_it_stopped() {
 #[test]
 fn the_control_queue_is_a_packed_ring_when_the_rings_are() {
     let (mut net, fake) = open(packed_device(2), 2);
-    start(&mut net, PACKED | F_MQ);
+    start_pair(&mut net, PACKED | F_MQ);
     let cvq = net.control_queue().unwrap().0;
     assert!(fake.lock().calls.contains(&Op::SetVringBase(cvq, START)));
     // Both pairs were opened with VQ_PAIRS_SET at DRIVER_OK; then enough
@@ -234,7 +202,7 @@ fn the_control_queue_is_a_packed_ring_when_the_rings_are() {
 #[test]
 fn the_packed_control_queue_starts_over_after_a_reset() {
     let (mut net, fake) = open(packed_device(1), 1);
-    start(&mut net, PACKED);
+    start_pair(&mut net, PACKED);
     for i in 0..7u8 {
         net.apply_net_state(&NetCtrlState {
             mac: Some([0x52, 0, 0, 0, 0, i]),
@@ -267,7 +235,7 @@ fn the_packed_control_queue_starts_over_after_a_reset() {
 #[test]
 fn an_unanswered_packed_command_breaks_the_control_queue_only() {
     let (mut net, fake) = open(packed_device(1), 1);
-    start(&mut net, PACKED);
+    start_pair(&mut net, PACKED);
     net.set_cvq_timeout(Duration::from_millis(50));
     fake.lock().cvq_silent = true;
     let mac = |i| NetCtrlState {

@@ -21,19 +21,9 @@ fn vduse_like(pairs: u16) -> Device {
     d
 }
 
-/// Ring addresses of queue `q`: each queue in its own 1 MiB at (q+1) MiB.
-fn ring(q: usize) -> VringAddrs {
-    let base = 0x10_0000 * (q as u64 + 1);
-    VringAddrs {
-        desc: base,
-        avail: base + 0x1000,
-        used: base + 0x2000,
-    }
-}
-
 /// Maps `size` bytes at queue `q`'s ring area and returns the region.
 fn map_ring(net: &mut VdpaNet, q: usize, size: usize) -> DmaRegion {
-    let r = region(ring(q).desc, size, false);
+    let r = region(ring_addrs(q).desc, size, false);
     net.dma_map(r.clone()).unwrap();
     r
 }
@@ -50,7 +40,7 @@ fn set_used_idx(r: &DmaRegion, idx: u16) {
 /// Sets one ring up the way the daemon does (enabled when `enable`).
 fn setup_ring(net: &mut VdpaNet, q: usize, base: u16, enable: bool) {
     net.set_vring_num(q, 256).unwrap();
-    net.set_vring_addr(q, ring(q)).unwrap();
+    net.set_vring_addr(q, ring_addrs(q)).unwrap();
     net.set_vring_base(q, base).unwrap();
     net.set_vring_kick(q, Arc::new(EventFd::new(0).unwrap()))
         .unwrap();
@@ -87,7 +77,7 @@ fn ring_setup(q: u32, base: u16) -> Vec<Op> {
     use Op::*;
     vec![
         SetVringNum(q, 256),
-        SetVringAddr(q, ring(q as usize)),
+        SetVringAddr(q, ring_addrs(q as usize)),
         SetVringBase(q, u32::from(base)),
         SetVringKick(q, true),
         SetVringCall(q, true),
@@ -159,7 +149,7 @@ fn suspend_resets_and_the_base_is_the_used_index() {
     assert_eq!(d.features, ACKED);
     for (q, base) in [(0, 7), (1, 3)] {
         let v = &d.vrings[q];
-        assert_eq!((v.num, v.addrs, v.base), (256, Some(ring(q)), base));
+        assert_eq!((v.num, v.addrs, v.base), (256, Some(ring_addrs(q)), base));
         assert!(v.enabled && v.kick.is_some() && v.call.is_some());
     }
     // The control state came back after the reset.
@@ -211,7 +201,7 @@ fn an_unmapped_used_index_is_an_error_of_vring_base_and_resume() {
     let (mut net, fake) = open(vduse_like(1), 1);
     // RX's used ring is not mapped at all; TX's region ends one byte into
     // its used index.
-    let tx = region(ring(1).desc, 0x2003, false);
+    let tx = region(ring_addrs(1).desc, 0x2003, false);
     net.dma_map(tx).unwrap();
     net.set_features(RELAY).unwrap();
     for q in 0..2 {
@@ -350,7 +340,7 @@ fn a_ring_set_up_after_driver_ok_restarts_the_device_with_it() {
     assert!(d.vrings[0].enabled && d.vrings[1].enabled);
     assert_eq!(d.vrings[0].base, 5, "RX restarted at its used index");
     assert_eq!(d.vrings[1].base, 4, "TX at the base the relay set");
-    assert_eq!(d.vrings[1].addrs, Some(ring(1)));
+    assert_eq!(d.vrings[1].addrs, Some(ring_addrs(1)));
     drop(d);
     assert_eq!(net.status() & S_DRIVER_OK, S_DRIVER_OK);
     // Nothing stays stopped: a later suspend is a real stop again.
@@ -367,7 +357,7 @@ fn the_fake_refuses_ring_changes_on_a_running_device_as_linux_does() {
     setup_ring(&mut net, 0, 0, true);
     net.set_status(S_DRIVER_OK).unwrap();
     let d = fake.clone();
-    let err = d.set_vring_addr(1, &ring(1)).unwrap_err();
+    let err = d.set_vring_addr(1, &ring_addrs(1)).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
     assert_eq!(
         d.set_vring_base(1, 0).unwrap_err().raw_os_error(),

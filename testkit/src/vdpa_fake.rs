@@ -966,6 +966,39 @@ pub fn open(dev: Device, pairs: u16) -> (backends::vdpa::VdpaNet, FakeVdpa) {
     (net, fake)
 }
 
+/// Ring addresses of queue `q` in the vdpa tests: each queue in its own
+/// 1 MiB at (q+1) MiB.
+pub fn ring_addrs(q: usize) -> VringAddrs {
+    let base = 0x10_0000 * (q as u64 + 1);
+    VringAddrs {
+        desc: base,
+        avail: base + 0x1000,
+        used: base + 0x2000,
+    }
+}
+
+/// What the daemon does to start one pair: features, both rings at their
+/// start (packed: position 0, both wrap counters 1), DRIVER_OK.
+pub fn start_pair(net: &mut backends::vdpa::VdpaNet, features: u64) {
+    use backends::DeviceBackend;
+    net.set_features(features).unwrap();
+    for q in 0..2 {
+        net.set_vring_num(q, 256).unwrap();
+        net.set_vring_addr(q, ring_addrs(q)).unwrap();
+        if features & F_RING_PACKED != 0 {
+            net.set_vring_base_packed(q, 0x8000_8000).unwrap();
+        } else {
+            net.set_vring_base(q, 0).unwrap();
+        }
+        net.set_vring_kick(q, Arc::new(EventFd::new(0).unwrap()))
+            .unwrap();
+        net.set_vring_call(q, Some(Arc::new(EventFd::new(0).unwrap())))
+            .unwrap();
+        net.set_vring_enable(q, true).unwrap();
+    }
+    net.set_status(S_DRIVER_OK).unwrap();
+}
+
 /// A memfd-less anonymous region of `size` bytes mapped at `iova`.
 pub fn region(iova: u64, size: usize, readonly: bool) -> backends::DmaRegion {
     backends::DmaRegion {
