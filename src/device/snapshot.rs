@@ -169,11 +169,20 @@ impl Device {
             self.stats[q].set_indexes(s.next_avail, s.used_idx);
         }
         // Under --shadow auto the mode follows this side's dirty logging;
-        // otherwise the destination continues in the source's mode.
+        // otherwise the destination continues in the source's mode, unless
+        // this side's device lacks what the guest's rings use (a packed
+        // guest from a host whose device has packed rings): then only shadow
+        // mode can run them here.
         let shadow = st.mode == RelayMode::Shadow;
+        let translated = self.shadow_translated();
         if !self.auto_shadow && self.shadow != shadow {
-            self.shadow = shadow;
-            self.mode_events.push(shadow);
+            if !shadow && translated != 0 {
+                log::info!(target: LOG, "{}: the source ran in passthrough; staying in shadow mode \
+                    (this device lacks features {translated:#x} the guest negotiated)", self.name);
+            } else {
+                self.shadow = shadow;
+                self.mode_events.push(shadow);
+            }
         }
         log::info!(target: LOG, "{}: device state loaded ({} queues)",
             self.name, st.vrings.len());

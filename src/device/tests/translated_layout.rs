@@ -115,3 +115,32 @@ fn a_device_with_the_features_keeps_getting_them() {
     // Both layouts agree: passthrough is possible.
     assert!(dev.set_shadow(false).unwrap());
 }
+
+/// A packed guest migrating from a host whose device has packed rings (the
+/// source relay in passthrough) to one whose device has not: the
+/// destination takes the packed positions and stays in shadow mode, the
+/// only one that can run them there.
+#[test]
+fn a_destination_without_the_features_stays_in_shadow() {
+    let (mut src, _sf) = device(false);
+    src.set_offered_on_request(F_RING_PACKED);
+    let acked = src.offered_features() & !F_LOG_ALL;
+    src.set_features(acked).unwrap();
+    let pos = 3 | WRAP | (2 | WRAP) << 16;
+    src.set_vring_num(1, 256).unwrap();
+    src.set_vring_base(1, pos).unwrap();
+    let st = src.snapshot_state().unwrap();
+    assert_eq!(st.mode, crate::migration::stream::RelayMode::Passthrough);
+
+    let (mut dst, _df) = split_only(true);
+    dst.set_features(acked).unwrap();
+    dst.apply_state(st).unwrap();
+    assert!(dst.shadow(), "the destination left shadow mode");
+    assert_eq!(dst.vrings[1].packed_base, pos);
+    // A destination whose device has them follows the source.
+    let (mut same, _f) = device(true);
+    same.set_offered_on_request(F_RING_PACKED);
+    same.set_features(acked).unwrap();
+    same.apply_state(src.snapshot_state().unwrap()).unwrap();
+    assert!(!same.shadow());
+}
