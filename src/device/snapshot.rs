@@ -5,6 +5,7 @@
 
 use virtio_features::{F_LOG_ALL, F_PROTOCOL_FEATURES};
 
+use super::features::SHADOW_TRANSLATED;
 use super::model::{Device, LOG};
 use crate::migration::state_machine::Failure;
 use crate::migration::stream::{
@@ -174,7 +175,8 @@ impl Device {
         // guest from a host whose device has packed rings): then only shadow
         // mode can run them here.
         let shadow = st.mode == RelayMode::Shadow;
-        let translated = self.shadow_translated();
+        // The saved features: QEMU loads the state before it sets them.
+        let translated = st.features.virtio & SHADOW_TRANSLATED & !self.backend.device_features();
         if !self.auto_shadow && self.shadow != shadow {
             if !shadow && translated != 0 {
                 log::info!(target: LOG, "{}: the source ran in passthrough; staying in shadow mode \
