@@ -100,7 +100,7 @@ impl Device {
         }
         let mut mapped: Vec<(u64, u64, u64)> = Vec::new();
         for r in &added {
-            match self.map_region(r) {
+            match self.map_region_over(r, &mut gone) {
                 Ok(iova) => mapped.push((r.desc.gpa, iova, r.desc.size)),
                 Err(e) => {
                     // Roll back: keep the old table as it was.
@@ -136,7 +136,26 @@ impl Device {
     }
 
     fn map_region(&mut self, r: &GuestRegion) -> Result<u64> {
+        self.map_region_over(r, &mut [])
+    }
+
+    /// `map_region` while the regions in `gone` are leaving: the tree may
+    /// give `r` IOVAs one of them still holds in the device (it left the
+    /// tree first), so that one leaves the device first.
+    fn map_region_over(
+        &mut self,
+        r: &GuestRegion,
+        gone: &mut [(GuestRegion, Option<u64>)],
+    ) -> Result<u64> {
         let m = self.tree.map(AddrSpace::Guest, r.desc.gpa, r.desc.size)?;
+        for (old, iova) in gone.iter_mut() {
+            if let Some(i) = *iova {
+                if spans_overlap((i, old.desc.size), (m.iova, r.desc.size)) {
+                    self.dma_unmap_logged(i, old);
+                    *iova = None;
+                }
+            }
+        }
         if let Err(e) = self.backend.dma_map(DmaRegion {
             iova: m.iova,
             memory: r.mmap.clone(),
@@ -175,8 +194,12 @@ impl Device {
     }
 }
 
+/// Do `(start, size)` spans overlap? Sizes are not 0.
+fn spans_overlap(a: (u64, u64), b: (u64, u64)) -> bool {
+    let (a1, b1) = (a.0.saturating_add(a.1 - 1), b.0.saturating_add(b.1 - 1));
+    a.0 <= b1 && b.0 <= a1
+}
+
 fn ranges_overlap(a: &GuestRegion, b: &GuestRegion) -> bool {
-    let (a0, a1) = (a.desc.gpa, a.desc.gpa + (a.desc.size - 1));
-    let (b0, b1) = (b.desc.gpa, b.desc.gpa + (b.desc.size - 1));
-    a0 <= b1 && b0 <= a1
+    spans_overlap((a.desc.gpa, a.desc.size), (b.desc.gpa, b.desc.size))
 }
