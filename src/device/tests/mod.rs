@@ -5,6 +5,7 @@
 mod inflight_packed;
 mod nic_control;
 mod translated_layout;
+mod vdpa_memory;
 mod vdpa_packed;
 
 use std::sync::{Arc, Mutex};
