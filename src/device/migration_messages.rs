@@ -16,6 +16,7 @@ use super::model::{Device, LOG};
 use super::postcopy_session::{PostcopyError, PostcopySession};
 use crate::migration::control::Migration;
 use crate::migration::inflight_region::Layout;
+use crate::migration::state_machine::Failure;
 
 impl Device {
     pub fn set_device_state_fd(
@@ -29,7 +30,7 @@ impl Device {
         // The snapshot is taken first (the closure cannot borrow the device
         // while `migration` is borrowed mutably); only a SAVE uses it.
         let snap = match direction {
-            VhostTransferStateDirection::SAVE => self.snapshot_state(),
+            VhostTransferStateDirection::SAVE => self.snapshot_state().map_err(|e| e.to_string()),
             VhostTransferStateDirection::LOAD => Err("not a save".into()),
         };
         Ok(self
@@ -40,7 +41,12 @@ impl Device {
     /// CHECK_DEVICE_STATE: a finished LOAD is applied to the device here.
     pub fn check_device_state(&mut self) -> Result<()> {
         let mut migration = std::mem::replace(&mut self.migration, Migration::placeholder());
-        let r = migration.check_device_state(|st| self.apply_state(st));
+        // Every refusal leaves the device as it was: the transfer can be
+        // tried again.
+        let r = migration.check_device_state(|st| {
+            self.apply_state(st)
+                .map_err(|e| (Failure::Recoverable, e.to_string()))
+        });
         self.migration = migration;
         Ok(r?)
     }

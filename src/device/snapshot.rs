@@ -7,10 +7,30 @@ use virtio_features::{F_LOG_ALL, F_PROTOCOL_FEATURES};
 
 use super::features::SHADOW_TRANSLATED;
 use super::model::{Device, LOG};
-use crate::migration::state_machine::Failure;
 use crate::migration::stream::{
     DeviceState, Features, Limits, NicState, RelayMode, RingLayout, RxMode, VlanFilter, VringState,
 };
+
+/// Why a state cannot be saved from, or applied to, this device.
+#[derive(Debug, thiserror::Error)]
+pub enum StateRefused {
+    #[error("rings are still running (GET_VRING_BASE first)")]
+    RingsRunning,
+    #[error("rings are running on the destination")]
+    DestinationRunning,
+    #[error("negotiated features {negotiated:#x} differ from the saved {saved:#x}")]
+    Features { negotiated: u64, saved: u64 },
+    #[error("{records} vring records for {queues} queues")]
+    QueueCount { records: usize, queues: usize },
+    #[error("queue {queue}: saved size {saved} but SET_VRING_NUM gave {set}")]
+    QueueSize { queue: usize, saved: u16, set: u16 },
+    #[error("saved MTU {saved} but the device has {device}")]
+    Mtu { saved: u16, device: u16 },
+    #[error("saved {saved} queue pairs but the device has {device}")]
+    QueuePairs { saved: u16, device: usize },
+    #[error("setting the saved MAC: {0}")]
+    Mac(backends::BackendError),
+}
 
 /// virtio_net_config offsets.
 const CFG_MAC: u32 = 0;
@@ -43,9 +63,9 @@ impl Device {
     /// The state to save. Runs with every ring stopped (the state machine
     /// allows SAVING from STOPPED only), so `base`/`used_base`/`in_flight`
     /// are where the destination continues.
-    pub(crate) fn snapshot_state(&self) -> Result<DeviceState, String> {
+    pub(crate) fn snapshot_state(&self) -> Result<DeviceState, StateRefused> {
         if self.is_started() {
-            return Err("rings are still running (GET_VRING_BASE first)".into());
+            return Err(StateRefused::RingsRunning);
         }
         let (mac, mtu) = self.read_mac_mtu();
         let packed = self.packed_negotiated();
@@ -104,52 +124,53 @@ impl Device {
 
     /// Apply a loaded, validated state. Everything that could make it fail
     /// is checked first: a refusal leaves the device exactly as it was.
-    pub(crate) fn apply_state(&mut self, st: DeviceState) -> Result<(), (Failure, String)> {
-        let refuse = |why: String| Err((Failure::Recoverable, why));
+    pub(crate) fn apply_state(&mut self, st: DeviceState) -> Result<(), StateRefused> {
         if self.is_started() {
-            return refuse("rings are running on the destination".into());
+            return Err(StateRefused::DestinationRunning);
         }
         // LOG_ALL and the vhost-user bit describe the source's session, not
         // the device.
         let vhost_bits = F_LOG_ALL | F_PROTOCOL_FEATURES;
         if let Some(acked) = self.acked_features {
             if acked & !vhost_bits != st.features.virtio & !vhost_bits {
-                return refuse(format!(
-                    "negotiated features {:#x} differ from the saved {:#x}",
-                    acked & !vhost_bits,
-                    st.features.virtio & !vhost_bits
-                ));
+                return Err(StateRefused::Features {
+                    negotiated: acked & !vhost_bits,
+                    saved: st.features.virtio & !vhost_bits,
+                });
             }
         }
         if st.vrings.len() != self.num_queues() {
-            return refuse(format!(
-                "{} vring records for {} queues",
-                st.vrings.len(),
-                self.num_queues()
-            ));
+            return Err(StateRefused::QueueCount {
+                records: st.vrings.len(),
+                queues: self.num_queues(),
+            });
         }
         for (q, (v, s)) in self.vrings.iter().zip(&st.vrings).enumerate() {
             if v.num != 0 && s.size != 0 && v.num != s.size {
-                return refuse(format!(
-                    "queue {q}: saved size {} but SET_VRING_NUM gave {}",
-                    s.size, v.num
-                ));
+                return Err(StateRefused::QueueSize {
+                    queue: q,
+                    saved: s.size,
+                    set: v.num,
+                });
             }
         }
         let (mac, mtu) = self.read_mac_mtu();
         if st.nic.mtu != mtu {
-            return refuse(format!("saved MTU {} but the device has {mtu}", st.nic.mtu));
+            return Err(StateRefused::Mtu {
+                saved: st.nic.mtu,
+                device: mtu,
+            });
         }
         if usize::from(st.nic.queue_pairs) > self.queue_pairs {
-            return refuse(format!(
-                "saved {} queue pairs but the device has {}",
-                st.nic.queue_pairs, self.queue_pairs
-            ));
+            return Err(StateRefused::QueuePairs {
+                saved: st.nic.queue_pairs,
+                device: self.queue_pairs,
+            });
         }
         if st.nic.mac != mac {
             self.backend
                 .set_config(CFG_MAC, &st.nic.mac)
-                .map_err(|e| (Failure::Recoverable, format!("setting the saved MAC: {e}")))?;
+                .map_err(StateRefused::Mac)?;
         }
         for (q, s) in st.vrings.iter().enumerate() {
             let v = &mut self.vrings[q];
