@@ -33,7 +33,7 @@ use vhost::vhost_user::message::VhostUserInflight;
 use hostmem::memfd;
 
 use super::inflight_region_packed::{packed_queue_region_size, PackedInflightQueue};
-use super::mapping::{MapError, SharedMapping};
+use super::mapping::{MapError, SharedMapping, Window};
 
 const LOG: &str = "inflight";
 
@@ -279,14 +279,11 @@ impl InflightRegion {
             size: self.queue_size,
         })
     }
-}
 
-impl InflightRegion {
     /// The region of queue `q` (packed layout).
     pub fn packed_queue(&self, q: u16) -> Option<PackedInflightQueue<'_>> {
         (q < self.num_queues && self.layout == Layout::Packed).then(|| PackedInflightQueue {
-            map: &self.map,
-            base: usize::from(q) * self.stride,
+            io: Window::new(&self.map, usize::from(q) * self.stride),
             queue: q,
             size: self.queue_size,
         })
@@ -303,18 +300,10 @@ pub struct InflightQueue<'a> {
 }
 
 impl InflightQueue<'_> {
-    // Every offset below is inside the region (checked geometry), so the
-    // accessors only fail on a bug; reads then yield 0 and writes are
-    // dropped rather than panicking.
-    fn r16(&self, off: usize) -> u16 {
-        self.map
-            .u16_at(self.base + off)
-            .map_or(0, |a| a.load(Ordering::Acquire))
-    }
-    fn w16(&self, off: usize, v: u16) {
-        if let Some(a) = self.map.u16_at(self.base + off) {
-            a.store(v, Ordering::Release);
-        }
+    /// The queue's header fields (offsets inside the region: checked
+    /// geometry).
+    fn io(&self) -> Window<'_> {
+        Window::new(self.map, self.base)
     }
     fn desc_off(&self, head: u16) -> usize {
         HEADER + DESC * usize::from(head)
@@ -331,16 +320,16 @@ impl InflightQueue<'_> {
     }
 
     pub fn version(&self) -> u16 {
-        self.r16(OFF_VERSION)
+        self.io().r16(OFF_VERSION)
     }
 
     pub fn desc_num(&self) -> u16 {
-        self.r16(OFF_DESC_NUM)
+        self.io().r16(OFF_DESC_NUM)
     }
 
     /// The used idx recorded at the last completed batch.
     pub fn used_idx(&self) -> u16 {
-        self.r16(OFF_USED_IDX)
+        self.io().r16(OFF_USED_IDX)
     }
 
     /// Fresh region: nothing in flight.
@@ -348,10 +337,10 @@ impl InflightQueue<'_> {
         if let Some(f) = self.map.u64_at(self.base) {
             f.store(0, Ordering::Relaxed);
         }
-        self.w16(OFF_DESC_NUM, self.size);
-        self.w16(OFF_LAST_BATCH, 0);
-        self.w16(OFF_USED_IDX, 0);
-        self.w16(OFF_VERSION, INFLIGHT_VERSION);
+        self.io().w16(OFF_DESC_NUM, self.size);
+        self.io().w16(OFF_LAST_BATCH, 0);
+        self.io().w16(OFF_USED_IDX, 0);
+        self.io().w16(OFF_VERSION, INFLIGHT_VERSION);
     }
 
     pub fn is_in_flight(&self, head: u16) -> bool {
@@ -384,9 +373,9 @@ impl InflightQueue<'_> {
             self.check(h)?;
         }
         for &h in heads {
-            let last = self.r16(OFF_LAST_BATCH);
-            self.w16(self.desc_off(h) + D_NEXT, last);
-            self.w16(OFF_LAST_BATCH, h);
+            let last = self.io().r16(OFF_LAST_BATCH);
+            self.io().w16(self.desc_off(h) + D_NEXT, last);
+            self.io().w16(OFF_LAST_BATCH, h);
         }
         Ok(())
     }
@@ -402,7 +391,7 @@ impl InflightQueue<'_> {
                 f.store(0, Ordering::Release);
             }
         }
-        self.w16(OFF_USED_IDX, used_idx);
+        self.io().w16(OFF_USED_IDX, used_idx);
         Ok(())
     }
 
@@ -456,7 +445,7 @@ impl InflightQueue<'_> {
                 log::warn!(target: LOG, "queue {}: used idx {ring_used_idx} is {batch} ahead of the recorded {recorded}; \
                     only the last-batch list ({} at most) is cleared", self.queue, self.size);
             }
-            let mut head = self.r16(OFF_LAST_BATCH);
+            let mut head = self.io().r16(OFF_LAST_BATCH);
             for _ in 0..batch.min(self.size) {
                 if head >= self.size {
                     log::warn!(target: LOG, "queue {}: last-batch list points at {head}, stopped", self.queue);
@@ -465,9 +454,9 @@ impl InflightQueue<'_> {
                 if let Some(f) = self.map.u8_at(self.base + self.desc_off(head) + D_INFLIGHT) {
                     f.store(0, Ordering::Release);
                 }
-                head = self.r16(self.desc_off(head) + D_NEXT);
+                head = self.io().r16(self.desc_off(head) + D_NEXT);
             }
-            self.w16(OFF_USED_IDX, ring_used_idx);
+            self.io().w16(OFF_USED_IDX, ring_used_idx);
         }
         Ok(self.resubmit_list())
     }

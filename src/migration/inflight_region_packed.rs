@@ -44,13 +44,11 @@
 //!   holds, so a list torn by a crash (or garbage) never hands out an entry
 //!   twice; every index read from the region is checked before use.
 
-use std::sync::atomic::Ordering;
-
 use packed_ring::{Pos, F_USED};
 use svq::RingDesc;
 
 use super::inflight_region::{InflightError, INFLIGHT_VERSION};
-use super::mapping::SharedMapping;
+use super::mapping::Window;
 
 pub(super) const HEADER: usize = 32;
 pub(super) const DESC: usize = 32;
@@ -152,63 +150,20 @@ impl Positions {
 /// One queue's region in the packed layout.
 #[derive(Clone, Copy, Debug)]
 pub struct PackedInflightQueue<'a> {
-    pub(super) map: &'a SharedMapping,
-    pub(super) base: usize,
+    /// Every offset used is inside the queue's region (checked geometry,
+    /// entries checked < size).
+    pub(super) io: Window<'a>,
     pub(super) queue: u16,
     pub(super) size: u16,
 }
 
 impl PackedInflightQueue<'_> {
-    // Every offset below is inside the region (checked geometry, entries
-    // checked < size), so the accessors only fail on a bug; reads then
-    // yield 0 and writes are dropped rather than panicking.
-    fn r8(&self, off: usize) -> u8 {
-        self.map
-            .u8_at(self.base + off)
-            .map_or(0, |a| a.load(Ordering::Acquire))
-    }
-    fn w8(&self, off: usize, v: u8) {
-        if let Some(a) = self.map.u8_at(self.base + off) {
-            a.store(v, Ordering::Release);
-        }
-    }
-    fn r16(&self, off: usize) -> u16 {
-        self.map
-            .u16_at(self.base + off)
-            .map_or(0, |a| a.load(Ordering::Acquire))
-    }
-    fn w16(&self, off: usize, v: u16) {
-        if let Some(a) = self.map.u16_at(self.base + off) {
-            a.store(v, Ordering::Release);
-        }
-    }
-    fn r32(&self, off: usize) -> u32 {
-        self.map
-            .u32_at(self.base + off)
-            .map_or(0, |a| a.load(Ordering::Acquire))
-    }
-    fn w32(&self, off: usize, v: u32) {
-        if let Some(a) = self.map.u32_at(self.base + off) {
-            a.store(v, Ordering::Release);
-        }
-    }
-    fn r64(&self, off: usize) -> u64 {
-        self.map
-            .u64_at(self.base + off)
-            .map_or(0, |a| a.load(Ordering::Acquire))
-    }
-    fn w64(&self, off: usize, v: u64) {
-        if let Some(a) = self.map.u64_at(self.base + off) {
-            a.store(v, Ordering::Release);
-        }
-    }
-
     fn entry(&self, e: u16) -> usize {
         HEADER + DESC * usize::from(e)
     }
 
     fn positions(&self) -> Positions {
-        let b = self.r64(OFF_POSITIONS).to_ne_bytes();
+        let b = self.io.r64(OFF_POSITIONS).to_ne_bytes();
         Positions {
             used_idx: u16::from_ne_bytes([b[0], b[1]]),
             old_used_idx: u16::from_ne_bytes([b[2], b[3]]),
@@ -222,7 +177,7 @@ impl PackedInflightQueue<'_> {
         let u = p.used_idx.to_ne_bytes();
         let o = p.old_used_idx.to_ne_bytes();
         let word = [u[0], u[1], o[0], o[1], p.used_wrap, p.old_used_wrap, 0, 0];
-        self.w64(OFF_POSITIONS, u64::from_ne_bytes(word));
+        self.io.w64(OFF_POSITIONS, u64::from_ne_bytes(word));
     }
 
     fn corrupt(&self, what: &'static str, entry: u16) -> InflightError {
@@ -245,15 +200,15 @@ impl PackedInflightQueue<'_> {
     }
 
     pub fn version(&self) -> u16 {
-        self.r16(OFF_VERSION)
+        self.io.r16(OFF_VERSION)
     }
 
     pub fn desc_num(&self) -> u16 {
-        self.r16(OFF_DESC_NUM)
+        self.io.r16(OFF_DESC_NUM)
     }
 
     pub fn free_head(&self) -> u16 {
-        self.r16(OFF_FREE_HEAD)
+        self.io.r16(OFF_FREE_HEAD)
     }
 
     /// The recorded used position (None: the fields are out of range).
@@ -266,17 +221,17 @@ impl PackedInflightQueue<'_> {
     }
 
     pub fn is_in_flight(&self, entry: u16) -> bool {
-        entry < self.size && self.r8(self.entry(entry) + D_INFLIGHT) != 0
+        entry < self.size && self.io.r8(self.entry(entry) + D_INFLIGHT) != 0
     }
 
     /// Fresh region (DPDK's GET_INFLIGHT_FD initialization): every entry
     /// free, linked in index order, both used positions at 0 with wrap
     /// counter 1. The version last: a region is in use once it has one.
     pub(super) fn init(&self) {
-        self.w64(0, 0);
-        self.w16(OFF_DESC_NUM, self.size);
+        self.io.w64(0, 0);
+        self.io.w16(OFF_DESC_NUM, self.size);
         self.reset(Pos::START);
-        self.w16(OFF_VERSION, INFLIGHT_VERSION);
+        self.io.w16(OFF_VERSION, INFLIGHT_VERSION);
     }
 
     /// Nothing in flight, the guest's used position at `used`: for a ring
@@ -284,7 +239,7 @@ impl PackedInflightQueue<'_> {
     /// earlier period the guest has since moved past).
     pub fn reset(&self, used: Pos) {
         for e in 0..self.size {
-            self.w8(self.entry(e) + D_INFLIGHT, 0);
+            self.io.w8(self.entry(e) + D_INFLIGHT, 0);
         }
         self.rebuild_free_list(&[]);
         self.set_positions(Positions::of(used, used));
@@ -299,11 +254,11 @@ impl PackedInflightQueue<'_> {
             if taken.get(usize::from(e)).copied().unwrap_or(false) {
                 continue;
             }
-            self.w16(self.entry(e) + D_NEXT, head);
+            self.io.w16(self.entry(e) + D_NEXT, head);
             head = e;
         }
-        self.w16(OFF_FREE_HEAD, head);
-        self.w16(OFF_OLD_FREE_HEAD, head);
+        self.io.w16(OFF_FREE_HEAD, head);
+        self.io.w16(OFF_OLD_FREE_HEAD, head);
     }
 
     /// A chain was taken from the guest ring: copy its descriptors into
@@ -333,25 +288,25 @@ impl PackedInflightQueue<'_> {
                 return Err(InflightError::NoFreeEntry { queue: self.queue });
             }
             let o = self.entry(e);
-            self.w64(o + D_ADDR, d.addr);
-            self.w32(o + D_LEN, d.len);
-            self.w16(o + D_ID, d.id);
-            self.w16(o + D_FLAGS, d.flags);
+            self.io.w64(o + D_ADDR, d.addr);
+            self.io.w32(o + D_LEN, d.len);
+            self.io.w16(o + D_ID, d.id);
+            self.io.w16(o + D_FLAGS, d.flags);
             last = e;
-            e = self.r16(o + D_NEXT);
+            e = self.io.r16(o + D_NEXT);
         }
         let o = self.entry(head);
-        self.w16(o + D_NUM, descs.len() as u16);
-        self.w16(o + D_LAST, last);
-        self.w64(o + D_COUNTER, counter);
+        self.io.w16(o + D_NUM, descs.len() as u16);
+        self.io.w16(o + D_LAST, last);
+        self.io.w64(o + D_COUNTER, counter);
         Ok((head, e))
     }
 
     fn commit_mark(&self, head: u16, rest: u16) {
         // Release: whoever sees inflight=1 sees the copy.
-        self.w8(self.entry(head) + D_INFLIGHT, 1);
-        self.w16(OFF_FREE_HEAD, rest);
-        self.w16(OFF_OLD_FREE_HEAD, rest);
+        self.io.w8(self.entry(head) + D_INFLIGHT, 1);
+        self.io.w16(OFF_FREE_HEAD, rest);
+        self.io.w16(OFF_OLD_FREE_HEAD, rest);
     }
 
     /// The head entry's chain: (num, last), checked.
@@ -364,7 +319,7 @@ impl PackedInflightQueue<'_> {
             });
         }
         let o = self.entry(entry);
-        let (num, last) = (self.r16(o + D_NUM), self.r16(o + D_LAST));
+        let (num, last) = (self.io.r16(o + D_NUM), self.io.r16(o + D_LAST));
         if num == 0 || num > self.size || last >= self.size {
             return Err(self.corrupt("chain length or last entry out of range", entry));
         }
@@ -382,8 +337,8 @@ impl PackedInflightQueue<'_> {
     }
 
     fn link_free(&self, entry: u16, last: u16) {
-        self.w16(self.entry(last) + D_NEXT, self.free_head());
-        self.w16(OFF_FREE_HEAD, entry);
+        self.io.w16(self.entry(last) + D_NEXT, self.free_head());
+        self.io.w16(OFF_FREE_HEAD, entry);
     }
 
     fn advance_used(&self, num: u16) -> Result<(), InflightError> {
@@ -403,14 +358,14 @@ impl PackedInflightQueue<'_> {
     /// current state becomes the one a later recovery starts from.
     pub fn completed(&self, entry: u16) -> Result<(), InflightError> {
         self.check_entry(entry)?;
-        self.w8(self.entry(entry) + D_INFLIGHT, 0);
+        self.io.w8(self.entry(entry) + D_INFLIGHT, 0);
         let p = self.positions();
         self.set_positions(Positions {
             old_used_idx: p.used_idx,
             old_used_wrap: p.used_wrap,
             ..p
         });
-        self.w16(OFF_OLD_FREE_HEAD, self.free_head());
+        self.io.w16(OFF_OLD_FREE_HEAD, self.free_head());
         Ok(())
     }
 
@@ -418,9 +373,9 @@ impl PackedInflightQueue<'_> {
     /// its entries free, the used position unchanged.
     pub fn returned(&self, entry: u16) -> Result<(), InflightError> {
         let (_, last) = self.chain_shape(entry)?;
-        self.w8(self.entry(entry) + D_INFLIGHT, 0);
+        self.io.w8(self.entry(entry) + D_INFLIGHT, 0);
         self.link_free(entry, last);
-        self.w16(OFF_OLD_FREE_HEAD, entry);
+        self.io.w16(OFF_OLD_FREE_HEAD, entry);
         Ok(())
     }
 
@@ -437,7 +392,7 @@ impl PackedInflightQueue<'_> {
         let mut chains = Vec::new();
         let mut slots = 0usize;
         for head in 0..self.size {
-            let flag = self.r8(self.entry(head) + D_INFLIGHT);
+            let flag = self.io.r8(self.entry(head) + D_INFLIGHT);
             if flag == 0 {
                 continue;
             }
@@ -460,19 +415,19 @@ impl PackedInflightQueue<'_> {
                 }
                 let o = self.entry(e);
                 descs.push(RingDesc {
-                    addr: self.r64(o + D_ADDR),
-                    len: self.r32(o + D_LEN),
-                    id: self.r16(o + D_ID),
-                    flags: self.r16(o + D_FLAGS),
+                    addr: self.io.r64(o + D_ADDR),
+                    len: self.io.r32(o + D_LEN),
+                    id: self.io.r16(o + D_ID),
+                    flags: self.io.r16(o + D_FLAGS),
                 });
                 if k + 1 < num {
-                    e = self.r16(o + D_NEXT);
+                    e = self.io.r16(o + D_NEXT);
                 }
             }
             if e != last {
                 return Err(self.corrupt("chain does not end at its last entry", head));
             }
-            let counter = self.r64(self.entry(head) + D_COUNTER);
+            let counter = self.io.r64(self.entry(head) + D_COUNTER);
             chains.push(PackedChain {
                 entry: head,
                 counter,
@@ -566,7 +521,7 @@ impl PackedInflightQueue<'_> {
             // position (the driver re-using the slot in the next lap keeps
             // it so); still the chain's available descriptor: the inverse.
             let written = (flags & F_USED != 0) == old.wrap;
-            let chain_id = self.r16(self.entry(last) + D_ID);
+            let chain_id = self.io.r16(self.entry(last) + D_ID);
             if written && id != chain_id {
                 return Err(self.corrupt(
                     "guest used descriptor names another buffer than the completion",
@@ -574,7 +529,7 @@ impl PackedInflightQueue<'_> {
                 ));
             }
             if written {
-                self.w8(self.entry(entry) + D_INFLIGHT, 0);
+                self.io.w8(self.entry(entry) + D_INFLIGHT, 0);
             }
             written
         };
@@ -733,7 +688,7 @@ mod tests {
         let mut e = q.free_head();
         for _ in 0..8 {
             assert!(!std::mem::replace(&mut seen[usize::from(e)], true));
-            e = q.r16(q.entry(e) + D_NEXT);
+            e = q.io.r16(q.entry(e) + D_NEXT);
         }
         assert!(seen.iter().all(|&s| s));
         // A ninth descriptor does not fit.
@@ -804,7 +759,7 @@ mod tests {
                     ring.used(at(0), 1);
                     *saw = true;
                 },
-                &|_, _| q.w8(q.entry(b) + D_INFLIGHT, 0),
+                &|_, _| q.io.w8(q.entry(b) + D_INFLIGHT, 0),
                 &|_, _| q.completed(b).unwrap(),
             ];
             for s in steps.iter().take(crash) {
@@ -846,7 +801,7 @@ mod tests {
                 .unwrap();
             if commit {
                 // inflight=1, free_head not yet moved.
-                q.w8(q.entry(head) + D_INFLIGHT, 1);
+                q.io.w8(q.entry(head) + D_INFLIGHT, 1);
             } else {
                 let _ = rest;
             }

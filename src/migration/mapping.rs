@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
-use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapError {
@@ -225,5 +225,63 @@ mod tests {
         assert!(whole.u16_at(8191).is_none());
         assert!(whole.u64_at(8188).is_none());
         assert!(whole.u64_at(8184).is_some());
+    }
+}
+
+/// Part of a mapping read and written at offsets from `base`, for layouts
+/// whose every offset was checked against the mapping beforehand (the
+/// in-flight region's geometry): an access that fails is a bug, so reads
+/// then yield 0 and writes are dropped rather than panicking. Loads
+/// acquire, stores release (the other process reads and writes them too).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Window<'a> {
+    map: &'a SharedMapping,
+    base: usize,
+}
+
+impl<'a> Window<'a> {
+    pub fn new(map: &'a SharedMapping, base: usize) -> Self {
+        Window { map, base }
+    }
+
+    pub fn r8(&self, off: usize) -> u8 {
+        self.map
+            .u8_at(self.base + off)
+            .map_or(0, |a| a.load(Ordering::Acquire))
+    }
+    pub fn w8(&self, off: usize, v: u8) {
+        if let Some(a) = self.map.u8_at(self.base + off) {
+            a.store(v, Ordering::Release);
+        }
+    }
+    pub fn r16(&self, off: usize) -> u16 {
+        self.map
+            .u16_at(self.base + off)
+            .map_or(0, |a| a.load(Ordering::Acquire))
+    }
+    pub fn w16(&self, off: usize, v: u16) {
+        if let Some(a) = self.map.u16_at(self.base + off) {
+            a.store(v, Ordering::Release);
+        }
+    }
+    pub fn r32(&self, off: usize) -> u32 {
+        self.map
+            .u32_at(self.base + off)
+            .map_or(0, |a| a.load(Ordering::Acquire))
+    }
+    pub fn w32(&self, off: usize, v: u32) {
+        if let Some(a) = self.map.u32_at(self.base + off) {
+            a.store(v, Ordering::Release);
+        }
+    }
+    pub fn r64(&self, off: usize) -> u64 {
+        self.map
+            .u64_at(self.base + off)
+            .map_or(0, |a| a.load(Ordering::Acquire))
+    }
+    pub fn w64(&self, off: usize, v: u64) {
+        if let Some(a) = self.map.u64_at(self.base + off) {
+            a.store(v, Ordering::Release);
+        }
     }
 }
