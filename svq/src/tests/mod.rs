@@ -81,6 +81,11 @@ impl Fixture {
             .handle_device_call(&self.mem, &self.tree, &self.log)
     }
 
+    /// Heads of the used entries the guest has not seen yet, in ring order.
+    pub fn used_heads(&mut self) -> Vec<u16> {
+        self.drv.collect(&self.mem).iter().map(|u| u.1).collect()
+    }
+
     /// Add a chain of buffers with the given (len, writable) in head's area.
     pub fn add(&mut self, lens: &[(u32, bool)], indirect: bool) -> u16 {
         self.drv

@@ -71,14 +71,7 @@ fn heads_in_flight_at_a_restart_are_resubmitted_first_and_complete_once() {
     f.dev.complete(i.unwrap(), 10, 0x11, &f.mem, &f.tree);
     f.call().unwrap();
     assert_eq!(ev.take(), [Ev::Completing(b), Ev::Completed(b, 1)]);
-    assert_eq!(
-        f.drv
-            .collect(&f.mem)
-            .iter()
-            .map(|u| u.1)
-            .collect::<Vec<_>>(),
-        [b]
-    );
+    assert_eq!(f.used_heads(), [b]);
     // d is popped but the device never takes it: stop gives it back.
     let d = f.add(&[(40, true)], false);
     f.kick().unwrap();
@@ -118,7 +111,7 @@ fn heads_in_flight_at_a_restart_are_resubmitted_first_and_complete_once() {
         f.dev.complete(0, 0, 0, &f.mem, &f.tree);
     }
     f.call().unwrap();
-    let used: Vec<u16> = f.drv.collect(&f.mem).iter().map(|u| u.1).collect();
+    let used = f.used_heads();
     assert_eq!(used, [a, c, d]);
     assert!(
         f.drv.outstanding.is_empty(),
@@ -178,7 +171,7 @@ fn resubmitted_chains_wait_for_room_in_order() {
         }
         f.dev.complete(0, 0, 0, &f.mem, &f.tree);
         f.call().unwrap();
-        done.extend(f.drv.collect(&f.mem).iter().map(|u| u.1));
+        done.extend(f.used_heads());
     }
     assert_eq!(done, heads);
 }
@@ -198,14 +191,7 @@ fn resubmitted_heads_the_device_never_took_stay_in_flight() {
     let i = f.dev.taken.iter().position(|t| t.head == 1).unwrap();
     f.dev.complete(i, 0, 0, &f.mem, &f.tree);
     f.call().unwrap();
-    assert_eq!(
-        f.drv
-            .collect(&f.mem)
-            .iter()
-            .map(|u| u.1)
-            .collect::<Vec<_>>(),
-        [b]
-    );
+    assert_eq!(f.used_heads(), [b]);
     let start = RingIndexes { avail: 2, used: 1 };
     restart(&mut f, start, &ev);
     f.svq.resubmit(&[a], &f.mem, &f.tree).unwrap();

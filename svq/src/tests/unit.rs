@@ -384,7 +384,7 @@ fn switch_to_passthrough_and_back_loses_nothing() {
     let mut pt = super::harness::PassthroughDevice::new(16, st.indexes.avail, st.indexes.used);
     let done = pt.run(&f.mem);
     assert_eq!(done.len(), 3);
-    let mut all: Vec<u16> = f.drv.collect(&f.mem).iter().map(|u| u.1).collect();
+    let mut all = f.used_heads();
     all.sort_unstable();
     heads.sort_unstable();
     assert_eq!(all, heads);
