@@ -51,7 +51,12 @@ impl Device {
     /// What the VMM negotiated that the device lacks and the SVQ provides:
     /// while non-zero, only shadow mode can run the rings.
     pub(crate) fn shadow_translated(&self) -> u64 {
-        self.acked_features.unwrap_or(0) & SHADOW_TRANSLATED & !self.backend.device_features()
+        self.translated_in(self.acked_features.unwrap_or(0))
+    }
+
+    /// Of `features`, what only the SVQ can give the guest on this device.
+    pub(crate) fn translated_in(&self, features: u64) -> u64 {
+        features & SHADOW_TRANSLATED & !self.backend.device_features()
     }
 
     /// The device's rings are packed: the VMM's, unless the SVQ relays
@@ -107,7 +112,7 @@ impl Device {
     pub(crate) fn device_features(&self) -> u64 {
         self.acked_features.unwrap_or(0)
             & !(F_PROTOCOL_FEATURES | F_LOG_ALL)
-            & !(SHADOW_TRANSLATED & !self.backend.device_features())
+            & !self.shadow_translated()
     }
 
     pub(crate) fn push_backend_features(&mut self) -> Result<()> {

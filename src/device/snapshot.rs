@@ -5,7 +5,6 @@
 
 use virtio_features::{F_LOG_ALL, F_PROTOCOL_FEATURES};
 
-use super::features::SHADOW_TRANSLATED;
 use super::model::{Device, LOG};
 use crate::migration::stream::{
     DeviceState, Features, Limits, NicState, RelayMode, RingLayout, RxMode, VlanFilter, VringState,
@@ -197,7 +196,7 @@ impl Device {
         // mode can run them here.
         let shadow = st.mode == RelayMode::Shadow;
         // The saved features: QEMU loads the state before it sets them.
-        let translated = st.features.virtio & SHADOW_TRANSLATED & !self.backend.device_features();
+        let translated = self.translated_in(st.features.virtio);
         if !self.auto_shadow && self.shadow != shadow {
             if !shadow && translated != 0 {
                 log::info!(target: LOG, "{}: the source ran in passthrough; staying in shadow mode \
