@@ -16,6 +16,11 @@ pub const EVENT_DISABLE: u16 = VRING_PACKED_EVENT_FLAG_DISABLE as u16;
 pub const EVENT_DESC: u16 = VRING_PACKED_EVENT_FLAG_DESC as u16;
 const WRAP: u16 = 1 << 15;
 
+/// The vhost base (VHOST_SET_VRING_BASE, vhost-user SET_VRING_BASE) of an
+/// empty packed ring: avail and used at [`Pos::START`], the avail half in
+/// bits 0..=15, the used half in bits 16..=31.
+pub const EMPTY_RING_BASE: u32 = (Pos::START.encode() as u32) | (Pos::START.encode() as u32) << 16;
+
 /// A position in a packed ring and the wrap counter it is at. Both wrap
 /// counters start at 1 and flip each time the position passes the end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,7 +40,7 @@ impl Pos {
         }
     }
 
-    pub fn encode(self) -> u16 {
+    pub const fn encode(self) -> u16 {
         self.pos | if self.wrap { WRAP } else { 0 }
     }
 
@@ -157,6 +162,11 @@ pub fn wants_event(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_ring_starts_with_both_wrap_counters_set() {
+        assert_eq!(EMPTY_RING_BASE, 0x8000_8000);
+    }
 
     #[test]
     fn positions_wrap_and_flip_the_counter() {

@@ -54,10 +54,6 @@ pub(crate) fn ring_sizes(num: u16) -> (u64, u64, u64) {
     (16 * n, 6 + 2 * n, 6 + 8 * n)
 }
 
-/// A packed shadow ring's vhost-user base: position 0 with wrap counter 1
-/// for both avail and used.
-const PACKED_RING_START: u32 = 0x8000_8000;
-
 impl Device {
     /// Byte sizes of a guest ring's descriptor, driver and device areas: a
     /// split ring's, or a packed ring's (descriptors, then the two 4-byte
@@ -489,7 +485,8 @@ impl Device {
         self.backend.set_vring_num(q, shadow_size)?;
         self.backend.set_vring_addr(q, addrs)?;
         if self.device_packed() {
-            self.backend.set_vring_base_packed(q, PACKED_RING_START)?;
+            self.backend
+                .set_vring_base_packed(q, packed_ring::EMPTY_RING_BASE)?;
         } else {
             self.backend.set_vring_base(q, 0)?;
         }

@@ -43,9 +43,6 @@ const MAX_DATA: usize = ACK_OFF - DATA_OFF;
 
 const VRING_DESC_F_NEXT: u16 = 1;
 const VRING_DESC_F_WRITE: u16 = 2;
-/// The packed ring's wrap counters start at 1 for both sides, position 0
-/// (the kernel's VHOST_SET_VRING_BASE layout).
-pub(crate) const PACKED_START: u32 = 0x8000_8000;
 /// The buffer id of every command (one is outstanding at a time).
 const PACKED_ID: u16 = 0;
 
@@ -126,7 +123,7 @@ impl Cvq {
     /// The VHOST_SET_VRING_BASE value of an empty ring.
     pub(crate) fn base(&self) -> u32 {
         if self.packed.is_some() {
-            PACKED_START
+            packed_ring::EMPTY_RING_BASE
         } else {
             0
         }
