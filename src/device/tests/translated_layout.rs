@@ -15,6 +15,21 @@ fn split_only(shadow: bool) -> (Device, Fake) {
     (dev, fake)
 }
 
+/// Everything offered negotiated, guest memory, and packed ring 1 at
+/// `pos` started; the features acked.
+fn start_packed(dev: &mut Device, pos: u32) -> u64 {
+    let acked = dev.offered_features() & !F_LOG_ALL;
+    dev.set_features(acked).unwrap();
+    dev.set_mem_table(vec![region(0, MEM, UADDR)]).unwrap();
+    dev.set_vring_num(1, 256).unwrap();
+    dev.set_vring_base(1, pos).unwrap();
+    dev.set_vring_addr(1, UADDR + 0x4000, UADDR + 0x8000, UADDR + 0x9000, None)
+        .unwrap();
+    dev.set_vring_kick(1, Some(eventfd())).unwrap();
+    dev.set_vring_enable(1, true).unwrap();
+    acked
+}
+
 #[test]
 fn only_shadow_mode_offers_what_the_device_lacks() {
     let (dev, _f) = split_only(true);
@@ -42,16 +57,8 @@ fn only_shadow_mode_offers_what_the_device_lacks() {
 #[test]
 fn a_packed_guest_ring_gets_a_split_shadow_ring() {
     let (mut dev, fake) = split_only(true);
-    let acked = dev.offered_features() & !F_LOG_ALL;
-    dev.set_features(acked).unwrap();
-    dev.set_mem_table(vec![region(0, MEM, UADDR)]).unwrap();
     let pos = 9 | WRAP | (9 | WRAP) << 16;
-    dev.set_vring_num(1, 256).unwrap();
-    dev.set_vring_base(1, pos).unwrap();
-    dev.set_vring_addr(1, UADDR + 0x4000, UADDR + 0x8000, UADDR + 0x9000, None)
-        .unwrap();
-    dev.set_vring_kick(1, Some(eventfd())).unwrap();
-    dev.set_vring_enable(1, true).unwrap();
+    start_packed(&mut dev, pos);
     assert_eq!(dev.query().queues[1].mode, Mode::Shadow);
     let ops = fake.ops();
     // The device was given what it has, and a split ring from index 0.
@@ -94,15 +101,7 @@ fn a_packed_guest_ring_gets_a_split_shadow_ring() {
 fn a_device_with_the_features_keeps_getting_them() {
     let (mut dev, fake) = device(true);
     dev.set_offered_on_request(F_RING_PACKED);
-    let acked = dev.offered_features() & !F_LOG_ALL;
-    dev.set_features(acked).unwrap();
-    dev.set_mem_table(vec![region(0, MEM, UADDR)]).unwrap();
-    dev.set_vring_num(1, 256).unwrap();
-    dev.set_vring_base(1, WRAP | WRAP << 16).unwrap();
-    dev.set_vring_addr(1, UADDR + 0x4000, UADDR + 0x8000, UADDR + 0x9000, None)
-        .unwrap();
-    dev.set_vring_kick(1, Some(eventfd())).unwrap();
-    dev.set_vring_enable(1, true).unwrap();
+    let acked = start_packed(&mut dev, WRAP | WRAP << 16);
     let ops = fake.ops();
     assert!(
         ops.contains(&Op::Features(acked & !F_PROTOCOL_FEATURES)),
